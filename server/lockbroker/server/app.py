@@ -1,0 +1,181 @@
+"""Assemble and run a broker: etcd (embedded or remote), the lock core, the gRPC server.
+
+Interceptors are composed here and only here; health and reflection are registered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import signal
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from lockbroker.server.config import Config, ConfigError
+from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.locks import LockCore
+from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
+from lockbroker.server.etcd.backend import EtcdLockBackend
+from lockbroker.server.etcd.client import EtcdClient
+from lockbroker.server.service import LockService
+from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+
+log = logging.getLogger("lockbroker.server")
+
+SERVICE_NAME = lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    # Blocking Acquire calls can sit idle for minutes: let clients ping to keep NATs and LBs open
+    # without being told "too_many_pings".
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 1024 * 1024),  # no request of ours comes near this
+    ("grpc.max_metadata_size", 16 * 1024),
+]
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "lockbroker"
+
+
+class Broker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.embedded: EmbeddedEtcd | None = None
+        self.client: EtcdClient | None = None
+        self.backend: EtcdLockBackend | None = None
+        self.core: LockCore | None = None
+        self.service: LockService | None = None
+        self.health = health_aio.HealthServicer()
+        self.server: aio.Server | None = None
+        self.port = 0
+        self._monitor: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        return self.client_config.endpoints
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not is_loopback(cfg.server.listen) and not cfg.server.insecure_remote:
+            raise ConfigError(
+                f"refusing to listen on {cfg.server.listen} without authentication: anyone who can reach "
+                "it could take and release every lock. Listen on 127.0.0.1 or ::1, configure "
+                "authentication, or pass --insecure-remote if the network itself is trusted.")
+        etcd_cfg = cfg.etcd
+        if not etcd_cfg.endpoints:
+            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
+            self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
+            await self.embedded.start()
+            etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
+            log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
+        self.client_config = etcd_cfg
+        self.client = EtcdClient(etcd_cfg)
+        self.backend = EtcdLockBackend(self.client)
+        self.core = LockCore(self.backend, etcd_cfg.key_root)
+        self.core.attach_loop()
+        self.service = LockService(self.core, cfg.limits)
+
+        self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
+        lock_pb2_grpc.add_LockServiceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        try:
+            self.port = self.server.add_insecure_port(cfg.server.listen)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
+        await self._probe()  # health is right from the first check
+        await self.server.start()
+        self._monitor = asyncio.create_task(self._watch_health())
+        log.info("lockbroker serving", extra={"listen": cfg.server.listen, "port": self.port,
+                                              "etcd": ",".join(etcd_cfg.endpoints)})
+
+    def _interceptors(self) -> list[aio.ServerInterceptor]:
+        return []
+
+    async def _probe(self) -> None:
+        assert self.backend is not None
+        try:
+            await self.backend.ping(self.client_config.key_root.encode(),
+                                    timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval)))
+            ok = True
+        except Unavailable as e:
+            ok = False
+            if self._serving is not False:
+                log.warning("etcd unreachable; health NOT_SERVING", extra={"error": str(e)})
+        except Exception:
+            ok = False
+            log.exception("health probe failed")
+        if ok != self._serving:
+            if ok and self._serving is False:
+                log.info("etcd reachable again; health SERVING")
+            self._serving = ok
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, SERVING if ok else NOT_SERVING)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.server.health_interval)
+            await self._probe()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, end waiters cleanly (their entries removed), stop."""
+        grace = self.config.server.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.service is not None:
+            self.service.draining = True
+        if self.core is not None:
+            self.core.begin_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.core is not None:
+            await self.core.drain_cleanups()
+        if self.backend is not None:
+            await self.backend.close()
+        if self.client is not None:
+            await self.client.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def run_until_signal(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info("signal received; draining", extra={"grace_period": self.config.server.grace_period})
+        finally:
+            await self.stop()

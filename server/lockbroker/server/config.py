@@ -1,0 +1,165 @@
+"""Configuration: frozen dataclasses, loaded once from flags, environment and a TOML file.
+
+Precedence: command-line flag > LOCKBROKER_* environment variable > TOML file > default.
+Every field is reachable all three ways; names are derived from the field, so they cannot drift:
+
+    section [server]  field listen         flag --listen           env LOCKBROKER_LISTEN
+    section [etcd]    field endpoints      flag --etcd-endpoints   env LOCKBROKER_ETCD_ENDPOINTS
+    section [limits]  field max_ttl        flag --limits-max-ttl   env LOCKBROKER_LIMITS_MAX_TTL
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = field(default="127.0.0.1:50051", metadata={"help": "host:port to serve gRPC on"})
+    grace_period: float = field(default=10.0, metadata={"help": "seconds to drain on SIGTERM/SIGINT"})
+    insecure_remote: bool = field(default=False, metadata={
+        "help": "allow a non-loopback listen address without authentication (unsafe)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    health_interval: float = field(default=1.0, metadata={"help": "seconds between etcd health probes"})
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated etcd URLs (http://host:port or https://...); none: start an embedded etcd"})
+    ca_file: str | None = field(default=None, metadata={"help": "CA bundle to verify etcd's certificate"})
+    cert_file: str | None = field(default=None, metadata={"help": "client certificate for etcd (mTLS)"})
+    key_file: str | None = field(default=None, metadata={"help": "client key for etcd (mTLS)"})
+    tls_server_name: str | None = field(default=None, metadata={"help": "override the TLS name checked"})
+    username: str | None = field(default=None, metadata={"help": "etcd user (etcd auth)"})
+    password: str | None = field(default=None, metadata={"help": "etcd password (prefer the env variable)"})
+    request_timeout: float = field(default=5.0, metadata={"help": "seconds an etcd call may take at most"})
+    key_root: str = field(default="/lockbroker/v1", metadata={"help": "etcd key prefix of all broker data"})
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    binary: str | None = field(default=None, metadata={"help": "etcd binary for the embedded etcd"})
+    state_dir: str = field(default="./lockbroker-state", metadata={
+        "help": "directory holding the embedded etcd's data"})
+
+
+@dataclass(frozen=True)
+class LockLimits:
+    min_ttl: int = field(default=2, metadata={"help": "smallest session TTL in seconds (etcd's floor is 2)"})
+    max_ttl: int = field(default=3600, metadata={"help": "largest session TTL in seconds"})
+    default_ttl: int = field(default=10, metadata={"help": "TTL when a request leaves it unset"})
+    max_wait: float = field(default=300.0, metadata={"help": "longest Acquire wait_timeout in seconds"})
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_ttl <= self.default_ttl <= self.max_ttl:
+            # etcd silently raises a TTL below its minimum (about 2 s) and the caller would never know
+            raise ConfigError("limits: need 2 <= min_ttl <= default_ttl <= max_ttl")
+        if self.max_wait < 0:
+            raise ConfigError("limits: max_wait must not be negative")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    limits: LockLimits = field(default_factory=LockLimits)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig, "etcd": EtcdConfig, "embedded": EmbeddedConfig, "limits": LockLimits}
+
+
+def _names(section: str, name: str) -> tuple[str, str]:
+    stem = name if section == "server" else f"{section}_{name}"
+    return "--" + stem.replace("_", "-"), "LOCKBROKER_" + stem.upper()
+
+
+def _base_type(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _convert(raw: Any, tp: Any, where: str) -> Any:
+    base = _base_type(tp)
+    try:
+        if typing.get_origin(base) is tuple:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if base is int and isinstance(raw, float):
+            raise ValueError(raw)
+        return base(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {raw!r} is not a valid {getattr(base, '__name__', base)}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag for every field; all default to None so that 'not given' is visible."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with [server], [etcd], [embedded], [limits]")
+    for section, cls in _SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flag, env = _names(section, f.name)
+            help_text = f"{f.metadata.get('help', '')} (env {env})"
+            if _base_type(typing.get_type_hints(cls)[f.name]) is bool:
+                group.add_argument(flag, dest=f"{section}.{f.name}", action="store_const", const=True,
+                                   default=None, help=help_text)
+            else:
+                group.add_argument(flag, dest=f"{section}.{f.name}", default=None, help=help_text)
+
+
+def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
+         config_file: str | None = None) -> Config:
+    flags = vars(args) if args is not None else {}
+    env = env if env is not None else {}
+    path = config_file or flags.get("config") or env.get("LOCKBROKER_CONFIG")
+    doc: dict[str, Any] = {}
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        unknown = set(doc) - set(_SECTIONS)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown section(s) {sorted(unknown)}")
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        table = doc.get(section, {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(table) - known:
+            raise ConfigError(f"config file {path}: unknown key(s) in [{section}]: {sorted(set(table) - known)}")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            flag, env_name = _names(section, f.name)
+            for raw, where in ((flags.get(f"{section}.{f.name}"), flag), (env.get(env_name), env_name),
+                               (table.get(f.name), f"[{section}] {f.name}")):
+                if raw is not None:
+                    values[f.name] = _convert(raw, hints[f.name], where)
+                    break
+        sections[section] = cls(**values)
+    return Config(**sections)

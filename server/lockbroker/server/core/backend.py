@@ -1,0 +1,111 @@
+"""The interface the lock core needs from a store, and the per-call deadline it honours.
+
+It speaks in queue entries, not in etcd requests: `lockbroker.server.etcd.backend` implements it
+with etcd transactions (each method one round trip unless it says otherwise), and unit tests of
+the core can implement it in memory. Implementations raise only `Unavailable` (and the
+subclasses of `BackendError` below) so the core never sees a transport's exceptions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from typing import Protocol
+
+from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position
+
+# The monotonic time by which the current RPC must have answered. Set by the gRPC edge from
+# context.time_remaining(); every backend call uses what remains of it as its own timeout.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
+
+
+def remaining(default: float) -> float:
+    """Seconds a backend call may take: `default`, shortened by the RPC's deadline."""
+    deadline = call_deadline.get()
+    if deadline is None:
+        return default
+    return max(0.0, min(default, deadline - time.monotonic()))
+
+
+class BackendError(Exception):
+    pass
+
+
+class LeaseExists(BackendError):
+    pass
+
+
+class WatchInterrupted(BackendError):
+    """The watch ended before the event (stream lost, revision compacted): read state again."""
+
+
+class SessionMissing(BackendError):
+    """The session record is gone (never existed in this tenant, closed, or expired)."""
+
+
+class EntryConflict(BackendError):
+    """The session already has an entry in this lock's queue, made by another request id."""
+
+    def __init__(self, existing: Entry) -> None:
+        super().__init__(existing.request_id)
+        self.existing = existing
+
+
+class LockBackend(Protocol):
+    async def grant_lease(self, ttl: int, lease_id: int = 0) -> LeaseGrant:
+        """Grant a lease; with a lease_id that already exists, return it with created=False."""
+        ...
+
+    async def revoke_lease(self, lease_id: int) -> bool:
+        """Revoke; False if the lease was already gone."""
+        ...
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh once; the new TTL, or 0 if the lease is gone (never revived)."""
+        ...
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Remaining TTL in whole seconds (rounded down), or -1 if the lease is gone."""
+        ...
+
+    async def put_session(self, session_key: bytes, value: bytes, lease_id: int) -> None: ...
+
+    async def session_exists(self, session_key: bytes) -> bool: ...
+
+    async def enqueue(self, prefix: bytes, key: bytes, value: bytes, lease_id: int, *,
+                      session_key: bytes, new_session_value: bytes | None,
+                      only_if_free: bool) -> Enqueued:
+        """Put `key` at the end of the queue under `prefix`, if the session has no entry there yet.
+
+        new_session_value: the session record is created in the same transaction (a session made
+        by Acquire); otherwise the session record must exist (raises SessionMissing).
+        only_if_free: put only if the queue is empty (try-lock); when it is not, nothing is put and
+        the result's position has mine=None, unless the entry already exists with the same request id.
+        An existing entry with the same request id is returned with created=False; one with another
+        request id raises EntryConflict.
+        """
+        ...
+
+    async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
+        """Read the entry, its predecessor and the holder at one revision."""
+        ...
+
+    async def wait_deleted(self, key: bytes, after_revision: int) -> None:
+        """Return once `key` is deleted at a revision > after_revision (WatchInterrupted: re-read)."""
+        ...
+
+    async def delete_entry(self, key: bytes, create_revision: int) -> Entry | None:
+        """Delete exactly this entry; the deleted entry, or None if it was already gone."""
+        ...
+
+    async def get_entry(self, key: bytes) -> Entry | None: ...
+
+    async def find_entry(self, prefix: bytes, create_revision: int) -> Entry | None: ...
+
+    async def queue(self, prefix: bytes) -> list[Entry]:
+        """Every entry of the lock, holder first."""
+        ...
+
+    async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
+        """Entries with start <= key < end in key order; and whether more follow."""
+        ...

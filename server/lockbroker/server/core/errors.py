@@ -1,0 +1,109 @@
+"""Domain errors of the lock core.
+
+The core raises only these; the gRPC edge maps each to one status in `lockbroker.server.status`.
+Every error has a stable `reason` (the google.rpc.ErrorInfo reason) and string metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lockbroker.server.core.model import Entry
+
+
+class LockBrokerError(Exception):
+    """Base of every error a caller can be told about."""
+
+    reason: str = "UNKNOWN"
+
+    def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(LockBrokerError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+
+@dataclass
+class NotAcquiredInfo:
+    name: str
+    holder: Entry | None
+    holder_expires_at: float | None
+    waiters: int
+    waited: float
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class NotAcquired(LockBrokerError):
+    """The lock was not granted: a definite outcome, never a silent success."""
+
+    def __init__(self, message: str, info: NotAcquiredInfo) -> None:
+        meta = {"lock": info.name, "waiters": str(info.waiters)}
+        if info.holder is not None:
+            meta["holder_owner"] = info.holder.owner
+            meta["holder_fencing_token"] = str(info.holder.create_revision)
+        super().__init__(message, meta)
+        self.info = info
+
+
+class LockHeld(NotAcquired):
+    reason = "LOCK_HELD"
+
+
+class WaitExpired(NotAcquired):
+    reason = "WAIT_EXPIRED"
+
+
+class SessionNotFound(LockBrokerError):
+    reason = "SESSION_NOT_FOUND"
+
+
+class SessionLost(LockBrokerError):
+    """The session's lease ended while its Acquire waited in the queue."""
+
+    reason = "SESSION_LOST"
+
+
+class AlreadyQueued(LockBrokerError):
+    reason = "ALREADY_QUEUED"
+
+
+class RequestIdReused(LockBrokerError):
+    reason = "REQUEST_ID_REUSED"
+
+
+class DeadlineExceeded(LockBrokerError):
+    """The RPC deadline passed before an answer (the wait was cleaned up)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(LockBrokerError):
+    """etcd could not answer in time. Retrying later (with the same request_id) is safe."""
+
+    reason = "BACKEND_UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: float = 1.0, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        # A write that may or may not have been applied; callers resolve it by reading state.
+        self.outcome_unknown = outcome_unknown
+
+
+class ShuttingDown(Unavailable):
+    reason = "SHUTTING_DOWN"

@@ -1,0 +1,353 @@
+"""The lock recipe: sessions, a FIFO queue per lock, fencing tokens, idempotent retries.
+
+Modelled on etcd's own v3lock service and client/v3/concurrency.Mutex, with three differences:
+- a waiter watches its predecessor from the revision it read + 1 (served at once by etcd, where
+  etcd's recipe watches from the current revision and is served in 100 ms batches);
+- try-lock is one conditional transaction that puts nothing when the lock is held;
+- the request id is stored with the entry (and turned into the lease id of sessions a request
+  creates), so a retry on any replica finds what the first attempt made.
+
+Every path that does not end in a grant removes what it queued, even when cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from lockbroker.server.core.backend import (
+    EntryConflict,
+    LockBackend,
+    SessionMissing,
+    WatchInterrupted,
+    call_deadline,
+)
+from lockbroker.server.core.errors import (
+    AlreadyQueued,
+    DeadlineExceeded,
+    LockHeld,
+    NotAcquiredInfo,
+    RequestIdReused,
+    SessionLost,
+    SessionNotFound,
+    ShuttingDown,
+    Unavailable,
+    WaitExpired,
+)
+from lockbroker.server.core.model import (
+    Entry,
+    EntryValue,
+    Grant,
+    HeldLock,
+    LockState,
+    Page,
+    Position,
+    SessionInfo,
+)
+from lockbroker.server.core.names import Keyspace, derived_lease_id, prefix_end, session_id_of
+
+log = logging.getLogger("lockbroker.core")
+
+# Answer this long before the RPC deadline, so the caller gets our answer rather than its own timeout.
+DEADLINE_MARGIN = 0.05
+# How long clean-up of an abandoned wait may take after the caller has gone.
+CLEANUP_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireParams:
+    name: str
+    lease_id: int | None  # None: create a session for this one lock
+    ttl: int  # for the created session
+    wait: float  # seconds; 0 = try once
+    owner: str
+    request_id: str  # "" = not retryable
+
+
+def _session_record(ttl: int, owner: str, implicit_lock: str | None) -> bytes:
+    doc: dict[str, object] = {"ttl": ttl, "owner": owner, "created": round(time.time(), 3)}
+    if implicit_lock is not None:
+        doc["lock"] = implicit_lock
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class LockCore:
+    def __init__(self, backend: LockBackend, key_root: str) -> None:
+        self._backend = backend
+        self._root = key_root
+        self._keyspaces: dict[str, Keyspace] = {}
+        self._closing: asyncio.Future[None] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def keyspace(self, tenant: str) -> Keyspace:
+        ks = self._keyspaces.get(tenant)
+        if ks is None:
+            ks = self._keyspaces[tenant] = Keyspace(self._root, tenant)
+        return ks
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def create_session(self, tenant: str, ttl: int, owner: str, request_id: str) -> SessionInfo:
+        ks = self.keyspace(tenant)
+        want = derived_lease_id(tenant, "session", request_id) if request_id else 0
+        started = time.time()
+        lease = await self._backend.grant_lease(ttl, want)
+        key = ks.session_key(lease.lease_id)
+        if not lease.created:
+            # A retry: the first attempt's lease exists. It must be a session of this tenant.
+            if not await self._backend.session_exists(key):
+                raise RequestIdReused(f"request_id {request_id!r} was already used for another request")
+            left = await self._backend.lease_ttl(lease.lease_id)
+            if left < 0:
+                raise SessionNotFound("the session created by this request_id has expired")
+            return SessionInfo(session_id_of(lease.lease_id), ttl, time.time() + left)
+        try:
+            await self._backend.put_session(key, _session_record(lease.ttl, owner, None), lease.lease_id)
+        except BaseException:
+            await self._cleanup(self._backend.revoke_lease(lease.lease_id))
+            raise
+        return SessionInfo(session_id_of(lease.lease_id), lease.ttl, started + lease.ttl)
+
+    async def refresh(self, tenant: str, lease_id: int) -> SessionInfo:
+        # The session record is the proof that this lease is a session of this tenant.
+        if not await self._backend.session_exists(self.keyspace(tenant).session_key(lease_id)):
+            raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired")
+        before = time.time()
+        ttl = await self._backend.keepalive(lease_id)
+        if ttl <= 0:  # etcd's answer for a lease that is gone: never revived
+            raise SessionNotFound(f"session {session_id_of(lease_id)} has expired")
+        return SessionInfo(session_id_of(lease_id), ttl, before + ttl)
+
+    async def close_session(self, tenant: str, lease_id: int) -> bool:
+        if not await self._backend.session_exists(self.keyspace(tenant).session_key(lease_id)):
+            return False
+        return await self._backend.revoke_lease(lease_id)
+
+    # -- acquire ----------------------------------------------------------------------------
+
+    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
+        ks = self.keyspace(tenant)
+        started = time.monotonic()
+        request_id = p.request_id or uuid.uuid4().hex
+        implicit = p.lease_id is None
+        expires_hint: float | None = None
+        if p.lease_id is None:
+            want = derived_lease_id(tenant, "acquire", p.request_id) if p.request_id else 0
+            before = time.time()
+            lease = await self._backend.grant_lease(p.ttl, want)
+            lease_id = lease.lease_id
+            if lease.created:
+                expires_hint = before + lease.ttl
+        else:
+            lease_id = p.lease_id
+        prefix = ks.lock_prefix(p.name)
+        key = ks.entry_key(p.name, lease_id)
+        value = EntryValue(p.owner, request_id, time.time(), implicit).encode()
+        mine: Entry | None = None
+        granted = False
+        try:
+            try:
+                enq = await self._backend.enqueue(
+                    prefix, key, value, lease_id, session_key=ks.session_key(lease_id),
+                    new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
+                    only_if_free=p.wait <= 0)
+            except SessionMissing:
+                raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
+            except EntryConflict as e:
+                if implicit:
+                    raise RequestIdReused(
+                        f"request_id {request_id!r} was already used to acquire another lock") from None
+                raise AlreadyQueued(
+                    f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
+                    f"(request_id {e.existing.request_id!r}); locks are not reentrant",
+                    {"lock": p.name, "request_id": e.existing.request_id,
+                     "fencing_token": str(e.existing.create_revision)}) from None
+            pos = enq.position
+            if pos.mine is None:
+                raise await self._not_acquired(LockHeld, p.name, pos, started)
+            mine = pos.mine
+            queue_position = pos.ahead
+            pos = await self._wait_turn(p, prefix, mine, pos, started)
+            if not implicit or expires_hint is None:
+                # Explicit sessions are refreshed by their clients: ask etcd how long is left.
+                left = await self._backend.lease_ttl(lease_id)
+                if left < 0:
+                    raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
+                expires_hint = time.time() + left
+            granted = True
+            return Grant(p.name, mine.create_revision, session_id_of(lease_id), expires_hint, p.owner,
+                         mine.value.queued_at, request_id, time.monotonic() - started, queue_position)
+        except BaseException as exc:
+            if not granted:
+                outcome_unknown = isinstance(exc, Unavailable) and exc.outcome_unknown and mine is None
+                await self._cleanup(self._abandon(key, mine, lease_id if implicit else None,
+                                                  request_id if outcome_unknown else None))
+            raise
+
+    async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position,
+                         started: float) -> Position:
+        """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
+        wait_until = started + p.wait
+        rpc_deadline = call_deadline.get()
+        while pos.predecessor is not None:
+            if p.wait <= 0:
+                raise await self._not_acquired(LockHeld, p.name, pos, started)
+            until = wait_until if rpc_deadline is None else min(wait_until, rpc_deadline - DEADLINE_MARGIN)
+            left = until - time.monotonic()
+            if left <= 0:
+                if until < wait_until:
+                    raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
+                raise await self._not_acquired(WaitExpired, p.name, pos, started)
+            try:
+                await self._until_deleted(pos.predecessor.key, pos.revision, left)
+            except WatchInterrupted as e:
+                log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                await asyncio.sleep(0.05)
+            except TimeoutError:
+                continue
+            pos = await self._backend.position(prefix, mine.key, mine.create_revision)
+            if pos.mine is None:
+                raise SessionLost(f"session {session_id_of(mine.lease)} ended while waiting for {p.name!r}")
+        # The read that found no predecessor also found our own key, and a key lives only as long
+        # as its lease: the session was alive when we became holder (etcd's Jepsen fix).
+        return pos
+
+    async def _until_deleted(self, key: bytes, revision: int, timeout: float) -> None:
+        if self._closing is not None and self._closing.done():
+            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
+        watch = asyncio.ensure_future(self._backend.wait_deleted(key, revision))
+        waits: set[asyncio.Future[None]] = {watch}
+        if self._closing is not None:
+            waits.add(self._closing)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not watch.done():
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch
+        if watch in done:
+            watch.result()
+        elif self._closing is not None and self._closing in done:
+            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
+        else:
+            raise TimeoutError
+
+    async def _not_acquired(self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position,
+                            started: float) -> LockHeld | WaitExpired:
+        holder = pos.holder if pos.holder is not None and pos.holder != pos.mine else None
+        expires: float | None = None
+        if holder is not None:
+            with contextlib.suppress(Unavailable):
+                left = await self._backend.lease_ttl(holder.lease)
+                expires = time.time() + left if left >= 0 else None
+        waiters = max(0, pos.count - 1 - (1 if pos.mine is not None else 0))
+        info = NotAcquiredInfo(name, holder, expires, waiters, time.monotonic() - started)
+        if kind is LockHeld:
+            return LockHeld(f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""),
+                            info)
+        return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
+
+    async def _abandon(self, key: bytes, mine: Entry | None, implicit_lease: int | None,
+                       unknown_request_id: str | None) -> None:
+        """Remove what a failed Acquire queued: its entry, or the whole session it created."""
+        if implicit_lease is not None:
+            await self._backend.revoke_lease(implicit_lease)
+            return
+        if mine is None and unknown_request_id is not None:
+            # The enqueue may or may not have happened: read, and delete only our own entry.
+            found = await self._backend.get_entry(key)
+            if found is not None and found.request_id == unknown_request_id:
+                mine = found
+        if mine is not None:
+            await self._backend.delete_entry(key, mine.create_revision)
+
+    async def _cleanup(self, work: object) -> None:
+        """Run clean-up to the end even if the caller is cancelled, within its own time budget."""
+        async def bounded() -> None:
+            call_deadline.set(time.monotonic() + CLEANUP_TIMEOUT)
+            try:
+                await asyncio.wait_for(work, CLEANUP_TIMEOUT)  # type: ignore[arg-type]
+            except Exception as e:
+                log.warning("clean-up failed; the session's lease will remove it: %s", e)
+
+        task = asyncio.ensure_future(bounded())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
+    # -- release, describe, list ------------------------------------------------------------
+
+    async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> bool:
+        ks = self.keyspace(tenant)
+        if lease_id is not None:
+            key = ks.entry_key(name, lease_id)
+        else:
+            found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+            if found is None:
+                return False
+            key = found.key
+        # Compare on the create revision: a stale token can never delete a newer grant.
+        deleted = await self._backend.delete_entry(key, fencing_token)
+        if deleted is None:
+            return False
+        if deleted.value.implicit_session:
+            # The session existed only for this lock; end it now rather than at its TTL.
+            await self._cleanup(self._backend.revoke_lease(deleted.lease))
+        return True
+
+    async def describe(self, tenant: str, name: str) -> LockState:
+        entries = await self._backend.queue(self.keyspace(tenant).lock_prefix(name))
+        if not entries:
+            return LockState(name, None, None, [])
+        holder = entries[0]
+        left = await self._backend.lease_ttl(holder.lease)
+        return LockState(name, holder, time.time() + left if left >= 0 else None, entries[1:])
+
+    async def list(self, tenant: str, prefix: str, page_size: int, after: str | None) -> Page:
+        ks = self.keyspace(tenant)
+        start = ks.lock_prefix(after)[:-1] + b"$" if after is not None else ks.locks_root + prefix.encode()
+        end = prefix_end(ks.locks_root + prefix.encode())
+        order: list[str] = []
+        found: dict[str, tuple[Entry, int]] = {}
+        more = True
+        # Entries of one lock are contiguous in key order; stop once a page+1st name appears,
+        # which proves every name before it is complete.
+        while more and len(order) <= page_size:
+            batch, more = await self._backend.scan(start, end, max(64, page_size * 4))
+            for e in batch:
+                name = ks.name_of(e.key)
+                if name not in found:
+                    order.append(name)
+                    found[name] = (e, 1)
+                else:
+                    best, n = found[name]
+                    found[name] = (e if e.create_revision < best.create_revision else best, n + 1)
+            if batch:
+                start = batch[-1].key + b"\0"
+        page = order[:page_size]
+        token = page[-1] if len(order) > page_size else ""
+        return Page([HeldLock(n, found[n][0], found[n][1] - 1) for n in page], token)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Make every waiter give up (removing its entry) and refuse new waits."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        if not self._closing.done():
+            self._closing.set_result(None)
+
+    def attach_loop(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+
+    async def drain_cleanups(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)

@@ -1,0 +1,121 @@
+"""Typed values the lock core and its backend exchange: no protobuf, no etcd types."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EntryValue:
+    """What a queue entry stores in etcd, next to the key's own revisions and lease."""
+
+    owner: str
+    request_id: str
+    queued_at: float  # unix seconds, server clock
+    implicit_session: bool = False  # the session was created by Acquire for this one lock
+
+    def encode(self) -> bytes:
+        doc: dict[str, object] = {"o": self.owner, "r": self.request_id, "t": round(self.queued_at, 6)}
+        if self.implicit_session:
+            doc["i"] = 1
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> EntryValue:
+        try:
+            doc = json.loads(raw)
+            return EntryValue(str(doc.get("o", "")), str(doc.get("r", "")), float(doc.get("t", 0.0)),
+                              bool(doc.get("i", 0)))
+        except (ValueError, TypeError, AttributeError):
+            # A key someone wrote by hand under our prefix: still an entry in the queue.
+            return EntryValue("", "", 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One queue entry (the holder or a waiter) of a lock."""
+
+    key: bytes
+    create_revision: int
+    lease: int
+    value: EntryValue
+
+    @property
+    def owner(self) -> str:
+        return self.value.owner
+
+    @property
+    def request_id(self) -> str:
+        return self.value.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an entry stands in its lock's queue, as read at `revision`."""
+
+    revision: int
+    mine: Entry | None  # None: the entry is gone (its lease ended, or it was released)
+    predecessor: Entry | None  # the entry just ahead; None: mine is the holder
+    holder: Entry | None
+    count: int  # entries in the queue, holder included
+    ahead: int  # entries created before mine
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """The outcome of putting an entry into a lock's queue.
+
+    position.mine is None when a try-lock found the queue occupied and put nothing.
+    """
+
+    created: bool  # False: nothing was put (a retry found its entry, or a try-lock found the lock held)
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    lease_id: int
+    ttl: int
+    created: bool  # False: a lease with the requested id already existed
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    name: str
+    fencing_token: int
+    session_id: str
+    expires_at: float  # unix seconds
+    owner: str
+    queued_at: float
+    request_id: str
+    waited: float
+    queue_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    ttl: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    name: str
+    holder: Entry | None
+    holder_expires_at: float | None
+    waiters: list[Entry]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock:
+    name: str
+    holder: Entry
+    waiters: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    locks: list[HeldLock]
+    next_page_token: str

@@ -1,0 +1,195 @@
+"""`LockBackend` on etcd: each queue operation is one etcd transaction.
+
+The queue of a lock is the set of keys under its prefix; the holder is the key with the smallest
+create revision (etcd's own recipe). Reads that decide anything are linearizable (etcd's default),
+and a write that decides anything carries its condition in the same transaction.
+"""
+
+from __future__ import annotations
+
+from lockbroker.server.core.backend import (
+    EntryConflict,
+    LeaseExists,
+    SessionMissing,
+    remaining,
+)
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position
+from lockbroker.server.core.names import prefix_end
+from lockbroker.server.etcd import rpc_pb2 as pb
+from lockbroker.server.etcd.client import EtcdClient, LeaseNotFound
+from lockbroker.server.etcd.streams import KeepAliveStream, WatchHub
+
+_ASC = pb.RangeRequest.ASCEND
+_DESC = pb.RangeRequest.DESCEND
+_BY_CREATE = pb.RangeRequest.CREATE
+
+
+def _entry(kv: pb.KeyValue) -> Entry:
+    return Entry(kv.key, kv.create_revision, kv.lease, EntryValue.decode(kv.value))
+
+
+def _first(resp: pb.RangeResponse) -> Entry | None:
+    return _entry(resp.kvs[0]) if resp.kvs else None
+
+
+def _range(prefix: bytes, **kw: int) -> pb.RequestOp:
+    return pb.RequestOp(request_range=pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), **kw))
+
+
+def _get(key: bytes, *, count_only: bool = False) -> pb.RequestOp:
+    return pb.RequestOp(request_range=pb.RangeRequest(key=key, count_only=count_only))
+
+
+def _holder(prefix: bytes) -> pb.RequestOp:
+    # limit 1 still reports the full count: the holder and the queue length in one op
+    return _range(prefix, sort_target=_BY_CREATE, sort_order=_ASC, limit=1)
+
+
+def _created(key: bytes, result: int, rev: int, range_end: bytes = b"") -> pb.Compare:
+    return pb.Compare(key=key, range_end=range_end, target=pb.Compare.CREATE, result=result,  # type: ignore[arg-type]
+                      create_revision=rev)
+
+
+class EtcdLockBackend:
+    def __init__(self, client: EtcdClient) -> None:
+        self.client = client
+        self.watches = WatchHub(client)
+        self.keepalives = KeepAliveStream(client)
+
+    async def close(self) -> None:
+        await self.watches.close()
+        await self.keepalives.close()
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int, lease_id: int = 0) -> LeaseGrant:
+        try:
+            resp = await self.client.lease_grant(ttl, lease_id)
+        except LeaseExists:
+            return LeaseGrant(lease_id, ttl, created=False)
+        return LeaseGrant(resp.ID, resp.TTL, created=True)
+
+    async def revoke_lease(self, lease_id: int) -> bool:
+        try:
+            await self.client.lease_revoke(lease_id)
+        except LeaseNotFound:
+            return False
+        return True
+
+    async def keepalive(self, lease_id: int) -> int:
+        return await self.keepalives.keepalive(lease_id, remaining(self.client.request_timeout))
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        resp = await self.client.lease_time_to_live(lease_id)
+        return resp.TTL  # -1 for a lease that is gone; 0 for one with under a second left
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def put_session(self, session_key: bytes, value: bytes, lease_id: int) -> None:
+        try:
+            await self.client.put(pb.PutRequest(key=session_key, value=value, lease=lease_id))
+        except LeaseNotFound:
+            raise SessionMissing(session_key.decode()) from None
+
+    async def session_exists(self, session_key: bytes) -> bool:
+        resp = await self.client.range(pb.RangeRequest(key=session_key, count_only=True))
+        return resp.count > 0
+
+    # -- queues -----------------------------------------------------------------------------
+
+    async def enqueue(self, prefix: bytes, key: bytes, value: bytes, lease_id: int, *,
+                      session_key: bytes, new_session_value: bytes | None,
+                      only_if_free: bool) -> Enqueued:
+        compare = [_created(key, pb.Compare.EQUAL, 0)]
+        success: list[pb.RequestOp] = []
+        if new_session_value is None:
+            # The session record exists, so its lease is alive and it belongs to this tenant.
+            compare.append(_created(session_key, pb.Compare.GREATER, 0))
+        else:
+            compare.append(_created(session_key, pb.Compare.EQUAL, 0))
+            success.append(pb.RequestOp(request_put=pb.PutRequest(
+                key=session_key, value=new_session_value, lease=lease_id)))
+        if only_if_free:
+            # Over an empty range etcd compares against a missing key (create revision 0): true
+            # exactly when no entry is queued, so a try-lock never puts-then-deletes.
+            compare.append(_created(prefix, pb.Compare.EQUAL, 0, range_end=prefix_end(prefix)))
+        success += [
+            pb.RequestOp(request_put=pb.PutRequest(key=key, value=value, lease=lease_id)),
+            _holder(prefix),
+            _range(prefix, sort_target=_BY_CREATE, sort_order=_DESC, limit=2),  # mine and the one before
+        ]
+        failure = [_get(key), _get(session_key, count_only=True), _holder(prefix)]
+        try:
+            resp = await self.client.txn(pb.TxnRequest(compare=compare, success=success, failure=failure))
+        except LeaseNotFound:
+            raise SessionMissing(session_key.decode()) from None
+        rev = resp.header.revision
+        if resp.succeeded:
+            holder_r = resp.responses[-2].response_range
+            tail = resp.responses[-1].response_range.kvs
+            mine = Entry(key, rev, lease_id, EntryValue.decode(value))
+            pred = _entry(tail[1]) if len(tail) > 1 else None
+            return Enqueued(True, Position(rev, mine, pred, _first(holder_r) or mine,
+                                           holder_r.count, holder_r.count - 1))
+        existing = _first(resp.responses[0].response_range)
+        if existing is not None:
+            if existing.request_id != EntryValue.decode(value).request_id:
+                raise EntryConflict(existing)
+            return Enqueued(False, await self.position(prefix, key, existing.create_revision))
+        session_count = resp.responses[1].response_range.count
+        if new_session_value is None and session_count == 0:
+            raise SessionMissing(session_key.decode())
+        if new_session_value is not None and session_count > 0:
+            raise EntryConflict(Entry(session_key, 0, lease_id, EntryValue("", "", 0.0)))
+        holder_r = resp.responses[2].response_range
+        return Enqueued(False, Position(rev, None, None, _first(holder_r), holder_r.count, holder_r.count))
+
+    async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
+        resp = await self.client.txn(pb.TxnRequest(success=[
+            _get(key),
+            _range(prefix, sort_target=_BY_CREATE, sort_order=_DESC, limit=1,
+                   max_create_revision=create_revision - 1),
+            _holder(prefix),
+        ]), write=False)
+        mine_r, pred_r, holder_r = (r.response_range for r in resp.responses)
+        mine = _first(mine_r)
+        if mine is not None and mine.create_revision != create_revision:
+            mine = None  # a newer entry of the same session: ours is gone
+        return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count,
+                        pred_r.count)
+
+    async def wait_deleted(self, key: bytes, after_revision: int) -> None:
+        await self.watches.wait_deleted(key, after_revision)
+
+    async def delete_entry(self, key: bytes, create_revision: int) -> Entry | None:
+        resp = await self.client.txn(pb.TxnRequest(
+            compare=[_created(key, pb.Compare.EQUAL, create_revision)],
+            success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))],
+        ))
+        if not resp.succeeded:
+            return None
+        prev = resp.responses[0].response_delete_range.prev_kvs
+        return _entry(prev[0]) if prev else None
+
+    async def get_entry(self, key: bytes) -> Entry | None:
+        return _first(await self.client.range(pb.RangeRequest(key=key)))
+
+    async def find_entry(self, prefix: bytes, create_revision: int) -> Entry | None:
+        resp = await self.client.range(pb.RangeRequest(
+            key=prefix, range_end=prefix_end(prefix), limit=1,
+            min_create_revision=create_revision, max_create_revision=create_revision))
+        return _first(resp)
+
+    async def queue(self, prefix: bytes) -> list[Entry]:
+        resp = await self.client.range(pb.RangeRequest(
+            key=prefix, range_end=prefix_end(prefix), sort_target=_BY_CREATE, sort_order=_ASC))
+        return [_entry(kv) for kv in resp.kvs]
+
+    async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
+        resp = await self.client.range(pb.RangeRequest(key=start, range_end=end, limit=limit))
+        return [_entry(kv) for kv in resp.kvs], resp.more
+
+    async def ping(self, key: bytes, timeout: float) -> None:
+        """A linearizable read: succeeds only while etcd has a leader and a quorum."""
+        await self.client.call(lambda s: s.kv.Range, pb.RangeRequest(key=key, count_only=True),
+                               write=False, timeout=timeout)

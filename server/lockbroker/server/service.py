@@ -1,0 +1,145 @@
+"""The gRPC edge: a few lines per RPC over the lock core, like etcd's v3lock service."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+from grpc import aio
+
+from lockbroker.server import convert, status, validation
+from lockbroker.server.core.backend import call_deadline
+from lockbroker.server.core.errors import LockBrokerError, SessionNotFound, ShuttingDown
+from lockbroker.server.tenancy import tenant_of
+from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+
+if TYPE_CHECKING:
+    from lockbroker.server.config import LockLimits
+    from lockbroker.server.core.locks import LockCore
+
+log = logging.getLogger("lockbroker.server")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Ctx = aio.ServicerContext[object, object]
+
+
+def _deadline(context: Ctx) -> None:
+    left = context.time_remaining()
+    call_deadline.set(None if left is None else time.monotonic() + left)
+
+
+def rpc(handler: Callable[[LockService, R, Ctx], Awaitable[object]]) -> Callable[[LockService, R, Ctx], Awaitable[object]]:
+    """Give a unary handler its deadline, and turn every error into a status with details.
+
+    Domain errors become their documented status; anything else is a bug: logged with its stack
+    under an incident id, and the caller gets INTERNAL with that id and nothing more.
+    """
+
+    @functools.wraps(handler)
+    async def wrapped(self: LockService, request: R, context: Ctx) -> object:
+        _deadline(context)
+        try:
+            if self.draining:
+                raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+            return await handler(self, request, context)
+        except LockBrokerError as exc:
+            await context.abort(*status.to_status(exc))
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("unhandled error in %s (incident %s)", handler.__name__, incident)
+            await context.abort(*status.internal(incident))
+        raise AssertionError("abort returned")
+
+    return wrapped
+
+
+class LockService(lock_pb2_grpc.LockServiceServicer):
+    def __init__(self, core: LockCore, limits: LockLimits) -> None:
+        self.core = core
+        self.limits = limits
+        self.draining = False
+
+    @rpc
+    async def CreateSession(self, request: lock_pb2.CreateSessionRequest, context: Ctx) -> lock_pb2.CreateSessionResponse:
+        ttl, owner, request_id = validation.create_session(request, self.limits)
+        s = await self.core.create_session(tenant_of(context), ttl, owner, request_id)
+        ttl_pb, expires = convert.session(s)
+        return lock_pb2.CreateSessionResponse(session_id=s.session_id, ttl=ttl_pb, expires_at=expires)
+
+    @rpc
+    async def Refresh(self, request: lock_pb2.RefreshRequest, context: Ctx) -> lock_pb2.RefreshResponse:
+        s = await self.core.refresh(tenant_of(context), validation.session_id(request.session_id))
+        ttl_pb, expires = convert.session(s)
+        return lock_pb2.RefreshResponse(ttl=ttl_pb, expires_at=expires)
+
+    @rpc
+    async def CloseSession(self, request: lock_pb2.CloseSessionRequest, context: Ctx) -> lock_pb2.CloseSessionResponse:
+        closed = await self.core.close_session(tenant_of(context), validation.session_id(request.session_id))
+        return lock_pb2.CloseSessionResponse(closed=closed)
+
+    @rpc
+    async def Acquire(self, request: lock_pb2.AcquireRequest, context: Ctx) -> lock_pb2.AcquireResponse:
+        g = await self.core.acquire(tenant_of(context), validation.acquire(request, self.limits))
+        return lock_pb2.AcquireResponse(grant=convert.grant(g), waited=convert.dur(g.waited),
+                                        queue_position=g.queue_position)
+
+    @rpc
+    async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
+        name, token, lease = validation.release(request)
+        return lock_pb2.ReleaseResponse(released=await self.core.release(tenant_of(context), name, token, lease))
+
+    @rpc
+    async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> lock_pb2.DescribeResponse:
+        state = await self.core.describe(tenant_of(context), validation.describe(request))
+        now = time.time()
+        resp = lock_pb2.DescribeResponse(name=state.name, waiters=[
+            lock_pb2.Waiter(position=i, owner=w.owner, session_id=convert.session_id_of(w.lease),
+                            since=convert.ts(w.value.queued_at),
+                            waited=convert.dur(max(0.0, now - w.value.queued_at)))
+            for i, w in enumerate(state.waiters, start=1)])
+        if state.holder is not None:
+            resp.holder.CopyFrom(convert.holder(state.holder, state.holder_expires_at))
+        return resp
+
+    @rpc
+    async def List(self, request: lock_pb2.ListRequest, context: Ctx) -> lock_pb2.ListResponse:
+        import base64
+
+        prefix, size, after = validation.list_locks(request)
+        page = await self.core.list(tenant_of(context), prefix, size, after)
+        token = base64.urlsafe_b64encode(page.next_page_token.encode()).decode() if page.next_page_token else ""
+        return lock_pb2.ListResponse(next_page_token=token, locks=[
+            lock_pb2.HeldLock(name=h.name, holder=convert.holder(h.holder), waiters=h.waiters)
+            for h in page.locks])
+
+    async def KeepAlive(self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest],
+                        context: Ctx) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
+        tenant = tenant_of(context)
+        try:
+            async for req in request_iterator:
+                _deadline(context)
+                lease = validation.session_id(req.session_id)
+                try:
+                    s = await self.core.refresh(tenant, lease)
+                except SessionNotFound:
+                    # One lost session must not end the stream the others share.
+                    yield lock_pb2.KeepAliveResponse(session_id=req.session_id, expired=True)
+                    continue
+                ttl_pb, expires = convert.session(s)
+                yield lock_pb2.KeepAliveResponse(session_id=req.session_id, ttl=ttl_pb, expires_at=expires)
+        except LockBrokerError as exc:
+            await context.abort(*status.to_status(exc))
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("unhandled error in KeepAlive (incident %s)", incident)
+            await context.abort(*status.internal(incident))

@@ -1,0 +1,161 @@
+"""Turn requests into core parameters, or into one InvalidArgument naming every bad field.
+
+Out-of-range values are rejected, never clamped: a caller asking for a 1 h TTL and silently
+getting 1 min would lose its locks without knowing why.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from google.protobuf import duration_pb2
+
+from lockbroker.server.core.errors import FieldViolation, InvalidArgument
+from lockbroker.server.core.locks import AcquireParams
+from lockbroker.server.core.names import (
+    name_problem,
+    owner_problem,
+    parse_session_id,
+    request_id_problem,
+)
+from lockbroker.v1 import lock_pb2
+
+if TYPE_CHECKING:
+    from lockbroker.server.config import LockLimits
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def bad(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def check(self, field: str, problem: str | None) -> None:
+        if problem is not None:
+            self.bad(field, problem)
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+    def session(self, field: str, session_id: str, *, required: bool) -> int | None:
+        if not session_id:
+            if required:
+                self.bad(field, "is required")
+            return None
+        parsed = parse_session_id(session_id, field)
+        if isinstance(parsed, FieldViolation):
+            self.violations.append(parsed)
+            return None
+        return parsed
+
+    def _seconds(self, field: str, d: duration_pb2.Duration) -> float | None:
+        if abs(d.nanos) >= 1_000_000_000 or (d.seconds > 0 > d.nanos) or (d.seconds < 0 < d.nanos):
+            self.bad(field, "is not a valid google.protobuf.Duration")
+            return None
+        value = d.seconds + d.nanos / 1e9
+        if value < 0:
+            self.bad(field, "must not be negative")
+            return None
+        return value
+
+    def ttl(self, field: str, present: bool, d: duration_pb2.Duration, limits: LockLimits) -> int:
+        if not present:
+            return limits.default_ttl
+        value = self._seconds(field, d)
+        if value is None:
+            return 0
+        if d.nanos != 0:
+            self.bad(field, "must be a whole number of seconds (etcd leases count whole seconds)")
+        elif not limits.min_ttl <= value <= limits.max_ttl:
+            self.bad(field, f"must be between {limits.min_ttl}s and {limits.max_ttl}s")
+        return int(value)
+
+    def wait(self, field: str, present: bool, d: duration_pb2.Duration, limits: LockLimits) -> float:
+        if not present:
+            return 0.0
+        value = self._seconds(field, d)
+        if value is None:
+            return 0.0
+        if value > limits.max_wait:
+            self.bad(field, f"must be at most {limits.max_wait:g}s")
+        return value
+
+    def name(self, field: str, name: str) -> None:
+        self.check(field, name_problem(name))
+
+
+def create_session(req: lock_pb2.CreateSessionRequest, limits: LockLimits) -> tuple[int, str, str]:
+    c = _Checker()
+    ttl = c.ttl("ttl", req.HasField("ttl"), req.ttl, limits)
+    c.check("owner", owner_problem(req.owner))
+    c.check("request_id", request_id_problem(req.request_id))
+    c.done()
+    return ttl, req.owner, req.request_id
+
+
+def session_id(session: str) -> int:
+    c = _Checker()
+    lease = c.session("session_id", session, required=True)
+    c.done()
+    assert lease is not None
+    return lease
+
+
+def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits) -> AcquireParams:
+    c = _Checker()
+    c.name("name", req.name)
+    lease = c.session("session_id", req.session_id, required=False)
+    if req.session_id and req.HasField("ttl"):
+        c.bad("ttl", "must be unset when session_id is given (the session already has a TTL)")
+        ttl = 0
+    else:
+        ttl = c.ttl("ttl", req.HasField("ttl"), req.ttl, limits)
+    wait = c.wait("wait_timeout", req.HasField("wait_timeout"), req.wait_timeout, limits)
+    c.check("owner", owner_problem(req.owner))
+    c.check("request_id", request_id_problem(req.request_id))
+    c.done()
+    return AcquireParams(req.name, lease, ttl, wait, req.owner, req.request_id)
+
+
+def release(req: lock_pb2.ReleaseRequest) -> tuple[str, int, int | None]:
+    c = _Checker()
+    c.name("name", req.name)
+    if req.fencing_token <= 0:
+        c.bad("fencing_token", "must be the positive fencing token of a grant")
+    lease = c.session("session_id", req.session_id, required=False)
+    c.check("request_id", request_id_problem(req.request_id))
+    c.done()
+    return req.name, req.fencing_token, lease
+
+
+def describe(req: lock_pb2.DescribeRequest) -> str:
+    c = _Checker()
+    c.name("name", req.name)
+    c.done()
+    return req.name
+
+
+def list_locks(req: lock_pb2.ListRequest) -> tuple[str, int, str | None]:
+    import base64
+    import binascii
+
+    c = _Checker()
+    c.check("prefix", name_problem(req.prefix, prefix=True))
+    size = req.page_size or DEFAULT_PAGE_SIZE
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        c.bad("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+    after: str | None = None
+    if req.page_token:
+        try:
+            after = base64.urlsafe_b64decode(req.page_token.encode()).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            after = None
+        if after is None or name_problem(after) is not None or not after.startswith(req.prefix):
+            c.bad("page_token", "is not a next_page_token returned by List with this prefix")
+    c.done()
+    return req.prefix, size, after
