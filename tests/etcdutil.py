@@ -39,3 +39,7 @@ class EtcdProbe:
     async def revision(self) -> int:
         resp = await self.kv.Range(pb.RangeRequest(key=b"\0", count_only=True))
         return resp.header.revision
+
+    async def leases(self) -> set[int]:
+        resp = await self.lease.LeaseLeases(pb.LeaseLeasesRequest())
+        return {ls.ID for ls in resp.leases}

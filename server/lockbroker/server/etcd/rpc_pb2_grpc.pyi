@@ -111,6 +111,8 @@ class LeaseStub:
     LeaseRevoke: _grpc.UnaryUnaryMultiCallable[_rpc_pb2.LeaseRevokeRequest, _rpc_pb2.LeaseRevokeResponse]
     LeaseKeepAlive: _grpc.StreamStreamMultiCallable[_rpc_pb2.LeaseKeepAliveRequest, _rpc_pb2.LeaseKeepAliveResponse]
     LeaseTimeToLive: _grpc.UnaryUnaryMultiCallable[_rpc_pb2.LeaseTimeToLiveRequest, _rpc_pb2.LeaseTimeToLiveResponse]
+    LeaseLeases: _grpc.UnaryUnaryMultiCallable[_rpc_pb2.LeaseLeasesRequest, _rpc_pb2.LeaseLeasesResponse]
+    """Tests use it to prove that a rejected call leaked no lease."""
 
 @_typing.type_check_only
 class LeaseAsyncStub(LeaseStub):
@@ -119,6 +121,8 @@ class LeaseAsyncStub(LeaseStub):
     LeaseRevoke: _aio.UnaryUnaryMultiCallable[_rpc_pb2.LeaseRevokeRequest, _rpc_pb2.LeaseRevokeResponse]  # type: ignore[assignment]
     LeaseKeepAlive: _aio.StreamStreamMultiCallable[_rpc_pb2.LeaseKeepAliveRequest, _rpc_pb2.LeaseKeepAliveResponse]  # type: ignore[assignment]
     LeaseTimeToLive: _aio.UnaryUnaryMultiCallable[_rpc_pb2.LeaseTimeToLiveRequest, _rpc_pb2.LeaseTimeToLiveResponse]  # type: ignore[assignment]
+    LeaseLeases: _aio.UnaryUnaryMultiCallable[_rpc_pb2.LeaseLeasesRequest, _rpc_pb2.LeaseLeasesResponse]  # type: ignore[assignment]
+    """Tests use it to prove that a rejected call leaked no lease."""
 
 class LeaseServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -148,6 +152,14 @@ class LeaseServicer(metaclass=_abc_1.ABCMeta):
         request: _rpc_pb2.LeaseTimeToLiveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rpc_pb2.LeaseTimeToLiveResponse, _abc.Awaitable[_rpc_pb2.LeaseTimeToLiveResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def LeaseLeases(
+        self,
+        request: _rpc_pb2.LeaseLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rpc_pb2.LeaseLeasesResponse, _abc.Awaitable[_rpc_pb2.LeaseLeasesResponse]]:
+        """Tests use it to prove that a rejected call leaked no lease."""
 
 def add_LeaseServicer_to_server(servicer: LeaseServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
