@@ -41,12 +41,18 @@ def generate(out_root: Path) -> list[Path]:
         out = out_root / root
         out.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "grpc_tools.protoc",
-            f"-I{ROOT / root}", f"-I{ROOT / 'proto'}", f"-I{include}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / root}",
+            f"-I{ROOT / 'proto'}",
+            f"-I{include}",
             f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
             f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
-            f"--python_out={out}", f"--grpc_python_out={out}",
-            f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
             *files,
         ]
         subprocess.run(cmd, check=True)
@@ -64,8 +70,11 @@ def main() -> int:
         generate(ROOT)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        stale = [str(rel) for rel in generate(Path(tmp))
-                 if not (ROOT / rel).exists() or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)]
+        stale = [
+            str(rel)
+            for rel in generate(Path(tmp))
+            if not (ROOT / rel).exists() or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)
+        ]
     if stale:
         print("generated code is stale; run: uv run python scripts/gen_protos.py", *stale, sep="\n  ")
         return 1

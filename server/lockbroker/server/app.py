@@ -86,7 +86,8 @@ class Broker:
             raise ConfigError(
                 f"refusing to listen on {cfg.server.listen} without authentication: anyone who can reach "
                 "it could take and release every lock. Listen on 127.0.0.1 or ::1, configure "
-                "authentication, or pass --insecure-remote if the network itself is trusted.")
+                "authentication, or pass --insecure-remote if the network itself is trusted."
+            )
         etcd_cfg = cfg.etcd
         if not etcd_cfg.endpoints:
             state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
@@ -106,7 +107,8 @@ class Broker:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+            self.server,
+        )
         try:
             self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
@@ -114,8 +116,10 @@ class Broker:
         await self._probe()  # health is right from the first check
         await self.server.start()
         self._monitor = asyncio.create_task(self._watch_health())
-        log.info("lockbroker serving", extra={"listen": cfg.server.listen, "port": self.port,
-                                              "etcd": ",".join(etcd_cfg.endpoints)})
+        log.info(
+            "lockbroker serving",
+            extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
+        )
 
     def _interceptors(self) -> list[aio.ServerInterceptor]:
         return []
@@ -123,8 +127,9 @@ class Broker:
     async def _probe(self) -> None:
         assert self.backend is not None
         try:
-            await self.backend.ping(self.client_config.key_root.encode(),
-                                    timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval)))
+            await self.backend.ping(
+                self.client_config.key_root.encode(), timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval))
+            )
             ok = True
         except Unavailable as e:
             ok = False

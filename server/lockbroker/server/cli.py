@@ -37,9 +37,12 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockbroker", description="Fair, fenced distributed locks over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run a broker (with no --etcd-endpoints: on a private embedded etcd)",
-                           description="Run a broker. Settings come from flags, LOCKBROKER_* variables and "
-                                       "--config FILE, in that order of precedence.")
+    serve = sub.add_parser(
+        "serve",
+        help="run a broker (with no --etcd-endpoints: on a private embedded etcd)",
+        description="Run a broker. Settings come from flags, LOCKBROKER_* variables and "
+        "--config FILE, in that order of precedence.",
+    )
     config.add_arguments(serve)
     serve.set_defaults(func=_serve)
     return parser

@@ -29,16 +29,19 @@ class ConfigError(ValueError):
 class ServerConfig:
     listen: str = field(default="127.0.0.1:50051", metadata={"help": "host:port to serve gRPC on"})
     grace_period: float = field(default=10.0, metadata={"help": "seconds to drain on SIGTERM/SIGINT"})
-    insecure_remote: bool = field(default=False, metadata={
-        "help": "allow a non-loopback listen address without authentication (unsafe)"})
+    insecure_remote: bool = field(
+        default=False, metadata={"help": "allow a non-loopback listen address without authentication (unsafe)"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     health_interval: float = field(default=1.0, metadata={"help": "seconds between etcd health probes"})
 
 
 @dataclass(frozen=True)
 class EtcdConfig:
-    endpoints: tuple[str, ...] = field(default=(), metadata={
-        "help": "comma-separated etcd URLs (http://host:port or https://...); none: start an embedded etcd"})
+    endpoints: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "comma-separated etcd URLs (http://host:port or https://...); none: start an embedded etcd"},
+    )
     ca_file: str | None = field(default=None, metadata={"help": "CA bundle to verify etcd's certificate"})
     cert_file: str | None = field(default=None, metadata={"help": "client certificate for etcd (mTLS)"})
     key_file: str | None = field(default=None, metadata={"help": "client key for etcd (mTLS)"})
@@ -52,8 +55,9 @@ class EtcdConfig:
 @dataclass(frozen=True)
 class EmbeddedConfig:
     binary: str | None = field(default=None, metadata={"help": "etcd binary for the embedded etcd"})
-    state_dir: str = field(default="./lockbroker-state", metadata={
-        "help": "directory holding the embedded etcd's data"})
+    state_dir: str = field(
+        default="./lockbroker-state", metadata={"help": "directory holding the embedded etcd's data"}
+    )
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,11 @@ class Config:
 
 
 _SECTIONS: dict[str, type[Any]] = {
-    "server": ServerConfig, "etcd": EtcdConfig, "embedded": EmbeddedConfig, "limits": LockLimits}
+    "server": ServerConfig,
+    "etcd": EtcdConfig,
+    "embedded": EmbeddedConfig,
+    "limits": LockLimits,
+}
 
 
 def _names(section: str, name: str) -> tuple[str, str]:
@@ -124,14 +132,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag, env = _names(section, f.name)
             help_text = f"{f.metadata.get('help', '')} (env {env})"
             if _base_type(typing.get_type_hints(cls)[f.name]) is bool:
-                group.add_argument(flag, dest=f"{section}.{f.name}", action="store_const", const=True,
-                                   default=None, help=help_text)
+                group.add_argument(
+                    flag, dest=f"{section}.{f.name}", action="store_const", const=True, default=None, help=help_text
+                )
             else:
                 group.add_argument(flag, dest=f"{section}.{f.name}", default=None, help=help_text)
 
 
-def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
-         config_file: str | None = None) -> Config:
+def load(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None, config_file: str | None = None
+) -> Config:
     flags = vars(args) if args is not None else {}
     env = env if env is not None else {}
     path = config_file or flags.get("config") or env.get("LOCKBROKER_CONFIG")
@@ -156,8 +166,11 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             flag, env_name = _names(section, f.name)
-            for raw, where in ((flags.get(f"{section}.{f.name}"), flag), (env.get(env_name), env_name),
-                               (table.get(f.name), f"[{section}] {f.name}")):
+            for raw, where in (
+                (flags.get(f"{section}.{f.name}"), flag),
+                (env.get(env_name), env_name),
+                (table.get(f.name), f"[{section}] {f.name}"),
+            ):
                 if raw is not None:
                     values[f.name] = _convert(raw, hints[f.name], where)
                     break

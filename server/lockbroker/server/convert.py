@@ -21,17 +21,27 @@ def dur(seconds: float) -> duration_pb2.Duration:
 
 
 def holder(entry: Entry, expires_at: float | None = None) -> lock_pb2.LockHolder:
-    msg = lock_pb2.LockHolder(owner=entry.owner, session_id=session_id_of(entry.lease),
-                              fencing_token=entry.create_revision, since=ts(entry.value.queued_at))
+    msg = lock_pb2.LockHolder(
+        owner=entry.owner,
+        session_id=session_id_of(entry.lease),
+        fencing_token=entry.create_revision,
+        since=ts(entry.value.queued_at),
+    )
     if expires_at is not None:
         msg.expires_at.CopyFrom(ts(expires_at))
     return msg
 
 
 def grant(g: Grant) -> lock_pb2.Grant:
-    return lock_pb2.Grant(name=g.name, fencing_token=g.fencing_token, session_id=g.session_id,
-                          expires_at=ts(g.expires_at), owner=g.owner, queued_at=ts(g.queued_at),
-                          request_id=g.request_id)
+    return lock_pb2.Grant(
+        name=g.name,
+        fencing_token=g.fencing_token,
+        session_id=g.session_id,
+        expires_at=ts(g.expires_at),
+        owner=g.owner,
+        queued_at=ts(g.queued_at),
+        request_id=g.request_id,
+    )
 
 
 def session(s: SessionInfo) -> tuple[duration_pb2.Duration, timestamp_pb2.Timestamp]:

@@ -123,9 +123,7 @@ def find_etcd_binary(explicit: str | None = None) -> str:
     if explicit:
         found = _resolve(explicit)
         if found is None:
-            raise EtcdNotFoundError(
-                f"etcd binary {explicit!r} does not exist or is not executable. {_INSTALL_HINT}"
-            )
+            raise EtcdNotFoundError(f"etcd binary {explicit!r} does not exist or is not executable. {_INSTALL_HINT}")
         return found
     from_env = os.environ.get(ENV_ETCD_BINARY)
     if from_env:
@@ -192,7 +190,9 @@ class EmbeddedEtcd:
 
     def __init__(self, config: EmbeddedEtcdConfig) -> None:
         self._config = config
-        self._log_file = config.log_file if config.log_file is not None else config.data_dir.parent / f"{config.data_dir.name}.log"
+        self._log_file = (
+            config.log_file if config.log_file is not None else config.data_dir.parent / f"{config.data_dir.name}.log"
+        )
         self._auto_ports = config.client_port == 0 or config.peer_port == 0
         # Picked here rather than at start() so endpoint is known before etcd runs, and kept so a
         # restart comes back where clients expect it.
@@ -380,7 +380,7 @@ class EmbeddedEtcd:
 
     # The grace period is a parameter rather than the caller's asyncio.timeout() because running
     # out of it must escalate to SIGKILL, not abandon the child.
-    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def stop(self, timeout: float = 10.0) -> None:
         """Terminate etcd gracefully, killing it if it outlives ``timeout``. Safe to call twice."""
         await self._terminate(grace=timeout)
 

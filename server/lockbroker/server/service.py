@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpc import aio
 
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
 from lockbroker.server.core.errors import LockBrokerError, SessionNotFound, ShuttingDown
+from lockbroker.server.core.names import session_id_of
 from lockbroker.server.tenancy import tenant_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lockbroker.server")
 
-P = ParamSpec("P")
-R = TypeVar("R")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 Ctx = aio.ServicerContext[object, object]
 
 
@@ -34,7 +36,9 @@ def _deadline(context: Ctx) -> None:
     call_deadline.set(None if left is None else time.monotonic() + left)
 
 
-def rpc(handler: Callable[[LockService, R, Ctx], Awaitable[object]]) -> Callable[[LockService, R, Ctx], Awaitable[object]]:
+def rpc(
+    handler: Callable[[LockService, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[LockService, Req, Ctx], Coroutine[Any, Any, Resp]]:
     """Give a unary handler its deadline, and turn every error into a status with details.
 
     Domain errors become their documented status; anything else is a bug: logged with its stack
@@ -42,7 +46,7 @@ def rpc(handler: Callable[[LockService, R, Ctx], Awaitable[object]]) -> Callable
     """
 
     @functools.wraps(handler)
-    async def wrapped(self: LockService, request: R, context: Ctx) -> object:
+    async def wrapped(self: LockService, request: Req, context: Ctx) -> Resp:
         _deadline(context)
         try:
             if self.draining:
@@ -68,7 +72,9 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         self.draining = False
 
     @rpc
-    async def CreateSession(self, request: lock_pb2.CreateSessionRequest, context: Ctx) -> lock_pb2.CreateSessionResponse:
+    async def CreateSession(
+        self, request: lock_pb2.CreateSessionRequest, context: Ctx
+    ) -> lock_pb2.CreateSessionResponse:
         ttl, owner, request_id = validation.create_session(request, self.limits)
         s = await self.core.create_session(tenant_of(context), ttl, owner, request_id)
         ttl_pb, expires = convert.session(s)
@@ -88,8 +94,9 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     @rpc
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Ctx) -> lock_pb2.AcquireResponse:
         g = await self.core.acquire(tenant_of(context), validation.acquire(request, self.limits))
-        return lock_pb2.AcquireResponse(grant=convert.grant(g), waited=convert.dur(g.waited),
-                                        queue_position=g.queue_position)
+        return lock_pb2.AcquireResponse(
+            grant=convert.grant(g), waited=convert.dur(g.waited), queue_position=g.queue_position
+        )
 
     @rpc
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
@@ -100,28 +107,38 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> lock_pb2.DescribeResponse:
         state = await self.core.describe(tenant_of(context), validation.describe(request))
         now = time.time()
-        resp = lock_pb2.DescribeResponse(name=state.name, waiters=[
-            lock_pb2.Waiter(position=i, owner=w.owner, session_id=convert.session_id_of(w.lease),
-                            since=convert.ts(w.value.queued_at),
-                            waited=convert.dur(max(0.0, now - w.value.queued_at)))
-            for i, w in enumerate(state.waiters, start=1)])
+        resp = lock_pb2.DescribeResponse(
+            name=state.name,
+            waiters=[
+                lock_pb2.Waiter(
+                    position=i,
+                    owner=w.owner,
+                    session_id=session_id_of(w.lease),
+                    since=convert.ts(w.value.queued_at),
+                    waited=convert.dur(max(0.0, now - w.value.queued_at)),
+                )
+                for i, w in enumerate(state.waiters, start=1)
+            ],
+        )
         if state.holder is not None:
             resp.holder.CopyFrom(convert.holder(state.holder, state.holder_expires_at))
         return resp
 
     @rpc
     async def List(self, request: lock_pb2.ListRequest, context: Ctx) -> lock_pb2.ListResponse:
-        import base64
-
         prefix, size, after = validation.list_locks(request)
         page = await self.core.list(tenant_of(context), prefix, size, after)
         token = base64.urlsafe_b64encode(page.next_page_token.encode()).decode() if page.next_page_token else ""
-        return lock_pb2.ListResponse(next_page_token=token, locks=[
-            lock_pb2.HeldLock(name=h.name, holder=convert.holder(h.holder), waiters=h.waiters)
-            for h in page.locks])
+        return lock_pb2.ListResponse(
+            next_page_token=token,
+            locks=[
+                lock_pb2.HeldLock(name=h.name, holder=convert.holder(h.holder), waiters=h.waiters) for h in page.locks
+            ],
+        )
 
-    async def KeepAlive(self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest],
-                        context: Ctx) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
+    ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
         tenant = tenant_of(context)
         try:
             async for req in request_iterator:

@@ -44,9 +44,16 @@ def to_status(exc: e.LockBrokerError) -> tuple[grpc.StatusCode, str, Trailers]:
     code = code_of(exc)
     details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
     if isinstance(exc, e.InvalidArgument):
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations])))
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in exc.violations
+                    ]
+                )
+            )
+        )
     elif isinstance(exc, e.NotAcquired):
         details.append(_pack(convert.not_acquired(exc.info)))
     elif isinstance(exc, e.Unavailable):
@@ -59,8 +66,11 @@ def to_status(exc: e.LockBrokerError) -> tuple[grpc.StatusCode, str, Trailers]:
 
 def internal(incident: str) -> tuple[grpc.StatusCode, str, Trailers]:
     message = f"internal error (incident {incident}); the broker's log has the details"
-    status = status_pb2.Status(code=code_pb2.INTERNAL, message=message, details=[
-        _pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN, metadata={"incident": incident}))])
+    status = status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=message,
+        details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN, metadata={"incident": incident}))],
+    )
     return grpc.StatusCode.INTERNAL, message, (("grpc-status-details-bin", status.SerializeToString()),)
 
 

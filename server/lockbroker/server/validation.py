@@ -6,6 +6,8 @@ getting 1 min would lose its locks without knowing why.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import TYPE_CHECKING
 
 from google.protobuf import duration_pb2
@@ -141,9 +143,6 @@ def describe(req: lock_pb2.DescribeRequest) -> str:
 
 
 def list_locks(req: lock_pb2.ListRequest) -> tuple[str, int, str | None]:
-    import base64
-    import binascii
-
     c = _Checker()
     c.check("prefix", name_problem(req.prefix, prefix=True))
     size = req.page_size or DEFAULT_PAGE_SIZE

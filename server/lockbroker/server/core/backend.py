@@ -72,9 +72,17 @@ class LockBackend(Protocol):
 
     async def session_exists(self, session_key: bytes) -> bool: ...
 
-    async def enqueue(self, prefix: bytes, key: bytes, value: bytes, lease_id: int, *,
-                      session_key: bytes, new_session_value: bytes | None,
-                      only_if_free: bool) -> Enqueued:
+    async def enqueue(
+        self,
+        prefix: bytes,
+        key: bytes,
+        value: bytes,
+        lease_id: int,
+        *,
+        session_key: bytes,
+        new_session_value: bytes | None,
+        only_if_free: bool,
+    ) -> Enqueued:
         """Put `key` at the end of the queue under `prefix`, if the session has no entry there yet.
 
         new_session_value: the session record is created in the same transaction (a session made

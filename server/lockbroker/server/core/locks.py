@@ -153,20 +153,30 @@ class LockCore:
         try:
             try:
                 enq = await self._backend.enqueue(
-                    prefix, key, value, lease_id, session_key=ks.session_key(lease_id),
+                    prefix,
+                    key,
+                    value,
+                    lease_id,
+                    session_key=ks.session_key(lease_id),
                     new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
-                    only_if_free=p.wait <= 0)
+                    only_if_free=p.wait <= 0,
+                )
             except SessionMissing:
                 raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
             except EntryConflict as e:
                 if implicit:
                     raise RequestIdReused(
-                        f"request_id {request_id!r} was already used to acquire another lock") from None
+                        f"request_id {request_id!r} was already used to acquire another lock"
+                    ) from None
                 raise AlreadyQueued(
                     f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
                     f"(request_id {e.existing.request_id!r}); locks are not reentrant",
-                    {"lock": p.name, "request_id": e.existing.request_id,
-                     "fencing_token": str(e.existing.create_revision)}) from None
+                    {
+                        "lock": p.name,
+                        "request_id": e.existing.request_id,
+                        "fencing_token": str(e.existing.create_revision),
+                    },
+                ) from None
             pos = enq.position
             if pos.mine is None:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
@@ -180,17 +190,26 @@ class LockCore:
                     raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
                 expires_hint = time.time() + left
             granted = True
-            return Grant(p.name, mine.create_revision, session_id_of(lease_id), expires_hint, p.owner,
-                         mine.value.queued_at, request_id, time.monotonic() - started, queue_position)
+            return Grant(
+                p.name,
+                mine.create_revision,
+                session_id_of(lease_id),
+                expires_hint,
+                p.owner,
+                mine.value.queued_at,
+                request_id,
+                time.monotonic() - started,
+                queue_position,
+            )
         except BaseException as exc:
             if not granted:
                 outcome_unknown = isinstance(exc, Unavailable) and exc.outcome_unknown and mine is None
-                await self._cleanup(self._abandon(key, mine, lease_id if implicit else None,
-                                                  request_id if outcome_unknown else None))
+                await self._cleanup(
+                    self._abandon(key, mine, lease_id if implicit else None, request_id if outcome_unknown else None)
+                )
             raise
 
-    async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position,
-                         started: float) -> Position:
+    async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position, started: float) -> Position:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
         wait_until = started + p.wait
         rpc_deadline = call_deadline.get()
@@ -238,8 +257,9 @@ class LockCore:
         else:
             raise TimeoutError
 
-    async def _not_acquired(self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position,
-                            started: float) -> LockHeld | WaitExpired:
+    async def _not_acquired(
+        self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position, started: float
+    ) -> LockHeld | WaitExpired:
         holder = pos.holder if pos.holder is not None and pos.holder != pos.mine else None
         expires: float | None = None
         if holder is not None:
@@ -249,12 +269,14 @@ class LockCore:
         waiters = max(0, pos.count - 1 - (1 if pos.mine is not None else 0))
         info = NotAcquiredInfo(name, holder, expires, waiters, time.monotonic() - started)
         if kind is LockHeld:
-            return LockHeld(f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""),
-                            info)
+            return LockHeld(
+                f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""), info
+            )
         return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
 
-    async def _abandon(self, key: bytes, mine: Entry | None, implicit_lease: int | None,
-                       unknown_request_id: str | None) -> None:
+    async def _abandon(
+        self, key: bytes, mine: Entry | None, implicit_lease: int | None, unknown_request_id: str | None
+    ) -> None:
         """Remove what a failed Acquire queued: its entry, or the whole session it created."""
         if implicit_lease is not None:
             await self._backend.revoke_lease(implicit_lease)
@@ -269,6 +291,7 @@ class LockCore:
 
     async def _cleanup(self, work: object) -> None:
         """Run clean-up to the end even if the caller is cancelled, within its own time budget."""
+
         async def bounded() -> None:
             call_deadline.set(time.monotonic() + CLEANUP_TIMEOUT)
             try:

@@ -25,8 +25,9 @@ class EntryValue:
     def decode(raw: bytes) -> EntryValue:
         try:
             doc = json.loads(raw)
-            return EntryValue(str(doc.get("o", "")), str(doc.get("r", "")), float(doc.get("t", 0.0)),
-                              bool(doc.get("i", 0)))
+            return EntryValue(
+                str(doc.get("o", "")), str(doc.get("r", "")), float(doc.get("t", 0.0)), bool(doc.get("i", 0))
+            )
         except (ValueError, TypeError, AttributeError):
             # A key someone wrote by hand under our prefix: still an entry in the queue.
             return EntryValue("", "", 0.0)

@@ -27,8 +27,7 @@ _SESSION_ID = re.compile(r"[0-9a-f]{16}")
 _LEASE_MASK = (1 << 63) - 1
 
 NAME_RULE = (
-    'at most 256 bytes of A-Z a-z 0-9 and "-_.:@+=,~%!", with "/" between non-empty segments '
-    'that are not "." or ".."'
+    'at most 256 bytes of A-Z a-z 0-9 and "-_.:@+=,~%!", with "/" between non-empty segments that are not "." or ".."'
 )
 
 

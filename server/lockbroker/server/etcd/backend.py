@@ -32,8 +32,24 @@ def _first(resp: pb.RangeResponse) -> Entry | None:
     return _entry(resp.kvs[0]) if resp.kvs else None
 
 
-def _range(prefix: bytes, **kw: int) -> pb.RequestOp:
-    return pb.RequestOp(request_range=pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), **kw))
+def _range(
+    prefix: bytes,
+    *,
+    limit: int = 0,
+    descending: bool = False,
+    by_create: bool = True,
+    max_create_revision: int = 0,
+) -> pb.RequestOp:
+    return pb.RequestOp(
+        request_range=pb.RangeRequest(
+            key=prefix,
+            range_end=prefix_end(prefix),
+            limit=limit,
+            sort_target=_BY_CREATE if by_create else pb.RangeRequest.KEY,
+            sort_order=_DESC if descending else _ASC,
+            max_create_revision=max_create_revision,
+        )
+    )
 
 
 def _get(key: bytes, *, count_only: bool = False) -> pb.RequestOp:
@@ -42,12 +58,17 @@ def _get(key: bytes, *, count_only: bool = False) -> pb.RequestOp:
 
 def _holder(prefix: bytes) -> pb.RequestOp:
     # limit 1 still reports the full count: the holder and the queue length in one op
-    return _range(prefix, sort_target=_BY_CREATE, sort_order=_ASC, limit=1)
+    return _range(prefix, limit=1)
 
 
 def _created(key: bytes, result: int, rev: int, range_end: bytes = b"") -> pb.Compare:
-    return pb.Compare(key=key, range_end=range_end, target=pb.Compare.CREATE, result=result,  # type: ignore[arg-type]
-                      create_revision=rev)
+    return pb.Compare(
+        key=key,
+        range_end=range_end,
+        target=pb.Compare.CREATE,
+        result=result,  # type: ignore[arg-type]
+        create_revision=rev,
+    )
 
 
 class EtcdLockBackend:
@@ -97,9 +118,17 @@ class EtcdLockBackend:
 
     # -- queues -----------------------------------------------------------------------------
 
-    async def enqueue(self, prefix: bytes, key: bytes, value: bytes, lease_id: int, *,
-                      session_key: bytes, new_session_value: bytes | None,
-                      only_if_free: bool) -> Enqueued:
+    async def enqueue(
+        self,
+        prefix: bytes,
+        key: bytes,
+        value: bytes,
+        lease_id: int,
+        *,
+        session_key: bytes,
+        new_session_value: bytes | None,
+        only_if_free: bool,
+    ) -> Enqueued:
         compare = [_created(key, pb.Compare.EQUAL, 0)]
         success: list[pb.RequestOp] = []
         if new_session_value is None:
@@ -107,8 +136,9 @@ class EtcdLockBackend:
             compare.append(_created(session_key, pb.Compare.GREATER, 0))
         else:
             compare.append(_created(session_key, pb.Compare.EQUAL, 0))
-            success.append(pb.RequestOp(request_put=pb.PutRequest(
-                key=session_key, value=new_session_value, lease=lease_id)))
+            success.append(
+                pb.RequestOp(request_put=pb.PutRequest(key=session_key, value=new_session_value, lease=lease_id))
+            )
         if only_if_free:
             # Over an empty range etcd compares against a missing key (create revision 0): true
             # exactly when no entry is queued, so a try-lock never puts-then-deletes.
@@ -116,7 +146,7 @@ class EtcdLockBackend:
         success += [
             pb.RequestOp(request_put=pb.PutRequest(key=key, value=value, lease=lease_id)),
             _holder(prefix),
-            _range(prefix, sort_target=_BY_CREATE, sort_order=_DESC, limit=2),  # mine and the one before
+            _range(prefix, descending=True, limit=2),  # mine and the one before
         ]
         failure = [_get(key), _get(session_key, count_only=True), _holder(prefix)]
         try:
@@ -129,8 +159,9 @@ class EtcdLockBackend:
             tail = resp.responses[-1].response_range.kvs
             mine = Entry(key, rev, lease_id, EntryValue.decode(value))
             pred = _entry(tail[1]) if len(tail) > 1 else None
-            return Enqueued(True, Position(rev, mine, pred, _first(holder_r) or mine,
-                                           holder_r.count, holder_r.count - 1))
+            return Enqueued(
+                True, Position(rev, mine, pred, _first(holder_r) or mine, holder_r.count, holder_r.count - 1)
+            )
         existing = _first(resp.responses[0].response_range)
         if existing is not None:
             if existing.request_id != EntryValue.decode(value).request_id:
@@ -145,27 +176,32 @@ class EtcdLockBackend:
         return Enqueued(False, Position(rev, None, None, _first(holder_r), holder_r.count, holder_r.count))
 
     async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
-        resp = await self.client.txn(pb.TxnRequest(success=[
-            _get(key),
-            _range(prefix, sort_target=_BY_CREATE, sort_order=_DESC, limit=1,
-                   max_create_revision=create_revision - 1),
-            _holder(prefix),
-        ]), write=False)
+        resp = await self.client.txn(
+            pb.TxnRequest(
+                success=[
+                    _get(key),
+                    _range(prefix, descending=True, limit=1, max_create_revision=create_revision - 1),
+                    _holder(prefix),
+                ]
+            ),
+            write=False,
+        )
         mine_r, pred_r, holder_r = (r.response_range for r in resp.responses)
         mine = _first(mine_r)
         if mine is not None and mine.create_revision != create_revision:
             mine = None  # a newer entry of the same session: ours is gone
-        return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count,
-                        pred_r.count)
+        return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, pred_r.count)
 
     async def wait_deleted(self, key: bytes, after_revision: int) -> None:
         await self.watches.wait_deleted(key, after_revision)
 
     async def delete_entry(self, key: bytes, create_revision: int) -> Entry | None:
-        resp = await self.client.txn(pb.TxnRequest(
-            compare=[_created(key, pb.Compare.EQUAL, create_revision)],
-            success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))],
-        ))
+        resp = await self.client.txn(
+            pb.TxnRequest(
+                compare=[_created(key, pb.Compare.EQUAL, create_revision)],
+                success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))],
+            )
+        )
         if not resp.succeeded:
             return None
         prev = resp.responses[0].response_delete_range.prev_kvs
@@ -175,14 +211,21 @@ class EtcdLockBackend:
         return _first(await self.client.range(pb.RangeRequest(key=key)))
 
     async def find_entry(self, prefix: bytes, create_revision: int) -> Entry | None:
-        resp = await self.client.range(pb.RangeRequest(
-            key=prefix, range_end=prefix_end(prefix), limit=1,
-            min_create_revision=create_revision, max_create_revision=create_revision))
+        resp = await self.client.range(
+            pb.RangeRequest(
+                key=prefix,
+                range_end=prefix_end(prefix),
+                limit=1,
+                min_create_revision=create_revision,
+                max_create_revision=create_revision,
+            )
+        )
         return _first(resp)
 
     async def queue(self, prefix: bytes) -> list[Entry]:
-        resp = await self.client.range(pb.RangeRequest(
-            key=prefix, range_end=prefix_end(prefix), sort_target=_BY_CREATE, sort_order=_ASC))
+        resp = await self.client.range(
+            pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), sort_target=_BY_CREATE, sort_order=_ASC)
+        )
         return [_entry(kv) for kv in resp.kvs]
 
     async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
@@ -191,5 +234,6 @@ class EtcdLockBackend:
 
     async def ping(self, key: bytes, timeout: float) -> None:
         """A linearizable read: succeeds only while etcd has a leader and a quorum."""
-        await self.client.call(lambda s: s.kv.Range, pb.RangeRequest(key=key, count_only=True),
-                               write=False, timeout=timeout)
+        await self.client.call(
+            lambda s: s.kv.Range, pb.RangeRequest(key=key, count_only=True), write=False, timeout=timeout
+        )

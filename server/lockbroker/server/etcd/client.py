@@ -135,8 +135,11 @@ class EtcdClient:
         """Move to the next endpoint, unless another call already moved away from `idx`."""
         if len(self._endpoints) > 1 and self._index == idx:
             self._index = (idx + 1) % len(self._endpoints)
-            log.warning("etcd endpoint %s unreachable, trying %s",
-                        self._endpoints[idx].target, self._endpoints[self._index].target)
+            log.warning(
+                "etcd endpoint %s unreachable, trying %s",
+                self._endpoints[idx].target,
+                self._endpoints[self._index].target,
+            )
 
     @property
     def request_timeout(self) -> float:
@@ -190,8 +193,14 @@ class EtcdClient:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: object,
-                   *, write: bool, timeout: float | None = None) -> T:
+    async def call(
+        self,
+        method: Callable[[Stubs], Callable[..., Awaitable[T]]],
+        request: object,
+        *,
+        write: bool,
+        timeout: float | None = None,
+    ) -> T:
         budget = remaining(timeout or self._config.request_timeout)
         if budget <= 0:
             raise Unavailable("the request's deadline passed before etcd was called", retry_after=0.0)
@@ -242,7 +251,8 @@ class EtcdClient:
 
     async def lease_grant(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantResponse:
         resp: pb.LeaseGrantResponse = await self.call(
-            lambda s: s.lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl, ID=lease_id), write=True)
+            lambda s: s.lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl, ID=lease_id), write=True
+        )
         if resp.error:
             raise BackendError(f"etcd LeaseGrant: {resp.error}")
         return resp
@@ -251,8 +261,7 @@ class EtcdClient:
         return await self.call(lambda s: s.lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease_id), write=True)
 
     async def lease_time_to_live(self, lease_id: int) -> pb.LeaseTimeToLiveResponse:
-        return await self.call(lambda s: s.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease_id),
-                               write=False)
+        return await self.call(lambda s: s.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease_id), write=False)
 
     async def status(self, timeout: float | None = None) -> pb.StatusResponse:
         return await self.call(lambda s: s.maintenance.Status, pb.StatusRequest(), write=False, timeout=timeout)

@@ -125,9 +125,13 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[wid] = fut
         try:
-            await self.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
-                key=key, start_revision=after_revision + 1, watch_id=wid,
-                filters=[pb.WatchCreateRequest.NOPUT])))
+            await self.write(
+                pb.WatchRequest(
+                    create_request=pb.WatchCreateRequest(
+                        key=key, start_revision=after_revision + 1, watch_id=wid, filters=[pb.WatchCreateRequest.NOPUT]
+                    )
+                )
+            )
             await fut
         finally:
             if self._waiting.pop(wid, None) is not None or fut.done():
