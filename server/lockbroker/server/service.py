@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpc import aio
 
+from lockbroker.interceptors.tenancy import tenant_of
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
 from lockbroker.server.core.errors import LockBrokerError, SessionNotFound, ShuttingDown
 from lockbroker.server.core.names import session_id_of
-from lockbroker.interceptors.tenancy import tenant_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 if TYPE_CHECKING:

@@ -76,11 +76,42 @@ def _session_record(ttl: int, owner: str, implicit_lock: str | None) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+class LeaseClock:
+    """The latest lower bound this replica has seen on each session's expiry.
+
+    A lease granted or refreshed after time T with TTL t lives at least until T + t (etcd only
+    ever extends it, or revokes it, which also deletes its keys). Knowing this saves Acquire a
+    LeaseTimeToLive call. Sessions refreshed through another replica are simply not here.
+    """
+
+    MAX = 100_000
+
+    def __init__(self) -> None:
+        self._expiry: dict[int, float] = {}
+
+    def note(self, lease_id: int, expires_at: float) -> None:
+        if len(self._expiry) >= self.MAX:
+            now = time.time()
+            self._expiry = {k: v for k, v in self._expiry.items() if v > now}
+            if len(self._expiry) >= self.MAX:
+                self._expiry.clear()
+        if expires_at > self._expiry.get(lease_id, 0.0):
+            self._expiry[lease_id] = expires_at
+
+    def get(self, lease_id: int) -> float | None:
+        expires = self._expiry.get(lease_id)
+        return expires if expires is not None and expires > time.time() else None
+
+    def forget(self, lease_id: int) -> None:
+        self._expiry.pop(lease_id, None)
+
+
 class LockCore:
     def __init__(self, backend: LockBackend, key_root: str) -> None:
         self._backend = backend
         self._root = key_root
         self._keyspaces: dict[str, Keyspace] = {}
+        self.leases = LeaseClock()
         self._closing: asyncio.Future[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -111,6 +142,7 @@ class LockCore:
         except BaseException:
             await self._cleanup(self._backend.revoke_lease(lease.lease_id))
             raise
+        self.leases.note(lease.lease_id, started + lease.ttl)
         return SessionInfo(session_id_of(lease.lease_id), lease.ttl, started + lease.ttl)
 
     async def refresh(self, tenant: str, lease_id: int) -> SessionInfo:
@@ -120,12 +152,15 @@ class LockCore:
         before = time.time()
         ttl = await self._backend.keepalive(lease_id)
         if ttl <= 0:  # etcd's answer for a lease that is gone: never revived
+            self.leases.forget(lease_id)
             raise SessionNotFound(f"session {session_id_of(lease_id)} has expired")
+        self.leases.note(lease_id, before + ttl)
         return SessionInfo(session_id_of(lease_id), ttl, before + ttl)
 
     async def close_session(self, tenant: str, lease_id: int) -> bool:
         if not await self._backend.session_exists(self.keyspace(tenant).session_key(lease_id)):
             return False
+        self.leases.forget(lease_id)
         return await self._backend.revoke_lease(lease_id)
 
     # -- acquire ----------------------------------------------------------------------------
@@ -143,6 +178,7 @@ class LockCore:
             lease_id = lease.lease_id
             if lease.created:
                 expires_hint = before + lease.ttl
+                self.leases.note(lease_id, expires_hint)
         else:
             lease_id = p.lease_id
         prefix = ks.lock_prefix(p.name)
@@ -183,8 +219,10 @@ class LockCore:
             mine = pos.mine
             queue_position = pos.ahead
             pos = await self._wait_turn(p, prefix, mine, pos, started)
-            if not implicit or expires_hint is None:
-                # Explicit sessions are refreshed by their clients: ask etcd how long is left.
+            if expires_hint is None:
+                expires_hint = self.leases.get(lease_id)
+            if expires_hint is None:
+                # A session this replica has not seen refreshed: ask etcd how long is left.
                 left = await self._backend.lease_ttl(lease_id)
                 if left < 0:
                     raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
