@@ -288,7 +288,7 @@ class AcquireRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Lock name: 1-256 bytes of [A-Za-z0-9] and "-_.:@+=,~%!", with "/"
+    """Lock name: 1-256 bytes of [A-Za-z0-9] and "-_.:@+=,~%", with "/"
     separating non-empty segments that are not "." or "..". Examples:
     "orders/42", "billing:nightly-run".
     """

@@ -89,8 +89,9 @@ class LockBackend(Protocol):
         by Acquire); otherwise the session record must exist (raises SessionMissing).
         only_if_free: put only if the queue is empty (try-lock); when it is not, nothing is put and
         the result's position has mine=None, unless the entry already exists with the same request id.
-        An existing entry with the same request id is returned with created=False; one with another
-        request id raises EntryConflict.
+        An existing entry with the same request id (a retry) is adopted: put again unchanged, so its
+        create revision (place and fencing token) stays and its mod revision now names this call;
+        it is returned with created=False. One with another request id raises EntryConflict.
         """
         ...
 
@@ -99,11 +100,14 @@ class LockBackend(Protocol):
         ...
 
     async def wait_deleted(self, key: bytes, after_revision: int) -> None:
-        """Return once `key` is deleted at a revision > after_revision (WatchInterrupted: re-read)."""
+        """Return once `key` is deleted at a revision > after_revision (WatchInterrupted: re-read).
+
+        Cancelling the call removes the watch."""
         ...
 
-    async def delete_entry(self, key: bytes, create_revision: int) -> Entry | None:
-        """Delete exactly this entry; the deleted entry, or None if it was already gone."""
+    async def delete_entry(self, key: bytes, create_revision: int, mod_revision: int = 0) -> Entry | None:
+        """Delete exactly this entry (and, if mod_revision is given, only as last written by the
+        caller); the deleted entry, or None if it was already gone or adopted by another call."""
         ...
 
     async def get_entry(self, key: bytes) -> Entry | None: ...

@@ -169,83 +169,78 @@ class LockCore:
         ks = self.keyspace(tenant)
         started = time.monotonic()
         request_id = p.request_id or uuid.uuid4().hex
-        implicit = p.lease_id is None
-        expires_hint: float | None = None
-        if p.lease_id is None:
-            want = derived_lease_id(tenant, "acquire", p.request_id) if p.request_id else 0
-            before = time.time()
-            lease = await self._backend.grant_lease(p.ttl, want)
-            lease_id = lease.lease_id
-            if lease.created:
-                expires_hint = before + lease.ttl
-                self.leases.note(lease_id, expires_hint)
-        else:
-            lease_id = p.lease_id
-        prefix = ks.lock_prefix(p.name)
+        lease_id, created_lease, expires_at = await self._session_for(tenant, p)
         key = ks.entry_key(p.name, lease_id)
-        value = EntryValue(p.owner, request_id, time.time(), implicit).encode()
         mine: Entry | None = None
-        granted = False
         try:
-            try:
-                enq = await self._backend.enqueue(
-                    prefix,
-                    key,
-                    value,
-                    lease_id,
-                    session_key=ks.session_key(lease_id),
-                    new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
-                    only_if_free=p.wait <= 0,
-                )
-            except SessionMissing:
-                raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
-            except EntryConflict as e:
-                if implicit:
-                    raise RequestIdReused(
-                        f"request_id {request_id!r} was already used to acquire another lock"
-                    ) from None
-                raise AlreadyQueued(
-                    f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
-                    f"(request_id {e.existing.request_id!r}); locks are not reentrant",
-                    {
-                        "lock": p.name,
-                        "request_id": e.existing.request_id,
-                        "fencing_token": str(e.existing.create_revision),
-                    },
-                ) from None
-            pos = enq.position
+            pos = await self._enqueue(ks, p, lease_id, request_id, created_lease is not None)
             if pos.mine is None:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
             mine = pos.mine
             queue_position = pos.ahead
-            pos = await self._wait_turn(p, prefix, mine, pos, started)
-            if expires_hint is None:
-                expires_hint = self.leases.get(lease_id)
-            if expires_hint is None:
-                # A session this replica has not seen refreshed: ask etcd how long is left.
-                left = await self._backend.lease_ttl(lease_id)
-                if left < 0:
-                    raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
-                expires_hint = time.time() + left
-            granted = True
-            return Grant(
-                p.name,
-                mine.create_revision,
-                session_id_of(lease_id),
-                expires_hint,
-                p.owner,
-                mine.value.queued_at,
-                request_id,
-                time.monotonic() - started,
-                queue_position,
-            )
+            await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+            expires_at = expires_at or self.leases.get(lease_id) or await self._expiry(lease_id)
         except BaseException as exc:
-            if not granted:
-                outcome_unknown = isinstance(exc, Unavailable) and exc.outcome_unknown and mine is None
-                await self._cleanup(
-                    self._abandon(key, mine, lease_id if implicit else None, request_id if outcome_unknown else None)
-                )
+            unknown = isinstance(exc, Unavailable) and exc.outcome_unknown and mine is None
+            await self._cleanup(self._abandon(key, mine, created_lease, request_id if unknown else None))
             raise
+        return Grant(
+            p.name,
+            mine.create_revision,
+            session_id_of(lease_id),
+            expires_at,
+            p.owner,
+            mine.value.queued_at,
+            request_id,
+            time.monotonic() - started,
+            queue_position,
+        )
+
+    async def _session_for(self, tenant: str, p: AcquireParams) -> tuple[int, int | None, float | None]:
+        """(lease, the lease if this call created it, its expiry if known) for an Acquire."""
+        if p.lease_id is not None:
+            return p.lease_id, None, None
+        want = derived_lease_id(tenant, "acquire", p.request_id) if p.request_id else 0
+        before = time.time()
+        lease = await self._backend.grant_lease(p.ttl, want)
+        if not lease.created:
+            return lease.lease_id, None, None  # a retry: the first attempt's session
+        self.leases.note(lease.lease_id, before + lease.ttl)
+        return lease.lease_id, lease.lease_id, before + lease.ttl
+
+    async def _enqueue(self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, new: bool) -> Position:
+        """Queue the entry (or find this request's earlier one); position.mine None: try-lock lost."""
+        implicit = p.lease_id is None
+        try:
+            enq = await self._backend.enqueue(
+                ks.lock_prefix(p.name),
+                ks.entry_key(p.name, lease_id),
+                EntryValue(p.owner, request_id, time.time(), implicit).encode(),
+                lease_id,
+                session_key=ks.session_key(lease_id),
+                new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
+                only_if_free=p.wait <= 0,
+            )
+        except SessionMissing:
+            raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
+        except EntryConflict as e:
+            if implicit:
+                raise RequestIdReused(f"request_id {request_id!r} was already used to acquire another lock") from None
+            raise AlreadyQueued(
+                f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
+                f"(request_id {e.existing.request_id!r}); locks are not reentrant",
+                {"lock": p.name, "request_id": e.existing.request_id, "fencing_token": str(e.existing.create_revision)},
+            ) from None
+        if enq.position.mine is None and not enq.created and p.wait > 0:
+            raise SessionLost(f"the queue entry of request {request_id!r} was removed (session ended or released)")
+        return enq.position
+
+    async def _expiry(self, lease_id: int) -> float:
+        """Ask etcd how long a session has left (one this replica has not seen refreshed)."""
+        left = await self._backend.lease_ttl(lease_id)
+        if left < 0:
+            raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
+        return time.time() + left
 
     async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position, started: float) -> Position:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
@@ -261,7 +256,7 @@ class LockCore:
                     raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
                 raise await self._not_acquired(WaitExpired, p.name, pos, started)
             try:
-                await self._until_deleted(pos.predecessor.key, pos.revision, left)
+                await self._until_deleted((pos.predecessor.key, mine.key), pos.revision, left)
             except WatchInterrupted as e:
                 log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
                 await asyncio.sleep(0.05)
@@ -274,26 +269,29 @@ class LockCore:
         # as its lease: the session was alive when we became holder (etcd's Jepsen fix).
         return pos
 
-    async def _until_deleted(self, key: bytes, revision: int, timeout: float) -> None:
+    async def _until_deleted(self, keys: tuple[bytes, ...], revision: int, timeout: float) -> None:
+        """Return when any of `keys` is deleted after `revision`: the predecessor (our turn may
+        have come) or our own entry (our session ended: tell the caller now, not at the timeout)."""
         if self._closing is not None and self._closing.done():
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        watch = asyncio.ensure_future(self._backend.wait_deleted(key, revision))
-        waits: set[asyncio.Future[None]] = {watch}
+        watches = [asyncio.ensure_future(self._backend.wait_deleted(k, revision)) for k in keys]
+        waits: set[asyncio.Future[None]] = set(watches)
         if self._closing is not None:
             waits.add(self._closing)
         try:
             done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not watch.done():
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await watch
-        if watch in done:
-            watch.result()
-        elif self._closing is not None and self._closing in done:
+            for w in watches:
+                if not w.done():
+                    w.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
+        for w in watches:
+            if w in done:
+                w.result()  # raises WatchInterrupted
+                return
+        if self._closing is not None and self._closing in done:
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        else:
-            raise TimeoutError
+        raise TimeoutError
 
     async def _not_acquired(
         self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position, started: float
@@ -313,11 +311,16 @@ class LockCore:
         return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
 
     async def _abandon(
-        self, key: bytes, mine: Entry | None, implicit_lease: int | None, unknown_request_id: str | None
+        self, key: bytes, mine: Entry | None, created_lease: int | None, unknown_request_id: str | None
     ) -> None:
-        """Remove what a failed Acquire queued: its entry, or the whole session it created."""
-        if implicit_lease is not None:
-            await self._backend.revoke_lease(implicit_lease)
+        """Remove what a failed Acquire queued: its entry, or the whole session it created.
+
+        Only what this call made or adopted: a retry of the same request that has since adopted
+        the entry (see LockBackend.enqueue) keeps it, and a session this call did not create is
+        left to its owner.
+        """
+        if created_lease is not None:
+            await self._backend.revoke_lease(created_lease)
             return
         if mine is None and unknown_request_id is not None:
             # The enqueue may or may not have happened: read, and delete only our own entry.
@@ -325,7 +328,7 @@ class LockCore:
             if found is not None and found.request_id == unknown_request_id:
                 mine = found
         if mine is not None:
-            await self._backend.delete_entry(key, mine.create_revision)
+            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision)
 
     async def _cleanup(self, work: object) -> None:
         """Run clean-up to the end even if the caller is cancelled, within its own time budget."""

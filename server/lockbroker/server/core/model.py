@@ -41,6 +41,9 @@ class Entry:
     create_revision: int
     lease: int
     value: EntryValue
+    # Which call owns the entry's clean-up: a retry that resumes an entry re-puts it, so the
+    # clean-up of an older, abandoned call of the same request (which compares on this) is a no-op.
+    mod_revision: int = 0
 
     @property
     def owner(self) -> str:

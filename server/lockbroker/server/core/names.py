@@ -20,14 +20,15 @@ MAX_NAME_BYTES = 256
 MAX_OWNER_BYTES = 128
 MAX_REQUEST_ID = 128
 
-_NAME_SEGMENT = re.compile(r"[A-Za-z0-9\-_.:@+=,~%!]+")
+# Every allowed character sorts above "#", so key order is name order.
+_NAME_SEGMENT = re.compile(r"[A-Za-z0-9\-_.:@+=,~%]+")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 _SESSION_ID = re.compile(r"[0-9a-f]{16}")
 _LEASE_MASK = (1 << 63) - 1
 
 NAME_RULE = (
-    'at most 256 bytes of A-Z a-z 0-9 and "-_.:@+=,~%!", with "/" between non-empty segments that are not "." or ".."'
+    'at most 256 bytes of A-Z a-z 0-9 and "-_.:@+=,~%", with "/" between non-empty segments that are not "." or ".."'
 )
 
 

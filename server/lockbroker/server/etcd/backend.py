@@ -25,7 +25,7 @@ _BY_CREATE = pb.RangeRequest.CREATE
 
 
 def _entry(kv: pb.KeyValue) -> Entry:
-    return Entry(kv.key, kv.create_revision, kv.lease, EntryValue.decode(kv.value))
+    return Entry(kv.key, kv.create_revision, kv.lease, EntryValue.decode(kv.value), kv.mod_revision)
 
 
 def _first(resp: pb.RangeResponse) -> Entry | None:
@@ -157,7 +157,7 @@ class EtcdLockBackend:
         if resp.succeeded:
             holder_r = resp.responses[-2].response_range
             tail = resp.responses[-1].response_range.kvs
-            mine = Entry(key, rev, lease_id, EntryValue.decode(value))
+            mine = Entry(key, rev, lease_id, EntryValue.decode(value), rev)
             pred = _entry(tail[1]) if len(tail) > 1 else None
             return Enqueued(
                 True, Position(rev, mine, pred, _first(holder_r) or mine, holder_r.count, holder_r.count - 1)
@@ -166,7 +166,7 @@ class EtcdLockBackend:
         if existing is not None:
             if existing.request_id != EntryValue.decode(value).request_id:
                 raise EntryConflict(existing)
-            return Enqueued(False, await self.position(prefix, key, existing.create_revision))
+            return Enqueued(False, await self._adopt(prefix, existing))
         session_count = resp.responses[1].response_range.count
         if new_session_value is None and session_count == 0:
             raise SessionMissing(session_key.decode())
@@ -175,18 +175,39 @@ class EtcdLockBackend:
         holder_r = resp.responses[2].response_range
         return Enqueued(False, Position(rev, None, None, _first(holder_r), holder_r.count, holder_r.count))
 
-    async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
+    @staticmethod
+    def _position_ops(prefix: bytes, key: bytes, create_revision: int) -> list[pb.RequestOp]:
+        return [
+            _get(key),
+            _range(prefix, descending=True, limit=1, max_create_revision=create_revision - 1),
+            _holder(prefix),
+        ]
+
+    async def _adopt(self, prefix: bytes, existing: Entry) -> Position:
+        """Take over an entry a previous attempt of the same request made (see enqueue)."""
         resp = await self.client.txn(
             pb.TxnRequest(
+                compare=[_created(existing.key, pb.Compare.EQUAL, existing.create_revision)],
                 success=[
-                    _get(key),
-                    _range(prefix, descending=True, limit=1, max_create_revision=create_revision - 1),
-                    _holder(prefix),
-                ]
-            ),
-            write=False,
+                    pb.RequestOp(
+                        request_put=pb.PutRequest(key=existing.key, value=existing.value.encode(), lease=existing.lease)
+                    ),
+                    *self._position_ops(prefix, existing.key, existing.create_revision),
+                ],
+                failure=self._position_ops(prefix, existing.key, existing.create_revision),
+            )
         )
-        mine_r, pred_r, holder_r = (r.response_range for r in resp.responses)
+        return self._read_position(resp, existing.create_revision, skip=1 if resp.succeeded else 0)
+
+    async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
+        resp = await self.client.txn(
+            pb.TxnRequest(success=self._position_ops(prefix, key, create_revision)), write=False
+        )
+        return self._read_position(resp, create_revision)
+
+    @staticmethod
+    def _read_position(resp: pb.TxnResponse, create_revision: int, skip: int = 0) -> Position:
+        mine_r, pred_r, holder_r = (r.response_range for r in resp.responses[skip:])
         mine = _first(mine_r)
         if mine is not None and mine.create_revision != create_revision:
             mine = None  # a newer entry of the same session: ours is gone
@@ -195,10 +216,15 @@ class EtcdLockBackend:
     async def wait_deleted(self, key: bytes, after_revision: int) -> None:
         await self.watches.wait_deleted(key, after_revision)
 
-    async def delete_entry(self, key: bytes, create_revision: int) -> Entry | None:
+    async def delete_entry(self, key: bytes, create_revision: int, mod_revision: int = 0) -> Entry | None:
+        compare = [_created(key, pb.Compare.EQUAL, create_revision)]
+        if mod_revision:
+            compare.append(
+                pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=mod_revision)
+            )
         resp = await self.client.txn(
             pb.TxnRequest(
-                compare=[_created(key, pb.Compare.EQUAL, create_revision)],
+                compare=compare,
                 success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))],
             )
         )
