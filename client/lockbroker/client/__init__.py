@@ -1,0 +1,60 @@
+"""Python client of lockbroker: fair, fenced, lease-based distributed locks over gRPC.
+
+asyncio first (`Client`), with a blocking facade (`SyncClient`) over the same code.
+"""
+
+from lockbroker.client._retry import Backoff
+from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
+from lockbroker.client.errors import (
+    AlreadyQueued,
+    DeadlineExceeded,
+    InvalidArgument,
+    LockBrokerError,
+    LockHeld,
+    LockLost,
+    NotAcquired,
+    PermissionDenied,
+    QuotaExceeded,
+    RequestIdReused,
+    SessionLost,
+    SessionNotFound,
+    Unauthenticated,
+    Unavailable,
+    WaitExpired,
+    from_rpc_error,
+)
+from lockbroker.client.sync import SyncClient, SyncHeldLock, SyncSession
+from lockbroker.client.types import Grant, Holder, LockState, LockSummary, Session, Waiter
+
+__all__ = [
+    "AlreadyQueued",
+    "Backoff",
+    "Client",
+    "DeadlineExceeded",
+    "Grant",
+    "HeldLock",
+    "Holder",
+    "InvalidArgument",
+    "LockBrokerError",
+    "LockContext",
+    "LockHeld",
+    "LockLost",
+    "LockState",
+    "LockSummary",
+    "NotAcquired",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RequestIdReused",
+    "Session",
+    "SessionKeeper",
+    "SessionLost",
+    "SessionNotFound",
+    "SyncClient",
+    "SyncHeldLock",
+    "SyncSession",
+    "Unauthenticated",
+    "Unavailable",
+    "WaitExpired",
+    "Waiter",
+    "from_rpc_error",
+]

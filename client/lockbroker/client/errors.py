@@ -1,0 +1,340 @@
+"""Exceptions decoded from the broker's rich status (google.rpc.Status in grpc-status-details-bin).
+
+`from_rpc_error` is the only place that reads a gRPC error. Classes are chosen by the
+ErrorInfo reason when the status carries one from the "lockbroker" domain, and by the status
+code otherwise (a proxy, a load balancer or the transport itself can fail a call too, and
+those errors carry no ErrorInfo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, TypeVar, cast
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+
+from lockbroker.client.types import Holder, holder_of, seconds
+from lockbroker.v1 import lock_pb2
+
+if TYPE_CHECKING:
+    from grpc import aio
+
+DOMAIN = "lockbroker"
+_M = TypeVar("_M", bound=Message)
+_DETAILS_KEY = "grpc-status-details-bin"
+
+# Detail types this client knows how to unpack; anything else stays a packed Any in `details`.
+_DETAIL_TYPES: tuple[type[Message], ...] = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.RequestInfo,
+    error_details_pb2.DebugInfo,
+    error_details_pb2.Help,
+    error_details_pb2.LocalizedMessage,
+    lock_pb2.NotAcquired,
+)
+
+
+class LockBrokerError(Exception):
+    """Base of every error this client raises about a call or a lock.
+
+    `reason` is the ErrorInfo reason ("LOCK_HELD", ...) or "" when the status carried none;
+    `details` are the unpacked google.rpc.Status details (ErrorInfo included).
+    """
+
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.details: tuple[Message, ...] = tuple(details)
+
+    def detail(self, kind: type[_M]) -> _M | None:
+        """The first detail of this type, if the status carried one."""
+        for d in self.details:
+            if isinstance(d, kind):
+                return d
+        return None
+
+    def __str__(self) -> str:
+        label = f"{self.code.name}/{self.reason}" if self.reason else self.code.name
+        return f"{label}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.message!r}, reason={self.reason!r})"
+
+
+class NotAcquired(LockBrokerError):
+    """Acquire gave a definite no: the lock is not held by the caller and nothing stays queued."""
+
+    default_code = grpc.StatusCode.ABORTED
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
+        super().__init__(code, message, reason, metadata, details)
+        info = self.detail(lock_pb2.NotAcquired)
+        self.name: str = info.name if info is not None else self.metadata.get("lock", "")
+        self.holder: Holder | None = (
+            holder_of(info.holder) if info is not None and info.HasField("holder") else None
+        )
+        self.waiters: int = info.waiters if info is not None else int(self.metadata.get("waiters", "0"))
+        self.waited: float = seconds(info.waited) if info is not None else 0.0
+
+
+class LockHeld(NotAcquired):
+    """A try-lock (wait = 0) found the lock held; `holder` says by whom."""
+
+
+class WaitExpired(NotAcquired):
+    """The wait ran out before the lock was granted; `holder` says who still held it."""
+
+
+class SessionNotFound(LockBrokerError):
+    """The session is unknown, closed or expired. It is never revived: create a new one."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class SessionLost(LockBrokerError):
+    """The session's lease ended while its Acquire waited in the queue."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyQueued(LockBrokerError):
+    """The session already holds or waits for this lock under another request_id (not reentrant)."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+    @property
+    def existing_request_id(self) -> str:
+        return self.metadata.get("request_id", "")
+
+    @property
+    def existing_fencing_token(self) -> int | None:
+        token = self.metadata.get("fencing_token")
+        return int(token) if token else None
+
+
+class RequestIdReused(LockBrokerError):
+    """A request_id was reused for a different request."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InvalidArgument(LockBrokerError):
+    """The request was malformed; `field_violations` names each bad field."""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
+        super().__init__(code, message, reason, metadata, details)
+        bad = self.detail(error_details_pb2.BadRequest)
+        self.field_violations: list[tuple[str, str]] = (
+            [(v.field, v.description) for v in bad.field_violations] if bad is not None else []
+        )
+
+
+def _retry_after(details: Iterable[Message]) -> float | None:
+    for d in details:
+        if isinstance(d, error_details_pb2.RetryInfo) and d.HasField("retry_delay"):
+            return seconds(d.retry_delay)
+    return None
+
+
+class Unavailable(LockBrokerError):
+    """The broker or its etcd could not answer in time. Retrying (same request_id) is safe.
+
+    `retry_after` is the broker's RetryInfo hint in seconds, or None when the status had none
+    (e.g. the connection itself failed).
+    """
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
+        super().__init__(code, message, reason, metadata, details)
+        self.retry_after: float | None = _retry_after(self.details)
+
+
+class DeadlineExceeded(LockBrokerError):
+    """The call's deadline passed. For Acquire the broker has already removed the queued wait."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDenied(LockBrokerError):
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(LockBrokerError):
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class QuotaExceeded(LockBrokerError):
+    """RESOURCE_EXHAUSTED: `violations` are the QuotaFailure (subject, description) pairs."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
+        super().__init__(code, message, reason, metadata, details)
+        failure = self.detail(error_details_pb2.QuotaFailure)
+        self.violations: list[tuple[str, str]] = (
+            [(v.subject, v.description) for v in failure.violations] if failure is not None else []
+        )
+        self.retry_after: float | None = _retry_after(self.details)
+
+
+class LockLost(LockBrokerError):
+    """Raised by the client itself (no RPC): the lock can no longer be assumed held.
+
+    The session lapsed, was revoked, or was not confirmed alive before its local expiry.
+    Work done under the lock after this point may have overlapped another holder; only the
+    fencing token, checked by the protected resource, makes that safe.
+    """
+
+    default_code = grpc.StatusCode.ABORTED
+
+    def __init__(self, message: str, *, name: str = "", fencing_token: int | None = None) -> None:
+        super().__init__(self.default_code, message, "LOCK_LOST", {"lock": name})
+        self.name = name
+        self.fencing_token = fencing_token
+
+
+_BY_REASON: dict[str, type[LockBrokerError]] = {
+    "LOCK_HELD": LockHeld,
+    "WAIT_EXPIRED": WaitExpired,
+    "SESSION_NOT_FOUND": SessionNotFound,
+    "SESSION_LOST": SessionLost,
+    "ALREADY_QUEUED": AlreadyQueued,
+    "REQUEST_ID_REUSED": RequestIdReused,
+    "INVALID_ARGUMENT": InvalidArgument,
+    "BACKEND_UNAVAILABLE": Unavailable,
+    "SHUTTING_DOWN": Unavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[LockBrokerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceeded,
+}
+
+
+def _unpack(packed: any_pb2.Any) -> Message:
+    for kind in _DETAIL_TYPES:
+        msg = kind()
+        if packed.Unpack(msg):  # False (and msg untouched) when the type does not match
+            return msg
+    return packed
+
+
+def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        trailers = err.trailing_metadata()
+    except AttributeError:  # a bare grpc.RpcError raised by something that is not a call
+        return None
+    # aio.Metadata yields (key, value) tuples; the sync API yields namedtuples of the same shape.
+    pairs = cast(Iterable[tuple[str, str | bytes]], trailers or ())
+    for key, value in pairs:
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except DecodeError:
+                return None
+            return status
+    return None
+
+
+def from_rpc_error(err: aio.AioRpcError | grpc.RpcError) -> LockBrokerError:
+    """Translate a failed call into the LockBrokerError subclass it stands for."""
+    try:
+        code = err.code()
+        text = err.details() or ""
+    except AttributeError:
+        code, text = grpc.StatusCode.UNKNOWN, str(err)
+    details: list[Message] = []
+    reason = ""
+    metadata: dict[str, str] = {}
+    status = _rich_status(err)
+    if status is not None:
+        details = [_unpack(d) for d in status.details]
+        text = text or status.message
+        for d in details:
+            if isinstance(d, error_details_pb2.ErrorInfo) and d.domain == DOMAIN:
+                reason = d.reason
+                metadata = dict(d.metadata)
+                break
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, LockBrokerError)
+    if cls is LockBrokerError and any(isinstance(d, lock_pb2.NotAcquired) for d in details):
+        # An ABORTED Acquire with a reason this client predates is still a definite "no".
+        cls = NotAcquired
+    return cls(code, text, reason, metadata, details)
+
+
+__all__ = [
+    "DOMAIN",
+    "AlreadyQueued",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "LockBrokerError",
+    "LockHeld",
+    "LockLost",
+    "NotAcquired",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RequestIdReused",
+    "SessionLost",
+    "SessionNotFound",
+    "Unauthenticated",
+    "Unavailable",
+    "WaitExpired",
+    "from_rpc_error",
+]

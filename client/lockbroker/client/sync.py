@@ -1,0 +1,299 @@
+"""A blocking facade over the asyncio client, for code without an event loop.
+
+    with SyncClient("127.0.0.1:50051") as client:
+        with client.lock("orders/42", ttl=10, wait=5) as held:
+            write(data, fencing_token=held.fencing_token)
+
+The asyncio Client runs on a private event loop in one daemon thread; each method submits a
+coroutine there and blocks on its result. Keepalives therefore continue while the calling
+thread is busy inside a `with` block. Lost-lock callbacks run on that loop thread: keep them
+short and do not call SyncClient methods from them (that would wait on the loop it blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from lockbroker.client._retry import Backoff
+from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
+from lockbroker.client.errors import LockLost
+from lockbroker.client.types import Grant, LockState, LockSummary, Session
+
+_T = TypeVar("_T")
+
+
+class SyncSession:
+    """A session kept alive by the background loop; see SessionKeeper."""
+
+    def __init__(self, keeper: SessionKeeper) -> None:
+        self._keeper = keeper
+        # threading.Event, not asyncio.Event: this is waited on from ordinary threads.
+        self.lost = threading.Event()
+        keeper.add_lost_callback(lambda _k: self.lost.set())
+
+    @property
+    def session(self) -> Session:
+        return self._keeper.session
+
+    @property
+    def session_id(self) -> str:
+        return self._keeper.session_id
+
+    @property
+    def expires_at(self) -> float:
+        """time.monotonic() instant of the session's last confirmed expiry."""
+        return self._keeper.expires_at
+
+    @property
+    def lost_reason(self) -> str | None:
+        return self._keeper.lost_reason
+
+    @property
+    def alive(self) -> bool:
+        return not self.lost.is_set() and time.monotonic() < self.expires_at
+
+
+class SyncHeldLock:
+    """A lock held inside `with client.lock(...) as held:`; see HeldLock."""
+
+    def __init__(self, held: HeldLock, on_lost: Callable[[SyncHeldLock], object] | None) -> None:
+        self._held = held
+        self.lost = threading.Event()
+        self._on_lost = on_lost
+        held.add_lost_callback(self._lost)
+
+    def _lost(self, _held: HeldLock) -> None:
+        self.lost.set()
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    @property
+    def grant(self) -> Grant:
+        return self._held.grant
+
+    @property
+    def name(self) -> str:
+        return self._held.name
+
+    @property
+    def fencing_token(self) -> int:
+        return self._held.fencing_token
+
+    @property
+    def session_id(self) -> str:
+        return self._held.session_id
+
+    @property
+    def deadline(self) -> float:
+        """time.monotonic() instant after which this process must not believe it holds the lock."""
+        return self._held.deadline
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def lost_reason(self) -> str | None:
+        return self._held.lost_reason
+
+    def check(self) -> None:
+        """Raise LockLost unless the lock can still be assumed held."""
+        # Reads only: the asyncio side belongs to the loop thread and is not touched from here.
+        if self.lost.is_set() or time.monotonic() >= self.deadline:
+            why = self._held.lost_reason or "the session's last confirmed expiry has passed"
+            raise LockLost(f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {why}",
+                           name=self.name, fencing_token=self.fencing_token)
+
+
+class SyncClient:
+    """Blocking client of lockbroker.v1.LockService, with the same methods as `Client`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        default_timeout: float = 30.0,
+        options: Sequence[tuple[str, Any]] | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="lockbroker-client", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+        async def make() -> Client:
+            # grpc.aio channels belong to the loop they are created on.
+            return Client(target, credentials=credentials, api_key=api_key, default_timeout=default_timeout,
+                          options=options, backoff=backoff)
+
+        try:
+            self._client = self._call(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SyncClient methods cannot be called from its own loop thread "
+                               "(e.g. from an on_lost callback)")
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the SyncClient is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            # KeyboardInterrupt in the caller: stop the call rather than leave it running unseen.
+            fut.cancel()
+            raise
+
+    @property
+    def aio(self) -> Client:
+        """The asyncio client underneath (its methods must run on `loop`)."""
+        return self._client
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._call(self._client.close())
+        finally:
+            self._closed = True
+            self._stop_loop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    def create_session(self, ttl: float | None = None, owner: str = "", request_id: str | None = None,
+                       *, timeout: float | None = None) -> Session:
+        return self._call(self._client.create_session(ttl, owner, request_id, timeout=timeout))
+
+    def refresh(self, session_id: str, *, timeout: float | None = None) -> Session:
+        return self._call(self._client.refresh(session_id, timeout=timeout))
+
+    def close_session(self, session_id: str, *, timeout: float | None = None) -> bool:
+        return self._call(self._client.close_session(session_id, timeout=timeout))
+
+    def acquire(
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        ttl: float | None = None,
+        wait: float = 0.0,
+        owner: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Grant:
+        return self._call(self._client.acquire(name, session_id=session_id, ttl=ttl, wait=wait, owner=owner,
+                                               request_id=request_id, timeout=timeout))
+
+    def release(self, name: str, fencing_token: int, *, session_id: str | None = None,
+                request_id: str | None = None, timeout: float | None = None) -> bool:
+        return self._call(self._client.release(name, fencing_token, session_id=session_id,
+                                               request_id=request_id, timeout=timeout))
+
+    def describe(self, name: str, *, timeout: float | None = None) -> LockState:
+        return self._call(self._client.describe(name, timeout=timeout))
+
+    def list_pages(self, prefix: str = "", page_size: int = 100, *,
+                   timeout: float | None = None) -> Iterator[tuple[LockSummary, ...]]:
+        pages = self._client.list_pages(prefix, page_size, timeout=timeout)
+
+        async def next_page() -> tuple[LockSummary, ...] | None:
+            try:
+                return await anext(pages)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (page := self._call(next_page())) is not None:
+                yield page
+        finally:
+            if not self._closed:
+                self._call(pages.aclose())
+
+    def list(self, prefix: str = "", page_size: int = 100, *,
+             timeout: float | None = None) -> Iterator[LockSummary]:
+        for page in self.list_pages(prefix, page_size, timeout=timeout):
+            yield from page
+
+    # -- sessions and locks -----------------------------------------------------------------
+
+    @contextmanager
+    def session(self, ttl: float | None = 10, owner: str = "") -> Iterator[SyncSession]:
+        """`with client.session(ttl) as s:` a session kept alive until the block ends."""
+
+        async def start() -> SyncSession:
+            keeper = self._client.session(ttl, owner)
+            await keeper.start()
+            return SyncSession(keeper)
+
+        s = self._call(start())
+        try:
+            yield s
+        finally:
+            self._call(s._keeper.__aexit__(None, None, None))
+
+    @contextmanager
+    def lock(
+        self,
+        name: str,
+        *,
+        ttl: float | None = 10,
+        wait: float = 5.0,
+        owner: str = "",
+        session: SyncSession | None = None,
+        on_lost: Callable[[SyncHeldLock], object] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[SyncHeldLock]:
+        """`with client.lock(name) as held:`; same contract as Client.lock()."""
+
+        async def enter() -> tuple[LockContext, SyncHeldLock]:
+            ctx = self._client.lock(name, ttl=ttl, wait=wait, owner=owner,
+                                    session=session._keeper if session is not None else None, timeout=timeout)
+            held = await ctx.__aenter__()
+            # Registered on the loop thread, which owns the asyncio side of HeldLock.
+            return ctx, SyncHeldLock(held, on_lost)
+
+        ctx, held = self._call(enter())
+        try:
+            yield held
+        except BaseException as e:
+            self._call(ctx.__aexit__(type(e), e, e.__traceback__))
+            raise
+        self._call(ctx.__aexit__(None, None, None))
+
+
+__all__ = ["SyncClient", "SyncHeldLock", "SyncSession"]

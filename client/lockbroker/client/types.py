@@ -1,0 +1,152 @@
+"""Plain Python values for what the broker returns.
+
+Callers should not have to know protobuf: times are timezone-aware UTC datetimes (server
+clock), durations are float seconds. Message-to-value conversion lives here too, so that
+errors.py and aio.py read the wire format in exactly one way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from lockbroker.v1 import lock_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A session (an etcd lease) as the broker reported it."""
+
+    session_id: str
+    ttl: float
+    # Server clock. Do not compare with the local clock to decide whether the session is
+    # alive; SessionKeeper.expires_at is the local, monotonic answer to that.
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One held lock, as Acquire granted it."""
+
+    name: str
+    fencing_token: int
+    session_id: str
+    expires_at: datetime | None
+    owner: str
+    request_id: str
+    queued_at: datetime | None
+    waited: float = 0.0
+    queue_position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The session holding a lock."""
+
+    owner: str
+    session_id: str
+    fencing_token: int
+    since: datetime | None
+    # Unset in List results: the broker only reads the lease for Describe and NotAcquired.
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """One queued Acquire; position 1 is first in line after the holder."""
+
+    position: int
+    owner: str
+    session_id: str
+    since: datetime | None
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    """Who holds a lock and who waits for it (Describe)."""
+
+    name: str
+    holder: Holder | None
+    waiters: tuple[Waiter, ...]
+
+    @property
+    def held(self) -> bool:
+        return self.holder is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LockSummary:
+    """One held lock in a List page (the wire type is lockbroker.v1.HeldLock).
+
+    Named differently from the wire type because `HeldLock` is the handle that
+    `Client.lock()` yields, which is what most callers touch.
+    """
+
+    name: str
+    holder: Holder
+    waiters: int
+
+
+def seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def duration(value: float) -> duration_pb2.Duration:
+    whole = int(value)
+    return duration_pb2.Duration(seconds=whole, nanos=round((value - whole) * 1e9))
+
+
+def timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
+
+
+def holder_of(msg: lock_pb2.LockHolder) -> Holder:
+    return Holder(
+        owner=msg.owner,
+        session_id=msg.session_id,
+        fencing_token=msg.fencing_token,
+        since=timestamp(msg.since) if msg.HasField("since") else None,
+        expires_at=timestamp(msg.expires_at) if msg.HasField("expires_at") else None,
+    )
+
+
+def grant_of(resp: lock_pb2.AcquireResponse) -> Grant:
+    g = resp.grant
+    return Grant(
+        name=g.name,
+        fencing_token=g.fencing_token,
+        session_id=g.session_id,
+        expires_at=timestamp(g.expires_at) if g.HasField("expires_at") else None,
+        owner=g.owner,
+        request_id=g.request_id,
+        queued_at=timestamp(g.queued_at) if g.HasField("queued_at") else None,
+        waited=seconds(resp.waited),
+        queue_position=resp.queue_position,
+    )
+
+
+def lock_state_of(resp: lock_pb2.DescribeResponse) -> LockState:
+    return LockState(
+        name=resp.name,
+        holder=holder_of(resp.holder) if resp.HasField("holder") else None,
+        waiters=tuple(
+            Waiter(
+                position=w.position,
+                owner=w.owner,
+                session_id=w.session_id,
+                since=timestamp(w.since) if w.HasField("since") else None,
+                waited=seconds(w.waited),
+            )
+            for w in resp.waiters
+        ),
+    )
+
+
+def summary_of(msg: lock_pb2.HeldLock) -> LockSummary:
+    return LockSummary(name=msg.name, holder=holder_of(msg.holder), waiters=msg.waiters)
+
+
+__all__ = ["Grant", "Holder", "LockState", "LockSummary", "Session", "Waiter"]
