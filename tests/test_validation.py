@@ -159,10 +159,8 @@ def _cases() -> list[Any]:
         add(k, Case("Release", _rel(session_id=sid), "session_id"))
         add(k, Case("Refresh", lock_pb2.RefreshRequest(session_id=sid), "session_id"))
         add(k, Case("CloseSession", lock_pb2.CloseSessionRequest(session_id=sid), "session_id"))
-        add(k, Case("KeepAlive", lock_pb2.KeepAliveRequest(session_id=sid), "session_id"))
     add("missing", Case("Refresh", lock_pb2.RefreshRequest(), "session_id"))
     add("missing", Case("CloseSession", lock_pb2.CloseSessionRequest(), "session_id"))
-    add("missing", Case("KeepAlive", lock_pb2.KeepAliveRequest(), "session_id"))
 
     for k, rid in BAD_REQUEST_IDS.items():
         add(k, Case("CreateSession", lock_pb2.CreateSessionRequest(request_id=rid), "request_id"))
@@ -278,3 +276,23 @@ async def test_values_at_the_limits_are_accepted(stub: Any, probe: EtcdProbe, tr
     assert (await stub.List(lock_pb2.ListRequest(prefix="limits/"))).next_page_token == ""
     assert (await stub.List(lock_pb2.ListRequest(prefix="limits/", page_size=1))).next_page_token != ""
     assert len(await probe.keys(LOCKS + "limits/")) == 2
+
+
+async def test_keepalive_answers_a_bad_session_id_without_ending_the_stream(
+    stub: Any, probe: EtcdProbe, track: Tracker
+) -> None:
+    # The stream is shared by every session of a client: one bad id must not end it for the others.
+    good = await track.session()
+    before = await snapshot(probe)
+    stream = stub.KeepAlive()
+    try:
+        for sid in [*BAD_SESSION_IDS.values(), ""]:
+            await stream.write(lock_pb2.KeepAliveRequest(session_id=sid))
+            resp = await stream.read()
+            assert resp.expired and resp.session_id == sid, resp
+        await stream.write(lock_pb2.KeepAliveRequest(session_id=good))
+        resp = await stream.read()
+        assert not resp.expired and resp.ttl.seconds > 0, resp
+    finally:
+        stream.cancel()
+    await assert_untouched(probe, before)

@@ -93,8 +93,8 @@ class LockServiceServicer:
     def KeepAlive(self, request_iterator, context):
         """KeepAlive refreshes sessions over one stream: send a session_id whenever
         it needs refreshing (about every TTL/3), read one response per message.
-        A session that is gone is answered with expired = true; the stream stays
-        open for the others.
+        A session that is gone (or a session_id that never named one) is answered
+        with expired = true; the stream stays open for the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

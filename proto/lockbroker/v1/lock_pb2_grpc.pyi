@@ -65,8 +65,8 @@ class LockServiceStub:
     KeepAlive: _grpc.StreamStreamMultiCallable[_lock_pb2.KeepAliveRequest, _lock_pb2.KeepAliveResponse]
     """KeepAlive refreshes sessions over one stream: send a session_id whenever
     it needs refreshing (about every TTL/3), read one response per message.
-    A session that is gone is answered with expired = true; the stream stays
-    open for the others.
+    A session that is gone (or a session_id that never named one) is answered
+    with expired = true; the stream stays open for the others.
     """
     Refresh: _grpc.UnaryUnaryMultiCallable[_lock_pb2.RefreshRequest, _lock_pb2.RefreshResponse]
     """Refresh is a unary keepalive for grpcurl and simple clients. An expired or
@@ -113,8 +113,8 @@ class LockServiceAsyncStub(LockServiceStub):
     KeepAlive: _aio.StreamStreamMultiCallable[_lock_pb2.KeepAliveRequest, _lock_pb2.KeepAliveResponse]  # type: ignore[assignment]
     """KeepAlive refreshes sessions over one stream: send a session_id whenever
     it needs refreshing (about every TTL/3), read one response per message.
-    A session that is gone is answered with expired = true; the stream stays
-    open for the others.
+    A session that is gone (or a session_id that never named one) is answered
+    with expired = true; the stream stays open for the others.
     """
     Refresh: _aio.UnaryUnaryMultiCallable[_lock_pb2.RefreshRequest, _lock_pb2.RefreshResponse]  # type: ignore[assignment]
     """Refresh is a unary keepalive for grpcurl and simple clients. An expired or
@@ -170,8 +170,8 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_lock_pb2.KeepAliveResponse], _abc.AsyncIterator[_lock_pb2.KeepAliveResponse]]:
         """KeepAlive refreshes sessions over one stream: send a session_id whenever
         it needs refreshing (about every TTL/3), read one response per message.
-        A session that is gone is answered with expired = true; the stream stays
-        open for the others.
+        A session that is gone (or a session_id that never named one) is answered
+        with expired = true; the stream stays open for the others.
         """
 
     @_abc_1.abstractmethod

@@ -16,7 +16,7 @@ from grpc import aio
 from lockbroker.interceptors.tenancy import tenant_of
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
-from lockbroker.server.core.errors import LockBrokerError, SessionNotFound, ShuttingDown
+from lockbroker.server.core.errors import InvalidArgument, LockBrokerError, SessionNotFound, ShuttingDown
 from lockbroker.server.core.names import session_id_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
@@ -141,13 +141,14 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
         tenant = tenant_of(context)
         try:
+            if self.draining:
+                raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
             async for req in request_iterator:
                 _deadline(context)
-                lease = validation.session_id(req.session_id)
                 try:
-                    s = await self.core.refresh(tenant, lease)
-                except SessionNotFound:
-                    # One lost session must not end the stream the others share.
+                    s = await self.core.refresh(tenant, validation.session_id(req.session_id))
+                except (SessionNotFound, InvalidArgument):
+                    # One gone (or never valid) session must not end the stream the others share.
                     yield lock_pb2.KeepAliveResponse(session_id=req.session_id, expired=True)
                     continue
                 ttl_pb, expires = convert.session(s)

@@ -63,7 +63,7 @@ class Position:
     predecessor: Entry | None  # the entry just ahead; None: mine is the holder
     holder: Entry | None
     count: int  # entries in the queue, holder included
-    ahead: int  # entries created before mine
+    ahead: int  # entries created before mine; -1 where not counted (re-reads while waiting)
 
 
 @dataclass(frozen=True, slots=True)

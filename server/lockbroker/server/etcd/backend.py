@@ -185,19 +185,24 @@ class EtcdLockBackend:
 
     async def _adopt(self, prefix: bytes, existing: Entry) -> Position:
         """Take over an entry a previous attempt of the same request made (see enqueue)."""
-        resp = await self.client.txn(
-            pb.TxnRequest(
-                compare=[_created(existing.key, pb.Compare.EQUAL, existing.create_revision)],
-                success=[
-                    pb.RequestOp(
-                        request_put=pb.PutRequest(key=existing.key, value=existing.value.encode(), lease=existing.lease)
-                    ),
-                    *self._position_ops(prefix, existing.key, existing.create_revision),
-                ],
-                failure=self._position_ops(prefix, existing.key, existing.create_revision),
+        rev = existing.create_revision
+        # etcd's `count` ignores create-revision filters, so the entries ahead are counted by
+        # listing their keys; only a retry pays for this.
+        ahead = pb.RequestOp(
+            request_range=pb.RangeRequest(
+                key=prefix, range_end=prefix_end(prefix), keys_only=True, max_create_revision=rev - 1
             )
         )
-        return self._read_position(resp, existing.create_revision, skip=1 if resp.succeeded else 0)
+        reads = [*self._position_ops(prefix, existing.key, rev), ahead]
+        put = pb.RequestOp(
+            request_put=pb.PutRequest(key=existing.key, value=existing.value.encode(), lease=existing.lease)
+        )
+        resp = await self.client.txn(
+            pb.TxnRequest(compare=[_created(existing.key, pb.Compare.EQUAL, rev)], success=[put, *reads], failure=reads)
+        )
+        return self._read_position(
+            resp, rev, skip=1 if resp.succeeded else 0, ahead=len(resp.responses[-1].response_range.kvs)
+        )
 
     async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
         resp = await self.client.txn(
@@ -206,12 +211,12 @@ class EtcdLockBackend:
         return self._read_position(resp, create_revision)
 
     @staticmethod
-    def _read_position(resp: pb.TxnResponse, create_revision: int, skip: int = 0) -> Position:
-        mine_r, pred_r, holder_r = (r.response_range for r in resp.responses[skip:])
+    def _read_position(resp: pb.TxnResponse, create_revision: int, skip: int = 0, ahead: int = -1) -> Position:
+        mine_r, pred_r, holder_r = (r.response_range for r in resp.responses[skip : skip + 3])
         mine = _first(mine_r)
         if mine is not None and mine.create_revision != create_revision:
             mine = None  # a newer entry of the same session: ours is gone
-        return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, pred_r.count)
+        return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, ahead)
 
     async def wait_deleted(self, key: bytes, after_revision: int) -> None:
         await self.watches.wait_deleted(key, after_revision)
