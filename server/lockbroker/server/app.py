@@ -14,11 +14,16 @@ import os
 import signal
 from pathlib import Path
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from lockbroker.interceptors import tenants, tls
+from lockbroker.interceptors.identity import IdentityInterceptor
+from lockbroker.interceptors.tenants import TenantsFileError
+from lockbroker.interceptors.tls import TlsFileError
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
@@ -73,6 +78,7 @@ class Broker:
         self.health = health_aio.HealthServicer()
         self.server: aio.Server | None = None
         self.port = 0
+        self.identity: IdentityInterceptor | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
 
@@ -82,12 +88,7 @@ class Broker:
 
     async def start(self) -> None:
         cfg = self.config
-        if not is_loopback(cfg.server.listen) and not cfg.server.insecure_remote:
-            raise ConfigError(
-                f"refusing to listen on {cfg.server.listen} without authentication: anyone who can reach "
-                "it could take and release every lock. Listen on 127.0.0.1 or ::1, configure "
-                "authentication, or pass --insecure-remote if the network itself is trusted."
-            )
+        self.identity, credentials = self._security()
         etcd_cfg = cfg.etcd
         if not etcd_cfg.endpoints:
             state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
@@ -110,7 +111,10 @@ class Broker:
             self.server,
         )
         try:
-            self.port = self.server.add_insecure_port(cfg.server.listen)
+            if credentials is not None:
+                self.port = self.server.add_secure_port(cfg.server.listen, credentials)
+            else:
+                self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
         await self._probe()  # health is right from the first check
@@ -121,8 +125,46 @@ class Broker:
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
 
+    def _security(self) -> tuple[IdentityInterceptor | None, grpc.ServerCredentials | None]:
+        """Who may call, and over what; refuses setups that would expose locks or keys."""
+        cfg = self.config
+        registry = None
+        if cfg.auth.tenants_file:
+            try:
+                registry = tenants.load(cfg.auth.tenants_file)
+            except TenantsFileError as e:
+                raise ConfigError(str(e)) from None
+            if len(registry) == 0:
+                log.warning("the tenants file lists no tenants: authentication is off")
+        identity = IdentityInterceptor.from_registry(registry)
+        credentials = None
+        if cfg.tls.cert_file and cfg.tls.key_file:
+            try:
+                credentials = tls.server_credentials(
+                    cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.client_ca_file, cfg.tls.client_ca_file is not None
+                )
+            except TlsFileError as e:
+                raise ConfigError(str(e)) from None
+        if not is_loopback(cfg.server.listen) and not cfg.server.insecure_remote:
+            if identity is None:
+                raise ConfigError(
+                    f"refusing to listen on {cfg.server.listen} without authentication: anyone who can reach "
+                    "it could take and release every lock. Listen on 127.0.0.1 or ::1, configure "
+                    "--auth-tenants-file, or pass --insecure-remote if the network itself is trusted."
+                )
+            if credentials is None:
+                raise ConfigError(
+                    f"refusing to listen on {cfg.server.listen} without TLS: API keys would cross the network "
+                    "in clear. Configure --tls-cert-file and --tls-key-file, or pass --insecure-remote."
+                )
+        return identity, credentials
+
     def _interceptors(self) -> list[aio.ServerInterceptor]:
-        return []
+        """The chain, outermost first. Identity runs before anything that needs the tenant."""
+        chain: list[aio.ServerInterceptor] = []
+        if self.identity is not None:
+            chain.append(self.identity)
+        return chain
 
     async def _probe(self) -> None:
         assert self.backend is not None

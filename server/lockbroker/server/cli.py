@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lockbroker.interceptors import tenants
 from lockbroker.server import config, logs
 from lockbroker.server.app import Broker
 from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError
@@ -34,6 +35,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tenants(args: argparse.Namespace) -> int:
+    path = args.file or os.environ.get("LOCKBROKER_AUTH_TENANTS_FILE")
+    if not path:
+        print("lockbroker: name the tenants file with --file or LOCKBROKER_AUTH_TENANTS_FILE", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.action in ("add", "add-key"):
+            if args.action == "add":
+                key = tenants.add_tenant(path, args.name, admin=args.admin)
+            else:
+                key = tenants.add_key(path, args.name)
+            parsed = tenants.parse_key(key)
+            key_id = parsed[0] if parsed else "?"
+            # The key goes alone to stdout (KEY=$(lockbroker tenants add acme)); it is never stored.
+            print(key)
+            print(f"tenant {args.name}: new API key {key_id}; it is shown only this once", file=sys.stderr)
+        elif args.action == "remove-key":
+            owner = tenants.remove_key(path, args.key_id)
+            print(
+                f"removed key {args.key_id} of tenant {owner}; running brokers accept it until restarted",
+                file=sys.stderr,
+            )
+        else:
+            tenants.add_mtls_identity(path, args.name, args.identity)
+            print(f"tenant {args.name}: certificate identity {args.identity} added", file=sys.stderr)
+    except tenants.TenantsFileError as e:
+        print(f"lockbroker: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockbroker", description="Fair, fenced distributed locks over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    ten = sub.add_parser("tenants", help="manage the tenants file (API keys, mTLS identities)")
+    ten_sub = ten.add_subparsers(dest="action", required=True)
+    file_help = "tenants file (default: $LOCKBROKER_AUTH_TENANTS_FILE)"
+    add = ten_sub.add_parser("add", help="add a tenant and print its first API key (shown once)")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may act across tenants")
+    add_key = ten_sub.add_parser("add-key", help="add another API key to a tenant (for rotation)")
+    add_key.add_argument("name")
+    remove = ten_sub.add_parser("remove-key", help="remove an API key by its id")
+    remove.add_argument("key_id")
+    ident = ten_sub.add_parser("add-identity", help="map a client certificate (SPIFFE ID or CN=...) to a tenant")
+    ident.add_argument("name")
+    ident.add_argument("identity")
+    for p in (add, add_key, remove, ident):
+        p.add_argument("--file", help=file_help)
+        p.set_defaults(func=_tenants)
     return parser
 
 

@@ -76,11 +76,39 @@ class LockLimits:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    tenants_file: str | None = field(
+        default=None,
+        metadata={"help": "tenants file (API key hashes, mTLS identities); unset: no authentication, loopback only"},
+    )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str | None = field(default=None, metadata={"help": "server certificate (PEM); enables TLS"})
+    key_file: str | None = field(default=None, metadata={"help": "server private key (PEM)"})
+    # grpcio either requires and verifies a client certificate or never asks for one; there is no
+    # "verify if offered". So a client CA means every client presents a certificate.
+    client_ca_file: str | None = field(
+        default=None,
+        metadata={"help": "CA that signs client certificates: every client must then present one (mTLS)"},
+    )
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("tls: cert_file and key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ConfigError("tls: client_ca_file needs cert_file and key_file")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     limits: LockLimits = field(default_factory=LockLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -88,6 +116,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "etcd": EtcdConfig,
     "embedded": EmbeddedConfig,
     "limits": LockLimits,
+    "auth": AuthConfig,
+    "tls": TlsConfig,
 }
 
 

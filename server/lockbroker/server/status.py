@@ -6,11 +6,10 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from lockbroker.interceptors.rpcstatus import DOMAIN
 from lockbroker.server import convert
 from lockbroker.server.core import errors as e
 from lockbroker.v1 import lock_pb2
-
-DOMAIN = "lockbroker"
 
 _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
