@@ -12,7 +12,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lockbroker.interceptors import tenants
-from lockbroker.interceptors.rpcstatus import reason_of
+from lockbroker.interceptors.rpcstatus import error_reason
 from lockbroker.server.app import Broker
 from lockbroker.server.config import AuthConfig, ConfigError, ServerConfig
 from lockbroker.server.embedded import EmbeddedEtcd
@@ -79,7 +79,7 @@ async def test_missing_or_wrong_key_is_unauthenticated_and_health_is_open(
             with pytest.raises(aio.AioRpcError) as ei:
                 await stub.CreateSession(lock_pb2.CreateSessionRequest(), metadata=md)
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert reason_of(ei.value.trailing_metadata()) == "UNAUTHENTICATED"
+            assert error_reason(ei.value.trailing_metadata()) == "UNAUTHENTICATED"
             assert "acme" not in (ei.value.details() or "")
         health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING

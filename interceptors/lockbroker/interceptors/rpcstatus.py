@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, message
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "lockbroker"
@@ -40,22 +41,48 @@ def trailers(
     return ((DETAILS_KEY, status.SerializeToString()),)
 
 
-def status_of(metadata: Iterable[Any] | None) -> status_pb2.Status | None:
-    """The google.rpc.Status in trailing metadata, if any."""
+def _metadata_items(metadata: Iterable[Any] | None) -> list[tuple[str, str | bytes]]:
+    # Servers hand out tuples of pairs or of _Metadatum; clients an aio.Metadata of pairs.
+    items: list[tuple[str, str | bytes]] = []
     for item in metadata or ():
-        key, value = item[0], item[1]
+        key, value = (item.key, item.value) if hasattr(item, "key") else item
+        items.append((str(key), value))
+    return items
+
+
+def rich_status(trailing_metadata: Iterable[Any] | None) -> status_pb2.Status | None:
+    """The google.rpc.Status a server put in `grpc-status-details-bin`, if any and if parseable."""
+    for key, value in _metadata_items(trailing_metadata):
         if key == DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status()
-            status.ParseFromString(value)
+            try:
+                status.ParseFromString(value)
+            except DecodeError:
+                return None
             return status
     return None
 
 
-def reason_of(metadata: Iterable[Any] | None) -> str | None:
-    """The ErrorInfo reason in trailing metadata (our domain only), if any."""
-    status = status_of(metadata)
+def error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo of our domain in a status, if any."""
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info) and info.domain == DOMAIN:
-            return info.reason
+        if detail.Unpack(info) and info.domain == DOMAIN:  # Unpack is False for other detail types
+            return info
+    return None
+
+
+def error_reason(trailing_metadata: Iterable[Any] | None) -> str | None:
+    """The ErrorInfo reason from trailing metadata (e.g. BACKEND_UNAVAILABLE), or None."""
+    info = error_info(rich_status(trailing_metadata))
+    return info.reason if info is not None else None
+
+
+def retry_delay(trailing_metadata: Iterable[Any] | None) -> float | None:
+    """Seconds the server asked the caller to wait (google.rpc.RetryInfo), or None."""
+    status = rich_status(trailing_metadata)
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToTimedelta().total_seconds()
     return None

@@ -21,9 +21,18 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from lockbroker.interceptors import tenants, tls
+from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.identity import IdentityInterceptor
+from lockbroker.interceptors.retry import ServerRetryInterceptor
 from lockbroker.interceptors.tenants import TenantsFileError
 from lockbroker.interceptors.tls import TlsFileError
+from lockbroker.interceptors.tracing import (
+    DISABLED,
+    LockSpanInterceptor,
+    Tracing,
+    TracingConfigError,
+    configure_tracing,
+)
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
@@ -68,8 +77,13 @@ def default_state_dir() -> Path:
 
 
 class Broker:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tracing: Tracing | None = None) -> None:
+        """`tracing`: use this instead of what the OTEL_* environment asks for (tests)."""
         self.config = config
+        self._own_tracing = tracing is None
+        self.tracing = tracing or DISABLED
+        self.audit_log: AuditLog | None = None
+        self.audit: AuditInterceptor | None = None
         self.embedded: EmbeddedEtcd | None = None
         self.client: EtcdClient | None = None
         self.backend: EtcdLockBackend | None = None
@@ -89,6 +103,21 @@ class Broker:
     async def start(self) -> None:
         cfg = self.config
         self.identity, credentials = self._security()
+        if self._own_tracing:
+            try:
+                self.tracing = configure_tracing(os.environ)
+            except TracingConfigError as e:
+                raise ConfigError(str(e)) from None
+        if cfg.audit.enabled:
+            self.audit_log = audit_log(
+                stdout=cfg.audit.stdout,
+                path=cfg.audit.file,
+                fsync=cfg.audit.fsync,  # type: ignore[arg-type]  # validated by AuditConfig
+                fsync_interval=cfg.audit.fsync_interval,
+            )
+            if not await self.audit_log.ready():
+                raise ConfigError(f"the audit log cannot be written ({cfg.audit.file or 'stdout'})")
+            self.audit = AuditInterceptor(self.audit_log, fail_open=cfg.audit.fail_open)
         etcd_cfg = cfg.etcd
         if not etcd_cfg.endpoints:
             state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
@@ -97,7 +126,8 @@ class Broker:
             etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
             log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
         self.client_config = etcd_cfg
-        self.client = EtcdClient(etcd_cfg)
+        # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
+        self.client = EtcdClient(etcd_cfg, interceptors=self.tracing.client_interceptors)
         self.backend = EtcdLockBackend(self.client)
         self.core = LockCore(self.backend, etcd_cfg.key_root)
         self.core.attach_loop()
@@ -138,6 +168,10 @@ class Broker:
                 log.warning("the tenants file lists no tenants: authentication is off")
         identity = IdentityInterceptor.from_registry(registry)
         credentials = None
+        if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
+            raise ConfigError("tls: --tls-cert-file and --tls-key-file go together")
+        if cfg.tls.client_ca_file is not None and cfg.tls.cert_file is None:
+            raise ConfigError("tls: --tls-client-ca-file needs --tls-cert-file and --tls-key-file")
         if cfg.tls.cert_file and cfg.tls.key_file:
             try:
                 credentials = tls.server_credentials(
@@ -160,10 +194,26 @@ class Broker:
         return identity, credentials
 
     def _interceptors(self) -> list[aio.ServerInterceptor]:
-        """The chain, outermost first. Identity runs before anything that needs the tenant."""
-        chain: list[aio.ServerInterceptor] = []
+        """The chain, outermost first.
+
+        tracing   first, so every other layer (and each etcd call) is inside the server span;
+        audit     next, so rejections by identity, quota or retry exhaustion are recorded too;
+        identity  then the tenant is known; audit.capture() hands it to the audit record;
+        lock span attributes from the request and the grant, once the tenant is known;
+        retry     innermost, around the handler alone, so a retry re-runs only the handler and
+                  is audited and traced as one call with N attempts.
+        """
+        chain: list[aio.ServerInterceptor] = [*self.tracing.server_interceptors()]
+        if self.audit is not None:
+            chain.append(self.audit)
         if self.identity is not None:
             chain.append(self.identity)
+        if self.audit is not None:
+            chain.append(self.audit.capture())
+        if self.tracing.enabled:
+            chain.append(LockSpanInterceptor())
+        if self.config.retry.max_attempts > 1:
+            chain.append(ServerRetryInterceptor(max_attempts=self.config.retry.max_attempts))
         return chain
 
     async def _probe(self) -> None:
@@ -208,10 +258,14 @@ class Broker:
             await self.server.stop(grace)
         if self.core is not None:
             await self.core.drain_cleanups()
+        if self.audit_log is not None:
+            await self.audit_log.close()
         if self.backend is not None:
             await self.backend.close()
         if self.client is not None:
             await self.client.close()
+        if self._own_tracing:
+            self.tracing.shutdown()
         if self.embedded is not None:
             await self.embedded.stop()
 

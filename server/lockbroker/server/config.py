@@ -94,11 +94,35 @@ class TlsConfig:
         metadata={"help": "CA that signs client certificates: every client must then present one (mTLS)"},
     )
 
+
+@dataclass(frozen=True)
+class AuditConfig:
+    stdout: bool = field(default=False, metadata={"help": "write one JSON line per RPC to stdout"})
+    file: str | None = field(default=None, metadata={"help": "append one JSON line per RPC to this file"})
+    fsync: str = field(default="always", metadata={"help": "when to fsync the file: always, interval or never"})
+    fsync_interval: float = field(default=1.0, metadata={"help": "seconds between fsyncs with fsync=interval"})
+    fail_open: bool = field(
+        default=False, metadata={"help": "serve mutating calls even when the audit log cannot be written"}
+    )
+
     def __post_init__(self) -> None:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("tls: cert_file and key_file go together")
-        if self.client_ca_file is not None and self.cert_file is None:
-            raise ConfigError("tls: client_ca_file needs cert_file and key_file")
+        if self.fsync not in ("always", "interval", "never"):
+            raise ConfigError("audit: fsync must be always, interval or never")
+
+    @property
+    def enabled(self) -> bool:
+        return self.stdout or self.file is not None
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = field(
+        default=3, metadata={"help": "attempts of an idempotent call on a transient etcd error (1: no retry)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("retry: max_attempts must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,8 @@ class Config:
     limits: LockLimits = field(default_factory=LockLimits)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -118,6 +144,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LockLimits,
     "auth": AuthConfig,
     "tls": TlsConfig,
+    "audit": AuditConfig,
+    "retry": RetryConfig,
 }
 
 

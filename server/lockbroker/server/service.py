@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpc import aio
 
+from lockbroker.interceptors.retry import DeferredAbort, abort_or_defer
 from lockbroker.interceptors.tenancy import tenant_of
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
@@ -53,8 +54,9 @@ def rpc(
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
             return await handler(self, request, context)
         except LockBrokerError as exc:
-            await context.abort(*status.to_status(exc))
-        except (aio.AbortError, asyncio.CancelledError):
+            # Under the retry interceptor this raises instead of aborting, so the call can run again.
+            await abort_or_defer(context, *status.to_status(exc))
+        except (aio.AbortError, asyncio.CancelledError, DeferredAbort):
             raise
         except Exception:
             incident = uuid.uuid4().hex[:12]

@@ -1,0 +1,484 @@
+"""The audit interceptor on real grpc.aio servers (127.0.0.1): one record per RPC, whatever happened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import stat
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from lockbroker.interceptors.audit import (
+    AUDIT_UNAVAILABLE,
+    DEFAULT_PROCESSORS,
+    SCHEMA,
+    AuditInterceptor,
+    AuditLog,
+    FileSink,
+    Record,
+    add_fields,
+    redact_secrets,
+)
+from lockbroker.interceptors.base import Context
+from lockbroker.interceptors.identity import IdentityInterceptor
+from lockbroker.interceptors.tenants import add_tenant, load
+from lockbroker.server import status
+from lockbroker.server.core.errors import FieldViolation, InvalidArgument, Unavailable
+from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+
+LOCK = "/lockbroker.v1.LockService/"
+
+
+class MemorySink:
+    """A sink the test controls: it can refuse readiness or fail writes."""
+
+    def __init__(self, *, ready: bool = True, fail: bool = False) -> None:
+        self.name = "memory"
+        self.lines: list[bytes] = []
+        self.is_ready = ready
+        self.fail = fail
+
+    async def write(self, lines: Sequence[bytes]) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.lines.extend(lines)
+
+    async def ready(self) -> bool:
+        return self.is_ready
+
+    async def close(self) -> None:
+        pass
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+
+class Scripted(lock_pb2_grpc.LockServiceServicer):
+    """A LockService whose Acquire does what the request's `owner` says."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def Acquire(self, request: lock_pb2.AcquireRequest, context: Context) -> lock_pb2.AcquireResponse:
+        self._count("Acquire")
+        mode = request.owner
+        if mode == "invalid":
+            await context.abort(*status.to_status(InvalidArgument([FieldViolation("name", "must not be empty")])))
+        if mode == "unavailable":
+            await context.abort(*status.to_status(Unavailable("etcd did not answer")))
+        if mode == "slow":
+            await asyncio.sleep(30)
+        if mode == "boom":
+            raise RuntimeError("kaboom: internal detail")
+        if mode == "echo-key":
+            key = dict(context.invocation_metadata() or ()).get("x-api-key", "")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a careless handler echoing {key!s}")
+        return lock_pb2.AcquireResponse(
+            grant=lock_pb2.Grant(
+                name=request.name, fencing_token=42, session_id=request.session_id, request_id=request.request_id
+            ),
+            waited=duration_pb2.Duration(seconds=1, nanos=500_000_000),
+            queue_position=2,
+        )
+
+    async def Release(self, request: lock_pb2.ReleaseRequest, context: Context) -> lock_pb2.ReleaseResponse:
+        self._count("Release")
+        return lock_pb2.ReleaseResponse(released=True)
+
+    async def CreateSession(
+        self, request: lock_pb2.CreateSessionRequest, context: Context
+    ) -> lock_pb2.CreateSessionResponse:
+        self._count("CreateSession")
+        return lock_pb2.CreateSessionResponse(session_id="s-new")
+
+    async def Describe(self, request: lock_pb2.DescribeRequest, context: Context) -> lock_pb2.DescribeResponse:
+        self._count("Describe")
+        return lock_pb2.DescribeResponse(name=request.name)
+
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Context
+    ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
+        self._count("KeepAlive")
+        async for req in request_iterator:
+            yield lock_pb2.KeepAliveResponse(session_id=req.session_id)
+
+
+@dataclass
+class Server:
+    port: int
+    servicer: Scripted
+    key: str = ""
+    extra: list[Any] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def serving(interceptors: Sequence[aio.ServerInterceptor], key: str = "") -> AsyncIterator[Server]:
+    server = aio.server(interceptors=list(interceptors))
+    # The generated stubs mark every servicer method abstract; the runtime base answers UNIMPLEMENTED.
+    servicer = Scripted()  # type: ignore[abstract]
+    lock_pb2_grpc.add_LockServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield Server(port, servicer, key)
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def api_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdentityInterceptor]:
+    path = tmp_path_factory.mktemp("audit-tenants") / "tenants.toml"
+    key = add_tenant(path, "acme")
+    identity = IdentityInterceptor.from_registry(load(path))
+    assert identity is not None
+    return key, identity
+
+
+def chain(audit: AuditInterceptor, identity: IdentityInterceptor) -> list[aio.ServerInterceptor]:
+    return [audit, identity, audit.capture()]
+
+
+def stub(channel: aio.Channel) -> lock_pb2_grpc.LockServiceAsyncStub:
+    return lock_pb2_grpc.LockServiceStub(channel)
+
+
+def rich(err: aio.AioRpcError) -> tuple[str, float | None]:
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert isinstance(raw, bytes)
+    st = status_pb2.Status.FromString(raw)
+    reason, delay = "", None
+    for d in st.details:
+        info = error_details_pb2.ErrorInfo()
+        retry = error_details_pb2.RetryInfo()
+        if d.Unpack(info):
+            reason = info.reason
+        elif d.Unpack(retry):
+            delay = retry.retry_delay.ToTimedelta().total_seconds()
+    return reason, delay
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def outcome_of(coro: Any) -> grpc.StatusCode:
+    try:
+        await coro
+    except aio.AioRpcError as e:
+        return e.code()
+    except asyncio.CancelledError:  # awaiting a call this side cancelled
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.OK
+
+
+async def test_exactly_one_record_per_rpc_whatever_the_outcome(
+    api_key: tuple[str, IdentityInterceptor], tmp_path: Path
+):
+    key, identity = api_key
+    memory = MemorySink()
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog([memory, FileSink(path, fsync="always")])
+    audit = AuditInterceptor(log)
+    md = (("x-api-key", key),)
+    async with serving(chain(audit, identity)) as srv, aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        s = stub(ch)
+
+        def acquire(owner: str, **kw: Any) -> Any:
+            req = lock_pb2.AcquireRequest(name="jobs/nightly", session_id="s-1", owner=owner, request_id=f"r-{owner}")
+            return s.Acquire(req, metadata=md, **kw)
+
+        codes = [
+            await outcome_of(acquire("ok")),
+            await outcome_of(acquire("invalid")),
+            await outcome_of(acquire("unavailable")),
+            await outcome_of(acquire("boom")),
+            await outcome_of(acquire("echo-key")),
+            await outcome_of(acquire("slow", timeout=0.3)),
+            await outcome_of(s.Release(lock_pb2.ReleaseRequest(name="jobs/nightly", fencing_token=7), metadata=md)),
+            await outcome_of(s.Describe(lock_pb2.DescribeRequest(name="jobs/nightly"))),  # no key
+        ]
+        cancelled = acquire("slow")
+        await until(lambda: srv.servicer.calls.get("Acquire", 0) == 7)
+        cancelled.cancel()
+        codes.append(await outcome_of(cancelled))
+
+        async def beats() -> AsyncIterator[lock_pb2.KeepAliveRequest]:
+            for _ in range(3):
+                yield lock_pb2.KeepAliveRequest(session_id="s-1")
+
+        replies = [r async for r in s.KeepAlive(beats(), metadata=md)]
+        assert len(replies) == 3
+        codes.append(grpc.StatusCode.OK)
+        unknown: aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary("/lockbroker.v1.LockService/Steal")
+        codes.append(await outcome_of(unknown(b"", metadata=md)))
+        # Health checks are not lock operations: not recorded (include_open_services=False).
+        health = health_pb2_grpc.HealthStub(ch)
+        await health.Check(health_pb2.HealthCheckRequest())
+
+        n = len(codes)
+        await until(lambda: len(memory.lines) >= n)
+        await asyncio.sleep(0.3)  # nothing else may trickle in
+    await log.close()
+
+    assert codes == [
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ]
+    records = memory.records()
+    assert len(records) == n
+    # The file holds exactly the same lines, each a complete JSON document.
+    assert path.read_bytes() == b"".join(memory.lines)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    by_owner = {r["requestId"]: r for r in records if r["requestId"]}
+    ok = by_owner["r-ok"]
+    key_id = key.split("_")[1]
+    assert ok == {
+        "schema": SCHEMA,
+        "time": ok["time"],
+        "auditId": ok["auditId"],
+        "tenant": "acme",
+        "principal": {"kind": "api-key", "id": key_id},
+        "sourceAddress": ok["sourceAddress"],
+        "userAgent": ok["userAgent"],
+        "method": LOCK + "Acquire",
+        "lock": "jobs/nightly",
+        "session": "s-1",
+        "fencingToken": "42",
+        "requestId": "r-ok",
+        "outcome": {"code": "OK", "reason": None, "message": None},
+        "durationMs": ok["durationMs"],
+        "retryAttempts": 0,
+        "traceId": None,
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ok["time"])
+    assert datetime.fromisoformat(ok["time"]).utcoffset() is not None
+    assert ok["sourceAddress"].startswith("ipv4:127.0.0.1:")
+    assert "grpc-python" in ok["userAgent"]
+    assert ok["durationMs"] >= 0
+    assert len({r["auditId"] for r in records}) == n
+
+    assert by_owner["r-invalid"]["outcome"]["code"] == "INVALID_ARGUMENT"
+    assert by_owner["r-invalid"]["outcome"]["reason"] == "INVALID_ARGUMENT"
+    assert by_owner["r-invalid"]["fencingToken"] is None
+    assert by_owner["r-unavailable"]["outcome"] == {
+        "code": "UNAVAILABLE",
+        "reason": "BACKEND_UNAVAILABLE",
+        "message": "etcd did not answer",
+    }
+    # An unhandled exception: grpc answers UNKNOWN; the record names the type, never the text.
+    assert by_owner["r-boom"]["outcome"] == {"code": "UNKNOWN", "reason": None, "message": "unhandled RuntimeError"}
+    assert by_owner["r-slow"]["outcome"]["code"] in {"DEADLINE_EXCEEDED", "CANCELLED"}
+    slow = [r for r in records if r["requestId"] == "r-slow"]
+    assert sorted(r["outcome"]["code"] for r in slow) == ["CANCELLED", "DEADLINE_EXCEEDED"]
+
+    release = next(r for r in records if r["method"] == LOCK + "Release")
+    assert (release["fencingToken"], release["lock"], release["outcome"]["code"]) == ("7", "jobs/nightly", "OK")
+
+    unauth = next(r for r in records if r["method"] == LOCK + "Describe")
+    assert unauth["outcome"]["code"] == "UNAUTHENTICATED"
+    assert (unauth["principal"], unauth["tenant"]) == (None, None)  # never blamed on the default tenant
+
+    keepalive = next(r for r in records if r["method"] == LOCK + "KeepAlive")
+    assert keepalive["stream"] == {"received": 3, "sent": 3, "sessions": ["s-1"]}
+    assert (keepalive["session"], keepalive["outcome"]["code"], keepalive["tenant"]) == ("s-1", "OK", "acme")
+
+    steal = next(r for r in records if r["method"] == LOCK + "Steal")
+    assert steal["outcome"]["code"] == "UNIMPLEMENTED"
+    assert (steal["principal"], steal["tenant"]) == (None, None)  # no identity check ran for it
+
+    # No credential anywhere: not the key, not its secret part, even when a handler echoed it.
+    text = path.read_text()
+    assert key not in text
+    assert key.split("_")[-1] not in text
+    assert "[REDACTED]" in by_owner["r-echo-key"]["outcome"]["message"]
+    assert "kaboom" not in text
+
+
+async def test_records_are_processed_by_the_pipeline(api_key: tuple[str, IdentityInterceptor]):
+    key, identity = api_key
+    memory = MemorySink()
+
+    def drop_user_agent(record: Record) -> Record:
+        return {k: v for k, v in record.items() if k != "userAgent"}
+
+    log = AuditLog([memory], [redact_secrets, add_fields(cluster="eu-1"), drop_user_agent])
+    async with (
+        serving(chain(AuditInterceptor(log), identity)) as srv,
+        aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch,
+    ):
+        await stub(ch).Describe(lock_pb2.DescribeRequest(name="a"), metadata=(("x-api-key", key),))
+    (record,) = memory.records()
+    assert record["cluster"] == "eu-1"
+    assert "userAgent" not in record
+    assert not any(k.startswith("_") for k in record)
+    await log.close()
+
+
+# --- when the audit log cannot be written ---------------------------------------------------------
+
+
+async def _acquire(port: int, key: str, owner: str = "ok") -> Any:
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        req = lock_pb2.AcquireRequest(name="a", session_id="s-1", owner=owner, request_id="r-1")
+        return await stub(ch).Acquire(req, metadata=(("x-api-key", key),), timeout=10)
+
+
+async def test_mutating_call_fails_unavailable_when_the_record_cannot_be_written(
+    api_key: tuple[str, IdentityInterceptor],
+):
+    key, identity = api_key
+    sink = MemorySink(fail=True)  # ready, but every write fails: the grant was made, the record not
+    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity)) as srv:
+        with pytest.raises(aio.AioRpcError) as err:
+            await _acquire(srv.port, key)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert rich(err.value) == (AUDIT_UNAVAILABLE, 1.0)
+        assert srv.servicer.calls["Acquire"] == 1
+        # Reads are answered: nobody has to trust a Describe to be in the log.
+        async with aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            resp = await stub(ch).Describe(lock_pb2.DescribeRequest(name="a"), metadata=(("x-api-key", key),))
+        assert resp.name == "a"
+
+
+async def test_unhealthy_sink_refuses_mutating_calls_before_the_handler_runs(
+    api_key: tuple[str, IdentityInterceptor],
+):
+    key, identity = api_key
+    sink = MemorySink(ready=False)
+    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity)) as srv:
+        with pytest.raises(aio.AioRpcError) as err:
+            await _acquire(srv.port, key)
+        assert (err.value.code(), rich(err.value)[0]) == (grpc.StatusCode.UNAVAILABLE, AUDIT_UNAVAILABLE)
+        assert "Acquire" not in srv.servicer.calls  # refused early: no grant exists
+
+        async def beat() -> AsyncIterator[lock_pb2.KeepAliveRequest]:
+            yield lock_pb2.KeepAliveRequest(session_id="s-1")
+
+        async with aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            with pytest.raises(aio.AioRpcError) as err:
+                _ = [r async for r in stub(ch).KeepAlive(beat(), metadata=(("x-api-key", key),))]
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "KeepAlive" not in srv.servicer.calls
+        # The refusals themselves are recorded when the sink can still take them.
+        assert [r["outcome"]["reason"] for r in sink.records()] == [AUDIT_UNAVAILABLE] * 2
+
+
+async def test_a_lost_record_goes_to_the_process_log_redacted(
+    api_key: tuple[str, IdentityInterceptor], caplog: pytest.LogCaptureFixture
+):
+    key, identity = api_key
+    async with serving(chain(AuditInterceptor(AuditLog([MemorySink(fail=True)])), identity)) as srv:
+        with pytest.raises(aio.AioRpcError) as err:
+            await _acquire(srv.port, key, owner="echo-key")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # already sent: it stands
+    (lost,) = [r for r in caplog.records if r.name == "lockbroker.audit" and "not written" in r.getMessage()]
+    assert "[REDACTED]" in lost.getMessage()
+    assert key not in caplog.text
+
+
+def test_long_messages_are_cut_after_redaction():
+    secret = "s3cr3t-" * 3
+    record: Record = {"outcome": {"message": "x" * 1020 + secret}, "_secrets": [secret]}
+    for process in DEFAULT_PROCESSORS:
+        record = process(record)
+    assert record["outcome"]["message"] == "x" * 1020 + "[RED…"
+    assert "_secrets" not in record
+
+
+async def test_fail_open_answers_despite_a_failing_sink(api_key: tuple[str, IdentityInterceptor]):
+    key, identity = api_key
+    sink = MemorySink(ready=False, fail=True)
+    async with serving(chain(AuditInterceptor(AuditLog([sink]), fail_open=True), identity)) as srv:
+        resp = await _acquire(srv.port, key)
+    assert resp.grant.fencing_token == 42
+
+
+async def test_a_full_disk_makes_acquire_unavailable_then_refuses_early(api_key: tuple[str, IdentityInterceptor]):
+    key, identity = api_key
+    # /dev/full opens fine and has "free space", but every write fails with ENOSPC.
+    sink = FileSink("/dev/full", fsync="never", retry_after=30.0)
+    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity)) as srv:
+        for _ in range(2):
+            with pytest.raises(aio.AioRpcError) as err:
+                await _acquire(srv.port, key)
+            assert (err.value.code(), rich(err.value)[0]) == (grpc.StatusCode.UNAVAILABLE, AUDIT_UNAVAILABLE)
+        # The first call ran (and failed to be recorded); the second was refused before its handler.
+        assert srv.servicer.calls["Acquire"] == 1
+    await sink.close()
+
+
+async def test_an_unwritable_path_refuses_early(api_key: tuple[str, IdentityInterceptor], tmp_path: Path):
+    key, identity = api_key
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # root ignores permissions, but not a file standing where a directory must be
+    sink = FileSink(blocker / "audit.jsonl")
+    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity)) as srv:
+        with pytest.raises(aio.AioRpcError) as err:
+            await _acquire(srv.port, key)
+        assert rich(err.value)[0] == AUDIT_UNAVAILABLE
+        assert "Acquire" not in srv.servicer.calls
+
+
+async def test_a_failing_processor_is_a_failing_audit_log(api_key: tuple[str, IdentityInterceptor]):
+    key, identity = api_key
+
+    def broken(record: Record) -> Record:
+        raise KeyError("oops")
+
+    async with serving(chain(AuditInterceptor(AuditLog([MemorySink()], [broken])), identity)) as srv:
+        with pytest.raises(aio.AioRpcError) as err:
+            await _acquire(srv.port, key)
+    assert rich(err.value)[0] == AUDIT_UNAVAILABLE
+
+
+@pytest.mark.parametrize("policy", ["always", "interval", "never"])
+async def test_file_sink_policies_append_whole_lines(tmp_path: Path, policy: Any):
+    path = tmp_path / f"{policy}.jsonl"
+    sink = FileSink(path, fsync=policy, fsync_interval=0.05)
+    log = AuditLog([sink])
+    await asyncio.gather(*(log.write({"n": i}) for i in range(50)))
+    await asyncio.sleep(0.1)  # the interval syncer runs at least once
+    await log.close()
+    # A reopened log appends; it never truncates what an auditor already has.
+    log2 = AuditLog([FileSink(path, fsync=policy)])
+    await log2.write({"n": 50})
+    await log2.close()
+    assert sorted(json.loads(line)["n"] for line in path.read_text().splitlines()) == list(range(51))
+
+
+def test_fsync_policy_is_validated(tmp_path: Path):
+    with pytest.raises(ValueError, match="fsync"):
+        FileSink(tmp_path / "x", fsync="sometimes")  # type: ignore[arg-type]
