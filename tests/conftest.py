@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from lockbroker.server.app import Broker
 from lockbroker.server.config import Config, EtcdConfig, LockLimits, ServerConfig
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig, find_etcd_binary
 from lockbroker.v1 import lock_pb2_grpc
@@ -58,8 +59,6 @@ def broker_config(endpoint: str, key_root: str, **limits: Any) -> Config:
 
 @pytest.fixture
 async def broker(etcd: EmbeddedEtcd, key_root: str) -> AsyncIterator[Any]:
-    from lockbroker.server.app import Broker
-
     b = Broker(broker_config(etcd.endpoint, key_root))
     await b.start()
     try:
@@ -76,7 +75,7 @@ async def channel(broker: Any) -> AsyncIterator[aio.Channel]:
 
 @pytest.fixture
 def stub(channel: aio.Channel) -> lock_pb2_grpc.LockServiceAsyncStub:
-    return lock_pb2_grpc.LockServiceStub(channel)  # type: ignore[return-value]
+    return lock_pb2_grpc.LockServiceStub(channel)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -62,7 +63,9 @@ async def test_api_keys_map_to_tenant_namespaces(keyed: tuple[Broker, dict[str, 
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
         closed = await stub.CloseSession(lock_pb2.CloseSessionRequest(session_id=s.session_id), metadata=md["globex"])
         assert not closed.closed
-        g2 = await stub.Acquire(lock_pb2.AcquireRequest(name="shared/name", ttl={"seconds": 5}), metadata=md["globex"])
+        g2 = await stub.Acquire(
+            lock_pb2.AcquireRequest(name="shared/name", ttl=duration_pb2.Duration(seconds=5)), metadata=md["globex"]
+        )
         assert g2.grant.fencing_token > g.grant.fencing_token  # a separate lock: granted at once
         d = await stub.Describe(lock_pb2.DescribeRequest(name="shared/name"), metadata=md["acme"])
         assert d.holder.fencing_token == g.grant.fencing_token

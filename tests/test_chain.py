@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from grpc import aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
@@ -66,9 +67,9 @@ async def test_audit_has_exactly_one_record_per_call_including_rejections(
                 calls[(method, e.code().name)] += 1
                 return None
 
-        s = await call("CreateSession", lock_pb2.CreateSessionRequest(ttl={"seconds": 10}))
+        s = await call("CreateSession", lock_pb2.CreateSessionRequest(ttl=duration_pb2.Duration(seconds=10)))
         g = await call("Acquire", lock_pb2.AcquireRequest(name="a/1", session_id=s.session_id, request_id="r1"))
-        await call("Acquire", lock_pb2.AcquireRequest(name="a/1", ttl={"seconds": 5}))  # LOCK_HELD
+        await call("Acquire", lock_pb2.AcquireRequest(name="a/1", ttl=duration_pb2.Duration(seconds=5)))  # LOCK_HELD
         await call("Acquire", lock_pb2.AcquireRequest(name="bad//name", session_id=s.session_id))
         await call("Acquire", lock_pb2.AcquireRequest(name="a/2"), metadata=(("x-api-key", "nope"),))
         await call("Describe", lock_pb2.DescribeRequest(name="a/1"))
@@ -111,7 +112,9 @@ async def test_one_trace_spans_client_broker_and_etcd(etcd: EmbeddedEtcd, key_ro
         interceptors = aio_client_interceptors(tracer_provider=provider)
         async with aio.insecure_channel(f"127.0.0.1:{broker.port}", interceptors=interceptors) as ch:
             stub: Any = lock_pb2_grpc.LockServiceStub(ch)
-            g = await stub.Acquire(lock_pb2.AcquireRequest(name="traced", ttl={"seconds": 5}, owner="t"))
+            g = await stub.Acquire(
+                lock_pb2.AcquireRequest(name="traced", ttl=duration_pb2.Duration(seconds=5), owner="t")
+            )
     finally:
         await broker.stop(grace=1.0)
     spans = exporter.get_finished_spans()
@@ -138,7 +141,7 @@ async def test_server_retry_across_an_etcd_restart_yields_one_grant(tmp_path: Pa
     try:
         async with aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
             stub: Any = lock_pb2_grpc.LockServiceStub(ch)
-            s = await stub.CreateSession(lock_pb2.CreateSessionRequest(ttl={"seconds": 30}))
+            s = await stub.CreateSession(lock_pb2.CreateSessionRequest(ttl=duration_pb2.Duration(seconds=30)))
             etcd.kill()
 
             async def restart_soon() -> None:
@@ -147,7 +150,7 @@ async def test_server_retry_across_an_etcd_restart_yields_one_grant(tmp_path: Pa
 
             restarting = asyncio.create_task(restart_soon())
             req = lock_pb2.AcquireRequest(
-                name="r", session_id=s.session_id, request_id="retry-me", wait_timeout={"seconds": 5}
+                name="r", session_id=s.session_id, request_id="retry-me", wait_timeout=duration_pb2.Duration(seconds=5)
             )
             try:
                 first = await stub.Acquire(req, timeout=15)

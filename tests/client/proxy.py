@@ -70,8 +70,9 @@ class LossyProxy(lock_pb2_grpc.LockServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "injected", unavailable_trailers(0.05))
         return resp
 
-    async def KeepAlive(self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest],
-                        context: Ctx) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
+    ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
         async for req in request_iterator:
             if self.blackhole_keepalive:
                 continue

@@ -27,8 +27,9 @@ from lockbroker.client import (
 
 async def test_invalid_argument_names_every_bad_field(client: Client) -> None:
     with pytest.raises(InvalidArgument) as ei:
-        await client.acquire("orders//42", session_id="not-a-session", ttl=5, owner="tab\there",
-                             request_id="spaces are bad")
+        await client.acquire(
+            "orders//42", session_id="not-a-session", ttl=5, owner="tab\there", request_id="spaces are bad"
+        )
     err = ei.value
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "INVALID_ARGUMENT"
     fields = dict(err.field_violations)
@@ -76,12 +77,16 @@ def _error(code: grpc.StatusCode, *details: Any, message: str = "m") -> aio.AioR
 
 
 def test_quota_failure_and_retry_info() -> None:
-    err = from_rpc_error(_error(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        error_details_pb2.ErrorInfo(reason="QUOTA_EXCEEDED", domain="lockbroker", metadata={"tenant": "t"}),
-        error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject="tenant:t", description="too many locks")]),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2, nanos=500_000_000))))
+    err = from_rpc_error(
+        _error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            error_details_pb2.ErrorInfo(reason="QUOTA_EXCEEDED", domain="lockbroker", metadata={"tenant": "t"}),
+            error_details_pb2.QuotaFailure(
+                violations=[error_details_pb2.QuotaFailure.Violation(subject="tenant:t", description="too many locks")]
+            ),
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2, nanos=500_000_000)),
+        )
+    )
     assert isinstance(err, QuotaExceeded)
     assert err.violations == [("tenant:t", "too many locks")]
     assert err.retry_after == 2.5 and err.metadata == {"tenant": "t"} and err.reason == "QUOTA_EXCEEDED"
@@ -89,37 +94,49 @@ def test_quota_failure_and_retry_info() -> None:
 
 def test_unavailable_carries_retry_after_and_keeps_unknown_details() -> None:
     unknown = error_details_pb2.Help(links=[error_details_pb2.Help.Link(url="https://example.invalid")])
-    err = from_rpc_error(_error(
-        grpc.StatusCode.UNAVAILABLE,
-        error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain="lockbroker"),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=500_000_000)),
-        unknown))
+    err = from_rpc_error(
+        _error(
+            grpc.StatusCode.UNAVAILABLE,
+            error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain="lockbroker"),
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=500_000_000)),
+            unknown,
+        )
+    )
     assert isinstance(err, Unavailable) and err.retry_after == 0.5 and err.reason == "SHUTTING_DOWN"
     assert err.detail(error_details_pb2.Help) == unknown
 
 
-@pytest.mark.parametrize(("code", "cls"), [
-    (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied),
-    (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
-    (grpc.StatusCode.UNAVAILABLE, Unavailable),
-    (grpc.StatusCode.INTERNAL, LockBrokerError),
-])
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.INTERNAL, LockBrokerError),
+    ],
+)
 def test_errors_without_details_map_by_code(code: grpc.StatusCode, cls: type[LockBrokerError]) -> None:
     err = from_rpc_error(aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), "plain"))
     assert type(err) is cls and err.reason == "" and err.message == "plain" and err.details == ()
 
 
 def test_foreign_domain_reason_is_ignored() -> None:
-    err = from_rpc_error(_error(grpc.StatusCode.NOT_FOUND,
-                                error_details_pb2.ErrorInfo(reason="SESSION_NOT_FOUND", domain="elsewhere")))
+    err = from_rpc_error(
+        _error(grpc.StatusCode.NOT_FOUND, error_details_pb2.ErrorInfo(reason="SESSION_NOT_FOUND", domain="elsewhere"))
+    )
     assert type(err) is LockBrokerError and err.reason == ""
 
 
 def test_sync_rpc_error_is_decoded_too() -> None:
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="bad", details=[])
     a = any_pb2.Any()
-    a.Pack(error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field="name", description="must not be empty")]))
+    a.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field="name", description="must not be empty")
+            ]
+        )
+    )
     status.details.append(a)
 
     class SyncError(grpc.RpcError, grpc.Call):  # the shape grpc's blocking stubs raise

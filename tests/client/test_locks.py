@@ -42,8 +42,7 @@ async def test_acquire_release_round_trip(client: Client, probe: EtcdProbe) -> N
     state = await client.describe("orders/42")
     assert state.holder is not None and state.holder.fencing_token == g.fencing_token
     assert state.holder.expires_at is not None and state.waiters == ()
-    assert [(x.name, x.holder.fencing_token) async for x in client.list("orders/")] == [
-        ("orders/42", g.fencing_token)]
+    assert [(x.name, x.holder.fencing_token) async for x in client.list("orders/")] == [("orders/42", g.fencing_token)]
 
     refreshed = await client.refresh(s.session_id)
     assert refreshed.ttl == 10

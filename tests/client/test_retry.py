@@ -18,8 +18,11 @@ from lockbroker.client.errors import LockBrokerError
 from tests.client.proxy import RunningProxy
 from tests.etcdutil import EtcdProbe
 
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 100),
-                  ("grpc.min_reconnect_backoff_ms", 50)]
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 50),
+]
 
 
 def free_port() -> int:
@@ -30,8 +33,10 @@ def free_port() -> int:
 
 
 async def test_lost_acquire_answers_are_retried_with_the_same_request_id(broker: Any, probe: EtcdProbe) -> None:
-    async with RunningProxy(broker.port) as proxy, Client(f"127.0.0.1:{proxy.port}", api_key="k-1",
-                                                          default_timeout=5) as c:
+    async with (
+        RunningProxy(broker.port) as proxy,
+        Client(f"127.0.0.1:{proxy.port}", api_key="k-1", default_timeout=5) as c,
+    ):
         s = await c.create_session(ttl=5)
         proxy.servicer.lose_acquire_answers = 2  # the broker grants; the answer is lost twice
         g = await c.acquire("retry/explicit", session_id=s.session_id, owner="r")
@@ -99,14 +104,19 @@ async def test_retry_helper_stops_on_other_errors_and_at_max_attempts() -> None:
         async def attempt(left: float) -> None:
             calls.append(left)
             raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), "nope")
+
         return attempt
 
     with pytest.raises(LockBrokerError) as ei:
-        await call_with_retry(failing(grpc.StatusCode.NOT_FOUND), deadline=time.monotonic() + 5,
-                              backoff=Backoff(base=0.001))
+        await call_with_retry(
+            failing(grpc.StatusCode.NOT_FOUND), deadline=time.monotonic() + 5, backoff=Backoff(base=0.001)
+        )
     assert len(calls) == 1 and ei.value.code == grpc.StatusCode.NOT_FOUND
     calls.clear()
     with pytest.raises(Unavailable):
-        await call_with_retry(failing(grpc.StatusCode.UNAVAILABLE), deadline=time.monotonic() + 5,
-                              backoff=Backoff(base=0.001, max_attempts=4))
+        await call_with_retry(
+            failing(grpc.StatusCode.UNAVAILABLE),
+            deadline=time.monotonic() + 5,
+            backoff=Backoff(base=0.001, max_attempts=4),
+        )
     assert len(calls) == 4 and calls == sorted(calls, reverse=True)  # each attempt gets what is left

@@ -134,8 +134,9 @@ class _Stream:
 class _KeepAliveMux:
     """All sessions of one Client share one KeepAlive stream, as the API intends."""
 
-    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub, metadata: tuple[tuple[str, str], ...],
-                 lifetime: float) -> None:
+    def __init__(
+        self, stub: lock_pb2_grpc.LockServiceAsyncStub, metadata: tuple[tuple[str, str], ...], lifetime: float
+    ) -> None:
         self._stub = stub
         self._metadata = metadata
         self._lifetime = lifetime
@@ -246,8 +247,7 @@ class SessionKeeper:
     before `expires_at`.
     """
 
-    def __init__(self, client: Client, ttl: float | None = 10, owner: str = "",
-                 request_id: str | None = None) -> None:
+    def __init__(self, client: Client, ttl: float | None = 10, owner: str = "", request_id: str | None = None) -> None:
         self._client = client
         self._requested_ttl = ttl
         self._owner = owner
@@ -293,8 +293,9 @@ class SessionKeeper:
     async def start(self) -> Self:
         if self._session is not None:
             raise RuntimeError("the session was already started")
-        self._session, sent = await self._client._create_session(self._requested_ttl, self._owner,
-                                                                 self._request_id, None)
+        self._session, sent = await self._client._create_session(
+            self._requested_ttl, self._owner, self._request_id, None
+        )
         self.expires_at = sent + self._session.ttl
         self._task = asyncio.create_task(self._keep(sent), name=f"lockbroker-session-{self.session_id}")
         self._client._keepers.add(self)
@@ -314,8 +315,9 @@ class SessionKeeper:
     async def __aenter__(self) -> Self:
         return await self.start()
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             await _shielded(self.close(), self._client._cleanup_timeout)
         except (LockBrokerError, TimeoutError) as e:
@@ -361,8 +363,9 @@ class SessionKeeper:
                 continue
             try:
                 # Bounded by the expiry, so a hung stream turns into "lost" exactly on time.
-                resp = await asyncio.wait_for(self._client._keepalive.refresh(self.session_id),
-                                              timeout=min(left, max(interval, 0.5)))
+                resp = await asyncio.wait_for(
+                    self._client._keepalive.refresh(self.session_id), timeout=min(left, max(interval, 0.5))
+                )
             except TimeoutError:
                 self._client._keepalive.reset()
                 failures += 1
@@ -433,8 +436,11 @@ class HeldLock:
         if not self.lost.is_set() and time.monotonic() >= self.deadline:
             self._mark_lost("the session's last confirmed expiry has passed")
         if self.lost.is_set():
-            raise LockLost(f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: "
-                           f"{self.lost_reason}", name=self.name, fencing_token=self.fencing_token)
+            raise LockLost(
+                f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {self.lost_reason}",
+                name=self.name,
+                fencing_token=self.fencing_token,
+            )
 
     def add_lost_callback(self, cb: LostCallback) -> None:
         if self.lost.is_set():
@@ -455,15 +461,27 @@ class HeldLock:
             _call_safely(cb, self)
 
     def __repr__(self) -> str:
-        return (f"HeldLock(name={self.name!r}, fencing_token={self.fencing_token}, "
-                f"session_id={self.session_id!r}, lost={self.lost.is_set()})")
+        return (
+            f"HeldLock(name={self.name!r}, fencing_token={self.fencing_token}, "
+            f"session_id={self.session_id!r}, lost={self.lost.is_set()})"
+        )
 
 
 class LockContext:
     """What `Client.lock()` returns: acquire on enter, release (and close its own session) on exit."""
 
-    def __init__(self, client: Client, name: str, *, ttl: float | None, wait: float, owner: str,
-                 session: SessionKeeper | None, on_lost: LostCallback | None, timeout: float | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        ttl: float | None,
+        wait: float,
+        owner: str,
+        session: SessionKeeper | None,
+        on_lost: LostCallback | None,
+        timeout: float | None,
+    ) -> None:
         self._client = client
         self._name = name
         self._ttl = ttl
@@ -484,13 +502,15 @@ class LockContext:
             keeper = self._own_session = SessionKeeper(self._client, self._ttl, self._owner)
             await keeper.start()
         if self._name in keeper._names:
-            raise RuntimeError(f"lock {self._name!r} is already being acquired or held on this session; "
-                               "locks are not reentrant")
+            raise RuntimeError(
+                f"lock {self._name!r} is already being acquired or held on this session; locks are not reentrant"
+            )
         self._keeper = keeper
         keeper._names.add(self._name)
         try:
-            grant = await self._client.acquire(self._name, session_id=keeper.session_id, wait=self._wait,
-                                               owner=self._owner, timeout=self._timeout)
+            grant = await self._client.acquire(
+                self._name, session_id=keeper.session_id, wait=self._wait, owner=self._owner, timeout=self._timeout
+            )
         except BaseException as exc:
             await self._abandon(exc)
             raise
@@ -500,8 +520,9 @@ class LockContext:
         keeper.add_lost_callback(held._on_session_lost)
         return held
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             failure = await _shielded(self._cleanup(), self._client._cleanup_timeout * 2)
         except TimeoutError:
@@ -534,8 +555,12 @@ class LockContext:
     async def _release_if_ours(self, keeper: SessionKeeper) -> None:
         state = await self._client.describe(self._name, timeout=self._client._cleanup_timeout)
         if state.holder is not None and state.holder.session_id == keeper.session_id:
-            await self._client.release(self._name, state.holder.fencing_token, session_id=keeper.session_id,
-                                       timeout=self._client._cleanup_timeout)
+            await self._client.release(
+                self._name,
+                state.holder.fencing_token,
+                session_id=keeper.session_id,
+                timeout=self._client._cleanup_timeout,
+            )
 
     async def _cleanup(self) -> LockBrokerError | None:
         held, keeper = self.held, self._keeper
@@ -550,8 +575,9 @@ class LockContext:
         if held is None:
             return None
         try:
-            await self._client.release(held.name, held.fencing_token, session_id=held.session_id,
-                                       timeout=self._client._cleanup_timeout)
+            await self._client.release(
+                held.name, held.fencing_token, session_id=held.session_id, timeout=self._client._cleanup_timeout
+            )
         except LockBrokerError as e:
             log.warning("releasing %r (fencing token %d) failed: %s", held.name, held.fencing_token, e)
             # On a shared session the grant outlives this block for as long as the session does.
@@ -578,22 +604,36 @@ class Client:
         merged = dict(DEFAULT_OPTIONS)
         merged.update(dict(options or ()))
         opts = builtins.list(merged.items())
-        channel = (aio.secure_channel(target, credentials, options=opts) if credentials is not None
-                   else aio.insecure_channel(target, options=opts))
-        self._setup(channel, owns_channel=True, api_key=api_key, default_timeout=default_timeout,
-                    backoff=backoff)
+        channel = (
+            aio.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else aio.insecure_channel(target, options=opts)
+        )
+        self._setup(channel, owns_channel=True, api_key=api_key, default_timeout=default_timeout, backoff=backoff)
 
     @classmethod
-    def from_channel(cls, channel: aio.Channel, *, api_key: str | None = None, default_timeout: float = 30.0,
-                     backoff: Backoff | None = None) -> Client:
+    def from_channel(
+        cls,
+        channel: aio.Channel,
+        *,
+        api_key: str | None = None,
+        default_timeout: float = 30.0,
+        backoff: Backoff | None = None,
+    ) -> Client:
         """Wrap a channel you manage; closing the client leaves the channel open."""
         self = cls.__new__(cls)
-        self._setup(channel, owns_channel=False, api_key=api_key, default_timeout=default_timeout,
-                    backoff=backoff)
+        self._setup(channel, owns_channel=False, api_key=api_key, default_timeout=default_timeout, backoff=backoff)
         return self
 
-    def _setup(self, channel: aio.Channel, *, owns_channel: bool, api_key: str | None,
-               default_timeout: float, backoff: Backoff | None) -> None:
+    def _setup(
+        self,
+        channel: aio.Channel,
+        *,
+        owns_channel: bool,
+        api_key: str | None,
+        default_timeout: float,
+        backoff: Backoff | None,
+    ) -> None:
         if default_timeout <= 0:
             raise ValueError("default_timeout must be positive: every call needs a deadline")
         self._channel = channel
@@ -626,8 +666,9 @@ class Client:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -635,8 +676,9 @@ class Client:
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.default_timeout if timeout is None else timeout)
 
-    async def _unary(self, method: aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req,
-                     timeout: float | None) -> _Resp:
+    async def _unary(
+        self, method: aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
+    ) -> _Resp:
         async def attempt(left: float) -> _Resp:
             return await method(request, timeout=left, metadata=self._metadata)
 
@@ -644,8 +686,9 @@ class Client:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def _create_session(self, ttl: float | None, owner: str, request_id: str | None,
-                              timeout: float | None) -> tuple[Session, float]:
+    async def _create_session(
+        self, ttl: float | None, owner: str, request_id: str | None, timeout: float | None
+    ) -> tuple[Session, float]:
         # Always idempotent: a retry after a lost answer must find the same lease, not leak one.
         req = lock_pb2.CreateSessionRequest(owner=owner, request_id=request_id or str(uuid.uuid4()))
         if ttl is not None:
@@ -658,12 +701,14 @@ class Client:
             return await self._stub.CreateSession(req, timeout=left, metadata=self._metadata)
 
         resp = await call_with_retry(attempt, deadline=self._deadline(timeout), backoff=self._backoff)
-        session = Session(resp.session_id, seconds(resp.ttl),
-                          timestamp(resp.expires_at) if resp.HasField("expires_at") else None)
+        session = Session(
+            resp.session_id, seconds(resp.ttl), timestamp(resp.expires_at) if resp.HasField("expires_at") else None
+        )
         return session, sent
 
-    async def create_session(self, ttl: float | None = None, owner: str = "", request_id: str | None = None,
-                             *, timeout: float | None = None) -> Session:
+    async def create_session(
+        self, ttl: float | None = None, owner: str = "", request_id: str | None = None, *, timeout: float | None = None
+    ) -> Session:
         """Create a session (ttl in whole seconds; None: the broker's default). Nothing keeps it
         alive: call refresh() or use `client.session()` instead."""
         session, _ = await self._create_session(ttl, owner, request_id, timeout)
@@ -671,12 +716,12 @@ class Client:
 
     async def refresh(self, session_id: str, *, timeout: float | None = None) -> Session:
         resp = await self._unary(self._stub.Refresh, lock_pb2.RefreshRequest(session_id=session_id), timeout)
-        return Session(session_id, seconds(resp.ttl),
-                       timestamp(resp.expires_at) if resp.HasField("expires_at") else None)
+        return Session(
+            session_id, seconds(resp.ttl), timestamp(resp.expires_at) if resp.HasField("expires_at") else None
+        )
 
     async def close_session(self, session_id: str, *, timeout: float | None = None) -> bool:
-        resp = await self._unary(self._stub.CloseSession, lock_pb2.CloseSessionRequest(session_id=session_id),
-                                 timeout)
+        resp = await self._unary(self._stub.CloseSession, lock_pb2.CloseSessionRequest(session_id=session_id), timeout)
         return resp.closed
 
     def session(self, ttl: float | None = 10, owner: str = "") -> SessionKeeper:
@@ -718,14 +763,22 @@ class Client:
         resp = await call_with_retry(attempt, deadline=started + total, backoff=self._backoff)
         return grant_of(resp)
 
-    async def release(self, name: str, fencing_token: int, *, session_id: str | None = None,
-                      request_id: str | None = None, timeout: float | None = None) -> bool:
+    async def release(
+        self,
+        name: str,
+        fencing_token: int,
+        *,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
         """Release exactly the grant with this token. False if it was already gone.
 
         A retry after a lost answer also reports False: the first attempt released it.
         """
-        req = lock_pb2.ReleaseRequest(name=name, fencing_token=fencing_token, session_id=session_id or "",
-                                      request_id=request_id or "")
+        req = lock_pb2.ReleaseRequest(
+            name=name, fencing_token=fencing_token, session_id=session_id or "", request_id=request_id or ""
+        )
         resp = await self._unary(self._stub.Release, req, timeout)
         return resp.released
 
@@ -749,11 +802,20 @@ class Client:
         closed on exit; with one, `ttl` is ignored and the session stays open. Raises a
         NotAcquired subclass (the block does not run) if the lock is not granted within `wait`.
         """
-        return LockContext(self, name, ttl=None if session is not None else ttl, wait=wait, owner=owner,
-                           session=session, on_lost=on_lost, timeout=timeout)
+        return LockContext(
+            self,
+            name,
+            ttl=None if session is not None else ttl,
+            wait=wait,
+            owner=owner,
+            session=session,
+            on_lost=on_lost,
+            timeout=timeout,
+        )
 
-    async def list_pages(self, prefix: str = "", page_size: int = 100, *,
-                         timeout: float | None = None) -> AsyncGenerator[tuple[LockSummary, ...], None]:
+    async def list_pages(
+        self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None
+    ) -> AsyncGenerator[tuple[LockSummary, ...], None]:
         """Held locks by name, one page per List call; `timeout` applies to each page."""
         token = ""
         while True:
@@ -764,8 +826,9 @@ class Client:
             if not token:
                 return
 
-    async def list(self, prefix: str = "", page_size: int = 100, *,
-                   timeout: float | None = None) -> AsyncGenerator[LockSummary, None]:
+    async def list(
+        self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None
+    ) -> AsyncGenerator[LockSummary, None]:
         """Held locks whose name starts with `prefix`, ordered by name, across all pages."""
         async for page in self.list_pages(prefix, page_size, timeout=timeout):
             for item in page:

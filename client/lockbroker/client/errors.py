@@ -97,9 +97,7 @@ class NotAcquired(LockBrokerError):
         super().__init__(code, message, reason, metadata, details)
         info = self.detail(lock_pb2.NotAcquired)
         self.name: str = info.name if info is not None else self.metadata.get("lock", "")
-        self.holder: Holder | None = (
-            holder_of(info.holder) if info is not None and info.HasField("holder") else None
-        )
+        self.holder: Holder | None = holder_of(info.holder) if info is not None and info.HasField("holder") else None
         self.waiters: int = info.waiters if info is not None else int(self.metadata.get("waiters", "0"))
         self.waited: float = seconds(info.waited) if info is not None else 0.0
 

@@ -109,8 +109,11 @@ class SyncHeldLock:
         # Reads only: the asyncio side belongs to the loop thread and is not touched from here.
         if self.lost.is_set() or time.monotonic() >= self.deadline:
             why = self._held.lost_reason or "the session's last confirmed expiry has passed"
-            raise LockLost(f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {why}",
-                           name=self.name, fencing_token=self.fencing_token)
+            raise LockLost(
+                f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {why}",
+                name=self.name,
+                fencing_token=self.fencing_token,
+            )
 
 
 class SyncClient:
@@ -133,8 +136,14 @@ class SyncClient:
 
         async def make() -> Client:
             # grpc.aio channels belong to the loop they are created on.
-            return Client(target, credentials=credentials, api_key=api_key, default_timeout=default_timeout,
-                          options=options, backoff=backoff)
+            return Client(
+                target,
+                credentials=credentials,
+                api_key=api_key,
+                default_timeout=default_timeout,
+                options=options,
+                backoff=backoff,
+            )
 
         try:
             self._client = self._call(make())
@@ -155,8 +164,9 @@ class SyncClient:
     def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("SyncClient methods cannot be called from its own loop thread "
-                               "(e.g. from an on_lost callback)")
+            raise RuntimeError(
+                "SyncClient methods cannot be called from its own loop thread (e.g. from an on_lost callback)"
+            )
         if self._closed:
             coro.close()
             raise RuntimeError("the SyncClient is closed")
@@ -189,14 +199,16 @@ class SyncClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- RPCs -------------------------------------------------------------------------------
 
-    def create_session(self, ttl: float | None = None, owner: str = "", request_id: str | None = None,
-                       *, timeout: float | None = None) -> Session:
+    def create_session(
+        self, ttl: float | None = None, owner: str = "", request_id: str | None = None, *, timeout: float | None = None
+    ) -> Session:
         return self._call(self._client.create_session(ttl, owner, request_id, timeout=timeout))
 
     def refresh(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -216,19 +228,31 @@ class SyncClient:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Grant:
-        return self._call(self._client.acquire(name, session_id=session_id, ttl=ttl, wait=wait, owner=owner,
-                                               request_id=request_id, timeout=timeout))
+        return self._call(
+            self._client.acquire(
+                name, session_id=session_id, ttl=ttl, wait=wait, owner=owner, request_id=request_id, timeout=timeout
+            )
+        )
 
-    def release(self, name: str, fencing_token: int, *, session_id: str | None = None,
-                request_id: str | None = None, timeout: float | None = None) -> bool:
-        return self._call(self._client.release(name, fencing_token, session_id=session_id,
-                                               request_id=request_id, timeout=timeout))
+    def release(
+        self,
+        name: str,
+        fencing_token: int,
+        *,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        return self._call(
+            self._client.release(name, fencing_token, session_id=session_id, request_id=request_id, timeout=timeout)
+        )
 
     def describe(self, name: str, *, timeout: float | None = None) -> LockState:
         return self._call(self._client.describe(name, timeout=timeout))
 
-    def list_pages(self, prefix: str = "", page_size: int = 100, *,
-                   timeout: float | None = None) -> Iterator[tuple[LockSummary, ...]]:
+    def list_pages(
+        self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None
+    ) -> Iterator[tuple[LockSummary, ...]]:
         pages = self._client.list_pages(prefix, page_size, timeout=timeout)
 
         async def next_page() -> tuple[LockSummary, ...] | None:
@@ -244,8 +268,7 @@ class SyncClient:
             if not self._closed:
                 self._call(pages.aclose())
 
-    def list(self, prefix: str = "", page_size: int = 100, *,
-             timeout: float | None = None) -> Iterator[LockSummary]:
+    def list(self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None) -> Iterator[LockSummary]:
         for page in self.list_pages(prefix, page_size, timeout=timeout):
             yield from page
 
@@ -281,8 +304,14 @@ class SyncClient:
         """`with client.lock(name) as held:`; same contract as Client.lock()."""
 
         async def enter() -> tuple[LockContext, SyncHeldLock]:
-            ctx = self._client.lock(name, ttl=ttl, wait=wait, owner=owner,
-                                    session=session._keeper if session is not None else None, timeout=timeout)
+            ctx = self._client.lock(
+                name,
+                ttl=ttl,
+                wait=wait,
+                owner=owner,
+                session=session._keeper if session is not None else None,
+                timeout=timeout,
+            )
             held = await ctx.__aenter__()
             # Registered on the loop thread, which owns the asyncio side of HeldLock.
             return ctx, SyncHeldLock(held, on_lost)
