@@ -58,6 +58,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 1024 * 1024),  # no request of ours comes near this
     ("grpc.max_metadata_size", 16 * 1024),
+    # grpc sets SO_REUSEPORT by default: a second broker on the same address would start and
+    # silently take half the connections. Fail to bind instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -257,7 +260,7 @@ class Broker:
         if self.server is not None:
             await self.server.stop(grace)
         if self.core is not None:
-            await self.core.drain_cleanups()
+            await self.core.drain_cleanups(timeout=max(1.0, grace))
         if self.audit_log is not None:
             await self.audit_log.close()
         if self.backend is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -67,13 +66,23 @@ _GOARCH = {
 }
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the broker dies, even by SIGKILL.
+# Runs as `python -c` in front of etcd: ask the kernel to SIGTERM this process when its parent
+# (the broker) dies, even by SIGKILL, then become etcd. Without it a broker killed with -9 leaves
+# its private etcd holding the port and the data dir. A preexec_fn would do the same in the
+# forked child, but forking a process whose gRPC threads are busy can deadlock there.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"  # PR_SET_PDEATHSIG
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"  # the broker died before prctl: do not start an orphan etcd
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
-    Without it a broker killed with -9 leaves its private etcd holding the port and the data dir.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    if sys.platform != "linux":
+        return argv
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class EtcdNotFoundError(RuntimeError):
@@ -296,12 +305,11 @@ class EmbeddedEtcd:
             offset = log.tell()
             try:
                 self._proc = await asyncio.create_subprocess_exec(
-                    *self._args(binary),
+                    *_with_parent_death_signal(self._args(binary)),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                     env=_child_env(),
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 )
             except OSError as exc:
                 raise EtcdStartError(f"could not run {binary}: {exc}") from exc

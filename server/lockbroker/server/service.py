@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockbroker.server")
 
 Req = TypeVar("Req")
+T = TypeVar("T")
 Resp = TypeVar("Resp")
 Ctx = aio.ServicerContext[object, object]
 
@@ -138,6 +139,23 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             ],
         )
 
+    async def _until_draining(self, requests: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The stream's requests, ending with SHUTTING_DOWN when the broker begins to drain, so
+        clients move their keepalives to another replica while their sessions are still alive."""
+        it = aiter(requests)
+        closing = self.core.closing
+        while True:
+            nxt = asyncio.ensure_future(anext(it))
+            waits: set[asyncio.Future[Any]] = {nxt, closing}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                raise ShuttingDown("the broker is shutting down; reconnect to another replica", retry_after=0.5)
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+
     async def KeepAlive(
         self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
     ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
@@ -145,7 +163,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         try:
             if self.draining:
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
-            async for req in request_iterator:
+            async for req in self._until_draining(request_iterator):
                 _deadline(context)
                 try:
                     s = await self.core.refresh(tenant, validation.session_id(req.session_id))

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from lockbroker.server.core.backend import (
@@ -55,8 +56,10 @@ log = logging.getLogger("lockbroker.core")
 
 # Answer this long before the RPC deadline, so the caller gets our answer rather than its own timeout.
 DEADLINE_MARGIN = 0.05
-# How long clean-up of an abandoned wait may take after the caller has gone.
+# How long a caller waits for the clean-up of its abandoned wait, and how long clean-up keeps
+# retrying in the background while etcd is unreachable.
 CLEANUP_TIMEOUT = 3.0
+CLEANUP_WINDOW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +143,7 @@ class LockCore:
         try:
             await self._backend.put_session(key, _session_record(lease.ttl, owner, None), lease.lease_id)
         except BaseException:
-            await self._cleanup(self._backend.revoke_lease(lease.lease_id))
+            await self._cleanup(lambda: self._backend.revoke_lease(lease.lease_id))
             raise
         self.leases.note(lease.lease_id, started + lease.ttl)
         return SessionInfo(session_id_of(lease.lease_id), lease.ttl, started + lease.ttl)
@@ -182,7 +185,7 @@ class LockCore:
             expires_at = expires_at or self.leases.get(lease_id) or await self._expiry(lease_id)
         except BaseException as exc:
             unknown = isinstance(exc, Unavailable) and exc.outcome_unknown and mine is None
-            await self._cleanup(self._abandon(key, mine, created_lease, request_id if unknown else None))
+            await self._cleanup(lambda: self._abandon(key, mine, created_lease, request_id if unknown else None))
             raise
         return Grant(
             p.name,
@@ -330,21 +333,38 @@ class LockCore:
         if mine is not None:
             await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision)
 
-    async def _cleanup(self, work: object) -> None:
-        """Run clean-up to the end even if the caller is cancelled, within its own time budget."""
+    async def _cleanup(self, work: Callable[[], Awaitable[object]]) -> None:
+        """Run clean-up to the end even if the caller is cancelled or etcd is briefly away.
 
-        async def bounded() -> None:
-            call_deadline.set(time.monotonic() + CLEANUP_TIMEOUT)
-            try:
-                await asyncio.wait_for(work, CLEANUP_TIMEOUT)  # type: ignore[arg-type]
-            except Exception as e:
-                log.warning("clean-up failed; the session's lease will remove it: %s", e)
+        The caller waits at most CLEANUP_TIMEOUT; past that the clean-up goes on in the background,
+        retrying for up to CLEANUP_WINDOW, so a waiter cut off by an etcd outage is still removed
+        from the queue once etcd is back (else the next release would hand the lock to a caller
+        that was told it did not get it). The session's lease remains the last resort.
+        """
 
-        task = asyncio.ensure_future(bounded())
+        async def retrying() -> None:
+            give_up = time.monotonic() + CLEANUP_WINDOW
+            delay = 0.2
+            while True:
+                call_deadline.set(min(time.monotonic() + CLEANUP_TIMEOUT, give_up))
+                try:
+                    await work()
+                    return
+                except Unavailable as e:
+                    if time.monotonic() + delay >= give_up:
+                        log.warning("clean-up gave up; the session's lease will remove it: %s", e)
+                        return
+                except Exception as e:
+                    log.warning("clean-up failed; the session's lease will remove it: %s", e)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+        task = asyncio.ensure_future(retrying())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+            await asyncio.wait({task}, timeout=CLEANUP_TIMEOUT)
 
     # -- release, describe, list ------------------------------------------------------------
 
@@ -363,7 +383,7 @@ class LockCore:
             return False
         if deleted.value.implicit_session:
             # The session existed only for this lock; end it now rather than at its TTL.
-            await self._cleanup(self._backend.revoke_lease(deleted.lease))
+            await self._cleanup(lambda: self._backend.revoke_lease(deleted.lease))
         return True
 
     async def describe(self, tenant: str, name: str) -> LockState:
@@ -408,10 +428,21 @@ class LockCore:
         if not self._closing.done():
             self._closing.set_result(None)
 
+    @property
+    def closing(self) -> asyncio.Future[None]:
+        """Done once the broker begins to shut down."""
+        self.attach_loop()
+        assert self._closing is not None
+        return self._closing
+
     def attach_loop(self) -> None:
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
 
-    async def drain_cleanups(self) -> None:
+    async def drain_cleanups(self, timeout: float) -> None:
+        """Give pending clean-ups `timeout` to finish on shutdown; leases remove the rest."""
         if self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+            pending = list(self._cleanups)
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                task.cancel()
