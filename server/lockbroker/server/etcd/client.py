@@ -170,7 +170,13 @@ class EtcdClient:
             try:
                 resp = await stubs.auth.Authenticate(req, timeout=remaining(self._config.request_timeout))
             except aio.AioRpcError as e:
-                raise self._translate(e, idx, write=False) from None
+                err = self._translate(e, idx, write=False)
+                if isinstance(err, Unavailable):
+                    raise err from None
+                # etcd says INVALID_ARGUMENT for a wrong user or password: the broker's own
+                # configuration is wrong, which callers can only wait out.
+                log.error("etcd refused the broker's credentials: %s", e.details())
+                raise Unavailable("the broker cannot authenticate to etcd", retry_after=5.0) from None
             self._token = resp.token
 
     @staticmethod
