@@ -328,7 +328,13 @@ class LockCore:
         if mine is None and unknown_request_id is not None:
             # The enqueue may or may not have happened: read, and delete only our own entry.
             found = await self._backend.get_entry(key)
-            if found is not None and found.request_id == unknown_request_id:
+            # Ours only if nobody has re-put it since it was created: a retry of this request on
+            # another replica adopts the entry (a new mod revision) and then owns its clean-up.
+            if (
+                found is not None
+                and found.request_id == unknown_request_id
+                and found.mod_revision == found.create_revision
+            ):
                 mine = found
         if mine is not None:
             await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision)
