@@ -281,3 +281,11 @@ def test_loopback_listen_addresses(listen: str) -> None:
 @pytest.mark.parametrize("listen", ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051", "example.com:50051", ":50051"])
 def test_non_loopback_listen_addresses(listen: str) -> None:
     assert not is_loopback(listen)
+
+
+def test_empty_env_is_unset_and_timings_must_be_positive(tmp_path: Path) -> None:
+    path = toml(tmp_path, '[etcd]\nendpoints = ["http://a:1"]\n')
+    assert config.load(flags("--config", path), {"LOCKBROKER_ETCD_ENDPOINTS": ""}).etcd.endpoints == ("http://a:1",)
+    for argv in (["--health-interval", "0"], ["--grace-period", "-1"], ["--etcd-request-timeout", "0"]):
+        with pytest.raises(config.ConfigError):
+            config.load(flags(*argv), {})

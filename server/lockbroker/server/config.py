@@ -35,6 +35,10 @@ class ServerConfig:
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     health_interval: float = field(default=1.0, metadata={"help": "seconds between etcd health probes"})
 
+    def __post_init__(self) -> None:
+        if self.grace_period < 0 or self.health_interval <= 0:
+            raise ConfigError("server: grace_period must be >= 0 and health_interval > 0")
+
 
 @dataclass(frozen=True)
 class EtcdConfig:
@@ -50,6 +54,10 @@ class EtcdConfig:
     password: str | None = field(default=None, metadata={"help": "etcd password (prefer the env variable)"})
     request_timeout: float = field(default=5.0, metadata={"help": "seconds an etcd call may take at most"})
     key_root: str = field(default="/lockbroker/v1", metadata={"help": "etcd key prefix of all broker data"})
+
+    def __post_init__(self) -> None:
+        if self.request_timeout <= 0:
+            raise ConfigError("etcd: request_timeout must be > 0")
 
 
 @dataclass(frozen=True)
@@ -226,7 +234,9 @@ def load(
             flag, env_name = _names(section, f.name)
             for raw, where in (
                 (flags.get(f"{section}.{f.name}"), flag),
-                (env.get(env_name), env_name),
+                # An empty variable is unset: LOCKBROKER_ETCD_ENDPOINTS="" must not silently swap a
+                # configured cluster for a private embedded etcd.
+                (env.get(env_name) or None, env_name),
                 (table.get(f.name), f"[{section}] {f.name}"),
             ):
                 if raw is not None:
