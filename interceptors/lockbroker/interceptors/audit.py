@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import IO, Any, Final, Literal, Protocol
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import duration_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 from opentelemetry import trace
 
@@ -54,7 +54,7 @@ from lockbroker.interceptors.base import (
     metadata_value,
 )
 from lockbroker.interceptors.retry import LOCK_SERVICE, retry_attempts
-from lockbroker.interceptors.rpcstatus import DOMAIN, error_reason
+from lockbroker.interceptors.rpcstatus import Trailers, error_reason, trailers
 from lockbroker.interceptors.tenancy import Principal, current_principal
 
 log = logging.getLogger("lockbroker.audit")
@@ -524,21 +524,17 @@ def _add_response_refs(refs: dict[str, str | None], response: object) -> None:
         refs["session"] = refs["session"] or _str_or_none(r.session_id)
 
 
-def audit_unavailable(retry_after: float) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+def audit_unavailable(retry_after: float) -> tuple[grpc.StatusCode, str, Trailers]:
     """(code, message, trailers) for a call refused because its record cannot be written."""
     message = "the audit log cannot be written; the call was not confirmed, retry later"
     delay = duration_pb2.Duration()
     delay.FromMilliseconds(int(retry_after * 1000))
-    details = []
-    for msg in (
-        error_details_pb2.ErrorInfo(reason=AUDIT_UNAVAILABLE, domain=DOMAIN),
-        error_details_pb2.RetryInfo(retry_delay=delay),
-    ):
-        packed = any_pb2.Any()
-        packed.Pack(msg)
-        details.append(packed)
-    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=details)
-    return grpc.StatusCode.UNAVAILABLE, message, (("grpc-status-details-bin", status.SerializeToString()),)
+    code = grpc.StatusCode.UNAVAILABLE
+    return (
+        code,
+        message,
+        trailers(code, message, AUDIT_UNAVAILABLE, details=[error_details_pb2.RetryInfo(retry_delay=delay)]),
+    )
 
 
 def _secrets(context: Context) -> list[str]:

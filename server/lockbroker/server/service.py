@@ -38,14 +38,25 @@ def _deadline(context: Ctx) -> None:
     call_deadline.set(None if left is None else time.monotonic() + left)
 
 
+async def _fail(context: Ctx, exc: Exception, method: str) -> None:
+    """End a call with the status of `exc`.
+
+    Domain errors become their documented status (under the retry interceptor this raises
+    DeferredAbort instead of aborting, so the call can run again); anything else is a bug, logged
+    with its stack under an incident id, and the caller gets INTERNAL with that id and nothing more.
+    """
+    if isinstance(exc, LockBrokerError):
+        await abort_or_defer(context, *status.to_status(exc))
+        return
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
+    await context.abort(*status.internal(incident))
+
+
 def rpc(
     handler: Callable[[LockService, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[LockService, Req, Ctx], Coroutine[Any, Any, Resp]]:
-    """Give a unary handler its deadline, and turn every error into a status with details.
-
-    Domain errors become their documented status; anything else is a bug: logged with its stack
-    under an incident id, and the caller gets INTERNAL with that id and nothing more.
-    """
+    """Give a unary handler its deadline, and turn every error into a status with details."""
 
     @functools.wraps(handler)
     async def wrapped(self: LockService, request: Req, context: Ctx) -> Resp:
@@ -54,15 +65,10 @@ def rpc(
             if self.draining:
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
             return await handler(self, request, context)
-        except LockBrokerError as exc:
-            # Under the retry interceptor this raises instead of aborting, so the call can run again.
-            await abort_or_defer(context, *status.to_status(exc))
         except (aio.AbortError, asyncio.CancelledError, DeferredAbort):
             raise
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("unhandled error in %s (incident %s)", handler.__name__, incident)
-            await context.abort(*status.internal(incident))
+        except Exception as exc:
+            await _fail(context, exc, handler.__name__)
         raise AssertionError("abort returned")
 
     return wrapped
@@ -173,11 +179,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                     continue
                 ttl_pb, expires = convert.session(s)
                 yield lock_pb2.KeepAliveResponse(session_id=req.session_id, ttl=ttl_pb, expires_at=expires)
-        except LockBrokerError as exc:
-            await context.abort(*status.to_status(exc))
         except (aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("unhandled error in KeepAlive (incident %s)", incident)
-            await context.abort(*status.internal(incident))
+        except Exception as exc:
+            await _fail(context, exc, "KeepAlive")
