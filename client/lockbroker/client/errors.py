@@ -148,19 +148,11 @@ class InvalidArgument(LockBrokerError):
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        reason: str = "",
-        metadata: Mapping[str, str] | None = None,
-        details: Sequence[Message] = (),
-    ) -> None:
-        super().__init__(code, message, reason, metadata, details)
+    @property
+    def field_violations(self) -> list[tuple[str, str]]:
+        """(field, description) of each bad field, from the google.rpc.BadRequest detail."""
         bad = self.detail(error_details_pb2.BadRequest)
-        self.field_violations: list[tuple[str, str]] = (
-            [(v.field, v.description) for v in bad.field_violations] if bad is not None else []
-        )
+        return [(v.field, v.description) for v in bad.field_violations] if bad is not None else []
 
 
 def _retry_after(details: Iterable[Message]) -> float | None:
@@ -179,16 +171,9 @@ class Unavailable(LockBrokerError):
 
     default_code = grpc.StatusCode.UNAVAILABLE
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        reason: str = "",
-        metadata: Mapping[str, str] | None = None,
-        details: Sequence[Message] = (),
-    ) -> None:
-        super().__init__(code, message, reason, metadata, details)
-        self.retry_after: float | None = _retry_after(self.details)
+    @property
+    def retry_after(self) -> float | None:
+        return _retry_after(self.details)
 
 
 class DeadlineExceeded(LockBrokerError):
@@ -210,20 +195,15 @@ class QuotaExceeded(LockBrokerError):
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        reason: str = "",
-        metadata: Mapping[str, str] | None = None,
-        details: Sequence[Message] = (),
-    ) -> None:
-        super().__init__(code, message, reason, metadata, details)
+    @property
+    def violations(self) -> list[tuple[str, str]]:
+        """(subject, description) of each exceeded limit, from the google.rpc.QuotaFailure detail."""
         failure = self.detail(error_details_pb2.QuotaFailure)
-        self.violations: list[tuple[str, str]] = (
-            [(v.subject, v.description) for v in failure.violations] if failure is not None else []
-        )
-        self.retry_after: float | None = _retry_after(self.details)
+        return [(v.subject, v.description) for v in failure.violations] if failure is not None else []
+
+    @property
+    def retry_after(self) -> float | None:
+        return _retry_after(self.details)
 
 
 class LockLost(LockBrokerError):
