@@ -374,3 +374,29 @@ async def test_releasing_one_lock_of_an_explicit_session_keeps_the_session(
     assert await release(stub, "explicit/b", b.grant.fencing_token)
     assert await probe.lease_ttl(lease_of(s)) > 0, "releasing an explicit session's last lock closed it"
     assert await probe.keys(SESSIONS) == [session_key(probe, s)]
+
+
+async def test_keepalive_stream_checks_a_session_owner_once_and_still_sees_it_end(
+    broker: Any, stub: Any, track: Tracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = broker.core._backend
+    reads: list[bytes] = []
+    real = backend.session_exists
+
+    async def counting(key: bytes) -> bool:
+        reads.append(key)
+        return bool(await real(key))
+
+    monkeypatch.setattr(backend, "session_exists", counting)
+    sid = await track.session()
+    stream = stub.KeepAlive()
+    try:
+        for _ in range(3):
+            await stream.write(lock_pb2.KeepAliveRequest(session_id=sid))
+            assert not (await stream.read()).expired
+        assert len(reads) == 1, "the owner of a session is read once per stream, not per refresh"
+        await stub.CloseSession(lock_pb2.CloseSessionRequest(session_id=sid))
+        await stream.write(lock_pb2.KeepAliveRequest(session_id=sid))
+        assert (await stream.read()).expired, "a session closed behind the stream is reported expired"
+    finally:
+        stream.cancel()

@@ -17,8 +17,8 @@ from lockbroker.interceptors.retry import DeferredAbort, abort_or_defer
 from lockbroker.interceptors.tenancy import tenant_of
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
-from lockbroker.server.core.errors import InvalidArgument, LockBrokerError, SessionNotFound, ShuttingDown
-from lockbroker.server.core.names import session_id_of
+from lockbroker.server.core.errors import FieldViolation, LockBrokerError, SessionNotFound, ShuttingDown
+from lockbroker.server.core.names import parse_session_id, session_id_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 if TYPE_CHECKING:
@@ -166,15 +166,22 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
     ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
         tenant = tenant_of(context)
+        owned: set[int] = set()  # sessions of this tenant already seen on this stream
         try:
             if self.draining:
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
             async for req in self._until_draining(request_iterator):
                 _deadline(context)
+                lease = parse_session_id(req.session_id)
                 try:
-                    s = await self.core.refresh(tenant, validation.session_id(req.session_id))
-                except (SessionNotFound, InvalidArgument):
+                    if isinstance(lease, FieldViolation):
+                        raise SessionNotFound(lease.description)
+                    s = await self.core.refresh(tenant, lease, owner_known=lease in owned)
+                    owned.add(lease)
+                except SessionNotFound:
                     # One gone (or never valid) session must not end the stream the others share.
+                    if isinstance(lease, int):
+                        owned.discard(lease)
                     yield lock_pb2.KeepAliveResponse(session_id=req.session_id, expired=True)
                     continue
                 ttl_pb, expires = convert.session(s)

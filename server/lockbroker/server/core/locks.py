@@ -148,9 +148,12 @@ class LockCore:
         self.leases.note(lease.lease_id, started + lease.ttl)
         return SessionInfo(session_id_of(lease.lease_id), lease.ttl, started + lease.ttl)
 
-    async def refresh(self, tenant: str, lease_id: int) -> SessionInfo:
+    async def refresh(self, tenant: str, lease_id: int, *, owner_known: bool = False) -> SessionInfo:
+        """Refresh once. `owner_known`: the caller already saw this tenant's session record for
+        this lease (a lease never changes tenant, and a gone lease answers TTL 0 below), which
+        saves the read on every refresh of a KeepAlive stream after its first."""
         # The session record is the proof that this lease is a session of this tenant.
-        if not await self._backend.session_exists(self.keyspace(tenant).session_key(lease_id)):
+        if not owner_known and not await self._backend.session_exists(self.keyspace(tenant).session_key(lease_id)):
             raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired")
         before = time.time()
         ttl = await self._backend.keepalive(lease_id)
