@@ -133,7 +133,6 @@ class Broker:
         self.client = EtcdClient(etcd_cfg, interceptors=self.tracing.client_interceptors)
         self.backend = EtcdLockBackend(self.client)
         self.core = LockCore(self.backend, etcd_cfg.key_root)
-        self.core.attach_loop()
         self.service = LockService(self.core, cfg.limits)
 
         self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)

@@ -43,6 +43,11 @@ class SessionMissing(BackendError):
     """The session record is gone (never existed in this tenant, closed, or expired)."""
 
 
+class SessionTaken(BackendError):
+    """A session an Acquire was to create already exists without this lock's entry: the request id
+    that names it was used before, for another lock."""
+
+
 class EntryConflict(BackendError):
     """The session already has an entry in this lock's queue, made by another request id."""
 
@@ -89,6 +94,7 @@ class LockBackend(Protocol):
         by Acquire); otherwise the session record must exist (raises SessionMissing).
         only_if_free: put only if the queue is empty (try-lock); when it is not, nothing is put and
         the result's position has mine=None, unless the entry already exists with the same request id.
+        With new_session_value, an existing session record without this entry raises SessionTaken.
         An existing entry with the same request id (a retry) is adopted: put again unchanged, so its
         create revision (place and fencing token) stays and its mod revision now names this call;
         it is returned with created=False. One with another request id raises EntryConflict.

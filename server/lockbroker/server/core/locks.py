@@ -25,6 +25,7 @@ from lockbroker.server.core.backend import (
     EntryConflict,
     LockBackend,
     SessionMissing,
+    SessionTaken,
     WatchInterrupted,
     call_deadline,
 )
@@ -229,8 +230,10 @@ class LockCore:
             )
         except SessionMissing:
             raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
+        except SessionTaken:
+            raise RequestIdReused(f"request_id {request_id!r} was already used to acquire another lock") from None
         except EntryConflict as e:
-            if implicit:
+            if implicit:  # the same session and lock under another request id: only a reused id gets here
                 raise RequestIdReused(f"request_id {request_id!r} was already used to acquire another lock") from None
             raise AlreadyQueued(
                 f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
@@ -278,12 +281,10 @@ class LockCore:
     async def _until_deleted(self, keys: tuple[bytes, ...], revision: int, timeout: float) -> None:
         """Return when any of `keys` is deleted after `revision`: the predecessor (our turn may
         have come) or our own entry (our session ended: tell the caller now, not at the timeout)."""
-        if self._closing is not None and self._closing.done():
+        if self.closing.done():
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
         watches = [asyncio.ensure_future(self._backend.wait_deleted(k, revision)) for k in keys]
-        waits: set[asyncio.Future[None]] = set(watches)
-        if self._closing is not None:
-            waits.add(self._closing)
+        waits: set[asyncio.Future[None]] = {*watches, self.closing}
         try:
             done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -295,7 +296,7 @@ class LockCore:
             if w in done:
                 w.result()  # raises WatchInterrupted
                 return
-        if self._closing is not None and self._closing in done:
+        if self.closing in done:
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
         raise TimeoutError
 
@@ -430,23 +431,17 @@ class LockCore:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def begin_shutdown(self) -> None:
-        """Make every waiter give up (removing its entry) and refuse new waits."""
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-        if not self._closing.done():
-            self._closing.set_result(None)
-
     @property
     def closing(self) -> asyncio.Future[None]:
-        """Done once the broker begins to shut down."""
-        self.attach_loop()
-        assert self._closing is not None
-        return self._closing
-
-    def attach_loop(self) -> None:
+        """Done once the broker begins to shut down (made on first use: it needs the running loop)."""
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
+        return self._closing
+
+    def begin_shutdown(self) -> None:
+        """Make every waiter give up (removing its entry) and refuse new waits."""
+        if not self.closing.done():
+            self.closing.set_result(None)
 
     async def drain_cleanups(self, timeout: float) -> None:
         """Give pending clean-ups `timeout` to finish on shutdown; leases remove the rest."""

@@ -11,6 +11,7 @@ from lockbroker.server.core.backend import (
     EntryConflict,
     LeaseExists,
     SessionMissing,
+    SessionTaken,
     remaining,
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position
@@ -171,7 +172,7 @@ class EtcdLockBackend:
         if new_session_value is None and session_count == 0:
             raise SessionMissing(session_key.decode())
         if new_session_value is not None and session_count > 0:
-            raise EntryConflict(Entry(session_key, 0, lease_id, EntryValue("", "", 0.0)))
+            raise SessionTaken(session_key.decode())
         holder_r = resp.responses[2].response_range
         return Enqueued(False, Position(rev, None, None, _first(holder_r), holder_r.count, holder_r.count))
 

@@ -105,7 +105,6 @@ class EtcdClient:
         self._index = 0
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
-        self.on_unavailable: Callable[[], None] | None = None  # health hook
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -193,9 +192,12 @@ class EtcdClient:
         self._token = None
 
     def report_stream_error(self, e: aio.AioRpcError, idx: int) -> None:
-        """A shared stream broke: treat it like a failed call for failover and health."""
-        if e.code() != grpc.StatusCode.CANCELLED:
-            self._translate(e, idx, write=False)
+        """A shared stream broke: move to the next endpoint as a failed call would."""
+        self._maybe_failover(e.code(), idx)
+
+    def _maybe_failover(self, code: grpc.StatusCode, idx: int) -> None:
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.failover(idx)
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -227,10 +229,7 @@ class EtcdClient:
     def _translate(self, e: aio.AioRpcError, idx: int, write: bool) -> Exception:
         code, details = e.code(), e.details() or ""
         if code in _TRANSIENT or any(m in details for m in _TRANSIENT_MESSAGES):
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                self.failover(idx)
-            if self.on_unavailable is not None:
-                self.on_unavailable()
+            self._maybe_failover(code, idx)
             # Only a write that may have reached etcd has an unknown outcome.
             unknown = write and code != grpc.StatusCode.RESOURCE_EXHAUSTED
             return Unavailable(f"etcd: {details or code.name}", retry_after=1.0, outcome_unknown=unknown)
