@@ -18,8 +18,13 @@ domain "lockbroker" and one of these reasons:
   ALREADY_QUEUED      FAILED_PRECONDITION this session already holds or waits for the lock under another request_id
   REQUEST_ID_REUSED   FAILED_PRECONDITION a request_id was reused for a different request
   INVALID_ARGUMENT    INVALID_ARGUMENT   with a google.rpc.BadRequest naming each bad field
+  DEADLINE_EXCEEDED   DEADLINE_EXCEEDED  the RPC deadline came before the lock; the queued wait was removed
+  UNAUTHENTICATED     UNAUTHENTICATED    missing or invalid API key / client certificate
+  PERMISSION_DENIED   PERMISSION_DENIED  the call needs the admin role
   BACKEND_UNAVAILABLE UNAVAILABLE        etcd could not be reached in time; with google.rpc.RetryInfo
   SHUTTING_DOWN       UNAVAILABLE        the broker is draining; retry on another replica (RetryInfo)
+  AUDIT_UNAVAILABLE   UNAVAILABLE        the audit log cannot be written, so the call was refused (RetryInfo)
+  INTERNAL            INTERNAL           a bug; metadata "incident" points into the broker's log
 
 Locks are advisory: a lease can expire while its holder is paused (GC,
 swap, a stopped VM) and the holder cannot know. Pass the fencing token to
