@@ -56,6 +56,7 @@ class Rich:
     info: error_details_pb2.ErrorInfo | None = None
     bad_request: error_details_pb2.BadRequest | None = None
     retry: error_details_pb2.RetryInfo | None = None
+    quota: error_details_pb2.QuotaFailure | None = None
     not_acquired: lock_pb2.NotAcquired | None = None
     others: list[str] = field(default_factory=list)
 
@@ -89,6 +90,9 @@ def rich(err: aio.AioRpcError) -> Rich:
         elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             out.retry = error_details_pb2.RetryInfo()
             any_.Unpack(out.retry)
+        elif any_.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            out.quota = error_details_pb2.QuotaFailure()
+            any_.Unpack(out.quota)
         elif any_.Is(lock_pb2.NotAcquired.DESCRIPTOR):
             out.not_acquired = lock_pb2.NotAcquired()
             any_.Unpack(out.not_acquired)

@@ -147,7 +147,10 @@ async def test_close_session_releases_all_its_locks_and_is_idempotent(
     assert len(await lock_keys(probe)) == 4
 
     owned = sorted(kv.key for kv in await probe.kvs() if kv.lease == lease_of(s))
-    assert len(owned) == 4  # three entries and the session record
+    # three entries and the session record; and the quota slots they hold (bound to the same lease):
+    # one session slot, and per entry one tenant slot and one slot of its lock's queue
+    assert len([k for k in owned if b"/q/" not in k]) == 4
+    assert len([k for k in owned if b"/q/" in k]) == 1 + 2 * len(names)
     rev = await probe.revision()
     assert await close(stub, s) is True
     # All of them went at once: deleted together at one revision (one lease revoke).

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, message
+from google.protobuf import any_pb2, duration_pb2, message
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
@@ -39,6 +39,27 @@ def trailers(
         code=code.value[0], message=message_text, details=[pack(info), *(pack(d) for d in details)]
     )
     return ((DETAILS_KEY, status.SerializeToString()),)
+
+
+def quota_details(
+    tenant: str, limit: str, value: float, description: str, retry_after: float | None
+) -> list[message.Message]:
+    """QuotaFailure naming the limit and its value, and RetryInfo when waiting can help."""
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=f"tenant:{tenant}",
+        description=description,
+        api_service="lockbroker.v1.LockService",
+        quota_metric=f"lockbroker/{limit}",
+        quota_id=limit,
+        quota_dimensions={"tenant": tenant},
+        quota_value=int(value),
+    )
+    details: list[message.Message] = [error_details_pb2.QuotaFailure(violations=[violation])]
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, int(retry_after * 1e9)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return details
 
 
 def _metadata_items(metadata: Iterable[Any] | None) -> list[tuple[str, str | bytes]]:

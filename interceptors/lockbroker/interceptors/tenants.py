@@ -7,6 +7,10 @@
       {id = "3f9c0a1b2c4d", hash = "scrypt$ln=14,r=8,p=1$<salt>$<digest>", created = "2026-11-23T02:28:09Z"},
     ]
     mtls_identities = ["spiffe://example.org/ns/acme/sa/worker", "CN=acme-worker"]
+    quota = {max_locks = 500, acquire_rate = 50}   # optional: this tenant's own limits
+
+The quota table is kept as numbers here and checked by the server (which knows the limits);
+writers keep it as it is.
 
 An API key reads `lbk_<id>_<secret>`. The id is a lookup handle, not a secret (it is what logs and audit
 records name); the 256-bit secret carries all the strength. Only a salted scrypt hash of the whole key is
@@ -194,6 +198,7 @@ class Tenant:
     admin: bool = False
     api_keys: tuple[ApiKeyRecord, ...] = ()
     mtls_identities: tuple[str, ...] = ()
+    quota: tuple[tuple[str, int | float], ...] = ()  # overrides of the server's default quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +348,8 @@ class TenantRegistry:
 
 # --- reading -------------------------------------------------------------------------------------
 
-_TENANT_KEYS = frozenset({"admin", "api_keys", "mtls_identities"})
+_TENANT_KEYS = frozenset({"admin", "api_keys", "mtls_identities", "quota"})
+_QUOTA_NAME = re.compile(r"[a-z_]{1,40}")
 _API_KEY_KEYS = frozenset({"id", "hash", "created"})
 
 
@@ -403,7 +409,13 @@ def _tenant(name: str, table: Any, where: str) -> Tenant:
         raise TenantsFileError(f"{where}: mtls_identities must be an array of strings")
     if len(set(identities)) != len(identities):
         raise TenantsFileError(f"{where}: mtls_identities lists an identity twice")
-    return Tenant(name, admin, tuple(keys), tuple(identities))
+    raw_quota = table.get("quota", {})
+    if not isinstance(raw_quota, dict) or not all(
+        isinstance(k, str) and _QUOTA_NAME.fullmatch(k) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in raw_quota.items()
+    ):
+        raise TenantsFileError(f"{where}: quota must be a table of limit names to numbers, e.g. {{max_locks = 500}}")
+    return Tenant(name, admin, tuple(keys), tuple(identities), tuple(sorted(raw_quota.items())))
 
 
 def parse(text: str, path: str = "<tenants>", **registry_options: Any) -> TenantRegistry:
@@ -477,6 +489,8 @@ def render(tenants: Iterable[Tenant]) -> str:
         else:
             parts.append("api_keys = []\n")
         parts.append(f"mtls_identities = [{', '.join(_toml_str(i) for i in t.mtls_identities)}]\n")
+        if t.quota:
+            parts.append(f"quota = {{{', '.join(f'{k} = {v!r}' for k, v in t.quota)}}}\n")
     return "".join(parts)
 
 

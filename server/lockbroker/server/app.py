@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from lockbroker.interceptors import tenants, tls
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.identity import IdentityInterceptor
+from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
 from lockbroker.interceptors.retry import ServerRetryInterceptor
 from lockbroker.interceptors.tenants import TenantsFileError
 from lockbroker.interceptors.tls import TlsFileError
@@ -36,6 +37,7 @@ from lockbroker.interceptors.tracing import (
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
+from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
@@ -96,6 +98,7 @@ class Broker:
         self.server: aio.Server | None = None
         self.port = 0
         self.identity: IdentityInterceptor | None = None
+        self.quotas = Quotas(config.quota)
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
 
@@ -106,6 +109,7 @@ class Broker:
     async def start(self) -> None:
         cfg = self.config
         self.identity, credentials = self._security()
+        self.quotas = self._quotas()
         if self._own_tracing:
             try:
                 self.tracing = configure_tracing(os.environ)
@@ -132,7 +136,7 @@ class Broker:
         # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
         self.client = EtcdClient(etcd_cfg, interceptors=self.tracing.client_interceptors)
         self.backend = EtcdLockBackend(self.client)
-        self.core = LockCore(self.backend, etcd_cfg.key_root)
+        self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
         self.service = LockService(self.core, cfg.limits)
 
         self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
@@ -195,6 +199,24 @@ class Broker:
                 )
         return identity, credentials
 
+    def _quotas(self) -> Quotas:
+        """The default quota, and each tenant's own from the tenants file (checked here: a typo
+        in a limit's name must stop the broker, not silently leave a tenant unlimited)."""
+        overrides = {}
+        for tenant in self.identity.registry if self.identity is not None else ():
+            if tenant.quota:
+                try:
+                    overrides[tenant.name] = self.config.quota.with_overrides(
+                        dict(tenant.quota), f"{self.config.auth.tenants_file}: [tenants.{tenant.name}] quota"
+                    )
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        return Quotas(self.config.quota, overrides)
+
+    def _rate(self, tenant: str) -> Rate:
+        q = self.quotas(tenant)
+        return Rate(q.acquire_rate, q.acquire_burst)
+
     def _interceptors(self) -> list[aio.ServerInterceptor]:
         """The chain, outermost first.
 
@@ -202,6 +224,8 @@ class Broker:
         audit     next, so rejections by identity, quota or retry exhaustion are recorded too;
         identity  then the tenant is known; audit.capture() hands it to the audit record;
         lock span attributes from the request and the grant, once the tenant is known;
+        quota     the tenant's acquire rate (per replica); a refusal is audited with its lock name
+                  (limits on held state are the lock core's, in etcd);
         retry     innermost, around the handler alone, so a retry re-runs only the handler and
                   is audited and traced as one call with N attempts.
         """
@@ -214,6 +238,8 @@ class Broker:
             chain.append(self.audit.capture())
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
+        if self.quotas.any(lambda q: q.acquire_rate > 0):
+            chain.append(RateLimitInterceptor(self._rate))
         if self.config.retry.max_attempts > 1:
             chain.append(ServerRetryInterceptor(max_attempts=self.config.retry.max_attempts))
         return chain

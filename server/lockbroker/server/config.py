@@ -6,6 +6,7 @@ Every field is reachable all three ways; names are derived from the field, so th
     section [server]  field listen         flag --listen           env LOCKBROKER_LISTEN
     section [etcd]    field endpoints      flag --etcd-endpoints   env LOCKBROKER_ETCD_ENDPOINTS
     section [limits]  field max_ttl        flag --limits-max-ttl   env LOCKBROKER_LIMITS_MAX_TTL
+    section [quota]   field max_locks      flag --quota-max-locks  env LOCKBROKER_QUOTA_MAX_LOCKS
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lockbroker.server.core.quota import TenantQuota
 
 
 class ConfigError(ValueError):
@@ -143,6 +146,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # The default quota of every tenant; the tenants file can set a tenant's own ([tenants.<name>.quota]).
+    quota: TenantQuota = field(default_factory=TenantQuota)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -154,6 +159,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "tls": TlsConfig,
     "audit": AuditConfig,
     "retry": RetryConfig,
+    "quota": TenantQuota,
 }
 
 
@@ -242,5 +248,10 @@ def load(
                 if raw is not None:
                     values[f.name] = _convert(raw, hints[f.name], where)
                     break
-        sections[section] = cls(**values)
+        try:
+            sections[section] = cls(**values)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"[{section}] {e}") from None
     return Config(**sections)

@@ -6,7 +6,7 @@ import grpc
 from google.protobuf import message
 from google.rpc import error_details_pb2
 
-from lockbroker.interceptors.rpcstatus import DOMAIN, Trailers, trailers
+from lockbroker.interceptors.rpcstatus import DOMAIN, Trailers, quota_details, trailers
 from lockbroker.server import convert
 from lockbroker.server.core import errors as e
 
@@ -17,6 +17,7 @@ _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.SessionLost, grpc.StatusCode.NOT_FOUND),
     (e.AlreadyQueued, grpc.StatusCode.FAILED_PRECONDITION),
     (e.RequestIdReused, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
@@ -41,6 +42,8 @@ def _details(exc: e.LockBrokerError) -> list[message.Message]:
         ]
     if isinstance(exc, e.NotAcquired):
         return [convert.not_acquired(exc.info)]
+    if isinstance(exc, e.QuotaExceeded):
+        return quota_details(exc.tenant, exc.limit, exc.value, exc.message, exc.retry_after)
     if isinstance(exc, e.Unavailable):
         return [error_details_pb2.RetryInfo(retry_delay=convert.dur(exc.retry_after))]
     return []

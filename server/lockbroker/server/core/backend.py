@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position
@@ -48,6 +49,14 @@ class SessionTaken(BackendError):
     that names it was used before, for another lock."""
 
 
+class SlotsTaken(BackendError):
+    """Quota slot keys the write compared as free were taken: nothing was written."""
+
+    def __init__(self, taken: Sequence[bytes]) -> None:
+        super().__init__(b", ".join(taken).decode())
+        self.taken = tuple(taken)
+
+
 class EntryConflict(BackendError):
     """The session already has an entry in this lock's queue, made by another request id."""
 
@@ -73,7 +82,9 @@ class LockBackend(Protocol):
         """Remaining TTL in whole seconds (rounded down), or -1 if the lease is gone."""
         ...
 
-    async def put_session(self, session_key: bytes, value: bytes, lease_id: int) -> None: ...
+    async def put_session(self, session_key: bytes, value: bytes, lease_id: int, slots: Sequence[bytes] = ()) -> None:
+        """Put the session record, with its quota slots if they are free (else SlotsTaken)."""
+        ...
 
     async def session_exists(self, session_key: bytes) -> bool: ...
 
@@ -87,8 +98,12 @@ class LockBackend(Protocol):
         session_key: bytes,
         new_session_value: bytes | None,
         only_if_free: bool,
+        slots: Sequence[bytes] = (),
     ) -> Enqueued:
         """Put `key` at the end of the queue under `prefix`, if the session has no entry there yet.
+
+        slots: quota slot keys put with the entry (bound to the same lease) if every one is free;
+        if one is taken, nothing is put and SlotsTaken names them (checked after the conditions below).
 
         new_session_value: the session record is created in the same transaction (a session made
         by Acquire); otherwise the session record must exist (raises SessionMissing).
@@ -111,9 +126,21 @@ class LockBackend(Protocol):
         Cancelling the call removes the watch."""
         ...
 
-    async def delete_entry(self, key: bytes, create_revision: int, mod_revision: int = 0) -> Entry | None:
+    async def delete_entry(
+        self, key: bytes, create_revision: int, mod_revision: int = 0, slots: Sequence[bytes] = ()
+    ) -> Entry | None:
         """Delete exactly this entry (and, if mod_revision is given, only as last written by the
-        caller); the deleted entry, or None if it was already gone or adopted by another call."""
+        caller), with the quota slots it holds; the deleted entry, or None if it was already gone
+        or adopted by another call."""
+        ...
+
+    async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:
+        """Delete quota slots put together with the entry of `create_revision` (a no-op once they
+        are gone: their lease ended, or they were deleted with the entry)."""
+        ...
+
+    async def taken_slots(self, pool_prefix: bytes) -> set[bytes]:
+        """The keys of a quota pool that are taken."""
         ...
 
     async def get_entry(self, key: bytes) -> Entry | None: ...

@@ -87,6 +87,23 @@ class RequestIdReused(LockBrokerError):
     reason = "REQUEST_ID_REUSED"
 
 
+class QuotaExceeded(LockBrokerError):
+    """A tenant limit (see lockbroker.server.core.quota.LIMITS) would be exceeded; nothing was changed.
+
+    retry_after: when waiting can help (held state is freed by releases and expiries), a hint of
+    how long; None when it cannot (a TTL or wait above the tenant's maximum)."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, tenant: str, limit: str, value: float, message: str, retry_after: float | None) -> None:
+        shown = int(value) if float(value).is_integer() else value
+        super().__init__(message, {"tenant": tenant, "limit": limit, "value": str(shown)})
+        self.tenant = tenant
+        self.limit = limit
+        self.value = value
+        self.retry_after = retry_after
+
+
 class DeadlineExceeded(LockBrokerError):
     """The RPC deadline passed before an answer (the wait was cleaned up)."""
 

@@ -16,16 +16,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from lockbroker.server.core.backend import (
     EntryConflict,
     LockBackend,
     SessionMissing,
     SessionTaken,
+    SlotsTaken,
     WatchInterrupted,
     call_deadline,
 )
@@ -34,6 +38,7 @@ from lockbroker.server.core.errors import (
     DeadlineExceeded,
     LockHeld,
     NotAcquiredInfo,
+    QuotaExceeded,
     RequestIdReused,
     SessionLost,
     SessionNotFound,
@@ -42,6 +47,7 @@ from lockbroker.server.core.errors import (
     WaitExpired,
 )
 from lockbroker.server.core.model import (
+    Enqueued,
     Entry,
     EntryValue,
     Grant,
@@ -52,8 +58,11 @@ from lockbroker.server.core.model import (
     SessionInfo,
 )
 from lockbroker.server.core.names import Keyspace, derived_lease_id, prefix_end, session_id_of
+from lockbroker.server.core.quota import LIMITS, UNLIMITED, Pool, QuotaLookup, TenantQuota
 
 log = logging.getLogger("lockbroker.core")
+
+_T = TypeVar("_T")
 
 # Answer this long before the RPC deadline, so the caller gets our answer rather than its own timeout.
 DEADLINE_MARGIN = 0.05
@@ -61,6 +70,11 @@ DEADLINE_MARGIN = 0.05
 # retrying in the background while etcd is unreachable.
 CLEANUP_TIMEOUT = 3.0
 CLEANUP_WINDOW = 60.0
+# Attempts at claiming a free quota slot when the hashed one and then a read free one are taken
+# (each later attempt reads the pool again, so only a near-full pool under a race uses them all).
+SLOT_ATTEMPTS = 4
+# How soon a caller refused for held state may try again: state frees as locks are released.
+QUOTA_RETRY_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +125,18 @@ class LeaseClock:
 
 
 class LockCore:
-    def __init__(self, backend: LockBackend, key_root: str) -> None:
+    def __init__(self, backend: LockBackend, key_root: str, quotas: QuotaLookup = lambda _t: UNLIMITED) -> None:
         self._backend = backend
         self._root = key_root
+        self._quotas = quotas
         self._keyspaces: dict[str, Keyspace] = {}
         self.leases = LeaseClock()
         self._closing: asyncio.Future[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
+        # The quota slots of entries this replica granted, so Release deletes them in its one
+        # transaction; a release of an entry not in here reads them from the deleted entry.
+        self._slots: dict[bytes, tuple[int, tuple[bytes, ...]]] = {}
 
     def keyspace(self, tenant: str) -> Keyspace:
         ks = self._keyspaces.get(tenant)
@@ -129,6 +148,8 @@ class LockCore:
 
     async def create_session(self, tenant: str, ttl: int, owner: str, request_id: str) -> SessionInfo:
         ks = self.keyspace(tenant)
+        quota = self._quotas(tenant)
+        self._check_ttl(tenant, quota, ttl)
         want = derived_lease_id(tenant, "session", request_id) if request_id else 0
         started = time.time()
         lease = await self._backend.grant_lease(ttl, want)
@@ -141,8 +162,12 @@ class LockCore:
             if left < 0:
                 raise SessionNotFound("the session created by this request_id has expired")
             return SessionInfo(session_id_of(lease.lease_id), ttl, time.time() + left)
+        record = _session_record(lease.ttl, owner, None)
         try:
-            await self._backend.put_session(key, _session_record(lease.ttl, owner, None), lease.lease_id)
+            pools = [ks.session_pool(quota.max_sessions)] if quota.max_sessions else []
+            await self._claiming(
+                tenant, pools, key, lambda slots: self._backend.put_session(key, record, lease.lease_id, slots)
+            )
         except BaseException:
             await self._cleanup(lambda: self._backend.revoke_lease(lease.lease_id))
             raise
@@ -173,6 +198,36 @@ class LockCore:
     # -- acquire ----------------------------------------------------------------------------
 
     async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
+        quota = self._quotas(tenant)
+        if p.lease_id is None:
+            self._check_ttl(tenant, quota, p.ttl)
+        if quota.max_wait and p.wait > quota.max_wait:
+            raise QuotaExceeded(
+                tenant,
+                "max_wait",
+                quota.max_wait,
+                f"wait_timeout {p.wait:g}s is above tenant {tenant!r}'s max_wait of {quota.max_wait:g}s",
+                None,
+            )
+        if p.wait <= 0:
+            return await self._acquire(tenant, p, quota)
+        if quota.max_waiters and self._waiting[tenant] >= quota.max_waiters:
+            raise QuotaExceeded(
+                tenant,
+                "max_waiters",
+                quota.max_waiters,
+                f"tenant {tenant!r} already has {quota.max_waiters} blocking Acquire calls waiting on this replica",
+                QUOTA_RETRY_AFTER,
+            )
+        self._waiting[tenant] += 1
+        try:
+            return await self._acquire(tenant, p, quota)
+        finally:
+            self._waiting[tenant] -= 1
+            if not self._waiting[tenant]:
+                del self._waiting[tenant]
+
+    async def _acquire(self, tenant: str, p: AcquireParams, quota: TenantQuota) -> Grant:
         ks = self.keyspace(tenant)
         started = time.monotonic()
         request_id = p.request_id or uuid.uuid4().hex
@@ -180,10 +235,12 @@ class LockCore:
         key = ks.entry_key(p.name, lease_id)
         mine: Entry | None = None
         try:
-            pos = await self._enqueue(ks, p, lease_id, request_id, created_lease is not None)
+            pos = await self._enqueue(tenant, quota, p, lease_id, request_id)
             if pos.mine is None:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
             mine = pos.mine
+            if mine.value.slots:
+                self._remember_slots(mine)
             queue_position = pos.ahead
             await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
             expires_at = expires_at or self.leases.get(lease_id) or await self._expiry(lease_id)
@@ -215,19 +272,40 @@ class LockCore:
         self.leases.note(lease.lease_id, before + lease.ttl)
         return lease.lease_id, lease.lease_id, before + lease.ttl
 
-    async def _enqueue(self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, new: bool) -> Position:
+    async def _enqueue(
+        self, tenant: str, quota: TenantQuota, p: AcquireParams, lease_id: int, request_id: str
+    ) -> Position:
         """Queue the entry (or find this request's earlier one); position.mine None: try-lock lost."""
+        ks = self.keyspace(tenant)
         implicit = p.lease_id is None
-        try:
-            enq = await self._backend.enqueue(
+        key = ks.entry_key(p.name, lease_id)
+        session_key = ks.session_key(lease_id)
+        queued_at = time.time()
+        pools: list[tuple[Pool, bytes]] = []
+        if implicit and quota.max_sessions:
+            pools.append((ks.session_pool(quota.max_sessions), session_key))
+        if quota.max_locks:
+            pools.append((ks.entry_pool(quota.max_locks), key))
+        if quota.max_waiters_per_lock:
+            # The holder takes a slot too: the pool bounds the whole queue at holder + waiters.
+            pools.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + 1), key))
+
+        def put(slots: Sequence[bytes]) -> Awaitable[Enqueued]:
+            # The session's slot is put with (and owned by) the session record, not the entry.
+            entry_slots = tuple(s for s in slots if not s.startswith(ks.quota_root + b"s/"))
+            return self._backend.enqueue(
                 ks.lock_prefix(p.name),
-                ks.entry_key(p.name, lease_id),
-                EntryValue(p.owner, request_id, time.time(), implicit).encode(),
+                key,
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots).encode(),
                 lease_id,
-                session_key=ks.session_key(lease_id),
+                session_key=session_key,
                 new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
                 only_if_free=p.wait <= 0,
+                slots=slots,
             )
+
+        try:
+            enq = await self._claiming(tenant, [pool for pool, _ in pools], key, put, owners=[o for _, o in pools])
         except SessionMissing:
             raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
         except SessionTaken:
@@ -243,6 +321,71 @@ class LockCore:
         if enq.position.mine is None and not enq.created and p.wait > 0:
             raise SessionLost(f"the queue entry of request {request_id!r} was removed (session ended or released)")
         return enq.position
+
+    @staticmethod
+    def _check_ttl(tenant: str, quota: TenantQuota, ttl: int) -> None:
+        if quota.max_ttl and ttl > quota.max_ttl:
+            raise QuotaExceeded(
+                tenant,
+                "max_ttl",
+                quota.max_ttl,
+                f"ttl {ttl}s is above tenant {tenant!r}'s max_ttl of {quota.max_ttl}s",
+                None,
+            )
+
+    async def _claiming(
+        self,
+        tenant: str,
+        pools: Sequence[Pool],
+        owner: bytes,
+        write: Callable[[Sequence[bytes]], Awaitable[_T]],
+        owners: Sequence[bytes] | None = None,
+    ) -> _T:
+        """Run `write` with one free slot of each pool; QuotaExceeded if a pool is full.
+
+        The hashed slot first (no read); for a pool whose slot turned out taken, read the pool
+        and pick a free slot at random, so racing claimants rarely pick the same one again.
+        """
+        slots = [pool.slot(owners[i] if owners else owner) for i, pool in enumerate(pools)]
+        for attempt in range(SLOT_ATTEMPTS):
+            try:
+                return await write(slots)
+            except SlotsTaken as e:
+                if attempt == SLOT_ATTEMPTS - 1:
+                    break
+                for i, pool in enumerate(pools):
+                    if slots[i] not in e.taken:
+                        continue
+                    taken = await self._backend.taken_slots(pool.prefix)
+                    free = [j for j in range(pool.size) if pool.key(j) not in taken]
+                    if not free:
+                        raise self._full(tenant, pool) from None
+                    slots[i] = pool.key(random.choice(free))  # noqa: S311 - spreading, not secrecy
+        raise QuotaExceeded(
+            tenant,
+            "slots",
+            0,
+            f"tenant {tenant!r} is close to a quota and racing claims kept colliding; retry",
+            QUOTA_RETRY_AFTER,
+        )
+
+    @staticmethod
+    def _full(tenant: str, pool: Pool) -> QuotaExceeded:
+        size = pool.size - 1 if pool.limit == "max_waiters_per_lock" else pool.size
+        return QuotaExceeded(
+            tenant,
+            pool.limit,
+            size,
+            f"tenant {tenant!r} is at its quota {pool.limit} = {size} ({LIMITS[pool.limit]})",
+            QUOTA_RETRY_AFTER,
+        )
+
+    def _remember_slots(self, entry: Entry) -> None:
+        if len(self._slots) >= LeaseClock.MAX:
+            # Forget the oldest half: their releases read the slots back from the deleted entry.
+            for k in list(self._slots)[: LeaseClock.MAX // 2]:
+                del self._slots[k]
+        self._slots[entry.key] = (entry.create_revision, entry.value.slots)
 
     async def _expiry(self, lease_id: int) -> float:
         """Ask etcd how long a session has left (one this replica has not seen refreshed)."""
@@ -341,7 +484,7 @@ class LockCore:
             ):
                 mine = found
         if mine is not None:
-            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision)
+            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision, mine.value.slots)
 
     async def _cleanup(self, work: Callable[[], Awaitable[object]]) -> None:
         """Run clean-up to the end even if the caller is cancelled or etcd is briefly away.
@@ -388,9 +531,15 @@ class LockCore:
                 return False
             key = found.key
         # Compare on the create revision: a stale token can never delete a newer grant.
-        deleted = await self._backend.delete_entry(key, fencing_token)
+        known = self._slots.pop(key, None)
+        slots = known[1] if known is not None and known[0] == fencing_token else None
+        deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or ())
         if deleted is None:
             return False
+        if slots is None and deleted.value.slots and not deleted.value.implicit_session:
+            # Granted by another replica (or forgotten here): the entry named its slots.
+            left = deleted.value.slots
+            await self._cleanup(lambda: self._backend.delete_slots(left, fencing_token))
         if deleted.value.implicit_session:
             # The session existed only for this lock; end it now rather than at its TTL.
             await self._cleanup(lambda: self._backend.revoke_lease(deleted.lease))

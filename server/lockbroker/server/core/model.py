@@ -14,11 +14,15 @@ class EntryValue:
     request_id: str
     queued_at: float  # unix seconds, server clock
     implicit_session: bool = False  # the session was created by Acquire for this one lock
+    # The quota slot keys this entry holds (see lockbroker.server.core.quota): deleted with it.
+    slots: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
         doc: dict[str, object] = {"o": self.owner, "r": self.request_id, "t": round(self.queued_at, 6)}
         if self.implicit_session:
             doc["i"] = 1
+        if self.slots:
+            doc["q"] = [s.decode() for s in self.slots]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -26,7 +30,11 @@ class EntryValue:
         try:
             doc = json.loads(raw)
             return EntryValue(
-                str(doc.get("o", "")), str(doc.get("r", "")), float(doc.get("t", 0.0)), bool(doc.get("i", 0))
+                str(doc.get("o", "")),
+                str(doc.get("r", "")),
+                float(doc.get("t", 0.0)),
+                bool(doc.get("i", 0)),
+                tuple(str(s).encode() for s in doc.get("q", ())),
             )
         except (ValueError, TypeError, AttributeError):
             # A key someone wrote by hand under our prefix: still an entry in the queue.

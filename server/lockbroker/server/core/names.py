@@ -4,6 +4,9 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
 
     <root>/t/<tenant>/s/<lease hex>          a session record, bound to the session's lease
     <root>/t/<tenant>/l/<name>#<lease hex>   one queue entry of lock <name>, bound to its session's lease
+    <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
+    <root>/t/<tenant>/q/e/<i>                quota slot i of the tenant's queue entries
+    <root>/t/<tenant>/q/l/<name>#<i>         quota slot i of lock <name>'s queue
 
 "#" never occurs in a name, so the entries of one lock are exactly the keys with prefix
 "<root>/t/<tenant>/l/<name>#": lock "a" can never see the entries of lock "a/b" or "a#b".
@@ -15,6 +18,7 @@ import hashlib
 import re
 
 from lockbroker.server.core.errors import FieldViolation
+from lockbroker.server.core.quota import Pool
 
 MAX_NAME_BYTES = 256
 MAX_OWNER_BYTES = 128
@@ -96,12 +100,22 @@ def prefix_end(prefix: bytes) -> bytes:
 class Keyspace:
     """The etcd keys of one tenant."""
 
-    __slots__ = ("base", "locks_root", "sessions_root")
+    __slots__ = ("base", "locks_root", "quota_root", "sessions_root")
 
     def __init__(self, root: str, tenant: str) -> None:
         self.base = f"{root.rstrip('/')}/t/{tenant}/".encode()
         self.locks_root = self.base + b"l/"
         self.sessions_root = self.base + b"s/"
+        self.quota_root = self.base + b"q/"
+
+    def session_pool(self, size: int) -> Pool:
+        return Pool(self.quota_root + b"s/", size, "max_sessions")
+
+    def entry_pool(self, size: int) -> Pool:
+        return Pool(self.quota_root + b"e/", size, "max_locks")
+
+    def lock_pool(self, name: str, size: int) -> Pool:
+        return Pool(self.quota_root + b"l/" + name.encode() + b"#", size, "max_waiters_per_lock")
 
     def session_key(self, lease_id: int) -> bytes:
         return self.sessions_root + session_id_of(lease_id).encode()

@@ -7,11 +7,14 @@ and a write that decides anything carries its condition in the same transaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lockbroker.server.core.backend import (
     EntryConflict,
     LeaseExists,
     SessionMissing,
     SessionTaken,
+    SlotsTaken,
     remaining,
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position
@@ -55,6 +58,14 @@ def _range(
 
 def _get(key: bytes, *, count_only: bool = False) -> pb.RequestOp:
     return pb.RequestOp(request_range=pb.RangeRequest(key=key, count_only=count_only))
+
+
+def _put(key: bytes, value: bytes, lease: int) -> pb.RequestOp:
+    return pb.RequestOp(request_put=pb.PutRequest(key=key, value=value, lease=lease))
+
+
+def _delete(key: bytes) -> pb.RequestOp:
+    return pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key))
 
 
 def _holder(prefix: bytes) -> pb.RequestOp:
@@ -107,11 +118,22 @@ class EtcdLockBackend:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def put_session(self, session_key: bytes, value: bytes, lease_id: int) -> None:
+    async def put_session(self, session_key: bytes, value: bytes, lease_id: int, slots: Sequence[bytes] = ()) -> None:
         try:
-            await self.client.put(pb.PutRequest(key=session_key, value=value, lease=lease_id))
+            if not slots:
+                await self.client.put(pb.PutRequest(key=session_key, value=value, lease=lease_id))
+                return
+            resp = await self.client.txn(
+                pb.TxnRequest(
+                    compare=[_created(s, pb.Compare.EQUAL, 0) for s in slots],
+                    success=[_put(session_key, value, lease_id), *(_put(s, session_key, lease_id) for s in slots)],
+                    failure=[_get(s, count_only=True) for s in slots],
+                )
+            )
         except LeaseNotFound:
             raise SessionMissing(session_key.decode()) from None
+        if not resp.succeeded:
+            raise SlotsTaken([s for s, r in zip(slots, resp.responses, strict=True) if r.response_range.count])
 
     async def session_exists(self, session_key: bytes) -> bool:
         resp = await self.client.range(pb.RangeRequest(key=session_key, count_only=True))
@@ -129,8 +151,9 @@ class EtcdLockBackend:
         session_key: bytes,
         new_session_value: bytes | None,
         only_if_free: bool,
+        slots: Sequence[bytes] = (),
     ) -> Enqueued:
-        compare = [_created(key, pb.Compare.EQUAL, 0)]
+        compare = [_created(key, pb.Compare.EQUAL, 0), *(_created(s, pb.Compare.EQUAL, 0) for s in slots)]
         success: list[pb.RequestOp] = []
         if new_session_value is None:
             # The session record exists, so its lease is alive and it belongs to this tenant.
@@ -145,11 +168,17 @@ class EtcdLockBackend:
             # exactly when no entry is queued, so a try-lock never puts-then-deletes.
             compare.append(_created(prefix, pb.Compare.EQUAL, 0, range_end=prefix_end(prefix)))
         success += [
-            pb.RequestOp(request_put=pb.PutRequest(key=key, value=value, lease=lease_id)),
+            *(_put(s, key, lease_id) for s in slots),
+            _put(key, value, lease_id),
             _holder(prefix),
             _range(prefix, descending=True, limit=2),  # mine and the one before
         ]
-        failure = [_get(key), _get(session_key, count_only=True), _holder(prefix)]
+        failure = [
+            _get(key),
+            _get(session_key, count_only=True),
+            _holder(prefix),
+            *(_get(s, count_only=True) for s in slots),
+        ]
         try:
             resp = await self.client.txn(pb.TxnRequest(compare=compare, success=success, failure=failure))
         except LeaseNotFound:
@@ -174,6 +203,10 @@ class EtcdLockBackend:
         if new_session_value is not None and session_count > 0:
             raise SessionTaken(session_key.decode())
         holder_r = resp.responses[2].response_range
+        if not (only_if_free and holder_r.count):
+            taken = [s for s, r in zip(slots, resp.responses[3:], strict=True) if r.response_range.count]
+            if taken:
+                raise SlotsTaken(taken)
         return Enqueued(False, Position(rev, None, None, _first(holder_r), holder_r.count, holder_r.count))
 
     @staticmethod
@@ -222,7 +255,9 @@ class EtcdLockBackend:
     async def wait_deleted(self, key: bytes, after_revision: int) -> None:
         await self.watches.wait_deleted(key, after_revision)
 
-    async def delete_entry(self, key: bytes, create_revision: int, mod_revision: int = 0) -> Entry | None:
+    async def delete_entry(
+        self, key: bytes, create_revision: int, mod_revision: int = 0, slots: Sequence[bytes] = ()
+    ) -> Entry | None:
         compare = [_created(key, pb.Compare.EQUAL, create_revision)]
         if mod_revision:
             compare.append(
@@ -231,13 +266,32 @@ class EtcdLockBackend:
         resp = await self.client.txn(
             pb.TxnRequest(
                 compare=compare,
-                success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))],
+                success=[
+                    pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True)),
+                    # Slots were put in the entry's own transaction: same create revision, same lease.
+                    *(_delete(s) for s in slots),
+                ],
             )
         )
         if not resp.succeeded:
             return None
         prev = resp.responses[0].response_delete_range.prev_kvs
         return _entry(prev[0]) if prev else None
+
+    async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:
+        if slots:
+            await self.client.txn(
+                pb.TxnRequest(
+                    compare=[_created(s, pb.Compare.EQUAL, create_revision) for s in slots],
+                    success=[_delete(s) for s in slots],
+                )
+            )
+
+    async def taken_slots(self, pool_prefix: bytes) -> set[bytes]:
+        resp = await self.client.range(
+            pb.RangeRequest(key=pool_prefix, range_end=prefix_end(pool_prefix), keys_only=True)
+        )
+        return {kv.key for kv in resp.kvs}
 
     async def get_entry(self, key: bytes) -> Entry | None:
         return _first(await self.client.range(pb.RangeRequest(key=key)))
