@@ -9,6 +9,7 @@ uv run python scripts/gen_protos.py --check
 echo "== ruff"
 uv run ruff check .
 uv run ruff format --check .
+bash scripts/buf.sh
 echo "== mypy"
 uv run mypy
 echo "== pytest"

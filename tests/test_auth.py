@@ -47,7 +47,10 @@ async def test_api_keys_map_to_tenant_namespaces(keyed: tuple[Broker, dict[str, 
         s = await stub.CreateSession(lock_pb2.CreateSessionRequest(), metadata=md["acme"])
         req = lock_pb2.AcquireRequest(name="shared/name", session_id=s.session_id)
         g = await stub.Acquire(req, metadata=md["acme"])
-        assert [k.decode().split("/t/")[1].split("/")[0] for k in await probe.keys("/t/")] == ["acme", "acme"]
+        # The session record and the entry, with the quota slots they hold: all under acme's prefix.
+        tenants_of_keys = [k.decode().split("/t/")[1].split("/")[0] for k in await probe.keys("/t/")]
+        assert tenants_of_keys == ["acme"] * 5
+        assert len([k for k in await probe.keys("/t/") if b"/q/" not in k]) == 2
 
         # The other tenant neither sees nor can release acme's lock, and uses its own namespace.
         d = await stub.Describe(lock_pb2.DescribeRequest(name="shared/name"), metadata=md["globex"])

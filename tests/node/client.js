@@ -1,0 +1,213 @@
+#!/usr/bin/env node
+// A lockbroker client in Node.js, built from proto/lockbroker/v1/lock.proto alone: proof that the
+// .proto is the whole contract. tests/test_node.py runs it against a real broker.
+//
+// Usage: node client.js TARGET [LOCK_NAME]
+//
+// It creates two sessions, acquires LOCK_NAME with the first, checks that Describe shows that grant,
+// checks that a try-lock from the second session fails ABORTED with ErrorInfo reason LOCK_HELD and a
+// NotAcquired detail (both decoded from the grpc-status-details-bin trailer), releases, closes both
+// sessions and prints one JSON summary on stdout. Any failed check exits 1 with the reason on stderr.
+"use strict";
+
+const fs = require("node:fs");
+const path = require("node:path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
+
+const REPO = path.resolve(__dirname, "..", "..");
+const PROTO_ROOT = path.join(REPO, "proto");
+const LOCK_PROTO = "lockbroker/v1/lock.proto";
+const DEADLINE_MS = 15000;
+
+// google.rpc.Status and ErrorInfo as published in googleapis (google/rpc/status.proto,
+// error_details.proto). No npm package of ours ships them, and these few field numbers are the
+// whole wire contract, so they are declared here instead of adding a dependency.
+const GOOGLE_RPC = `
+syntax = "proto3";
+package google.rpc;
+message Status { int32 code = 1; string message = 2; repeated google.protobuf.Any details = 3; }
+message ErrorInfo { string reason = 1; string domain = 2; map<string, string> metadata = 3; }
+`;
+
+function check(condition, what) {
+  if (!condition) {
+    throw new Error(`check failed: ${what}`);
+  }
+}
+
+function loadService() {
+  // keepCase: fields keep their .proto names (session_id), as the other examples in this repo write
+  // them. longs: String, because fencing tokens are int64 and a JS number loses precision past 2^53.
+  const definition = protoLoader.loadSync(LOCK_PROTO, {
+    includeDirs: [PROTO_ROOT],
+    keepCase: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).lockbroker.v1.LockService;
+}
+
+function loadDetailTypes() {
+  // protobufjs ships the google/protobuf types itself: lock.proto's imports resolve to them, and
+  // Any is added by hand because protobuf.parse (unlike load) does not follow imports.
+  const root = new protobuf.Root();
+  root.addJSON(protobuf.common.get("google/protobuf/any.proto").nested);
+  protobuf.parse(GOOGLE_RPC, root, { keepCase: true });
+  root.loadSync(path.join(PROTO_ROOT, LOCK_PROTO), { keepCase: true });
+  root.resolveAll();
+  return {
+    Status: root.lookupType("google.rpc.Status"),
+    ErrorInfo: root.lookupType("google.rpc.ErrorInfo"),
+    NotAcquired: root.lookupType("lockbroker.v1.NotAcquired"),
+  };
+}
+
+const TYPES = loadDetailTypes();
+const TO_OBJECT = { longs: String, defaults: true };
+
+// The rich error model: google.rpc.Status, serialized, in the grpc-status-details-bin trailer.
+function decodeStatusDetails(err) {
+  const raw = err.metadata ? err.metadata.get("grpc-status-details-bin") : [];
+  check(raw.length === 1, `one grpc-status-details-bin trailer on ${err.code}: ${err.details}`);
+  const status = TYPES.Status.toObject(TYPES.Status.decode(raw[0]), TO_OBJECT);
+  const out = { code: status.code, message: status.message, error_info: null, not_acquired: null, others: [] };
+  for (const any of status.details) {
+    const typeName = any.type_url.slice(any.type_url.lastIndexOf("/") + 1);
+    if (typeName === "google.rpc.ErrorInfo") {
+      out.error_info = TYPES.ErrorInfo.toObject(TYPES.ErrorInfo.decode(any.value), TO_OBJECT);
+    } else if (typeName === "lockbroker.v1.NotAcquired") {
+      out.not_acquired = TYPES.NotAcquired.toObject(TYPES.NotAcquired.decode(any.value), TO_OBJECT);
+    } else {
+      out.others.push(typeName);
+    }
+  }
+  return out;
+}
+
+function unary(client, method, request) {
+  return new Promise((resolve, reject) => {
+    const deadline = new Date(Date.now() + DEADLINE_MS);
+    client[method](request, { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
+  });
+}
+
+async function expectError(promise, what) {
+  try {
+    const response = await promise;
+    throw new Error(`check failed: ${what} succeeded: ${JSON.stringify(response)}`);
+  } catch (err) {
+    if (err.code === undefined) {
+      throw err;
+    }
+    return err;
+  }
+}
+
+const seconds = (s) => ({ seconds: String(s), nanos: 0 });
+
+async function run(target, name) {
+  const LockService = loadService();
+  // The published service config: retries UNAVAILABLE, as docs/other-languages.md recommends.
+  const serviceConfig = fs.readFileSync(path.join(REPO, "docs", "service-config.json"), "utf8");
+  const client = new LockService(target, grpc.credentials.createInsecure(), {
+    "grpc.service_config": JSON.stringify(JSON.parse(serviceConfig)),
+  });
+  const sessions = [];
+  try {
+    const a = await unary(client, "CreateSession", { ttl: seconds(10), owner: "node-a" });
+    sessions.push(a.session_id);
+    const b = await unary(client, "CreateSession", { ttl: seconds(10), owner: "node-b" });
+    sessions.push(b.session_id);
+    check(/^[0-9a-f]{16}$/.test(a.session_id), `session id is 16 hex digits: ${a.session_id}`);
+    check(a.ttl.seconds === "10", `ttl echoed: ${JSON.stringify(a.ttl)}`);
+
+    const acquired = await unary(client, "Acquire", {
+      name,
+      session_id: a.session_id,
+      owner: "node-a",
+      request_id: `node-${process.pid}-${Date.now()}`,
+    });
+    const grant = acquired.grant;
+    const token = grant.fencing_token;
+    check(typeof token === "string" && /^[1-9][0-9]*$/.test(token), `int64 fencing token as a string: ${token}`);
+    check(grant.name === name && grant.session_id === a.session_id, `grant names the lock and session`);
+
+    const described = await unary(client, "Describe", { name });
+    check(described.holder !== null, "Describe shows a holder");
+    check(described.holder.fencing_token === token, `holder token ${described.holder.fencing_token} == ${token}`);
+    check(described.holder.session_id === a.session_id, "holder is session a");
+    check(described.waiters.length === 0, "nobody waits");
+
+    const err = await expectError(
+      unary(client, "Acquire", { name, session_id: b.session_id, owner: "node-b", wait_timeout: seconds(0) }),
+      "a try-lock on a held lock",
+    );
+    check(err.code === grpc.status.ABORTED, `try-lock fails ABORTED, got ${err.code}: ${err.details}`);
+    const details = decodeStatusDetails(err);
+    check(details.code === grpc.status.ABORTED, `Status.code ${details.code} matches the call's code`);
+    check(details.error_info !== null, "an ErrorInfo detail");
+    check(details.error_info.reason === "LOCK_HELD", `reason ${details.error_info.reason}`);
+    check(details.error_info.domain === "lockbroker", `domain ${details.error_info.domain}`);
+    check(details.not_acquired !== null, "a NotAcquired detail");
+    check(details.not_acquired.holder.fencing_token === token, "NotAcquired names the holder's token");
+
+    const released = await unary(client, "Release", { name, fencing_token: token, session_id: a.session_id });
+    check(released.released === true, "Release deletes the grant");
+    const again = await unary(client, "Release", { name, fencing_token: token });
+    check(again.released === false, "a second Release finds nothing");
+    const free = await unary(client, "Describe", { name });
+    check(free.holder === null, "Describe shows the lock free after Release");
+
+    const closed = [];
+    while (sessions.length > 0) {
+      closed.push((await unary(client, "CloseSession", { session_id: sessions.shift() })).closed);
+    }
+    return {
+      target,
+      name,
+      sessions: [a.session_id, b.session_id],
+      fencing_token: token,
+      describe_holder: { session_id: described.holder.session_id, fencing_token: described.holder.fencing_token },
+      refused: {
+        code: grpc.status[err.code],
+        reason: details.error_info.reason,
+        domain: details.error_info.domain,
+        metadata: details.error_info.metadata,
+        not_acquired_holder_token: details.not_acquired.holder.fencing_token,
+        other_details: details.others,
+      },
+      released: released.released,
+      released_again: again.released,
+      closed,
+    };
+  } finally {
+    // Whatever failed, leave no session behind (each close is best effort).
+    for (const session_id of sessions) {
+      await unary(client, "CloseSession", { session_id }).catch(() => {});
+    }
+    client.close();
+  }
+}
+
+async function main() {
+  const [target, name = `node/${process.pid}`] = process.argv.slice(2);
+  if (!target) {
+    process.stderr.write("usage: node client.js TARGET [LOCK_NAME]\n");
+    return 2;
+  }
+  try {
+    process.stdout.write(`${JSON.stringify(await run(target, name))}\n`);
+    return 0;
+  } catch (err) {
+    process.stderr.write(`${err.stack || err}\n`);
+    return 1;
+  }
+}
+
+main().then((code) => {
+  process.exitCode = code;
+});
