@@ -247,9 +247,19 @@ class SessionKeeper:
     before `expires_at`.
     """
 
-    def __init__(self, client: Client, ttl: float | None = 10, owner: str = "", request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        ttl: float | None = 10,
+        owner: str = "",
+        request_id: str | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> None:
         self._client = client
         self._requested_ttl = ttl
+        # Set: start() keeps this existing session alive instead of creating one.
+        self._existing_id = session_id
         self._owner = owner
         self._request_id = request_id
         self._session: Session | None = None
@@ -291,11 +301,20 @@ class SessionKeeper:
             self._callbacks.remove(cb)
 
     async def start(self) -> Self:
+        """Create the session (or, given `session_id`, confirm that it is alive) and keep it alive.
+
+        An existing session is confirmed with one Refresh: SessionNotFound if it is already gone.
+        """
         if self._session is not None:
             raise RuntimeError("the session was already started")
-        self._session, sent = await self._client._create_session(
-            self._requested_ttl, self._owner, self._request_id, None
-        )
+        if self._existing_id is not None:
+            # Measured before the call, so the local expiry errs early, never late.
+            sent = time.monotonic()
+            self._session = await self._client.refresh(self._existing_id)
+        else:
+            self._session, sent = await self._client._create_session(
+                self._requested_ttl, self._owner, self._request_id, None
+            )
         self.expires_at = sent + self._session.ttl
         self._task = asyncio.create_task(self._keep(sent), name=f"lockbroker-session-{self.session_id}")
         self._client._keepers.add(self)
@@ -311,6 +330,14 @@ class SessionKeeper:
         self._closed = True
         await self._stop()
         return await self._client.close_session(self.session_id, timeout=self._client._cleanup_timeout)
+
+    async def detach(self) -> None:
+        """Stop refreshing but leave the session open: it lapses after its TTL unless someone
+        else keeps it alive (e.g. `lockbroker session keepalive` handing over to a script)."""
+        if self._closed or self._session is None:
+            return
+        self._closed = True
+        await self._stop()
 
     async def __aenter__(self) -> Self:
         return await self.start()
@@ -724,9 +751,14 @@ class Client:
         resp = await self._unary(self._stub.CloseSession, lock_pb2.CloseSessionRequest(session_id=session_id), timeout)
         return resp.closed
 
-    def session(self, ttl: float | None = 10, owner: str = "") -> SessionKeeper:
-        """`async with client.session(ttl) as s:` a session refreshed every ttl/3 until the block ends."""
-        return SessionKeeper(self, ttl, owner)
+    def session(self, ttl: float | None = 10, owner: str = "", *, session_id: str | None = None) -> SessionKeeper:
+        """`async with client.session(ttl) as s:` a session refreshed every ttl/3 until the block ends.
+
+        With `session_id`, keep that existing session alive instead of creating one (`ttl` and
+        `owner` are then the session's own). The block still closes it on exit; call `detach()`
+        first to leave it open.
+        """
+        return SessionKeeper(self, ttl, owner, session_id=session_id)
 
     # -- locks ------------------------------------------------------------------------------
 

@@ -275,11 +275,15 @@ class SyncClient:
     # -- sessions and locks -----------------------------------------------------------------
 
     @contextmanager
-    def session(self, ttl: float | None = 10, owner: str = "") -> Iterator[SyncSession]:
-        """`with client.session(ttl) as s:` a session kept alive until the block ends."""
+    def session(
+        self, ttl: float | None = 10, owner: str = "", *, session_id: str | None = None
+    ) -> Iterator[SyncSession]:
+        """`with client.session(ttl) as s:` a session kept alive until the block ends.
+
+        With `session_id`, keep that existing session alive instead (see Client.session)."""
 
         async def start() -> SyncSession:
-            keeper = self._client.session(ttl, owner)
+            keeper = self._client.session(ttl, owner, session_id=session_id)
             await keeper.start()
             return SyncSession(keeper)
 

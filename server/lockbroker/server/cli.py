@@ -8,16 +8,18 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lockbroker.interceptors import tenants
+from lockbroker.client import cli as client_cli
 from lockbroker.server import config, logs
-from lockbroker.server.app import Broker
-from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the client subcommands should not pay for the server's imports.
+    from lockbroker.server.app import Broker  # noqa: PLC0415
+    from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError  # noqa: PLC0415
+
     try:
         cfg = config.load(args, os.environ)
     except config.ConfigError as e:
@@ -36,6 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tenants(args: argparse.Namespace) -> int:
+    from lockbroker.interceptors import tenants  # noqa: PLC0415
+
     path = args.file or os.environ.get("LOCKBROKER_AUTH_TENANTS_FILE")
     if not path:
         print("lockbroker: name the tenants file with --file or LOCKBROKER_AUTH_TENANTS_FILE", file=sys.stderr)
@@ -67,7 +71,12 @@ def _tenants(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lockbroker", description="Fair, fenced distributed locks over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="lockbroker",
+        description="Fair, fenced distributed locks over gRPC.",
+        epilog=client_cli.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -94,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (add, add_key, remove, ident):
         p.add_argument("--file", help=file_help)
         p.set_defaults(func=_tenants)
+    client_cli.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = client_cli.parse_args(build_parser(), argv)
     return int(args.func(args))
 
 

@@ -53,6 +53,11 @@ async def _fail(context: Ctx, exc: Exception, method: str) -> None:
     await context.abort(*status.internal(incident))
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def rpc(
     handler: Callable[[LockService, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[LockService, Req, Ctx], Coroutine[Any, Any, Resp]]:
@@ -153,9 +158,16 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         while True:
             nxt = asyncio.ensure_future(anext(it))
             waits: set[asyncio.Future[Any]] = {nxt, closing}
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                pending = not nxt.done()
+                if pending:
+                    # Also when this generator is closed mid-wait (the call ended): the pending read
+                    # would otherwise finish later with an exception nobody retrieves.
+                    nxt.cancel()
+                    nxt.add_done_callback(_retrieve)
+            if pending:
                 raise ShuttingDown("the broker is shutting down; reconnect to another replica", retry_after=0.5)
             try:
                 yield nxt.result()
