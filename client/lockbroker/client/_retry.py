@@ -1,4 +1,5 @@
-"""Retrying calls that failed with UNAVAILABLE, within the call's overall deadline.
+"""Retrying calls that failed with UNAVAILABLE (or RESOURCE_EXHAUSTED with a RetryInfo hint),
+within the call's overall deadline.
 
 Kept private and small on purpose: a shared client interceptor is meant to replace it, and
 the only contract callers rely on is "the same request is re-sent until it succeeds, fails
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from grpc import aio
 
-from lockbroker.client.errors import LockBrokerError, Unavailable, from_rpc_error
+from lockbroker.client.errors import LockBrokerError, QuotaExceeded, Unavailable, from_rpc_error
 
 T = TypeVar("T")
 
@@ -42,7 +43,10 @@ class Backoff:
 
 
 def retryable(err: LockBrokerError) -> bool:
-    return isinstance(err, Unavailable)
+    # A quota refusal is worth retrying only when the broker says waiting helps (RetryInfo: a
+    # rate limit, or held state that frees as locks are released); a TTL over the tenant's
+    # maximum carries none and fails at once.
+    return isinstance(err, Unavailable) or (isinstance(err, QuotaExceeded) and err.retry_after is not None)
 
 
 async def call_with_retry(
