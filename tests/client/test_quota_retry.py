@@ -28,13 +28,12 @@ async def limited(etcd: EmbeddedEtcd, key_root: str) -> AsyncIterator[Any]:
 
 
 async def test_rate_limited_acquire_is_retried_after_the_hint(limited: Any) -> None:
-    async with Client(f"127.0.0.1:{limited.port}", default_timeout=5.0) as client:
-        async with client.session(ttl=10) as s:
-            first = await client.acquire("rl/1", session_id=s.session_id)
-            started = time.monotonic()
-            second = await client.acquire("rl/2", session_id=s.session_id)  # the bucket is empty: refused once
-            assert time.monotonic() - started >= 0.2  # it waited for the token the broker named
-            assert second.fencing_token > first.fencing_token
+    async with Client(f"127.0.0.1:{limited.port}", default_timeout=5.0) as client, client.session(ttl=10) as s:
+        first = await client.acquire("rl/1", session_id=s.session_id)
+        started = time.monotonic()
+        second = await client.acquire("rl/2", session_id=s.session_id)  # the bucket is empty: refused once
+        assert time.monotonic() - started >= 0.2  # it waited for the token the broker named
+        assert second.fencing_token > first.fencing_token
 
 
 async def test_a_refusal_without_retry_info_is_not_retried(limited: Any) -> None:
