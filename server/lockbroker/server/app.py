@@ -41,8 +41,8 @@ from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
-from lockbroker.server.service import LockService
-from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+from lockbroker.server.service import LockService, add_to_server
+from lockbroker.v1 import lock_pb2
 
 log = logging.getLogger("lockbroker.server")
 
@@ -63,6 +63,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # grpc sets SO_REUSEPORT by default: a second broker on the same address would start and
     # silently take half the connections. Fail to bind instead.
     ("grpc.so_reuseport", 0),
+    # BDP probing keeps growing a stream's HTTP/2 receive window, so a client that writes KeepAlive
+    # requests and never reads the answers could make the broker buffer megabytes per stream. Our
+    # messages are tiny; the default window is plenty.
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
@@ -140,7 +144,7 @@ class Broker:
         self.service = LockService(self.core, cfg.limits)
 
         self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
-        lock_pb2_grpc.add_LockServiceServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

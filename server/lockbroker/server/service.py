@@ -11,13 +11,21 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from lockbroker.interceptors.retry import DeferredAbort, abort_or_defer
 from lockbroker.interceptors.tenancy import tenant_of
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
-from lockbroker.server.core.errors import FieldViolation, LockBrokerError, SessionNotFound, ShuttingDown
+from lockbroker.server.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    LockBrokerError,
+    SessionNotFound,
+    ShuttingDown,
+)
 from lockbroker.server.core.names import parse_session_id, session_id_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
@@ -58,6 +66,53 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+class Malformed:
+    """A request body that did not parse (e.g. a string field holding invalid UTF-8).
+
+    grpcio answers a deserializer's exception itself, with UNKNOWN and no details, before any of
+    our code runs. So the deserializer hands this to the handler instead, and `rpc` answers
+    INVALID_ARGUMENT like any other bad input.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Malformed(str(e))
+
+    return deserialize
+
+
+def add_to_server(service: LockService, server: aio.Server) -> None:
+    """Register `service` like the generated add_LockServiceServicer_to_server, with unary requests
+    deserialized by `_tolerant` (streams read their messages in the handler: see `_until_draining`)."""
+    desc = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for m in desc.methods:
+        request: Any = getattr(lock_pb2, m.input_type.name)
+        response: Any = getattr(lock_pb2, m.output_type.name)
+        behavior = getattr(service, m.name)
+        if m.client_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                behavior,
+                request_deserializer=_tolerant(request.FromString),
+                response_serializer=response.SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
+
+
 def rpc(
     handler: Callable[[LockService, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[LockService, Req, Ctx], Coroutine[Any, Any, Resp]]:
@@ -69,6 +124,8 @@ def rpc(
         try:
             if self.draining:
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+            if isinstance(request, Malformed):
+                raise InvalidArgument([FieldViolation("request", f"is not a valid request message: {request.error}")])
             return await handler(self, request, context)
         except (aio.AbortError, asyncio.CancelledError, DeferredAbort):
             raise
@@ -157,22 +214,26 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         closing = self.core.closing
         while True:
             nxt = asyncio.ensure_future(anext(it))
+            # However the call ends, the read's outcome is retrieved (a cancelled call can leave it
+            # finished with StopAsyncIteration that nobody reads, which asyncio logs as an error).
+            nxt.add_done_callback(_retrieve)
             waits: set[asyncio.Future[Any]] = {nxt, closing}
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 pending = not nxt.done()
                 if pending:
-                    # Also when this generator is closed mid-wait (the call ended): the pending read
-                    # would otherwise finish later with an exception nobody retrieves.
                     nxt.cancel()
-                    nxt.add_done_callback(_retrieve)
             if pending:
                 raise ShuttingDown("the broker is shutting down; reconnect to another replica", retry_after=0.5)
             try:
-                yield nxt.result()
+                request = nxt.result()
             except StopAsyncIteration:
                 return
+            except DecodeError as e:
+                # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
+                raise InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")]) from None
+            yield request
 
     async def KeepAlive(
         self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
