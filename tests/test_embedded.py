@@ -24,7 +24,7 @@ from lockbroker.server.embedded import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 
 def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
@@ -85,18 +85,27 @@ async def test_start_answers_health_and_stop_leaves_no_process(etcd: EmbeddedEtc
     await etcd.stop()  # idempotent
 
 
+async def _eventually_state(pid: int, ok: Callable[[str], bool], what: str) -> None:
+    for _ in range(100):
+        if ok(_process_state(pid)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"etcd {pid} not {what} after 2 s: state {_process_state(pid)!r}")
+
+
 async def test_pause_freezes_and_resume_thaws(etcd: EmbeddedEtcd) -> None:
     pid = etcd.pid
     assert pid is not None
 
     etcd.pause()
-    assert _process_state(pid) == "T"
+    # SIGSTOP takes effect when the kernel next schedules the process: on a loaded machine, a moment later.
+    await _eventually_state(pid, lambda st: st == "T", "stopped")
     # The kernel still completes the TCP handshake for a stopped process, so it is the read that stalls.
     with pytest.raises((TimeoutError, urllib.error.URLError)):
         await _get(f"{etcd.endpoint}/health", read_timeout=0.5)
 
     etcd.resume()
-    assert _process_state(pid) != "T"
+    await _eventually_state(pid, lambda st: st != "T", "running again")
     assert (await _get(f"{etcd.endpoint}/health"))["health"] == "true"
 
 
