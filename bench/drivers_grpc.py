@@ -1,0 +1,254 @@
+"""Drivers over raw generated stubs: the broker, etcd's Lock service, the least-etcd-work Txn
+floor, and the echo ceiling. Each opens one channel per server for its job, as one client
+process would, and shares it between the job's workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from grpc import aio
+
+from lockbroker.server.core.names import prefix_end
+from lockbroker.server.etcd import rpc_pb2 as etcd_pb
+from lockbroker.server.etcd import rpc_pb2_grpc as etcd_grpc
+from lockbroker.server.etcd import v3lock_pb2 as v3lock_pb
+from lockbroker.server.etcd import v3lock_pb2_grpc as v3lock_grpc
+from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+
+SESSION_TTL = 600  # longer than any run: no keepalive traffic inside a measurement
+RPC_SLACK = 10.0  # the RPC deadline is the wait plus this, so the wait is what ends a blocked call
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code()
+        details = (exc.details() or "").split(";")[0][:60]
+        return f"{code.name if code else '?'}: {details}"
+    return f"{type(exc).__name__}: {str(exc)[:60]}"
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+class BrokerDriver:
+    """lockbroker.v1 over the generated stubs: one session per worker (CreateSession once, then
+    Acquire/Release with its session_id), the analogue of a per-worker lease on etcd."""
+
+    def __init__(self) -> None:
+        self.channels: list[aio.Channel] = []
+        self.stubs: list[lock_pb2_grpc.LockServiceAsyncStub] = []
+        self._next = 0
+
+    async def open(self, job: dict[str, Any]) -> None:
+        for address in job["addresses"]:
+            channel = aio.insecure_channel(address)
+            self.channels.append(channel)
+            self.stubs.append(lock_pb2_grpc.LockServiceStub(channel))
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+    async def session(self) -> tuple[lock_pb2_grpc.LockServiceAsyncStub, str]:
+        # Several replicas: sessions (and so workers) are spread over them round robin.
+        stub = self.stubs[self._next % len(self.stubs)]
+        self._next += 1
+        resp = await stub.CreateSession(
+            lock_pb2.CreateSessionRequest(ttl=_duration(SESSION_TTL), owner="bench"), timeout=30
+        )
+        return stub, resp.session_id
+
+    async def end_session(self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str]) -> None:
+        stub, session_id = session
+        await stub.CloseSession(lock_pb2.CloseSessionRequest(session_id=session_id), timeout=30)
+
+    async def acquire(
+        self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str], name: str, wait: float
+    ) -> tuple[int, int]:
+        stub, session_id = session
+        resp = await stub.Acquire(
+            lock_pb2.AcquireRequest(name=name, session_id=session_id, wait_timeout=_duration(wait), owner="bench"),
+            timeout=wait + RPC_SLACK,
+        )
+        token = resp.grant.fencing_token
+        return token, token
+
+    async def release(self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str], name: str, handle: int) -> None:
+        stub, session_id = session
+        resp = await stub.Release(
+            lock_pb2.ReleaseRequest(name=name, fencing_token=handle, session_id=session_id), timeout=30
+        )
+        if not resp.released:
+            raise RuntimeError(f"release of {name} token {handle} found nothing")
+
+    async def waiting(self, names: list[str]) -> int:
+        stub = self.stubs[0]
+        sem = asyncio.Semaphore(16)
+
+        async def one(name: str) -> int:
+            async with sem:
+                resp = await stub.Describe(lock_pb2.DescribeRequest(name=name), timeout=30)
+                return len(resp.waiters)
+
+        return sum(await asyncio.gather(*(one(n) for n in names)))
+
+    def error_kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+
+class _Etcd:
+    def __init__(self) -> None:
+        self.channel: aio.Channel | None = None
+        self.prefix = b""
+
+    async def open(self, job: dict[str, Any]) -> None:
+        self.channel = aio.insecure_channel(job["etcd"])
+        self.kv: etcd_grpc.KVAsyncStub = etcd_grpc.KVStub(self.channel)
+        self.lease: etcd_grpc.LeaseAsyncStub = etcd_grpc.LeaseStub(self.channel)
+        self.watch: etcd_grpc.WatchAsyncStub = etcd_grpc.WatchStub(self.channel)
+        self.exact_tokens = bool(job.get("exact_tokens"))
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def session(self) -> int:
+        resp = await self.lease.LeaseGrant(etcd_pb.LeaseGrantRequest(TTL=SESSION_TTL), timeout=30)
+        return int(resp.ID)
+
+    async def end_session(self, session: int) -> None:
+        await self.lease.LeaseRevoke(etcd_pb.LeaseRevokeRequest(ID=session), timeout=30)
+
+    def error_kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+
+class EtcdLockDriver(_Etcd):
+    """etcd's own Lock service (v3lockpb): Lock on the worker's lease, Unlock by the key it returns."""
+
+    async def open(self, job: dict[str, Any]) -> None:
+        await super().open(job)
+        assert self.channel is not None
+        self.lock: v3lock_grpc.LockAsyncStub = v3lock_grpc.LockStub(self.channel)
+
+    async def acquire(self, session: int, name: str, wait: float) -> tuple[int, bytes]:
+        resp = await self.lock.Lock(v3lock_pb.LockRequest(name=name.encode(), lease=session), timeout=wait)
+        token = resp.header.revision
+        if self.exact_tokens:
+            # The FIFO check needs the key's create revision (its place in the queue); outside
+            # any timed figure but the drain time of the waiters workload.
+            got = await self.kv.Range(etcd_pb.RangeRequest(key=resp.key), timeout=30)
+            token = got.kvs[0].create_revision if got.kvs else -1
+        return token, resp.key
+
+    async def release(self, session: int, name: str, handle: bytes) -> None:
+        await self.lock.Unlock(v3lock_pb.UnlockRequest(key=handle), timeout=30)
+
+    async def waiting(self, names: list[str]) -> int:
+        total = 0
+        for name in names:
+            # etcd's recipe keys are <name>/<lease hex>: every one but the holder waits.
+            start = name.encode() + b"/"
+            resp = await self.kv.Range(
+                etcd_pb.RangeRequest(key=start, range_end=prefix_end(start), count_only=True), timeout=30
+            )
+            total += max(0, resp.count - 1)
+        return total
+
+
+class EtcdTxnDriver(_Etcd):
+    """The least etcd work for a lock: one Txn put-if-absent with the worker's lease, one
+    DeleteRange. Contended, it is a herd: every loser watches the key and all retry at once."""
+
+    async def acquire(self, session: int, name: str, wait: float) -> tuple[int, bytes]:
+        key = name.encode()
+        give_up = time.monotonic() + wait
+        txn = etcd_pb.TxnRequest(
+            compare=[etcd_pb.Compare(result=etcd_pb.Compare.EQUAL, target=etcd_pb.Compare.CREATE, key=key)],
+            success=[etcd_pb.RequestOp(request_put=etcd_pb.PutRequest(key=key, value=b"bench", lease=session))],
+            failure=[etcd_pb.RequestOp(request_range=etcd_pb.RangeRequest(key=key))],
+        )
+        txn.compare[0].create_revision = 0
+        for _ in range(1_000_000):
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
+            resp = await self.kv.Txn(txn, timeout=left + RPC_SLACK)
+            if resp.succeeded:
+                return resp.header.revision, key
+            kvs = resp.responses[0].response_range.kvs
+            if kvs:
+                await self._until_deleted(key, kvs[0].mod_revision + 1, give_up)
+        raise TimeoutError(f"{name}: not acquired within {wait:g}s")
+
+    async def _until_deleted(self, key: bytes, revision: int, give_up: float) -> None:
+        create = etcd_pb.WatchRequest(
+            create_request=etcd_pb.WatchCreateRequest(
+                key=key, start_revision=revision, filters=[etcd_pb.WatchCreateRequest.NOPUT]
+            )
+        )
+        call = self.watch.Watch(timeout=max(0.1, give_up - time.monotonic()))
+        try:
+            await call.write(create)
+            for _ in range(1_000_000):
+                resp = await call.read()
+                if not isinstance(resp, etcd_pb.WatchResponse) or resp.canceled or resp.events:
+                    return  # EOF, a cancelled watch (compacted: read again) or the delete
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        finally:
+            call.cancel()
+
+    async def release(self, session: int, name: str, handle: bytes) -> None:
+        await self.kv.DeleteRange(etcd_pb.DeleteRangeRequest(key=handle), timeout=30)
+
+    async def waiting(self, names: list[str]) -> int:
+        raise NotImplementedError("a put-if-absent herd keeps no queue")
+
+
+class EchoDriver:
+    """Two unary calls per cycle to a trivial grpc.aio server: what Python gRPC alone costs."""
+
+    PAYLOAD = b"\n\x0bbench/u0000\x12\x10694d8c3f12a0b217\x22\x02\x08\x05\x2a\x05bench"
+
+    def __init__(self) -> None:
+        self.channel: aio.Channel | None = None
+
+    async def open(self, job: dict[str, Any]) -> None:
+        self.channel = aio.insecure_channel(job["addresses"][0])
+        self.acquire_call: aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary("/bench.Echo/Acquire")
+        self.release_call: aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary("/bench.Echo/Release")
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def session(self) -> None:
+        return None
+
+    async def end_session(self, session: None) -> None:
+        return None
+
+    async def acquire(self, session: None, name: str, wait: float) -> tuple[int, None]:
+        await self.acquire_call(self.PAYLOAD, timeout=wait + RPC_SLACK)
+        return 0, None
+
+    async def release(self, session: None, name: str, handle: None) -> None:
+        await self.release_call(self.PAYLOAD, timeout=30)
+
+    async def waiting(self, names: list[str]) -> int:
+        raise NotImplementedError("the echo server holds no locks")
+
+    def error_kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+
+__all__ = ["BrokerDriver", "EchoDriver", "EtcdLockDriver", "EtcdTxnDriver"]

@@ -1,0 +1,117 @@
+"""What is measured: the targets (a server and the driver that loads it) and the plan of runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    driver: str  # bench.agent DRIVERS key
+    label: str
+    server: str  # "broker", "echo" or "none" (the load goes straight to etcd)
+    audit: bool = True
+    traced: bool = False
+    replicas: int = 1
+    interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
+
+
+TARGETS: dict[str, TargetSpec] = {
+    t.name: t
+    for t in (
+        TargetSpec("broker", "broker", "broker: audit to a file, tracing off (as deployed)", "broker"),
+        TargetSpec(
+            "broker-traced", "broker", "broker: audit + tracing to an in-process exporter", "broker", traced=True
+        ),
+        TargetSpec("broker-noaudit", "broker", "broker: no audit, tracing off", "broker", audit=False),
+        TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
+        TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
+        TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
+        TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),
+        TargetSpec("echo", "echo", "trivial Python grpc.aio echo server, 2 RPCs per cycle", "echo"),
+    )
+}
+
+PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
+BROKER_VARIANTS = ("broker-traced", "broker-noaudit")
+
+
+@dataclass
+class Sizes:
+    cs: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    # One worker on "one contended lock" is the uncontended C=1 run again: not repeated.
+    contended_cs: list[int] = field(default_factory=lambda: [16, 64, 256])
+    variant_cs: list[int] = field(default_factory=lambda: [64])  # tracing / audit variants
+    scale_cs: list[int] = field(default_factory=lambda: [64, 256])  # two replicas
+    runs: int = 3
+    warmup: float = 0.75
+    duration: float = 2.5
+    held: int = 100_000
+    held_parallel: int = 64
+    probes: int = 200
+    waiters: int = 10_000
+    waiter_locks: int = 100
+    profile_duration: float = 10.0
+
+
+def quick_sizes() -> Sizes:
+    return Sizes(
+        cs=[8],
+        contended_cs=[8],
+        variant_cs=[8],
+        scale_cs=[8],
+        runs=1,
+        warmup=0.5,
+        duration=1.0,
+        held=200,
+        held_parallel=16,
+        probes=20,
+        waiters=200,
+        waiter_locks=20,
+        profile_duration=2.0,
+    )
+
+
+@dataclass(frozen=True)
+class Point:
+    workload: str  # uncontended, contended, held, waiters
+    param: int  # C, N or W
+    targets: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        unit = {"uncontended": "C", "contended": "C", "held": "N", "waiters": "W"}[self.workload]
+        return f"{self.workload} {unit}={self.param:,}"
+
+
+def plan(
+    sizes: Sizes, workloads: list[str], enabled: set[str], *, quick: bool = False, scale_peers: bool = False
+) -> list[Point]:
+    """Points in the order they run; each point's targets run interleaved, run by run.
+
+    `quick` (the CI smoke run) still runs every target once, in the uncontended point, but each
+    other workload only for the broker and etcd's Lock service. `scale_peers` adds etcd's Lock
+    service to the held and waiters workloads (minutes more at the full sizes).
+    """
+
+    def only(*names: str) -> tuple[str, ...]:
+        return tuple(n for n in names if n in enabled)
+
+    points: list[Point] = []
+    if "uncontended" in workloads:
+        for c in sizes.cs:
+            variants = BROKER_VARIANTS if c in sizes.variant_cs else ()
+            scale = ("broker-2rep",) if c in sizes.scale_cs else ()
+            points.append(Point("uncontended", c, only("broker", *variants, *scale, *PEERS)))
+    if "contended" in workloads:
+        for c in sizes.contended_cs:
+            scale = ("broker-2rep",) if c in sizes.scale_cs and not quick else ()
+            peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
+            points.append(Point("contended", c, only("broker", *scale, *peers)))
+    big_peers = ("etcd-lock",) if scale_peers or quick else ()
+    if "held" in workloads:
+        points.append(Point("held", sizes.held, only("broker", *big_peers)))
+    if "waiters" in workloads:
+        points.append(Point("waiters", sizes.waiters, only("broker", *big_peers)))
+    return [p for p in points if p.targets]

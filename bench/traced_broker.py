@@ -1,0 +1,55 @@
+"""`lockbroker serve` with tracing on, exporting to an in-process exporter that keeps nothing.
+
+The broker as deployed reads OTEL_TRACES_EXPORTER, whose exporters (otlp, console) would add
+serialisation and I/O of their own. This measures what tracing costs the broker itself: spans
+made for every RPC and every etcd call, batched by the BatchSpanProcessor a deployment uses,
+then dropped. Same arguments as `lockbroker serve`. On exit it writes how many spans it saw to
+$BENCH_SPAN_COUNT_FILE, so the benchmark can check tracing really was on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from lockbroker.interceptors.tracing import configure_tracing
+from lockbroker.server import config, logs
+from lockbroker.server.app import Broker
+from lockbroker.server.cli import build_parser
+
+
+class CountingExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config.load(args, os.environ)
+    logs.setup(cfg.server.log_level)
+    exporter = CountingExporter()
+    tracing = configure_tracing({}, span_processors=[BatchSpanProcessor(exporter)])
+    try:
+        asyncio.run(Broker(cfg, tracing=tracing).run_until_signal())
+    finally:
+        tracing.shutdown()  # flushes the batch still queued
+        if path := os.environ.get("BENCH_SPAN_COUNT_FILE"):
+            with open(path, "w") as f:
+                f.write(str(exporter.spans))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,80 @@
+"""The benchmark's smoke run (`python -m bench --quick`): it runs end to end on a real etcd, every
+target produces numbers, and the outputs parse. Never a timing: speed is for the benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from bench.targets import TARGETS
+from tests.procutil import REPO, clean_env
+
+
+def _problems(r: dict[str, Any]) -> list[str]:
+    """What is wrong with one run's record (CPU is not checked: in a window under a second the
+    kernel's tick accounting may charge a light process nothing)."""
+    out = []
+    if r["errors"]:
+        out.append(f"errors {r['errors']}")
+    if r["workload"] in ("uncontended", "contended"):
+        if not (r.get("completed", 0) > 0 and (r.get("rate") or 0) > 0):
+            out.append("no cycle completed")
+        elif not 0 < r["p50_ms"] <= r["p99_ms"]:
+            out.append(f"latencies p50 {r['p50_ms']} p99 {r['p99_ms']}")
+        if "loadgen" not in r.get("cpu_us_per_op", {}) or "etcd" not in r.get("rss_mb", {}):
+            out.append(f"no CPU or RSS figures: {r.get('cpu_us_per_op')} {r.get('rss_mb')}")
+        if r["target"].startswith("broker"):
+            if not r.get("rss_mb", {}).get("broker"):
+                out.append("no broker RSS")
+            audited = r["target"] != "broker-noaudit"
+            if (r.get("audit_bytes", 0) > 0) != audited:
+                out.append(f"audit log bytes {r.get('audit_bytes')}")
+        if r["workload"] == "contended" and not 0 < (r.get("jain") or 0) <= 1:
+            out.append(f"jain {r.get('jain')}")
+    if r["workload"] == "held":
+        if r.get("held") != r.get("n") or not r.get("idle_p50_ms") or not r.get("held_p50_ms"):
+            out.append(f"held {r.get('held')} of {r.get('n')}, p50 {r.get('idle_p50_ms')} / {r.get('held_p50_ms')}")
+        if r["target"] == "broker" and not r.get("rss_held_mb", {}).get("broker"):
+            out.append("no broker RSS while held")
+    if r["workload"] == "waiters" and not (r.get("granted") == r.get("w") and r.get("fifo_violations") == 0):
+        # Every waiter granted exactly once, each lock's grants in queue order.
+        out.append(f"granted {r.get('granted')} of {r.get('w')}, FIFO violations {r.get('fifo_violations')}")
+    return out
+
+
+def test_quick_run_writes_every_output(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    results = out / "results.jsonl"
+    assert results.exists(), proc.stderr[-4000:]
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    failed = [(r["workload"], r["target"], r.get("error")) for r in records if not r.get("ok")]
+    assert not failed, (failed, proc.stderr[-4000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {r["target"] for r in records} == set(TARGETS), "every target runs (aetcd in its own venv)"
+    assert {r["workload"] for r in records} == {"uncontended", "contended", "held", "waiters"}
+
+    problems = [(r["workload"], r["target"], p) for r in records for p in _problems(r)]
+    assert not problems, problems
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["machine"]["nproc"] >= 1 and meta["machine"]["grpcio"]
+    assert meta["unavailable"] == {}
+    spans = meta["spans_exported"]
+    assert spans and all(n is not None and n > 0 for n in spans.values()), spans  # tracing really was on
+
+    summary = (out / "summary.md").read_text()
+    assert "## Goals" in summary
+    for name in TARGETS:
+        assert f"| {name} |" in summary, name
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
