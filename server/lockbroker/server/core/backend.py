@@ -20,12 +20,17 @@ from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position
 call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
 
 
+# A backend call ends this long before the RPC's deadline, so the broker still has time to answer
+# with its own status (UNAVAILABLE with RetryInfo) instead of the caller timing out on a hung etcd.
+ANSWER_MARGIN = 0.05
+
+
 def remaining(default: float) -> float:
     """Seconds a backend call may take: `default`, shortened by the RPC's deadline."""
     deadline = call_deadline.get()
     if deadline is None:
         return default
-    return max(0.0, min(default, deadline - time.monotonic()))
+    return max(0.0, min(default, deadline - ANSWER_MARGIN - time.monotonic()))
 
 
 class BackendError(Exception):

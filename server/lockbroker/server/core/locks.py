@@ -36,6 +36,7 @@ from lockbroker.server.core.backend import (
 from lockbroker.server.core.errors import (
     AlreadyQueued,
     DeadlineExceeded,
+    LockBrokerError,
     LockHeld,
     NotAcquiredInfo,
     QuotaExceeded,
@@ -70,6 +71,8 @@ DEADLINE_MARGIN = 0.05
 # retrying in the background while etcd is unreachable.
 CLEANUP_TIMEOUT = 3.0
 CLEANUP_WINDOW = 60.0
+# How long the clean-up of an enqueue whose outcome is unknown keeps looking for a late write.
+LATE_WRITE_WINDOW = 30.0
 # Attempts at claiming a free quota slot when the hashed one and then a read free one are taken
 # (each later attempt reads the pool again, so only a near-full pool under a race uses them all).
 SLOT_ATTEMPTS = 4
@@ -245,7 +248,13 @@ class LockCore:
             await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
             expires_at = expires_at or self.leases.get(lease_id) or await self._expiry(lease_id)
         except BaseException as exc:
-            unknown = isinstance(exc, Unavailable) and exc.outcome_unknown and mine is None
+            # Did our enqueue perhaps reach etcd? A cancelled or failed call in flight may have;
+            # only a definite answer (refused, not acquired, a write never sent) says it did not.
+            unknown = mine is None and (
+                isinstance(exc, asyncio.CancelledError)
+                or (isinstance(exc, Unavailable) and exc.outcome_unknown)
+                or not isinstance(exc, LockBrokerError)
+            )
             await self._cleanup(lambda: self._abandon(key, mine, created_lease, request_id if unknown else None))
             raise
         return Grant(
@@ -473,18 +482,34 @@ class LockCore:
             await self._backend.revoke_lease(created_lease)
             return
         if mine is None and unknown_request_id is not None:
-            # The enqueue may or may not have happened: read, and delete only our own entry.
+            mine = await self._late_entry(key, unknown_request_id)
+        if mine is not None:
+            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision, mine.value.slots)
+
+    async def _late_entry(self, key: bytes, request_id: str) -> Entry | None:
+        """The entry an enqueue of unknown outcome made, found now or up to LATE_WRITE_WINDOW later.
+
+        A transaction that was in flight when its caller gave up can still be applied: one
+        forwarded to a frozen leader commits when the leader wakes, one stuck behind a partition
+        arrives when it heals. Reading once would miss it, and the entry would become a holder
+        nobody knows of. So keep looking, less and less often, while such a write can plausibly land.
+        """
+        waited = 0.0
+        delay = 0.25
+        while True:
+            call_deadline.set(time.monotonic() + CLEANUP_TIMEOUT)
             found = await self._backend.get_entry(key)
             # Ours only if nobody has re-put it since it was created: a retry of this request on
             # another replica adopts the entry (a new mod revision) and then owns its clean-up.
-            if (
-                found is not None
-                and found.request_id == unknown_request_id
-                and found.mod_revision == found.create_revision
-            ):
-                mine = found
-        if mine is not None:
-            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision, mine.value.slots)
+            if found is not None:
+                if found.request_id == request_id and found.mod_revision == found.create_revision:
+                    return found
+                return None  # another request's entry, or adopted by a retry of ours
+            if waited >= LATE_WRITE_WINDOW or self.closing.done():
+                return None
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 8.0)
 
     async def _cleanup(self, work: Callable[[], Awaitable[object]]) -> None:
         """Run clean-up to the end even if the caller is cancelled or etcd is briefly away.
@@ -513,11 +538,16 @@ class LockCore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+        deadline = call_deadline.get()
         task = asyncio.ensure_future(retrying())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        # The caller's answer must not wait past its own deadline: the clean-up goes on without it.
+        wait = (
+            CLEANUP_TIMEOUT if deadline is None else min(CLEANUP_TIMEOUT, deadline - DEADLINE_MARGIN - time.monotonic())
+        )
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task}, timeout=CLEANUP_TIMEOUT)
+            await asyncio.wait({task}, timeout=max(0.0, wait))
 
     # -- release, describe, list ------------------------------------------------------------
 

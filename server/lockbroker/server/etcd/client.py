@@ -42,7 +42,17 @@ _TRANSIENT = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 }
-_TRANSIENT_MESSAGES = ("leader changed", "no leader", "timed out", "not capable", "too many requests")
+_TRANSIENT_MESSAGES = (
+    "leader changed",
+    "no leader",
+    "timed out",
+    "not capable",
+    "too many requests",
+    # UNKNOWN from a member whose own request to the leader timed out or was dropped (seen in
+    # partitions): the outcome is unknown, not an error in the request.
+    "context deadline exceeded",
+    "context canceled",
+)
 
 _CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 10_000),  # etcd's default --grpc-keepalive-min-time is 5 s

@@ -61,8 +61,10 @@ class _SharedStream(Generic[Req, Resp]):
             try:
                 await call.write(req)
             except (aio.AioRpcError, asyncio.InvalidStateError) as e:
-                self._lose(call, e)
-                raise Unavailable(f"etcd stream lost: {e}", retry_after=1.0) from None
+                lost = Unavailable(f"etcd stream lost: {e}", retry_after=1.0)
+                # Everything pending on the stream gets the domain error, never the transport's.
+                self._lose(call, lost)
+                raise lost from None
 
     async def _read(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
         error: Exception = Unavailable("etcd closed the stream", retry_after=1.0)
