@@ -199,6 +199,10 @@ class BrokerProcess:
             self.key_root,
             "--log-level",
             "warning",
+            # The default quota (100,000 queue entries per tenant) guards a shared cluster; the held
+            # workload holds up to 100,000 locks and then takes one more, all as one tenant.
+            "--quota-max-locks",
+            "1000000",
         ]
         if self.audit:
             args += ["--audit-file", str(self.audit_file)]
