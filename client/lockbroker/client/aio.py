@@ -720,11 +720,11 @@ class Client:
         req = lock_pb2.CreateSessionRequest(owner=owner, request_id=request_id or str(uuid.uuid4()))
         if ttl is not None:
             req.ttl.CopyFrom(duration(ttl))
-        sent = 0.0
+        # The lease may have been granted by the first attempt (a retry finds it): counting its
+        # expiry from the first send keeps our estimate at or below etcd's, never above.
+        sent = time.monotonic()
 
         async def attempt(left: float) -> lock_pb2.CreateSessionResponse:
-            nonlocal sent
-            sent = time.monotonic()
             return await self._stub.CreateSession(req, timeout=left, metadata=self._metadata)
 
         resp = await call_with_retry(attempt, deadline=self._deadline(timeout), backoff=self._backoff)
