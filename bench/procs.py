@@ -199,10 +199,17 @@ class BrokerProcess:
             self.key_root,
             "--log-level",
             "warning",
-            # The default quota (100,000 queue entries per tenant) guards a shared cluster; the held
-            # workload holds up to 100,000 locks and then takes one more, all as one tenant.
+            # The default quota guards a shared cluster against a runaway client; the benchmark is one
+            # tenant that means it: 100,000 held locks and one more, 10,000 sessions waiting at once,
+            # and acquires faster than the default per-replica rate on a bigger machine.
             "--quota-max-locks",
             "1000000",
+            "--quota-max-sessions",
+            "1000000",
+            "--quota-max-waiters",
+            "1000000",
+            "--quota-acquire-rate",
+            "0",
         ]
         if self.audit:
             args += ["--audit-file", str(self.audit_file)]

@@ -21,7 +21,8 @@ from lockbroker.interceptors import tenants
 from lockbroker.interceptors.quota import Rate, TokenBucket
 from lockbroker.server.app import Broker
 from lockbroker.server.config import AuthConfig, Config, ConfigError, load
-from lockbroker.server.core.quota import UNLIMITED, TenantQuota
+from lockbroker.server.core.locks import _free_slot
+from lockbroker.server.core.quota import UNLIMITED, Pool, TenantQuota
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
@@ -316,3 +317,14 @@ def test_quota_config_from_flags_env_and_overrides() -> None:
     assert (q.max_locks, q.acquire_rate) == (3, 1.0)
     with pytest.raises(ValueError, match="whole number"):
         TenantQuota().with_overrides({"max_locks": 1.5}, "here")
+
+
+def test_free_slot_draws_from_big_pools_and_lists_nearly_full_ones() -> None:
+    big = Pool(b"q/e/", 1_000_000, "max_locks")
+    taken = {big.key(i) for i in range(1000)}
+    for _ in range(50):
+        slot = _free_slot(big, taken)
+        assert slot is not None and slot not in taken and 0 <= big.index_of(slot) < big.size
+    small = Pool(b"q/s/", 4, "max_sessions")
+    assert _free_slot(small, {small.key(0), small.key(1), small.key(3)}) == small.key(2)
+    assert _free_slot(small, {small.key(i) for i in range(4)}) is None

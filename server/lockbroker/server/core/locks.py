@@ -97,6 +97,20 @@ def _session_record(ttl: int, owner: str, implicit_lock: str | None) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def _free_slot(pool: Pool, taken: set[bytes]) -> bytes | None:
+    """A free slot of `pool` picked at random, or None if every slot is taken.
+
+    Pools can be large (a million slots) and mostly empty: draw at random while at most half is
+    taken, and list the free slots only when the pool is fuller than that."""
+    if len(taken) * 2 <= pool.size:
+        while True:
+            key = pool.key(random.randrange(pool.size))  # noqa: S311 - spreading, not secrecy
+            if key not in taken:
+                return key
+    free = [j for j in range(pool.size) if pool.key(j) not in taken]
+    return pool.key(random.choice(free)) if free else None  # noqa: S311
+
+
 class LeaseClock:
     """The latest lower bound this replica has seen on each session's expiry.
 
@@ -366,10 +380,10 @@ class LockCore:
                     if slots[i] not in e.taken:
                         continue
                     taken = await self._backend.taken_slots(pool.prefix)
-                    free = [j for j in range(pool.size) if pool.key(j) not in taken]
-                    if not free:
+                    slot = _free_slot(pool, taken)
+                    if slot is None:
                         raise self._full(tenant, pool) from None
-                    slots[i] = pool.key(random.choice(free))  # noqa: S311 - spreading, not secrecy
+                    slots[i] = slot
         raise QuotaExceeded(
             tenant,
             "slots",
