@@ -248,11 +248,12 @@ class LockCore:
         ks = self.keyspace(tenant)
         started = time.monotonic()
         request_id = p.request_id or uuid.uuid4().hex
+        attempt = uuid.uuid4().hex[:12]
         lease_id, created_lease, expires_at = await self._session_for(tenant, p)
         key = ks.entry_key(p.name, lease_id)
         mine: Entry | None = None
         try:
-            pos = await self._enqueue(tenant, quota, p, lease_id, request_id)
+            pos = await self._enqueue(tenant, quota, p, lease_id, request_id, attempt=attempt)
             if pos.mine is None:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
             mine = pos.mine
@@ -269,7 +270,7 @@ class LockCore:
                 or (isinstance(exc, Unavailable) and exc.outcome_unknown)
                 or not isinstance(exc, LockBrokerError)
             )
-            await self._cleanup(lambda: self._abandon(key, mine, created_lease, request_id if unknown else None))
+            await self._cleanup(lambda: self._abandon(key, mine, created_lease, attempt if unknown else None))
             raise
         return Grant(
             p.name,
@@ -296,7 +297,7 @@ class LockCore:
         return lease.lease_id, lease.lease_id, before + lease.ttl
 
     async def _enqueue(
-        self, tenant: str, quota: TenantQuota, p: AcquireParams, lease_id: int, request_id: str
+        self, tenant: str, quota: TenantQuota, p: AcquireParams, lease_id: int, request_id: str, *, attempt: str
     ) -> Position:
         """Queue the entry (or find this request's earlier one); position.mine None: try-lock lost."""
         ks = self.keyspace(tenant)
@@ -319,7 +320,7 @@ class LockCore:
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
                 key,
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots).encode(),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt).encode(),
                 lease_id,
                 session_key=session_key,
                 new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
@@ -484,7 +485,7 @@ class LockCore:
         return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
 
     async def _abandon(
-        self, key: bytes, mine: Entry | None, created_lease: int | None, unknown_request_id: str | None
+        self, key: bytes, mine: Entry | None, created_lease: int | None, unknown_attempt: str | None
     ) -> None:
         """Remove what a failed Acquire queued: its entry, or the whole session it created.
 
@@ -495,12 +496,12 @@ class LockCore:
         if created_lease is not None:
             await self._backend.revoke_lease(created_lease)
             return
-        if mine is None and unknown_request_id is not None:
-            mine = await self._late_entry(key, unknown_request_id)
+        if mine is None and unknown_attempt is not None:
+            mine = await self._late_entry(key, unknown_attempt)
         if mine is not None:
             await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision, mine.value.slots)
 
-    async def _late_entry(self, key: bytes, request_id: str) -> Entry | None:
+    async def _late_entry(self, key: bytes, attempt: str) -> Entry | None:
         """The entry an enqueue of unknown outcome made, found now or up to LATE_WRITE_WINDOW later.
 
         A transaction that was in flight when its caller gave up can still be applied: one
@@ -513,12 +514,13 @@ class LockCore:
         while True:
             call_deadline.set(time.monotonic() + CLEANUP_TIMEOUT)
             found = await self._backend.get_entry(key)
-            # Ours only if nobody has re-put it since it was created: a retry of this request on
-            # another replica adopts the entry (a new mod revision) and then owns its clean-up.
+            # Ours only if this call made it and nobody has re-put it since: a retry of the request
+            # adopts the entry (a new mod revision) and then owns its clean-up, and a retry that
+            # found nothing made a fresh entry with its own attempt id.
             if found is not None:
-                if found.request_id == request_id and found.mod_revision == found.create_revision:
+                if found.value.attempt == attempt and found.mod_revision == found.create_revision:
                     return found
-                return None  # another request's entry, or adopted by a retry of ours
+                return None
             if waited >= LATE_WRITE_WINDOW or self.closing.done():
                 return None
             await asyncio.sleep(delay)

@@ -16,6 +16,9 @@ class EntryValue:
     implicit_session: bool = False  # the session was created by Acquire for this one lock
     # The quota slot keys this entry holds (see lockbroker.server.core.quota): deleted with it.
     slots: tuple[bytes, ...] = ()
+    # Which call made the entry: the clean-up of a call whose enqueue had an unknown outcome
+    # deletes only the entry that call made, never a retry's fresh entry of the same request.
+    attempt: str = ""
 
     def encode(self) -> bytes:
         doc: dict[str, object] = {"o": self.owner, "r": self.request_id, "t": round(self.queued_at, 6)}
@@ -23,6 +26,8 @@ class EntryValue:
             doc["i"] = 1
         if self.slots:
             doc["q"] = [s.decode() for s in self.slots]
+        if self.attempt:
+            doc["a"] = self.attempt
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -35,6 +40,7 @@ class EntryValue:
                 float(doc.get("t", 0.0)),
                 bool(doc.get("i", 0)),
                 tuple(str(s).encode() for s in doc.get("q", ())),
+                str(doc.get("a", "")),
             )
         except (ValueError, TypeError, AttributeError):
             # A key someone wrote by hand under our prefix: still an entry in the queue.
