@@ -181,9 +181,9 @@ class LockCore:
             return SessionInfo(session_id_of(lease.lease_id), ttl, time.time() + left)
         record = _session_record(lease.ttl, owner, None)
         try:
-            pools = [ks.session_pool(quota.max_sessions)] if quota.max_sessions else []
+            claims = [(ks.session_pool(quota.max_sessions), key)] if quota.max_sessions else []
             await self._claiming(
-                tenant, pools, key, lambda slots: self._backend.put_session(key, record, lease.lease_id, slots)
+                tenant, claims, lambda slots: self._backend.put_session(key, record, lease.lease_id, slots)
             )
         except BaseException:
             await self._cleanup(lambda: self._backend.revoke_lease(lease.lease_id))
@@ -329,7 +329,7 @@ class LockCore:
             )
 
         try:
-            enq = await self._claiming(tenant, [pool for pool, _ in pools], key, put, owners=[o for _, o in pools])
+            enq = await self._claiming(tenant, pools, put)
         except SessionMissing:
             raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired") from None
         except SessionTaken:
@@ -360,38 +360,35 @@ class LockCore:
     async def _claiming(
         self,
         tenant: str,
-        pools: Sequence[Pool],
-        owner: bytes,
+        claims: Sequence[tuple[Pool, bytes]],
         write: Callable[[Sequence[bytes]], Awaitable[_T]],
-        owners: Sequence[bytes] | None = None,
     ) -> _T:
-        """Run `write` with one free slot of each pool; QuotaExceeded if a pool is full.
+        """Run `write` with one free slot of each pool (claimed for its owner key); QuotaExceeded
+        if a pool is full.
 
         The hashed slot first (no read); for a pool whose slot turned out taken, read the pool
         and pick a free slot at random, so racing claimants rarely pick the same one again.
         """
-        slots = [pool.slot(owners[i] if owners else owner) for i, pool in enumerate(pools)]
+        slots = [pool.slot(owner) for pool, owner in claims]
+        collided = claims[0][0] if claims else None
         for attempt in range(SLOT_ATTEMPTS):
             try:
                 return await write(slots)
             except SlotsTaken as e:
                 if attempt == SLOT_ATTEMPTS - 1:
                     break
-                for i, pool in enumerate(pools):
+                for i, (pool, _) in enumerate(claims):
                     if slots[i] not in e.taken:
                         continue
+                    collided = pool
                     taken = await self._backend.taken_slots(pool.prefix)
                     slot = _free_slot(pool, taken)
                     if slot is None:
                         raise self._full(tenant, pool) from None
                     slots[i] = slot
-        raise QuotaExceeded(
-            tenant,
-            "slots",
-            0,
-            f"tenant {tenant!r} is close to a quota and racing claims kept colliding; retry",
-            QUOTA_RETRY_AFTER,
-        )
+        assert collided is not None  # SlotsTaken needs a slot
+        # Every attempt lost a race for the last free slots: as good as full, for now.
+        raise self._full(tenant, collided)
 
     @staticmethod
     def _full(tenant: str, pool: Pool) -> QuotaExceeded:
