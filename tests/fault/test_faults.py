@@ -201,14 +201,6 @@ async def test_acquire_cancelled_during_enqueue_leaves_no_entry(harness: Harness
     assert leaked == [], f"a cancelled Acquire's entry is still queued (it becomes the holder next): {leaked}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: an enqueue transaction held up by a partition reaches etcd after the partition heals, "
-    "long after the request was retried elsewhere, granted and released, and queues the entry again. The "
-    "broker's clean-up now keeps looking for such late writes for 30 s and deletes them, but the entry exists "
-    "for a moment (it can briefly be the holder nobody knows of); closing the stuck connection on failover "
-    "would prevent the write itself. See docs/guarantees.md",
-)
 async def test_enqueue_delayed_by_a_partition_is_not_applied_late(harness: Harness) -> None:
     """Invariants 6 and 7 against a late write. Replica B1 talks to one member only, and that member
     is cut off (its link down), so B1's enqueue transaction waits in B1's TCP send queue and the

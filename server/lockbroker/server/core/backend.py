@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position
+from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position, ReleaseMark
 
 # The monotonic time by which the current RPC must have answered. Set by the gRPC edge from
 # context.time_remaining(); every backend call uses what remains of it as its own timeout.
@@ -104,8 +104,15 @@ class LockBackend(Protocol):
         new_session_value: bytes | None,
         only_if_free: bool,
         slots: Sequence[bytes] = (),
+        mark: bytes = b"",
     ) -> Enqueued:
         """Put `key` at the end of the queue under `prefix`, if the session has no entry there yet.
+
+        mark: the session's release mark, which `delete_entry` rewrites. The write is applied only
+        if the mark has not changed since this call began, so a write held up in the network (a
+        partition, a frozen etcd member) that arrives after the request was retried elsewhere,
+        granted and released cannot queue the entry again. A mark that changed for another reason
+        (another lock of the session released meanwhile) costs this call a second try, not a failure.
 
         slots: quota slot keys put with the entry (bound to the same lease) if every one is free;
         if one is taken, nothing is put and SlotsTaken names them (checked after the conditions below).
@@ -132,11 +139,22 @@ class LockBackend(Protocol):
         ...
 
     async def delete_entry(
-        self, key: bytes, create_revision: int, mod_revision: int = 0, slots: Sequence[bytes] = ()
+        self,
+        key: bytes,
+        create_revision: int,
+        mod_revision: int = 0,
+        slots: Sequence[bytes] = (),
+        mark: ReleaseMark | None = None,
     ) -> Entry | None:
         """Delete exactly this entry (and, if mod_revision is given, only as last written by the
-        caller), with the quota slots it holds; the deleted entry, or None if it was already gone
-        or adopted by another call."""
+        caller), with the quota slots it holds, and rewrite the session's release mark; the deleted
+        entry, or None if it was already gone or adopted by another call."""
+        ...
+
+    async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
+        """The entry at `key` if there is one; if not, move the session's release mark in the same
+        transaction, so that no enqueue of `key` sent before this call can still be applied.
+        None as well if the session has ended (then no such enqueue can be applied either)."""
         ...
 
     async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:

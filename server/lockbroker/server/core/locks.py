@@ -56,6 +56,7 @@ from lockbroker.server.core.model import (
     LockState,
     Page,
     Position,
+    ReleaseMark,
     SessionInfo,
 )
 from lockbroker.server.core.names import Keyspace, derived_lease_id, prefix_end, session_id_of
@@ -71,8 +72,6 @@ DEADLINE_MARGIN = 0.05
 # retrying in the background while etcd is unreachable.
 CLEANUP_TIMEOUT = 3.0
 CLEANUP_WINDOW = 60.0
-# How long the clean-up of an enqueue whose outcome is unknown keeps looking for a late write.
-LATE_WRITE_WINDOW = 30.0
 # Attempts at claiming a free quota slot when the hashed one and then a read free one are taken
 # (each later attempt reads the pool again, so only a near-full pool under a race uses them all).
 SLOT_ATTEMPTS = 4
@@ -270,7 +269,8 @@ class LockCore:
                 or (isinstance(exc, Unavailable) and exc.outcome_unknown)
                 or not isinstance(exc, LockBrokerError)
             )
-            await self._cleanup(lambda: self._abandon(key, mine, created_lease, attempt if unknown else None))
+            mark = ReleaseMark(ks.mark_key(lease_id), lease_id)
+            await self._cleanup(lambda: self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
             raise
         return Grant(
             p.name,
@@ -326,6 +326,7 @@ class LockCore:
                 new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
                 only_if_free=p.wait <= 0,
                 slots=slots,
+                mark=ks.mark_key(lease_id),
             )
 
         try:
@@ -482,7 +483,12 @@ class LockCore:
         return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
 
     async def _abandon(
-        self, key: bytes, mine: Entry | None, created_lease: int | None, unknown_attempt: str | None
+        self,
+        key: bytes,
+        mine: Entry | None,
+        created_lease: int | None,
+        unknown_attempt: str | None,
+        mark: ReleaseMark,
     ) -> None:
         """Remove what a failed Acquire queued: its entry, or the whole session it created.
 
@@ -494,35 +500,27 @@ class LockCore:
             await self._backend.revoke_lease(created_lease)
             return
         if mine is None and unknown_attempt is not None:
-            mine = await self._late_entry(key, unknown_attempt)
+            mine = await self._late_entry(key, unknown_attempt, mark)
         if mine is not None:
-            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision, mine.value.slots)
+            await self._backend.delete_entry(key, mine.create_revision, mine.mod_revision, mine.value.slots, mark)
 
-    async def _late_entry(self, key: bytes, attempt: str) -> Entry | None:
-        """The entry an enqueue of unknown outcome made, found now or up to LATE_WRITE_WINDOW later.
+    async def _late_entry(self, key: bytes, attempt: str, mark: ReleaseMark) -> Entry | None:
+        """The entry an enqueue of unknown outcome made, if it landed; and if it has not, make sure
+        it never will.
 
         A transaction that was in flight when its caller gave up can still be applied: one
         forwarded to a frozen leader commits when the leader wakes, one stuck behind a partition
-        arrives when it heals. Reading once would miss it, and the entry would become a holder
-        nobody knows of. So keep looking, less and less often, while such a write can plausibly land.
+        arrives when it heals, and the entry would become a holder nobody knows of. Reading once
+        cannot rule that out; moving the session's release mark does, since the enqueue carries
+        the mark's revision as of its sending (see LockBackend.enqueue).
         """
-        waited = 0.0
-        delay = 0.25
-        while True:
-            call_deadline.set(time.monotonic() + CLEANUP_TIMEOUT)
-            found = await self._backend.get_entry(key)
-            # Ours only if this call made it and nobody has re-put it since: a retry of the request
-            # adopts the entry (a new mod revision) and then owns its clean-up, and a retry that
-            # found nothing made a fresh entry with its own attempt id.
-            if found is not None:
-                if found.value.attempt == attempt and found.mod_revision == found.create_revision:
-                    return found
-                return None
-            if waited >= LATE_WRITE_WINDOW or self.closing.done():
-                return None
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 8.0)
+        found = await self._backend.seal_entry(key, mark)
+        # Ours only if this call made it and nobody has re-put it since: a retry of the request
+        # adopts the entry (a new mod revision) and then owns its clean-up, and a retry that
+        # found nothing made a fresh entry with its own attempt id.
+        if found is not None and found.value.attempt == attempt and found.mod_revision == found.create_revision:
+            return found
+        return None
 
     async def _cleanup(self, work: Callable[[], Awaitable[object]]) -> None:
         """Run clean-up to the end even if the caller is cancelled or etcd is briefly away.
@@ -572,11 +570,12 @@ class LockCore:
             found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
             if found is None:
                 return False
-            key = found.key
+            key, lease_id = found.key, found.lease
         # Compare on the create revision: a stale token can never delete a newer grant.
         known = self._slots.pop(key, None)
         slots = known[1] if known is not None and known[0] == fencing_token else None
-        deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or ())
+        mark = ReleaseMark(ks.mark_key(lease_id), lease_id)
+        deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or (), mark=mark)
         if deleted is None:
             return False
         if slots is None and deleted.value.slots and not deleted.value.implicit_session:

@@ -48,6 +48,14 @@ class EntryValue:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseMark:
+    """A session's release mark (see LockBackend.enqueue): its key and the session's lease."""
+
+    key: bytes
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One queue entry (the holder or a waiter) of a lock."""
 

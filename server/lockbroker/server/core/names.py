@@ -4,6 +4,8 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
 
     <root>/t/<tenant>/s/<lease hex>          a session record, bound to the session's lease
     <root>/t/<tenant>/l/<name>#<lease hex>   one queue entry of lock <name>, bound to its session's lease
+    <root>/t/<tenant>/m/<lease hex>          the session's release mark: rewritten whenever the broker
+                                             deletes one of the session's entries (see LockBackend.enqueue)
     <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
     <root>/t/<tenant>/q/e/<i>                quota slot i of the tenant's queue entries
     <root>/t/<tenant>/q/l/<name>#<i>         quota slot i of lock <name>'s queue
@@ -100,13 +102,14 @@ def prefix_end(prefix: bytes) -> bytes:
 class Keyspace:
     """The etcd keys of one tenant."""
 
-    __slots__ = ("base", "locks_root", "quota_root", "sessions_root")
+    __slots__ = ("base", "locks_root", "marks_root", "quota_root", "sessions_root")
 
     def __init__(self, root: str, tenant: str) -> None:
         self.base = f"{root.rstrip('/')}/t/{tenant}/".encode()
         self.locks_root = self.base + b"l/"
         self.sessions_root = self.base + b"s/"
         self.quota_root = self.base + b"q/"
+        self.marks_root = self.base + b"m/"
 
     def session_pool(self, size: int) -> Pool:
         return Pool(self.quota_root + b"s/", size, "max_sessions")
@@ -119,6 +122,9 @@ class Keyspace:
 
     def session_key(self, lease_id: int) -> bytes:
         return self.sessions_root + session_id_of(lease_id).encode()
+
+    def mark_key(self, lease_id: int) -> bytes:
+        return self.marks_root + session_id_of(lease_id).encode()
 
     def lock_prefix(self, name: str) -> bytes:
         return self.locks_root + name.encode() + b"#"

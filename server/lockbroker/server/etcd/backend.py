@@ -17,7 +17,8 @@ from lockbroker.server.core.backend import (
     SlotsTaken,
     remaining,
 )
-from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position
+from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import EtcdClient, LeaseNotFound
@@ -26,6 +27,10 @@ from lockbroker.server.etcd.streams import KeepAliveStream, WatchHub
 _ASC = pb.RangeRequest.ASCEND
 _DESC = pb.RangeRequest.DESCEND
 _BY_CREATE = pb.RangeRequest.CREATE
+
+# An enqueue whose session's release mark moved while it was in flight is tried again this often:
+# each try needs another lock of the same session to be released in between.
+_MARK_TRIES = 4
 
 
 def _entry(kv: pb.KeyValue) -> Entry:
@@ -81,6 +86,10 @@ def _created(key: bytes, result: int, rev: int, range_end: bytes = b"") -> pb.Co
         result=result,  # type: ignore[arg-type]
         create_revision=rev,
     )
+
+
+def _modified_before(key: bytes, rev: int) -> pb.Compare:
+    return pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.LESS, mod_revision=rev)
 
 
 class EtcdLockBackend:
@@ -152,6 +161,7 @@ class EtcdLockBackend:
         new_session_value: bytes | None,
         only_if_free: bool,
         slots: Sequence[bytes] = (),
+        mark: bytes = b"",
     ) -> Enqueued:
         compare = [_created(key, pb.Compare.EQUAL, 0), *(_created(s, pb.Compare.EQUAL, 0) for s in slots)]
         success: list[pb.RequestOp] = []
@@ -179,10 +189,27 @@ class EtcdLockBackend:
             _holder(prefix),
             *(_get(s, count_only=True) for s in slots),
         ]
-        try:
-            resp = await self.client.txn(pb.TxnRequest(compare=compare, success=success, failure=failure))
-        except LeaseNotFound:
-            raise SessionMissing(session_key.decode()) from None
+        if mark:
+            failure.append(_get(mark))
+        # Every revision this client has seen was committed before this write was sent, and a
+        # release that happens after the caller gave up on this write (and retried elsewhere) is
+        # committed after it: "mark unchanged since `seen`" tells the two apart. A missing mark
+        # has mod revision 0.
+        seen = self.client.revision
+        for _ in range(_MARK_TRIES):
+            guard = [_modified_before(mark, seen + 1)] if mark else []
+            try:
+                resp = await self.client.txn(pb.TxnRequest(compare=compare + guard, success=success, failure=failure))
+            except LeaseNotFound:
+                raise SessionMissing(session_key.decode()) from None
+            if resp.succeeded or not mark:
+                break
+            mark_kvs = resp.responses[-1].response_range.kvs
+            if not mark_kvs or mark_kvs[0].mod_revision <= seen:
+                break  # refused for another reason
+            seen = resp.header.revision  # released meanwhile: this call is current, try again
+        else:
+            raise Unavailable("the session's locks kept changing while queueing; try again", retry_after=0.1)
         rev = resp.header.revision
         if resp.succeeded:
             holder_r = resp.responses[-2].response_range
@@ -204,7 +231,8 @@ class EtcdLockBackend:
             raise SessionTaken(session_key.decode())
         holder_r = resp.responses[2].response_range
         if not (only_if_free and holder_r.count):
-            taken = [s for s, r in zip(slots, resp.responses[3:], strict=True) if r.response_range.count]
+            counts = resp.responses[3 : 3 + len(slots)]
+            taken = [s for s, r in zip(slots, counts, strict=True) if r.response_range.count]
             if taken:
                 raise SlotsTaken(taken)
         return Enqueued(False, Position(rev, None, None, _first(holder_r), holder_r.count, holder_r.count))
@@ -256,7 +284,12 @@ class EtcdLockBackend:
         await self.watches.wait_deleted(key, after_revision)
 
     async def delete_entry(
-        self, key: bytes, create_revision: int, mod_revision: int = 0, slots: Sequence[bytes] = ()
+        self,
+        key: bytes,
+        create_revision: int,
+        mod_revision: int = 0,
+        slots: Sequence[bytes] = (),
+        mark: ReleaseMark | None = None,
     ) -> Entry | None:
         compare = [_created(key, pb.Compare.EQUAL, create_revision)]
         if mod_revision:
@@ -270,6 +303,8 @@ class EtcdLockBackend:
                     pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True)),
                     # Slots were put in the entry's own transaction: same create revision, same lease.
                     *(_delete(s) for s in slots),
+                    # The entry exists, so its lease does: this put cannot fail on the lease.
+                    *([_put(mark.key, b"", mark.lease)] if mark is not None else []),
                 ],
             )
         )
@@ -277,6 +312,19 @@ class EtcdLockBackend:
             return None
         prev = resp.responses[0].response_delete_range.prev_kvs
         return _entry(prev[0]) if prev else None
+
+    async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
+        try:
+            resp = await self.client.txn(
+                pb.TxnRequest(
+                    compare=[_created(key, pb.Compare.EQUAL, 0)],
+                    success=[_put(mark.key, b"", mark.lease)],
+                    failure=[_get(key)],
+                )
+            )
+        except LeaseNotFound:
+            return None
+        return None if resp.succeeded else _first(resp.responses[0].response_range)
 
     async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:
         if slots:

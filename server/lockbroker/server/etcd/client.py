@@ -115,6 +115,9 @@ class EtcdClient:
         self._index = 0
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
+        # The newest etcd revision any answer has shown this client: every write it sends later is
+        # ordered after that revision (see EtcdLockBackend.enqueue).
+        self.revision = 0
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -255,14 +258,23 @@ class EtcdClient:
 
     # -- typed helpers ----------------------------------------------------------------------
 
+    def _saw(self, header: pb.ResponseHeader) -> None:
+        self.revision = max(self.revision, header.revision)
+
     async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
-        return await self.call(lambda s: s.kv.Range, req, write=False)
+        resp: pb.RangeResponse = await self.call(lambda s: s.kv.Range, req, write=False)
+        self._saw(resp.header)
+        return resp
 
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
-        return await self.call(lambda s: s.kv.Put, req, write=True)
+        resp: pb.PutResponse = await self.call(lambda s: s.kv.Put, req, write=True)
+        self._saw(resp.header)
+        return resp
 
     async def txn(self, req: pb.TxnRequest, *, write: bool = True) -> pb.TxnResponse:
-        return await self.call(lambda s: s.kv.Txn, req, write=write)
+        resp: pb.TxnResponse = await self.call(lambda s: s.kv.Txn, req, write=write)
+        self._saw(resp.header)
+        return resp
 
     async def lease_grant(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantResponse:
         resp: pb.LeaseGrantResponse = await self.call(
