@@ -67,6 +67,12 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # requests and never reads the answers could make the broker buffer megabytes per stream. Our
     # messages are tiny; the default window is plenty.
     ("grpc.http2.bdp_probe", 0),
+    # Calls that arrived but that the asyncio loop has not picked up yet wait in grpc's backlog,
+    # which by default starts cancelling new calls at random past 1,000 and all past 3,000. A burst
+    # of blocking Acquires (10,000 workers starting at once) then got a bare CANCELLED, which no
+    # client retries. Let them queue instead: the quota's max_waiters bounds how many can wait.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
 ]
 
 
