@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -610,16 +610,10 @@ class AuditInterceptor(WrappingInterceptor):
     def capture() -> PrincipalCapture:
         return PrincipalCapture()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await super().intercept_service(continuation, handler_call_details)
-        method = handler_call_details.method
-        if handler is None and self.include_unimplemented and method.lstrip("/").split("/")[0] not in OPEN_SERVICES:
+    def handle_missing(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if self.include_unimplemented and method.lstrip("/").split("/")[0] not in OPEN_SERVICES:
             return self._unimplemented(method)
-        return handler
+        return None
 
     def _audited(self, call: CallInfo) -> bool:
         return self.include_open_services or not call.open

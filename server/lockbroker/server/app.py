@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lockbroker.interceptors import tenants, tls
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
+from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
 from lockbroker.interceptors.retry import ServerRetryInterceptor
@@ -252,7 +253,7 @@ class Broker:
             chain.append(RateLimitInterceptor(self._rate))
         if self.config.retry.max_attempts > 1:
             chain.append(ServerRetryInterceptor(max_attempts=self.config.retry.max_attempts))
-        return chain
+        return interceptor_chain(chain)
 
     async def _probe(self) -> None:
         assert self.backend is not None
