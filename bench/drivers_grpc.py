@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import grpc
@@ -73,10 +74,12 @@ class BrokerDriver:
         self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str], name: str, wait: float
     ) -> tuple[int, int]:
         stub, session_id = session
-        resp = await stub.Acquire(
-            lock_pb2.AcquireRequest(name=name, session_id=session_id, wait_timeout=_duration(wait), owner="bench"),
-            timeout=wait + RPC_SLACK,
+        # A request id, as the Python client sends with every Acquire: it makes the call retryable
+        # (and so takes the broker's retry path), which is what deployed clients pay for.
+        req = lock_pb2.AcquireRequest(
+            name=name, session_id=session_id, wait_timeout=_duration(wait), owner="bench", request_id=uuid.uuid4().hex
         )
+        resp = await stub.Acquire(req, timeout=wait + RPC_SLACK)
         token = resp.grant.fencing_token
         return token, token
 
