@@ -34,11 +34,28 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("asyncio event loop", re.compile(r"asyncio/|selectors\.py|_asyncio")),
     ("libc / kernel calls", re.compile(r"libc\.so|libpthread")),
     ("CPython interpreter", re.compile(r"\.h:\d+|\.c:\d+|libpython")),
-    ("stdlib (other)", re.compile(r"/lib/python3\.\d+/|<frozen ")),
+    ("stdlib (other)", re.compile(r"(^|[ (/])lib/python3\.\d+/|<frozen ")),
 ]
-_PREFIX = re.compile(r"\((?:[^()]*/(?:site-packages|lib/python3\.\d+)/|" + re.escape(str(REPO)) + r"/[a-z]+/)")
+_PREFIX = re.compile(r"\((?:(?:site-packages|lib/python3\.\d+)/|(?:server|client|interceptors|proto)/(?=lockbroker/))")
+# Where this machine keeps things, cut from recorded frames so result files name no local paths:
+# the repository, any Python install or venv (down to site-packages or the stdlib folder), and
+# the CPython build tree of native frames.
+_LOCAL = [
+    (re.compile(r"\((?:[^()]*/)?(site-packages|lib/python3\.\d+)/"), r"(\1/"),
+    (re.compile(r"\(" + re.escape(str(REPO)) + "/"), "("),
+    (re.compile(r"\([^()]*?/Python-3[^/()]*/(?:\./)?"), "(cpython/"),
+    (re.compile(r"\((?:[^()]*/)?(lib[^/()]*\.so[^/()]*)\)"), r"(\1)"),
+]
+
 OURS = {name for name, _ in CATEGORIES[1:7]}
 OTHER = "other"
+
+
+def scrub(text: str) -> str:
+    """Recorded stacks with this machine's paths cut (see _LOCAL); categories still apply."""
+    for pattern, repl in _LOCAL:
+        text = pattern.sub(repl, text)
+    return text
 
 
 def category(frame: str) -> str:
@@ -61,7 +78,7 @@ def _function(frame: str) -> str:
 
 def parse(path: Path) -> list[tuple[list[str], int]]:
     stacks: list[tuple[list[str], int]] = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in scrub(path.read_text(errors="replace")).splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue

@@ -89,6 +89,18 @@ def per_op(before: dict[str, float], after: dict[str, float], ops: int) -> dict[
     return {k: round(v / ops, 3) for k, v in sorted(moved.items()) if v > 0}
 
 
+def _portable(args: dict[str, Any]) -> dict[str, Any]:
+    """The command line as recorded in meta.json: paths relative to the repository (or just their
+    name), so results name no directory of the machine they ran on."""
+    out: dict[str, Any] = {}
+    for k, v in args.items():
+        if isinstance(v, Path):
+            out[k] = str(v.relative_to(REPO)) if v.is_relative_to(REPO) else v.name
+        else:
+            out[k] = v
+    return out
+
+
 def _csv_ints(text: str) -> list[int]:
     return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
 
@@ -322,7 +334,7 @@ class Bench:
     # -- lifecycle --
 
     async def setup(self, wanted: list[str]) -> None:
-        self.meta = {"machine": machine_info(), "sizes": asdict(self.sizes), "args": vars(self.args)}
+        self.meta = {"machine": machine_info(), "sizes": asdict(self.sizes), "args": _portable(vars(self.args))}
         await self.etcd.start()
         log(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}), data in {self.tmp}")
         interpreters = {"main": sys.executable}
@@ -754,6 +766,7 @@ class Bench:
                 )  # fmt: skip
                 (self.logs / f"py-spy-{target.name}-c{c}-{mode}.log").write_text(text)
                 if code == 0 and path.exists():
+                    path.write_text(profiling.scrub(path.read_text(errors="replace")))
                     files[mode] = path.name
                 else:
                     prof.setdefault("errors", {})[mode] = text.strip()[-300:]
