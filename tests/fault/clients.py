@@ -349,8 +349,15 @@ class LockClient:
         except (SessionNotFound, SessionLost):
             self._lose(session)
             raise Gone from None
-        except LockBrokerError:
-            return None
+        except LockBrokerError as e:
+            if is_definite("acquire", e):
+                return None
+            # Unknown whether an entry was queued: the broker may have died right after queueing it,
+            # and then nobody removes it but this client. Giving up on the request (no retry with its
+            # request id) leaves only ending the session, as acquire() does (the soak caught a kill -9
+            # of the broker landing there: the entry stayed, and became a holder nobody knew of).
+            await self.close_session()
+            raise Gone from None
         p.ok(lock=lock, session=session, request_id=rid, token=grant.fencing_token, expiry=self.expiry)
         self.held[lock] = grant.fencing_token
         return grant.fencing_token
