@@ -58,10 +58,16 @@ _T = TypeVar("_T")
 
 # Matches the broker's keepalive policy: long Acquire waits and idle KeepAlive streams must
 # notice a dead connection (a NAT or LB dropping it silently) well within a session TTL.
+# Reconnecting: grpc's own backoff grows to 120 s, so a broker restarted after a minute's outage
+# could stay unreachable to this client for two more minutes, and every session would lapse
+# meanwhile. Sessions live for seconds: try again at least every 2 s.
 DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 # The KeepAlive stream has a deadline like every call; it is replaced well before it runs out
