@@ -166,6 +166,7 @@ class BrokerProcess:
     key_root: str
     workdir: Path
     audit: bool = True
+    audit_fsync: str = "always"
     traced: bool = False
     proc: asyncio.subprocess.Process | None = None
     port: int = 0
@@ -212,7 +213,7 @@ class BrokerProcess:
             "0",
         ]
         if self.audit:
-            args += ["--audit-file", str(self.audit_file)]
+            args += ["--audit-file", str(self.audit_file), "--audit-fsync", self.audit_fsync]
         if self.traced:
             return [sys.executable, "-m", "bench.traced_broker", *args]
         return [str(VENV_BIN / "lockbroker"), *args]

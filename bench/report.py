@@ -94,6 +94,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _audit_goals(res: Results, c: int, broker: float | None, add: Callable[[str, str, bool | None], None]) -> None:
+    n = res.median("uncontended", c, "broker-noaudit", "rate")
+    cost = None if n is None or broker is None or not n else 1 - broker / n
+    add(
+        f"audit log costs <= 10% (C={c})",
+        f"{fmt(None if cost is None else cost * 100, 1)}%",
+        None if cost is None else cost <= 0.10,
+    )
+    lazy = res.median("uncontended", c, "broker-auditlazy", "rate")
+    if lazy is not None and n:
+        # Not a goal of its own: what "every record on disk before the call is answered" costs.
+        add(f"audit log with fsync=interval costs (C={c})", f"{fmt((1 - lazy / n) * 100, 1)}%", None)
+
+
 def goals(res: Results, meta: dict[str, Any]) -> list[str]:
     """The targets of issue 6, each met or not, with the figure it was judged on."""
     rows: list[list[str]] = []
@@ -120,13 +134,7 @@ def goals(res: Results, meta: dict[str, Any]) -> list[str]:
             f"{fmt(None if cost is None else cost * 100, 1)}%",
             None if cost is None else cost <= 0.15,
         )
-        n = res.median("uncontended", c64, "broker-noaudit", "rate")
-        cost = None if n is None or b is None or not n else 1 - b / n
-        add(
-            f"audit log costs <= 10% (C={c64})",
-            f"{fmt(None if cost is None else cost * 100, 1)}%",
-            None if cost is None else cost <= 0.10,
-        )
+        _audit_goals(res, c64, b, add)
     if 1 in ucs:
         b = res.median("uncontended", 1, "broker", "acquire_p50_ms")
         e = res.median("uncontended", 1, "etcd-lock", "acquire_p50_ms")

@@ -190,6 +190,7 @@ class Target:
                     f"/bench/{spec.name}",
                     workdir,
                     audit=spec.audit,
+                    audit_fsync=spec.audit_fsync,
                     traced=spec.traced,
                 )
                 for i in range(spec.replicas)

@@ -12,6 +12,7 @@ class TargetSpec:
     label: str
     server: str  # "broker", "echo" or "none" (the load goes straight to etcd)
     audit: bool = True
+    audit_fsync: str = "always"
     traced: bool = False
     replicas: int = 1
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
@@ -25,6 +26,13 @@ TARGETS: dict[str, TargetSpec] = {
             "broker-traced", "broker", "broker: audit + tracing to an in-process exporter", "broker", traced=True
         ),
         TargetSpec("broker-noaudit", "broker", "broker: no audit, tracing off", "broker", audit=False),
+        TargetSpec(
+            "broker-auditlazy",
+            "broker",
+            "broker: audit to a file with fsync=interval (1 s), tracing off",
+            "broker",
+            audit_fsync="interval",
+        ),
         TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
@@ -34,7 +42,7 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
-BROKER_VARIANTS = ("broker-traced", "broker-noaudit")
+BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy")
 
 
 @dataclass
