@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+from bench import micro
 from bench.targets import TARGETS
 from tests.procutil import REPO, clean_env
 
@@ -78,3 +79,17 @@ def test_quick_run_writes_every_output(tmp_path):
     for name in TARGETS:
         assert f"| {name} |" in summary, name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_micro_benchmarks_run(capsys: Any) -> None:
+    """`python -m bench.micro`: each wrapper runs its loop and reports CPU per call (never judged)."""
+    for argv in (["retry"], ["audit", "memory"], ["audit", "always"]):
+        micro.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "bare handler",
+        "retry-wrapped",
+        "audit to memory",
+        "audit to always",
+    ]
+    assert all("µs CPU per call" in line for line in lines)
