@@ -269,7 +269,7 @@ class LockCore:
                 or (isinstance(exc, Unavailable) and exc.outcome_unknown)
                 or not isinstance(exc, LockBrokerError)
             )
-            mark = ReleaseMark(ks.mark_key(lease_id), lease_id)
+            mark = ks.mark(lease_id)
             await self._cleanup(lambda: self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
             raise
         return Grant(
@@ -326,7 +326,7 @@ class LockCore:
                 new_session_value=_session_record(p.ttl, p.owner, p.name) if implicit else None,
                 only_if_free=p.wait <= 0,
                 slots=slots,
-                mark=ks.mark_key(lease_id),
+                mark=ks.mark(lease_id).key,
             )
 
         try:
@@ -574,7 +574,7 @@ class LockCore:
         # Compare on the create revision: a stale token can never delete a newer grant.
         known = self._slots.pop(key, None)
         slots = known[1] if known is not None and known[0] == fencing_token else None
-        mark = ReleaseMark(ks.mark_key(lease_id), lease_id)
+        mark = ks.mark(lease_id)
         deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or (), mark=mark)
         if deleted is None:
             return False

@@ -20,6 +20,7 @@ import hashlib
 import re
 
 from lockbroker.server.core.errors import FieldViolation
+from lockbroker.server.core.model import ReleaseMark
 from lockbroker.server.core.quota import Pool
 
 MAX_NAME_BYTES = 256
@@ -123,8 +124,9 @@ class Keyspace:
     def session_key(self, lease_id: int) -> bytes:
         return self.sessions_root + session_id_of(lease_id).encode()
 
-    def mark_key(self, lease_id: int) -> bytes:
-        return self.marks_root + session_id_of(lease_id).encode()
+    def mark(self, lease_id: int) -> ReleaseMark:
+        """The release mark of session `lease_id` (see LockBackend.enqueue), bound to its lease."""
+        return ReleaseMark(self.marks_root + session_id_of(lease_id).encode(), lease_id)
 
     def lock_prefix(self, name: str) -> bytes:
         return self.locks_root + name.encode() + b"#"
