@@ -15,9 +15,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, Sink
+from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, FsyncPolicy, Sink
 from lockbroker.interceptors.base import CallInfo
 from lockbroker.interceptors.retry import ServerRetryInterceptor
 from lockbroker.v1 import lock_pb2
@@ -107,7 +107,8 @@ async def audit(sink_kind: str) -> None:
         return response
 
     with tempfile.TemporaryDirectory() as tmp:
-        sink: Sink = MemorySink() if sink_kind == "memory" else FileSink(Path(tmp) / "audit.jsonl", fsync=sink_kind)  # type: ignore[arg-type]
+        fsync = cast("FsyncPolicy", sink_kind)  # argparse's choices: never or always
+        sink: Sink = MemorySink() if sink_kind == "memory" else FileSink(Path(tmp) / "audit.jsonl", fsync=fsync)
         log = AuditLog([sink])
         wrapped = AuditInterceptor(log).wrap_unary(handler, ACQUIRE)
         request = lock_pb2.AcquireRequest(name="a", session_id="0123456789abcdef", request_id="r-1")
