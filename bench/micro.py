@@ -113,6 +113,7 @@ async def audit(sink_kind: str) -> None:
         wrapped = AuditInterceptor(log).wrap_unary(handler, ACQUIRE)
         request = lock_pb2.AcquireRequest(name="a", session_id="0123456789abcdef", request_id="r-1")
         try:
+            await measure("bare handler", handler, request, workers=64, calls=300)
             await measure(f"audit to {sink_kind}", wrapped, request, workers=64, calls=300)
         finally:
             await log.close()

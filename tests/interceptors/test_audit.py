@@ -28,6 +28,7 @@ from lockbroker.interceptors.audit import (
     SCHEMA,
     AuditInterceptor,
     AuditLog,
+    AuditWriteError,
     FileSink,
     Record,
     add_fields,
@@ -482,3 +483,51 @@ async def test_file_sink_policies_append_whole_lines(tmp_path: Path, policy: Any
 def test_fsync_policy_is_validated(tmp_path: Path):
     with pytest.raises(ValueError, match="fsync"):
         FileSink(tmp_path / "x", fsync="sometimes")  # type: ignore[arg-type]
+
+
+class HangingSink(MemorySink):
+    """Writes hang until released, as a stuck disk or a pipe nobody reads would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.writes = 0
+
+    async def write(self, lines: Sequence[bytes]) -> None:
+        self.writes += 1
+        await self.release.wait()
+        self.lines.extend(lines)
+
+
+async def test_a_hung_sink_fails_each_record_after_write_timeout_and_keeps_one_write():
+    sink = HangingSink()
+    log = AuditLog([sink], write_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.ensure_future(log.write({"n": 1}))
+    await asyncio.sleep(0.15)
+    second = asyncio.ensure_future(log.write({"n": 2}))  # queued behind the stuck write
+    with pytest.raises(AuditWriteError, match=r"did not finish within 0\.3s"):
+        await first
+    assert 0.29 < loop.time() - started < 2.0
+    with pytest.raises(AuditWriteError, match=r"did not finish within 0\.3s"):
+        await second
+    assert 0.44 < loop.time() - started < 2.0  # its own 0.3 s, counted from when it was queued
+    # The writer waited on its one write rather than starting another behind it.
+    assert sink.writes == 1
+    sink.release.set()
+    await log.write({"n": 3})  # the sink is back: records are confirmed again
+    await log.close()
+    assert [json.loads(x)["n"] for x in sink.lines] == [1, 2, 3]  # late, but never dropped
+
+
+async def test_a_cancelled_writer_of_a_record_does_not_cancel_its_batch():
+    sink = HangingSink()
+    log = AuditLog([sink], write_timeout=5.0)
+    waiting = [asyncio.ensure_future(log.write({"n": n})) for n in range(3)]
+    await asyncio.sleep(0.05)
+    waiting[1].cancel()
+    sink.release.set()
+    await asyncio.gather(waiting[0], waiting[2])
+    await log.close()
+    assert sorted(json.loads(x)["n"] for x in sink.lines) == [0, 1, 2]

@@ -30,10 +30,10 @@ import os
 import sys
 import threading
 import time
-import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import IO, Any, Final, Literal, Protocol
 
@@ -92,8 +92,11 @@ def redact_secrets(record: Record) -> Record:
 
     The interceptor passes them under the private key `_secrets`; private keys never reach a sink.
     """
-    secrets = [s for s in record.get("_secrets", ()) if s]
-    record = {k: v for k, v in record.items() if k != "_secrets"}
+    if "_secrets" not in record:
+        return record
+    secrets = [s for s in record["_secrets"] if s]
+    record = dict(record)
+    del record["_secrets"]
     if not secrets:
         return record
 
@@ -132,7 +135,12 @@ DEFAULT_PROCESSORS: Final[tuple[Processor, ...]] = (redact_secrets, limit_messag
 
 
 def render_json(record: Record) -> bytes:
-    public = {k: v for k, v in record.items() if not k.startswith("_")}
+    # The check runs in C (map over the keys); the copy only when a private key is there.
+    public = (
+        {k: v for k, v in record.items() if not k.startswith("_")}
+        if any(map(str.startswith, record, repeat("_")))
+        else record
+    )
     # json.dumps escapes newlines inside strings, so a record is always exactly one line.
     return (json.dumps(public, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
 
@@ -348,6 +356,11 @@ class AuditLog:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[None]] | None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        # Every record not yet answered, oldest first, with the time it must be answered by. One
+        # timer for the oldest replaces a timeout per record (wait_for + shield cost the loop more
+        # than rendering the record did).
+        self._unanswered: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def render(self, record: Record) -> bytes:
         record = dict(record)
@@ -369,15 +382,36 @@ class AuditLog:
         return line
 
     async def _write_line(self, line: bytes) -> None:
+        loop = asyncio.get_running_loop()
         if self._queue is None or self._writer is None or self._writer.done():
             self._queue = asyncio.Queue()
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop(self._queue))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._writer = loop.create_task(self._write_loop(self._queue))
+        done: asyncio.Future[None] = loop.create_future()
         self._queue.put_nowait((line, done))
-        try:
-            await asyncio.wait_for(asyncio.shield(done), self.write_timeout)
-        except TimeoutError:
-            raise AuditWriteError(f"audit sinks did not finish within {self.write_timeout}s") from None
+        deadline = loop.time() + self.write_timeout
+        self._unanswered.append((deadline, done))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._expire)
+        # Awaited directly: a cancelled caller cancels only its own future; the record is still
+        # written with its batch.
+        await done
+
+    def _expire(self) -> None:
+        """Fail the records whose sinks did not finish in time (the writer may be stuck on a
+        hung disk or pipe; it keeps its one write, rather than piling up threads behind it)."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = self._unanswered
+        while pending:
+            deadline, done = pending[0]
+            if not done.done():
+                if deadline > now:
+                    self._watchdog = loop.call_at(deadline, self._expire)
+                    return
+                done.set_exception(AuditWriteError(f"audit sinks did not finish within {self.write_timeout}s"))
+                done.exception()  # retrieved here: a cancelled caller never looks
+            pending.popleft()
 
     async def _write_loop(self, queue: asyncio.Queue[tuple[bytes, asyncio.Future[None]] | None]) -> None:
         while True:
@@ -407,6 +441,9 @@ class AuditLog:
                 else:
                     done.set_exception(failure)
                     done.exception()  # retrieved here: a timed-out waiter may never look
+            pending = self._unanswered
+            while pending and pending[0][1].done():
+                pending.popleft()
 
     async def ready(self) -> bool:
         for sink in self.sinks:
@@ -423,6 +460,10 @@ class AuditLog:
             self._queue.put_nowait(None)
             await self._writer
         self._queue = self._writer = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._unanswered.clear()
         for sink in self.sinks:
             try:
                 await sink.close()
@@ -498,18 +539,33 @@ def _str_or_none(value: object) -> str | None:
     return str(value) if value not in (None, "", 0) else None
 
 
+_REFS: Final = (
+    # fencing tokens are int64: strings, as proto3's JSON mapping does, so no reader loses digits
+    ("lock", "name"),
+    ("session", "session_id"),
+    ("fencingToken", "fencing_token"),
+    ("requestId", "request_id"),
+)
+
+
+_REF_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _ref_fields(message: Message) -> tuple[tuple[str, str], ...]:
+    """The references a request's type can carry (looked up once per type, not per call)."""
+    found = _REF_FIELDS.get(type(message))
+    if found is None:
+        fields = message.DESCRIPTOR.fields_by_name
+        found = _REF_FIELDS[type(message)] = tuple((key, name) for key, name in _REFS if name in fields)
+    return found
+
+
 def _request_refs(request: object) -> dict[str, str | None]:
-    fields = _fields(request)
-    return {
-        # fencing tokens are int64: strings, as proto3's JSON mapping does, so no reader loses digits
-        key: _str_or_none(getattr(request, name)) if name in fields else None
-        for key, name in (
-            ("lock", "name"),
-            ("session", "session_id"),
-            ("fencingToken", "fencing_token"),
-            ("requestId", "request_id"),
-        )
-    }
+    refs: dict[str, str | None] = dict.fromkeys(key for key, _ in _REFS)
+    if isinstance(request, Message):
+        for key, name in _ref_fields(request):
+            refs[key] = _str_or_none(getattr(request, name))
+    return refs
 
 
 def _add_response_refs(refs: dict[str, str | None], response: object) -> None:
@@ -553,6 +609,41 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         return
     async for response in result:
         yield response
+
+
+class _UtcStamp:
+    """RFC 3339 UTC time with microseconds ("2026-11-23T07:45:23.123456Z"); the date and time of
+    day are formatted once per second, the microseconds per record."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, t: float) -> str:
+        second = int(t)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
+
+
+class _AuditIds:
+    """Random (version 4) UUIDs, from the OS's randomness 256 at a time rather than one call each."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(16 * self._BATCH), 0
+        n = int.from_bytes(self._pool[self._at : self._at + 16], "big")
+        self._at += 16
+        # RFC 4122: version 4 in bits 76-79, variant 10 in bits 62-63.
+        n = (n & ~(0xF << 76) & ~(0x3 << 62)) | (0x4 << 76) | (0x2 << 62)
+        h = f"{n:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class PrincipalCapture(WrappingInterceptor):
@@ -605,6 +696,8 @@ class AuditInterceptor(WrappingInterceptor):
         self.include_open_services = include_open_services
         self.include_unimplemented = include_unimplemented
         self.retry_after = retry_after
+        self._stamp = _UtcStamp()
+        self._ids = _AuditIds()
 
     @staticmethod
     def capture() -> PrincipalCapture:
@@ -626,8 +719,8 @@ class AuditInterceptor(WrappingInterceptor):
             principal = None  # nobody was established; the default tenant must not take the blame
         return {
             "schema": SCHEMA,
-            "time": datetime.fromtimestamp(call.started, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "auditId": str(uuid.uuid4()),
+            "time": self._stamp(call.started),
+            "auditId": self._ids.next(),
             "tenant": principal.tenant if principal is not None else None,
             "principal": {"kind": principal.kind, "id": principal.id} if principal is not None else None,
             "sourceAddress": context.peer(),
