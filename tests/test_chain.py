@@ -21,12 +21,14 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from lockbroker.interceptors import tenants
 from lockbroker.interceptors.tracing import tracing_for
 from lockbroker.server.app import Broker
-from lockbroker.server.config import AuditConfig, AuthConfig, Config
+from lockbroker.server.config import AuditConfig, AuthConfig, Config, EtcdConfig
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
+from lockbroker.server.etcd.client import EtcdClient, LeaseNotFound
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
 
@@ -128,6 +130,12 @@ async def test_one_trace_spans_client_broker_and_etcd(etcd: EmbeddedEtcd, key_ro
     assert {s.name for s in etcd_calls} >= {"/etcdserverpb.Lease/LeaseGrant", "/etcdserverpb.KV/Txn"}
     for s in etcd_calls:
         assert s.parent is not None and by_id[s.parent.span_id] is server
+        assert s.kind.name == "CLIENT"
+        assert s.attributes is not None and s.attributes["rpc.system"] == "grpc"
+        assert s.attributes["rpc.grpc.status_code"] == 0
+    txn = next(s for s in etcd_calls if s.name == "/etcdserverpb.KV/Txn")
+    assert txn.attributes is not None
+    assert (txn.attributes["rpc.service"], txn.attributes["rpc.method"]) == ("etcdserverpb.KV", "Txn")
     assert server.attributes is not None
     assert server.attributes["lockbroker.lock.name"] == "traced"
     assert server.attributes["lockbroker.fencing_token"] == g.grant.fencing_token
@@ -167,3 +175,22 @@ async def test_server_retry_across_an_etcd_restart_yields_one_grant(tmp_path: Pa
     finally:
         await broker.stop(grace=1.0)
         await etcd.stop()
+
+
+async def test_a_failed_etcd_call_is_an_error_span(etcd: EmbeddedEtcd) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,)), tracer=provider.get_tracer("lockbroker.etcd"))
+    try:
+        with tracer.start_as_current_span("rpc") as parent, pytest.raises(LeaseNotFound):
+            await client.lease_revoke(0x7E57)  # no such lease: etcd answers NOT_FOUND
+    finally:
+        await client.close()
+    (span,) = [s for s in exporter.get_finished_spans() if s.name.startswith("/etcdserverpb.")]
+    assert span.name == "/etcdserverpb.Lease/LeaseRevoke"
+    assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]

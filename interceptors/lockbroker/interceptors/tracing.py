@@ -5,8 +5,9 @@ allowed). Unlike the OTel default, "none" is the default here: then no SDK provi
 and no interceptor returned, so tracing costs nothing and spans from libraries stay no-ops.
 Otherwise it returns the aio server interceptor of opentelemetry-instrumentation-grpc (it reads
 W3C `traceparent` from the caller's metadata and makes the server span current for everything
-inside it) and the aio client interceptors for the broker's etcd channel, so etcd calls become
-children of the RPC that made them.
+inside it), a tracer with which the broker's etcd client makes a CLIENT span per etcd call (so
+etcd calls become children of the RPC that made them), and OTel's aio client interceptors for
+callers' own channels.
 
 `LockSpanInterceptor` adds what a lock operation means to the current server span: tenant, lock
 name, fencing token, how long an Acquire waited and its queue position, the request id, and how
@@ -73,6 +74,8 @@ class Tracing:
     exporters: tuple[str, ...]
     server_interceptor: aio.ServerInterceptor | None
     client_interceptors: tuple[aio.ClientInterceptor, ...]
+    # For spans the broker makes itself around its outbound (etcd) calls; see EtcdClient.
+    backend_tracer: trace.Tracer | None = None
 
     @property
     def enabled(self) -> bool:
@@ -150,6 +153,7 @@ def tracing_for(
         exporters=tuple(exporters),
         server_interceptor=otel_grpc.aio_server_interceptor(tracer_provider=provider, filter_=_server_filter(env)),
         client_interceptors=tuple(otel_grpc.aio_client_interceptors(tracer_provider=provider)),
+        backend_tracer=provider.get_tracer("lockbroker.etcd"),
     )
 
 

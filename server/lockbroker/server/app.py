@@ -145,7 +145,7 @@ class Broker:
             log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
         self.client_config = etcd_cfg
         # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
-        self.client = EtcdClient(etcd_cfg, interceptors=self.tracing.client_interceptors)
+        self.client = EtcdClient(etcd_cfg, tracer=self.tracing.backend_tracer)
         self.backend = EtcdLockBackend(self.client)
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
         self.service = LockService(self.core, cfg.limits)
