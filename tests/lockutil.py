@@ -199,8 +199,8 @@ async def assert_untouched(probe: EtcdProbe, before: Snapshot) -> None:
 
 
 def active_watches(broker: Any) -> int:
-    """How many Acquire calls wait on this broker: each watches its predecessor and its own entry."""
-    return int(broker.core._backend.watches.active) // 2
+    """How many Acquire calls wait on this broker for a deletion (their predecessor's or their own)."""
+    return int(broker.core._backend.watches.active)
 
 
 async def lock_keys(probe: EtcdProbe, name: str | None = None) -> list[bytes]:

@@ -132,8 +132,10 @@ class LockBackend(Protocol):
         """Read the entry, its predecessor and the holder at one revision."""
         ...
 
-    async def wait_deleted(self, key: bytes, after_revision: int) -> None:
-        """Return once `key` is deleted at a revision > after_revision (WatchInterrupted: re-read).
+    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
+        """Return once one of `keys` (entries under the lock prefix `prefix`) is deleted at a
+        revision > after_revision. It may return early; WatchInterrupted: the watch broke. Either
+        way the caller reads the queue again.
 
         Cancelling the call removes the watch."""
         ...

@@ -430,7 +430,7 @@ class LockCore:
                     raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
                 raise await self._not_acquired(WaitExpired, p.name, pos, started)
             try:
-                await self._until_deleted((pos.predecessor.key, mine.key), pos.revision, left)
+                await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left)
             except WatchInterrupted as e:
                 log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
                 await asyncio.sleep(0.05)
@@ -443,24 +443,22 @@ class LockCore:
         # as its lease: the session was alive when we became holder (etcd's Jepsen fix).
         return pos
 
-    async def _until_deleted(self, keys: tuple[bytes, ...], revision: int, timeout: float) -> None:
-        """Return when any of `keys` is deleted after `revision`: the predecessor (our turn may
-        have come) or our own entry (our session ended: tell the caller now, not at the timeout)."""
+    async def _until_deleted(self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float) -> None:
+        """Return when any of `keys` is deleted after `revision` (or the watch asks for a re-read):
+        the predecessor (our turn may have come) or our own entry (our session ended: tell the
+        caller now, not at the timeout)."""
         if self.closing.done():
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        watches = [asyncio.ensure_future(self._backend.wait_deleted(k, revision)) for k in keys]
-        waits: set[asyncio.Future[None]] = {*watches, self.closing}
+        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision))
         try:
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({watch, self.closing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for w in watches:
-                if not w.done():
-                    w.cancel()
-            await asyncio.gather(*watches, return_exceptions=True)
-        for w in watches:
-            if w in done:
-                w.result()  # raises WatchInterrupted
-                return
+            if not watch.done():
+                watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if watch in done:
+            watch.result()  # raises WatchInterrupted
+            return
         if self.closing in done:
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
         raise TimeoutError

@@ -280,8 +280,8 @@ class EtcdLockBackend:
             mine = None  # a newer entry of the same session: ours is gone
         return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, ahead)
 
-    async def wait_deleted(self, key: bytes, after_revision: int) -> None:
-        await self.watches.wait_deleted(key, after_revision)
+    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
+        await self.watches.wait_deleted(prefix, keys, after_revision)
 
     async def delete_entry(
         self,

@@ -1,7 +1,8 @@
 """The two long-lived etcd streams a broker shares among all its calls.
 
 A broker opens one Watch stream and one LeaseKeepAlive stream (per current endpoint) and multiplexes
-every waiter and every refresh over them, instead of one stream per call. Both carry etcd's
+every waiter and every refresh over them, instead of one stream per call; on the Watch stream,
+all waiters of one lock share one watch. Both carry etcd's
 "hasleader" metadata, so a member cut off from its leader ends them rather than going silent; a
 lost stream fails whatever was pending on it (waiters then re-read state and watch again).
 """
@@ -12,12 +13,15 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from grpc import aio
 
 from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import REQUIRE_LEADER, EtcdClient
 
@@ -101,13 +105,82 @@ class _SharedStream(Generic[Req, Resp]):
                 await self._reader
 
 
+@dataclass(eq=False)
+class _Wait:
+    keys: tuple[bytes, ...]
+    after: int  # the revision the caller read; only deletions after it count
+    done: asyncio.Future[None]
+
+
+class _PrefixWatch:
+    """One etcd watch on the entries of one lock, shared by every waiter of that lock here.
+
+    It remembers the last deletions it saw, so a waiter that joins after the watch started can
+    tell whether its predecessor went in between."""
+
+    MEMORY = 1024
+
+    def __init__(self, wid: int, prefix: bytes, start: int) -> None:
+        self.wid = wid
+        self.prefix = prefix
+        self.start = start
+        self.waits: dict[bytes, set[_Wait]] = {}
+        self.count = 0
+        self.recent: deque[tuple[int, bytes]] = deque(maxlen=self.MEMORY)
+        self.forgotten = start - 1  # deletions at or below this revision are not in `recent`
+
+    def covers(self, after: int) -> bool:
+        """Whether every deletion after revision `after` has been or will be seen here."""
+        return after + 1 >= self.start and after >= self.forgotten
+
+    def seen(self, keys: tuple[bytes, ...], after: int) -> bool:
+        for revision, key in reversed(self.recent):
+            if revision <= after:
+                break
+            if key in keys:
+                return True
+        return False
+
+    def add(self, wait: _Wait) -> None:
+        for key in wait.keys:
+            self.waits.setdefault(key, set()).add(wait)
+        self.count += 1
+
+    def remove(self, wait: _Wait) -> None:
+        for key in wait.keys:
+            waits = self.waits.get(key)
+            if waits is not None:
+                waits.discard(wait)
+                if not waits:
+                    del self.waits[key]
+        self.count -= 1
+
+    def deleted(self, key: bytes, revision: int) -> None:
+        if len(self.recent) == self.MEMORY:
+            self.forgotten = self.recent[0][0]
+        self.recent.append((revision, key))
+        for wait in self.waits.get(key, ()):
+            if revision > wait.after and not wait.done.done():
+                wait.done.set_result(None)
+
+    def interrupt(self, error: Exception) -> None:
+        for waits in self.waits.values():
+            for wait in waits:
+                if not wait.done.done():
+                    wait.done.set_exception(error)
+
+
 class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
-    """Waits for key deletions; every waiter of this broker shares one Watch stream."""
+    """Waits for deletions of queue entries over one Watch stream, with one etcd watch per lock
+    that has waiters here (not one per waiter): a handoff then costs no watch set-up or tear-down,
+    and a deletion reaches this broker once however many of its calls wait on that lock."""
 
     def __init__(self, client: EtcdClient) -> None:
         super().__init__(client)
         self._next_id = 1
-        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._by_prefix: dict[bytes, _PrefixWatch] = {}
+        self._by_id: dict[int, _PrefixWatch] = {}
+        self._waiting = 0
         self._background: set[asyncio.Task[None]] = set()
 
     def _open(self) -> aio.StreamStreamCall[pb.WatchRequest, pb.WatchResponse]:
@@ -116,31 +189,75 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
 
     @property
     def active(self) -> int:
-        return len(self._waiting)
+        """Calls waiting for a deletion."""
+        return self._waiting
 
-    async def wait_deleted(self, key: bytes, after_revision: int) -> None:
-        # Starting at the revision we read + 1 puts the watcher in etcd's synced group, served as
-        # events happen; starting at or below the current revision would queue it for etcd's
-        # 100 ms catch-up loop, which is what slows handoffs in etcd's own Lock service.
-        wid = self._next_id
-        self._next_id += 1
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[wid] = fut
+    @property
+    def watches(self) -> int:
+        """etcd watches open (one per lock with waiters here)."""
+        return len(self._by_id)
+
+    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
+        """Return once one of `keys` (under `prefix`) is deleted at a revision > after_revision.
+
+        May also return early when the shared watch cannot vouch for the revisions since
+        `after_revision` (it started later, or forgot them): the caller reads the queue again,
+        at a revision the watch then covers."""
+        watch = self._by_prefix.get(prefix)
+        if watch is not None and (not watch.covers(after_revision) or watch.seen(keys, after_revision)):
+            return
+        wait = _Wait(keys, after_revision, asyncio.get_running_loop().create_future())
+        created = watch is None
+        if watch is None:
+            # Starting at the revision read + 1 puts the watcher in etcd's synced group, served as
+            # events happen; starting at or below the current revision would queue it for etcd's
+            # 100 ms catch-up loop, which is what slows handoffs in etcd's own Lock service.
+            watch = _PrefixWatch(self._next_id, prefix, after_revision + 1)
+            self._next_id += 1
+            self._by_prefix[prefix] = self._by_id[watch.wid] = watch
+        watch.add(wait)
+        self._waiting += 1
+        if created:
+            # Not in the caller's task: its cancellation must not leave the others on a watch
+            # that was never created.
+            self._spawn(self._create(watch))
+        try:
+            await wait.done
+        finally:
+            self._waiting -= 1
+            watch.remove(wait)
+            if not watch.count and self._by_id.get(watch.wid) is watch:
+                self._forget(watch)
+                self._spawn(self._cancel(watch.wid))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _create(self, watch: _PrefixWatch) -> None:
+        if self._by_id.get(watch.wid) is not watch:
+            return  # every waiter left before it was sent
         try:
             await self.write(
                 pb.WatchRequest(
                     create_request=pb.WatchCreateRequest(
-                        key=key, start_revision=after_revision + 1, watch_id=wid, filters=[pb.WatchCreateRequest.NOPUT]
+                        key=watch.prefix,
+                        range_end=prefix_end(watch.prefix),
+                        start_revision=watch.start,
+                        watch_id=watch.wid,
+                        filters=[pb.WatchCreateRequest.NOPUT],
                     )
                 )
             )
-            await fut
-        finally:
-            if self._waiting.pop(wid, None) is not None or fut.done():
-                # Cancel the watcher in etcd without holding up the caller (it may be cancelled).
-                task = asyncio.create_task(self._cancel(wid))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+        except Exception as e:
+            self._forget(watch)
+            watch.interrupt(e if isinstance(e, Unavailable) else WatchInterrupted(str(e)))
+
+    def _forget(self, watch: _PrefixWatch) -> None:
+        self._by_id.pop(watch.wid, None)
+        if self._by_prefix.get(watch.prefix) is watch:
+            del self._by_prefix[watch.prefix]
 
     async def _cancel(self, wid: int) -> None:
         if self._call is None:
@@ -149,21 +266,23 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
             await self.write(pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=wid)))
 
     def _on_response(self, resp: pb.WatchResponse) -> None:
-        fut = self._waiting.get(resp.watch_id)
-        if fut is None or fut.done():
-            return
+        watch = self._by_id.get(resp.watch_id)
+        if watch is None:
+            return  # a watch already given up (its cancellation's answer, or events in flight)
         if resp.canceled or resp.compact_revision:
-            self._waiting.pop(resp.watch_id, None)
-            fut.set_exception(WatchInterrupted(resp.cancel_reason or f"compacted at {resp.compact_revision}"))
-        elif any(ev.type == pb.Event.DELETE for ev in resp.events):
-            self._waiting.pop(resp.watch_id, None)
-            fut.set_result(None)
+            self._forget(watch)
+            watch.interrupt(WatchInterrupted(resp.cancel_reason or f"compacted at {resp.compact_revision}"))
+            return
+        for ev in resp.events:
+            if ev.type == pb.Event.DELETE:
+                # A deletion's kv carries the key and, as mod revision, the revision it happened at.
+                watch.deleted(ev.kv.key, ev.kv.mod_revision)
 
     def _on_lost(self, error: Exception) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
-            if not fut.done():
-                fut.set_exception(WatchInterrupted(str(error)))
+        watches = list(self._by_id.values())
+        self._by_id, self._by_prefix = {}, {}
+        for watch in watches:
+            watch.interrupt(WatchInterrupted(str(error)))
 
 
 class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]):
