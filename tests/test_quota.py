@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from lockbroker.interceptors.quota import Rate, TokenBucket
 from lockbroker.server.app import Broker
 from lockbroker.server.config import AuthConfig, Config, ConfigError, load
 from lockbroker.server.core.locks import _free_slot
+from lockbroker.server.core.names import Keyspace
 from lockbroker.server.core.quota import UNLIMITED, Pool, TenantQuota
 from lockbroker.server.embedded import EmbeddedEtcd
+from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
@@ -328,3 +331,43 @@ def test_free_slot_draws_from_big_pools_and_lists_nearly_full_ones() -> None:
     small = Pool(b"q/s/", 4, "max_sessions")
     assert _free_slot(small, {small.key(0), small.key(1), small.key(3)}) == small.key(2)
     assert _free_slot(small, {small.key(i) for i in range(4)}) is None
+
+
+async def test_a_taken_slot_in_a_big_pool_costs_a_few_reads_not_a_listing_of_the_pool(
+    etcd: EmbeddedEtcd, key_root: str, probe: EtcdProbe, track: Tracker
+) -> None:
+    """Half of a 1,000-slot pool taken: about half the Acquires find their hashed slot taken, and
+    each then reads SLOT_PROBES random slots instead of every key of the pool."""
+    pool = Keyspace(key_root, "default").entry_pool(1000)
+    grant = await probe.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60))
+    track.leases.add(grant.ID)  # revoked at the end, with the slots
+    for start in range(0, 1000, 2 * 100):
+        puts = [
+            pb.RequestOp(request_put=pb.PutRequest(key=pool.key(i), value=b"elsewhere", lease=grant.ID))
+            for i in range(start, start + 2 * 100, 2)
+        ]
+        await probe.kv.Txn(pb.TxnRequest(success=puts))
+    b = Broker(dataclasses.replace(broker_config(etcd.endpoint, key_root), quota=quota(max_locks=1000)))
+    await b.start()
+    assert b.core is not None
+    backend: Any = b.core._backend
+    calls: Counter[str] = Counter()
+    for name in ("taken_slots", "taken_among"):
+        real = getattr(backend, name)
+
+        async def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls[_name] += 1
+            return await _real(*args)
+
+        setattr(backend, name, counted)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{b.port}") as ch:
+            stub = lock_pb2_grpc.LockServiceStub(ch)
+            sid = await session(stub, track)
+            for i in range(30):
+                await acquire(stub, f"probe-{i}", sid)
+    finally:
+        await b.stop(grace=1.0)
+    assert calls["taken_among"] > 0  # slots were taken (all 30 missing the 500 is a 1e-9 chance)
+    assert calls["taken_slots"] == 0
+    assert len([k for k in await slot_keys(probe) if k.startswith(pool.prefix)]) == 500 + 30

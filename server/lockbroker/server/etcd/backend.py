@@ -341,6 +341,10 @@ class EtcdLockBackend:
         )
         return {kv.key for kv in resp.kvs}
 
+    async def taken_among(self, slots: Sequence[bytes]) -> set[bytes]:
+        resp = await self.client.txn(pb.TxnRequest(success=[_get(s, count_only=True) for s in slots]), write=False)
+        return {s for s, r in zip(slots, resp.responses, strict=True) if r.response_range.count}
+
     async def get_entry(self, key: bytes) -> Entry | None:
         return _first(await self.client.range(pb.RangeRequest(key=key)))
 
