@@ -89,7 +89,9 @@ def test_micro_benchmarks_run(capsys: Any) -> None:
     assert [line.split(":")[0] for line in lines] == [
         "bare handler",
         "retry-wrapped",
+        "bare handler",
         "audit to memory",
+        "bare handler",
         "audit to always",
     ]
     assert all("µs CPU per call" in line for line in lines)
