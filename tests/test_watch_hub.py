@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from lockbroker.server.config import EtcdConfig
+from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import EtcdClient
@@ -137,3 +138,61 @@ async def test_a_brokers_waiters_on_one_lock_use_one_etcd_watch_and_are_served_i
     await asyncio.wait_for(asyncio.gather(*tasks), 20)
     assert order == [0, 1, 2, 3, 4]
     assert broker.core._backend.watches.watches == 0
+
+
+def spy(watches: WatchHub) -> list[tuple[int, bool, bool, int]]:
+    """What etcd sends on the hub's Watch stream: (watch id, created, canceled, events)."""
+    seen: list[tuple[int, bool, bool, int]] = []
+    real = watches._on_response
+
+    def record(resp: pb.WatchResponse) -> None:
+        seen.append((resp.watch_id, resp.created, resp.canceled, len(resp.events)))
+        real(resp)
+
+    watches._on_response = record  # type: ignore[method-assign]
+    return seen
+
+
+async def test_a_watch_etcd_refuses_wakes_its_waiters_instead_of_leaving_them(
+    hub: tuple[EtcdClient, WatchHub], key_root: str
+) -> None:
+    client, watches = hub
+    seen = spy(watches)
+    a, b = f"{key_root}/l/d#".encode(), f"{key_root}/l/e#".encode()
+    rev = await put(client, b + b"1")
+    first = asyncio.ensure_future(watches.wait_deleted(a, (a + b"1",), rev))
+    await until(lambda: bool(seen))
+    # etcd refuses a create with watch id -1 (a stale token, permission denied, here a duplicate
+    # id): the waiters of that lock must hear of it, or they would sit until their timeout.
+    watches._next_id = 1
+    with pytest.raises(WatchInterrupted, match="refused"):
+        await asyncio.wait_for(watches.wait_deleted(b, (b + b"1",), rev), 2)
+    assert (-1, True, True, 0) in seen
+    # Waiting again (as the core does, after reading the queue) gets a working watch.
+    watches._next_id = 100
+    again = asyncio.ensure_future(watches.wait_deleted(b, (b + b"1",), rev))
+    await until(lambda: (100, True, False, 0) in seen)
+    await delete(client, b + b"1")
+    await asyncio.wait_for(again, 2)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+
+async def test_a_watch_no_waiter_wants_any_more_is_never_created(
+    hub: tuple[EtcdClient, WatchHub], key_root: str
+) -> None:
+    client, watches = hub
+    seen = spy(watches)
+    prefix = f"{key_root}/l/f#".encode()
+    rev = await put(client, prefix + b"1")
+    await watches._write_lock.acquire()  # another write in flight: the create waits its turn
+    waiting = asyncio.ensure_future(watches.wait_deleted(prefix, (prefix + b"1",), rev))
+    await asyncio.sleep(0.05)
+    waiting.cancel()  # its only waiter leaves before the create is sent
+    await asyncio.gather(waiting, return_exceptions=True)
+    watches._write_lock.release()
+    await asyncio.sleep(0.2)
+    await delete(client, prefix + b"1")
+    await asyncio.sleep(0.3)
+    assert seen == []  # no create was sent, so etcd sends this lock's deletions to nobody
+    assert watches.watches == 0 and watches.active == 0

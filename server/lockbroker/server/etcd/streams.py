@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -51,17 +51,34 @@ class _SharedStream(Generic[Req, Resp]):
     def _on_lost(self, error: Exception) -> None:
         raise NotImplementedError
 
-    async def write(self, req: Req) -> None:
-        if self._closed:
-            raise Unavailable("the broker is shutting down", retry_after=1.0)
+    async def write(
+        self,
+        req: Req,
+        *,
+        wanted: Callable[[], bool] | None = None,
+        sending: Callable[[], None] | None = None,
+    ) -> bool:
+        """Send `req` on the stream, opening it if need be.
+
+        `wanted` is asked again once this call holds the stream (after waiting for other writes
+        or for authentication): False sends nothing and returns False. `sending` runs just before
+        the write, in the stream's write order and before any answer can be read."""
         async with self._write_lock:
+            if self._closed:
+                raise Unavailable("the broker is shutting down", retry_after=1.0)
+            if wanted is not None and not wanted():
+                return False
             if self._call is None:
                 if self._client.needs_token():
                     await self._client.authenticate()
+                    if wanted is not None and not wanted():
+                        return False
                 self._endpoint, _ = self._client.current()
                 self._call = self._open()
                 self._reader = asyncio.create_task(self._read(self._call))
             call = self._call
+            if sending is not None:
+                sending()
             try:
                 await call.write(req)
             except (aio.AioRpcError, asyncio.InvalidStateError) as e:
@@ -69,6 +86,7 @@ class _SharedStream(Generic[Req, Resp]):
                 # Everything pending on the stream gets the domain error, never the transport's.
                 self._lose(call, lost)
                 raise lost from None
+            return True
 
     async def _read(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
         error: Exception = Unavailable("etcd closed the stream", retry_after=1.0)
@@ -163,11 +181,12 @@ class _PrefixWatch:
             if revision > wait.after and not wait.done.done():
                 wait.done.set_result(None)
 
-    def interrupt(self, error: Exception) -> None:
+    def interrupt(self, error: Callable[[], Exception]) -> None:
+        """Fail every wait, each with its own exception instance (they are raised in different tasks)."""
         for waits in self.waits.values():
             for wait in waits:
                 if not wait.done.done():
-                    wait.done.set_exception(error)
+                    wait.done.set_exception(error())
 
 
 class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
@@ -182,6 +201,9 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
         self._by_id: dict[int, _PrefixWatch] = {}
         self._waiting = 0
         self._background: set[asyncio.Task[None]] = set()
+        # Watches whose create request is sent and not yet answered, in the order sent: etcd
+        # answers creates in order, and a refused one comes back with watch id -1.
+        self._creating: deque[_PrefixWatch] = deque()
 
     def _open(self) -> aio.StreamStreamCall[pb.WatchRequest, pb.WatchResponse]:
         _, stubs = self._client.current()
@@ -224,6 +246,8 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
         try:
             await wait.done
         finally:
+            if wait.done.done() and not wait.done.cancelled():
+                wait.done.exception()  # retrieved: set in the same turn as this call's cancellation
             self._waiting -= 1
             watch.remove(wait)
             if not watch.count and self._by_id.get(watch.wid) is watch:
@@ -236,23 +260,41 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
         task.add_done_callback(self._background.discard)
 
     async def _create(self, watch: _PrefixWatch) -> None:
-        if self._by_id.get(watch.wid) is not watch:
-            return  # every waiter left before it was sent
-        try:
-            await self.write(
-                pb.WatchRequest(
-                    create_request=pb.WatchCreateRequest(
-                        key=watch.prefix,
-                        range_end=prefix_end(watch.prefix),
-                        start_revision=watch.start,
-                        watch_id=watch.wid,
-                        filters=[pb.WatchCreateRequest.NOPUT],
-                    )
-                )
+        request = pb.WatchRequest(
+            create_request=pb.WatchCreateRequest(
+                key=watch.prefix,
+                range_end=prefix_end(watch.prefix),
+                start_revision=watch.start,
+                watch_id=watch.wid,
+                filters=[pb.WatchCreateRequest.NOPUT],
             )
-        except Exception as e:
+        )
+        try:
+            # Asked again once the stream is ours: every waiter may have left (or the stream been
+            # lost) while this waited, and a watch created then would never be cancelled.
+            await self.write(
+                request,
+                wanted=lambda: self._by_id.get(watch.wid) is watch,
+                sending=lambda: self._creating.append(watch),
+            )
+        except Unavailable as e:
+            lost, delay = str(e), e.retry_after
             self._forget(watch)
-            watch.interrupt(e if isinstance(e, Unavailable) else WatchInterrupted(str(e)))
+            watch.interrupt(lambda: Unavailable(lost, retry_after=delay))
+        except Exception as e:
+            broke = str(e)
+            self._forget(watch)
+            watch.interrupt(lambda: WatchInterrupted(broke))
+
+    def _refused(self, watch: _PrefixWatch, reason: str) -> None:
+        self._forget(watch)
+        watch.interrupt(lambda: WatchInterrupted(f"etcd refused the watch: {reason}"))
+        if any(word in reason for word in ("permission denied", "token", "auth")):
+            # The stream carries the token it was opened with: only a new stream, with a new
+            # token, can watch again. Its other waiters read the queue and come back on it.
+            self._client.forget_token()
+            if self._call is not None:
+                self._lose(self._call, Unavailable(f"etcd refused a watch: {reason}", retry_after=0.5))
 
     def _forget(self, watch: _PrefixWatch) -> None:
         self._by_id.pop(watch.wid, None)
@@ -266,12 +308,18 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
             await self.write(pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=wid)))
 
     def _on_response(self, resp: pb.WatchResponse) -> None:
+        if resp.created:
+            sent = self._creating.popleft() if self._creating else None
+            if sent is not None and (resp.canceled or resp.watch_id != sent.wid):
+                self._refused(sent, resp.cancel_reason or "no reason given")
+                return
         watch = self._by_id.get(resp.watch_id)
         if watch is None:
             return  # a watch already given up (its cancellation's answer, or events in flight)
         if resp.canceled or resp.compact_revision:
             self._forget(watch)
-            watch.interrupt(WatchInterrupted(resp.cancel_reason or f"compacted at {resp.compact_revision}"))
+            reason = resp.cancel_reason or f"compacted at {resp.compact_revision}"
+            watch.interrupt(lambda: WatchInterrupted(reason))
             return
         for ev in resp.events:
             if ev.type == pb.Event.DELETE:
@@ -281,8 +329,16 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
     def _on_lost(self, error: Exception) -> None:
         watches = list(self._by_id.values())
         self._by_id, self._by_prefix = {}, {}
+        self._creating.clear()
         for watch in watches:
-            watch.interrupt(WatchInterrupted(str(error)))
+            watch.interrupt(lambda: WatchInterrupted(str(error)))
+
+    async def close(self) -> None:
+        await super().close()
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]):
