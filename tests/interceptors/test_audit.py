@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import stat
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from lockbroker.interceptors.audit import (
     AuditWriteError,
     FileSink,
     Record,
+    _AuditIds,
+    _UtcStamp,
     add_fields,
     redact_secrets,
 )
@@ -531,3 +535,19 @@ async def test_a_cancelled_writer_of_a_record_does_not_cancel_its_batch():
     await asyncio.gather(waiting[0], waiting[2])
     await log.close()
     assert sorted(json.loads(x)["n"] for x in sink.lines) == [0, 1, 2]
+
+
+def test_record_times_and_ids_match_the_standard_library() -> None:
+    stamp, ids = _UtcStamp(), _AuditIds()
+    rng = random.Random(7)
+    for _ in range(20_000):
+        t = rng.uniform(0, 4e9)
+        if rng.random() < 0.3:  # halfway between two microseconds: rounding must agree too
+            t = round(t, 6) + rng.choice((5e-7, -5e-7))
+        expected = datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        assert stamp(t) == expected, t
+    made = [ids.next() for _ in range(1_000)]  # several refills of the pool
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)

@@ -26,10 +26,12 @@ import contextvars
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -620,10 +622,14 @@ class _UtcStamp:
         self._prefix = ""
 
     def __call__(self, t: float) -> str:
-        second = int(t)
+        # Rounded to the microsecond exactly as datetime.fromtimestamp does.
+        frac, whole = math.modf(t)
+        micros, second = round(frac * 1e6), int(whole)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
         if second != self._second:
             self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((t - second) * 1e6):06d}Z"
+        return f"{self._prefix}.{micros:06d}Z"
 
 
 class _AuditIds:
@@ -634,6 +640,11 @@ class _AuditIds:
     def __init__(self) -> None:
         self._pool = b""
         self._at = 0
+        _ID_POOLS.add(self)
+
+    def forget(self) -> None:
+        """Drop the unused randomness (a forked child must not hand out its parent's ids)."""
+        self._pool, self._at = b"", 0
 
     def next(self) -> str:
         if self._at >= len(self._pool):
@@ -644,6 +655,18 @@ class _AuditIds:
         n = (n & ~(0xF << 76) & ~(0x3 << 62)) | (0x4 << 76) | (0x2 << 62)
         h = f"{n:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_ID_POOLS: weakref.WeakSet[_AuditIds] = weakref.WeakSet()
+
+
+def _forget_id_pools() -> None:
+    for pool in list(_ID_POOLS):
+        pool.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_id_pools)
 
 
 class PrincipalCapture(WrappingInterceptor):
