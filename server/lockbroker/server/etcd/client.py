@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -119,20 +119,13 @@ class EtcdClient:
     channel on grpc's intercepted path (an extra task and call object per call), which cost the
     broker more than the spans themselves."""
 
-    def __init__(
-        self,
-        config: EtcdConfig,
-        interceptors: Sequence[aio.ClientInterceptor] = (),
-        *,
-        tracer: trace.Tracer | None = None,
-    ) -> None:
+    def __init__(self, config: EtcdConfig, *, tracer: trace.Tracer | None = None) -> None:
         if not config.endpoints:
             raise ValueError("no etcd endpoints")
         self._config = config
         self._tracer = tracer
         tls_default = config.ca_file is not None or config.cert_file is not None
         self._endpoints = [Endpoint.parse(u, tls_default) for u in config.endpoints]
-        self._interceptors = list(interceptors)
         self._stubs: dict[int, Stubs] = {}
         self._index = 0
         self._token: str | None = None
@@ -159,9 +152,9 @@ class EtcdClient:
             if self._config.tls_server_name:
                 opts.append(("grpc.ssl_target_name_override", self._config.tls_server_name))
             if ep.tls:
-                ch = aio.secure_channel(ep.target, self._credentials(), opts, interceptors=self._interceptors)
+                ch = aio.secure_channel(ep.target, self._credentials(), opts)
             else:
-                ch = aio.insecure_channel(ep.target, opts, interceptors=self._interceptors)
+                ch = aio.insecure_channel(ep.target, opts)
             stubs = self._stubs[idx] = Stubs(ch)
         return idx, stubs
 
