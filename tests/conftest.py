@@ -20,6 +20,7 @@ from lockbroker.server.config import Config, EtcdConfig, LockLimits, ServerConfi
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig, find_etcd_binary
 from lockbroker.v1 import lock_pb2_grpc
 from tests.etcdutil import EtcdProbe
+from tests.lockutil import Tracker
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,6 +86,16 @@ async def probe(etcd: EmbeddedEtcd, key_root: str) -> AsyncIterator[EtcdProbe]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def track(stub: Any, probe: EtcdProbe) -> AsyncIterator[Tracker]:
+    """Sessions a test creates through the stub, revoked at its end (test_quota has its own)."""
+    t = Tracker(stub, probe)
+    try:
+        yield t
+    finally:
+        await t.cleanup()
 
 
 @pytest.fixture(scope="session")

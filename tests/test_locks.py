@@ -41,15 +41,6 @@ FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.fixture
-async def track(stub: Any, probe: EtcdProbe) -> AsyncIterator[Tracker]:
-    t = Tracker(stub, probe)
-    try:
-        yield t
-    finally:
-        await t.cleanup()
-
-
 @contextlib.asynccontextmanager
 async def replica(etcd: EmbeddedEtcd, key_root: str) -> AsyncIterator[tuple[Broker, Any]]:
     """A second broker on the same etcd and key root, with its own stub."""

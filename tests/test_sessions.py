@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -31,15 +30,6 @@ from tests.lockutil import (
 )
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
-
-
-@pytest.fixture
-async def track(stub: Any, probe: EtcdProbe) -> AsyncIterator[Tracker]:
-    t = Tracker(stub, probe)
-    try:
-        yield t
-    finally:
-        await t.cleanup()
 
 
 def session_key(probe: EtcdProbe, session_id: str) -> bytes:

@@ -6,7 +6,6 @@ and no write under the key root since the snapshot (the revision does not move b
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +27,6 @@ from tests.lockutil import (
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SID = "00000000000000ab"  # well formed; validation runs before anything looks it up
-
-
-@pytest.fixture
-async def track(stub: Any, probe: EtcdProbe) -> AsyncIterator[Tracker]:
-    t = Tracker(stub, probe)
-    try:
-        yield t
-    finally:
-        await t.cleanup()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.etcd.streams import WatchHub
 from lockbroker.v1 import lock_pb2
-from tests.etcdutil import EtcdProbe
 from tests.lockutil import Tracker, active_watches, dur
 
 
@@ -29,15 +28,6 @@ async def hub(etcd: EmbeddedEtcd) -> AsyncIterator[tuple[EtcdClient, WatchHub]]:
     finally:
         await watches.close()
         await client.close()
-
-
-@pytest.fixture
-async def tracker(stub: Any, probe: EtcdProbe) -> AsyncIterator[Tracker]:
-    t = Tracker(stub, probe)
-    try:
-        yield t
-    finally:
-        await t.cleanup()
 
 
 async def put(client: EtcdClient, key: bytes) -> int:
@@ -115,11 +105,11 @@ async def test_a_waiter_older_than_the_watch_is_told_to_read_again(
 
 
 async def test_a_brokers_waiters_on_one_lock_use_one_etcd_watch_and_are_served_in_order(
-    broker: Any, stub: Any, tracker: Tracker
+    broker: Any, stub: Any, track: Tracker
 ) -> None:
-    holder = await tracker.session()
+    holder = await track.session()
     g = await stub.Acquire(lock_pb2.AcquireRequest(name="shared", session_id=holder))
-    sessions = [await tracker.session() for _ in range(5)]
+    sessions = [await track.session() for _ in range(5)]
     order: list[int] = []
 
     async def wait(i: int) -> None:
