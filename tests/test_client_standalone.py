@@ -116,6 +116,7 @@ async def test_standalone_client_wheel(broker: Broker, probe: EtcdProbe, tmp_pat
         assert f"lockbroker/client/{module}.py" in names, module
     assert "lockbroker/client/py.typed" in names
     assert "lockbroker/v1/lock_pb2.py" in names and "lockbroker/v1/lock_pb2_grpc.py" in names
+    assert "lockbroker/v1/reasons.py" in names  # imported by lockbroker.client.errors
     assert not [n for n in names if n.startswith(("lockbroker/server/", "lockbroker/interceptors/"))], names
     assert "lockbroker/__init__.py" not in names  # a namespace package, shared with the server
     assert not [n for n in names if "__pycache__" in n], names

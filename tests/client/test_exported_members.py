@@ -17,6 +17,7 @@ PUBLIC = [
     "Backoff",
     "Client",
     "DeadlineExceeded",
+    "ErrorReason",
     "Grant",
     "HeldLock",
     "Holder",
@@ -31,6 +32,7 @@ PUBLIC = [
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RichStatus",
     "Session",
     "SessionKeeper",
     "SessionLost",
@@ -43,6 +45,7 @@ PUBLIC = [
     "WaitExpired",
     "Waiter",
     "from_rpc_error",
+    "rich_status",
 ]
 
 AIO_PUBLIC = ["Client", "DEFAULT_OPTIONS", "HeldLock", "LockContext", "SessionKeeper"]
