@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -116,11 +117,11 @@ class StateCollector(Collector):
 
     async def read(self) -> State:
         prefix = self._root + b"/t/"
-        resp = await self._client.range(
-            pb.RangeRequest(
-                key=prefix, range_end=prefix_end(prefix), keys_only=True, serializable=True, limit=MAX_STATE_KEYS
-            )
+        req = pb.RangeRequest(
+            key=prefix, range_end=prefix_end(prefix), keys_only=True, serializable=True, limit=MAX_STATE_KEYS
         )
+        with suppress_instrumentation():  # a scrape is not a call worth a trace
+            resp = await self._client.range(req)
         state = tally((kv.key for kv in resp.kvs), self._root)
         state.truncated = resp.more
         return state

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from lockbroker.server.core.backend import BackendError, LeaseExists, remaining
 from lockbroker.server.core.errors import Unavailable
@@ -276,7 +277,7 @@ class EtcdClient:
     async def _traced(
         self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
     ) -> T:
-        if self._tracer is None:
+        if self._tracer is None or not is_instrumentation_enabled():
             return await self._call(method, request, write, budget, None)
         service, name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("etcdserverpb", "unknown"))
         with self._tracer.start_as_current_span(
