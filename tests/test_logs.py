@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,3 +85,20 @@ async def test_stderr_is_json_lines_and_health_checks_make_no_spans(
     etcd_spans = [s for s in spans if s["name"].startswith("/etcdserverpb.")]
     assert etcd_spans, names
     assert all(s["parent_id"] is not None for s in etcd_spans), [s["name"] for s in etcd_spans if not s["parent_id"]]
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "ERROR"), ("debug", "debug")])
+def test_grpc_core_logs_errors_only_unless_the_user_says_otherwise(given: str | None, expected: str) -> None:
+    """grpc's C core reads GRPC_VERBOSITY once, when grpc is first imported: importing the server
+    package (as the `lockbroker` command does first) must set the default before that."""
+    env = clean_env()
+    env.pop("GRPC_VERBOSITY", None)
+    if given is not None:
+        env["GRPC_VERBOSITY"] = given
+    code = (
+        "import sys, os; import lockbroker.server; "
+        "assert 'grpc' not in sys.modules; print(os.environ['GRPC_VERBOSITY'])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,7 @@ from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from lockbroker.server.app import Broker
+from lockbroker.server.config import ConfigError
 from lockbroker.server.core.quota import TenantQuota
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.metrics import tally
@@ -205,3 +207,18 @@ def test_tally_counts_holders_waiters_and_sessions_per_tenant() -> None:
     st = tally(keys, root)
     assert (st.sessions["a"], st.held["a"], st.waiters["a"]) == (2, 2, 1)
     assert (st.sessions["b"], st.held["b"], st.waiters["b"]) == (0, 1, 0)
+
+
+async def test_a_metrics_port_in_use_is_a_config_error(etcd: EmbeddedEtcd, key_root: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = broker_config(etcd.endpoint, key_root)
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, metrics_listen=f"127.0.0.1:{port}"))
+        b = Broker(cfg)
+        try:
+            with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                await b.start()
+        finally:
+            await b.stop(grace=0.5)
