@@ -22,6 +22,7 @@ from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.metrics import tally
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
+from tests.etcdutil import EtcdProbe
 
 LOCK_NAME = "orders/metrics-secret-name-7f3a"
 
@@ -222,3 +223,43 @@ async def test_a_metrics_port_in_use_is_a_config_error(etcd: EmbeddedEtcd, key_r
                 await b.start()
         finally:
             await b.stop(grace=0.5)
+
+
+async def test_a_session_found_expired_by_keepalive_is_counted(mbroker: Broker, mstub: Any, etcd: EmbeddedEtcd) -> None:
+    s = await mstub.CreateSession(lock_pb2.CreateSessionRequest(ttl=secs(10)))
+    probe = EtcdProbe(etcd.endpoint, mbroker.config.etcd.key_root)
+    try:
+        await probe.revoke(int(s.session_id, 16))  # the lease ends behind the client's back
+    finally:
+        await probe.close()
+    call = mstub.KeepAlive()
+    await call.write(lock_pb2.KeepAliveRequest(session_id=s.session_id))
+    answer = await call.read()
+    assert answer.expired
+    await call.done_writing()
+    assert await call.read() is aio.EOF
+    m = await scrape(port_of(mbroker))
+    assert m.get("lockbroker_session_expiries_total", tenant="default") == 1
+
+
+async def test_a_rate_limit_refusal_is_counted_under_acquire_rate(etcd: EmbeddedEtcd, key_root: str) -> None:
+    cfg = broker_config(etcd.endpoint, key_root)
+    cfg = dataclasses.replace(
+        cfg,
+        server=dataclasses.replace(cfg.server, metrics_listen="127.0.0.1:0"),
+        quota=TenantQuota(acquire_rate=0.001, acquire_burst=1),
+    )
+    b = Broker(cfg)
+    await b.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{b.port}") as ch:
+            stub = lock_pb2_grpc.LockServiceStub(ch)
+            await stub.Acquire(lock_pb2.AcquireRequest(name="r0", ttl=secs(10)))
+            with pytest.raises(aio.AioRpcError) as ei:
+                await stub.Acquire(lock_pb2.AcquireRequest(name="r1", ttl=secs(10)))
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        m = await scrape(port_of(b))
+        assert m.get("lockbroker_quota_refusals_total", tenant="default", limit="acquire_rate") == 1
+        assert m.get("lockbroker_quota_refusals_total", limit="max_locks") == 0
+    finally:
+        await b.stop(grace=1.0)
