@@ -159,7 +159,7 @@ def api_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdentityInte
 
 
 def chain(audit: AuditInterceptor, identity: IdentityInterceptor) -> list[aio.ServerInterceptor]:
-    return [audit, identity, audit.capture()]
+    return [audit, identity]
 
 
 def stub(channel: aio.Channel) -> lock_pb2_grpc.LockServiceAsyncStub:

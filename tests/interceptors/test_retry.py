@@ -1,12 +1,11 @@
-"""Retries on real grpc.aio servers (127.0.0.1): the server-side interceptor, the client one, the service config."""
+"""Retries on real grpc.aio servers (127.0.0.1): the service edge's, the client interceptor's, the service config's."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from lockbroker.interceptors.retry import (
     SERVICE_CONFIG_JSON,
     ClientRetryInterceptor,
     ClientRetryPolicy,
-    ServerRetryInterceptor,
-    abort_or_defer,
     error_reason,
     retry_delay,
 )
@@ -36,6 +33,7 @@ from lockbroker.server.core.errors import (
     ShuttingDown,
     Unavailable,
 )
+from lockbroker.server.service import NO_RETRY, Idempotency, RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,26 +99,16 @@ async def test_aio_abort_sends_the_status_at_once_so_a_handler_cannot_be_rerun()
 # --- server side ------------------------------------------------------------------------------------
 
 
-def contract_rpc(
-    handler: Callable[[Any, Any, Context], Awaitable[Any]],
-) -> Callable[[Any, Any, Context], Awaitable[Any]]:
-    """The error path of service.py's `rpc` decorator with the one-line change the retry contract needs."""
-
-    @functools.wraps(handler)
-    async def wrapped(self: Any, request: Any, context: Context) -> Any:
-        try:
-            return await handler(self, request, context)
-        except LockBrokerError as exc:
-            await abort_or_defer(context, *status.to_status(exc))
-        raise AssertionError("abort returned")
-
-    return wrapped
-
-
 class Flaky(lock_pb2_grpc.LockServiceServicer):
-    """Fails the first `failures` attempts of every call with `error`, then answers."""
+    """Fails the first `failures` attempts of every call with `error`, then answers; its handlers
+    go through the service edge's `rpc` decorator, which owns the retry."""
 
-    def __init__(self, failures: int, error: LockBrokerError, *, direct_abort: bool = False) -> None:
+    draining = False
+
+    def __init__(
+        self, failures: int, error: LockBrokerError, *, direct_abort: bool = False, retry: RetryPolicy = NO_RETRY
+    ) -> None:
+        self.retry = retry
         self.failures = failures
         self.error = error
         self.direct_abort = direct_abort
@@ -133,29 +121,32 @@ class Flaky(lock_pb2_grpc.LockServiceServicer):
                 await context.abort(*status.to_status(self.error))
             raise self.error
 
-    @contract_rpc
+    @rpc(Idempotency.WITH_REQUEST_ID)
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Context) -> lock_pb2.AcquireResponse:
         await self._attempt("Acquire", context)
         return lock_pb2.AcquireResponse(
             grant=lock_pb2.Grant(name=request.name, fencing_token=42, request_id=request.request_id)
         )
 
-    @contract_rpc
+    @rpc(Idempotency.WITH_REQUEST_ID)
     async def CreateSession(
         self, request: lock_pb2.CreateSessionRequest, context: Context
     ) -> lock_pb2.CreateSessionResponse:
         await self._attempt("CreateSession", context)
         return lock_pb2.CreateSessionResponse(session_id="s-1")
 
-    @contract_rpc
+    @rpc(Idempotency.ALWAYS)
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Context) -> lock_pb2.DescribeResponse:
         await self._attempt("Describe", context)
         return lock_pb2.DescribeResponse(name=request.name)
 
 
-def new_flaky(failures: int, error: LockBrokerError, *, direct_abort: bool = False) -> Flaky:
+FAST = RetryPolicy(max_attempts=5, multiplier=0.01, max_backoff=0.02)
+
+
+def new_flaky(failures: int, error: LockBrokerError, *, direct_abort: bool = False, retry: RetryPolicy = FAST) -> Flaky:
     # The generated stubs declare every servicer method abstract; the runtime base answers UNIMPLEMENTED.
-    return Flaky(failures, error, direct_abort=direct_abort)  # type: ignore[abstract]
+    return Flaky(failures, error, direct_abort=direct_abort, retry=retry)  # type: ignore[abstract]
 
 
 @contextlib.asynccontextmanager
@@ -177,14 +168,11 @@ def acquire(request_id: str = "r-1") -> lock_pb2.AcquireRequest:
     return lock_pb2.AcquireRequest(name="jobs/a", session_id="s-1", request_id=request_id)
 
 
-FAST = ServerRetryInterceptor(max_attempts=5, multiplier=0.01, max_backoff=0.02)
-
-
 async def test_transient_backend_errors_are_retried_and_the_audit_record_counts_them():
     sink = MemorySink()
     log = AuditLog([sink])
     flaky = new_flaky(2, Unavailable("etcd did not answer"))
-    async with lock_server(flaky, [AuditInterceptor(log), FAST]) as stub:
+    async with lock_server(flaky, [AuditInterceptor(log)]) as stub:
         resp = await stub.Acquire(acquire(), timeout=5)
     await log.close()
     assert resp.grant.fencing_token == 42
@@ -204,7 +192,7 @@ async def test_other_errors_are_not_retried_and_reach_the_caller_unchanged(
     error: LockBrokerError, code: grpc.StatusCode, reason: str
 ):
     flaky = new_flaky(1, error)
-    async with lock_server(flaky, [FAST]) as stub:
+    async with lock_server(flaky, []) as stub:
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Acquire(acquire(), timeout=5)
     assert flaky.attempts["Acquire"] == 1
@@ -215,7 +203,7 @@ async def test_other_errors_are_not_retried_and_reach_the_caller_unchanged(
 
 async def test_calls_without_request_id_are_not_retried_unless_always_idempotent():
     flaky = new_flaky(1, Unavailable("etcd did not answer"))
-    async with lock_server(flaky, [FAST]) as stub:
+    async with lock_server(flaky, []) as stub:
         for call in (
             stub.Acquire(acquire(request_id=""), timeout=5),
             stub.CreateSession(lock_pb2.CreateSessionRequest(), timeout=5),
@@ -229,9 +217,9 @@ async def test_calls_without_request_id_are_not_retried_unless_always_idempotent
 
 
 async def test_retries_stop_before_the_deadline_and_the_caller_sees_the_real_error():
-    flaky = new_flaky(10_000, Unavailable("etcd did not answer"))
-    slow = ServerRetryInterceptor(max_attempts=1000, multiplier=0.1, max_backoff=0.2)
-    async with lock_server(flaky, [slow]) as stub:
+    slow = RetryPolicy(max_attempts=1000, multiplier=0.1, max_backoff=0.2)
+    flaky = new_flaky(10_000, Unavailable("etcd did not answer"), retry=slow)
+    async with lock_server(flaky, []) as stub:
         start = time.monotonic()
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Acquire(acquire(), timeout=0.6)
@@ -242,14 +230,14 @@ async def test_retries_stop_before_the_deadline_and_the_caller_sees_the_real_err
 
 
 async def test_without_a_deadline_retries_are_bounded_by_attempts_and_elapsed_time():
-    flaky = new_flaky(10_000, Unavailable("etcd did not answer"))
-    async with lock_server(flaky, [ServerRetryInterceptor(max_attempts=3, multiplier=0.01)]) as stub:
+    flaky = new_flaky(10_000, Unavailable("etcd did not answer"), retry=RetryPolicy(max_attempts=3, multiplier=0.01))
+    async with lock_server(flaky, []) as stub:
         with pytest.raises(aio.AioRpcError):
             await stub.Acquire(acquire())
     assert flaky.attempts["Acquire"] == 3
-    flaky = new_flaky(10_000, Unavailable("etcd did not answer"))
-    bounded = ServerRetryInterceptor(max_attempts=10_000, multiplier=0.05, max_backoff=0.05, max_elapsed=0.3)
-    async with lock_server(flaky, [bounded]) as stub:
+    bounded = RetryPolicy(max_attempts=10_000, multiplier=0.05, max_backoff=0.05, max_elapsed=0.3)
+    flaky = new_flaky(10_000, Unavailable("etcd did not answer"), retry=bounded)
+    async with lock_server(flaky, []) as stub:
         start = time.monotonic()
         with pytest.raises(aio.AioRpcError):
             await stub.Acquire(acquire())
@@ -258,7 +246,7 @@ async def test_without_a_deadline_retries_are_bounded_by_attempts_and_elapsed_ti
 
 async def test_a_handler_that_aborts_by_itself_is_passed_through_untouched():
     flaky = new_flaky(1, Unavailable("etcd did not answer"), direct_abort=True)
-    async with lock_server(flaky, [FAST]) as stub:
+    async with lock_server(flaky, []) as stub:
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Acquire(acquire(), timeout=5)
     assert flaky.attempts["Acquire"] == 1
@@ -279,7 +267,9 @@ def _trailers(code: int, *details: Any) -> tuple[tuple[str, bytes], ...]:
     return (("grpc-status-details-bin", status_pb2.Status(code=code, details=packed).SerializeToString()),)
 
 
-UNAVAILABLE: Step = status.to_status(Unavailable("etcd did not answer", retry_after=0.01))  # type: ignore[assignment]
+_code, _message, _trailers_of = status.to_status(Unavailable("etcd did not answer", retry_after=0.01))
+# grpc's own abort takes only an exact tuple (CallContext.abort converts our Trailers; this raw server has none).
+UNAVAILABLE: Step = (_code, _message, tuple(_trailers_of))  # type: ignore[assignment]
 THROTTLED: Step = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     "rate limited",

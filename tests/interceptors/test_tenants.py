@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lockbroker.interceptors import tenants as t
-from lockbroker.interceptors.tenancy import Principal
+from lockbroker.interceptors.principal import Principal
 from lockbroker.interceptors.tenants import (
     ApiKeyRecord,
     Tenant,

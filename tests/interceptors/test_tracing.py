@@ -22,7 +22,6 @@ from opentelemetry.trace import SpanKind
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
 from lockbroker.interceptors.base import Context
-from lockbroker.interceptors.retry import ServerRetryInterceptor, abort_or_defer
 from lockbroker.interceptors.tracing import (
     DISABLED,
     LockSpanInterceptor,
@@ -32,6 +31,7 @@ from lockbroker.interceptors.tracing import (
 )
 from lockbroker.server import status
 from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.service import Idempotency, RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 SERVICE = "lockbroker.v1.LockService"
@@ -53,17 +53,21 @@ class MemorySink:
 
 
 class Locks(lock_pb2_grpc.LockServiceServicer):
-    """Acquire answers with a grant after `fail` transient failures (through the retry contract)."""
+    """Acquire answers with a grant after `fail` transient failures (retried by the service edge's `rpc`)."""
+
+    draining = False
 
     def __init__(self, fail: int = 0) -> None:
         self.fail = fail
+        self.retry = RetryPolicy(max_attempts=5, multiplier=0.01, max_backoff=0.02)
 
+    @rpc(Idempotency.WITH_REQUEST_ID)
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Context) -> lock_pb2.AcquireResponse:
         if request.owner == "broken":
             await context.abort(*status.to_status(Unavailable("etcd did not answer")))
         if self.fail > 0:
             self.fail -= 1
-            await abort_or_defer(context, *status.to_status(Unavailable("etcd did not answer")))
+            raise Unavailable("etcd did not answer")
         return lock_pb2.AcquireResponse(
             grant=lock_pb2.Grant(name=request.name, fencing_token=42, session_id=request.session_id),
             waited=duration_pb2.Duration(seconds=1, nanos=250_000_000),
@@ -211,9 +215,8 @@ async def test_w3c_traceparent_from_any_caller_is_the_server_span_parent(tracing
 
 
 async def test_retries_become_span_events_and_an_attribute(tracing: Tracing, spans: InMemorySpanExporter):
-    retry = ServerRetryInterceptor(max_attempts=5, multiplier=0.01, max_backoff=0.02)
     async with (
-        traced_server(tracing, locks(fail=2), LockSpanInterceptor(), retry) as port,
+        traced_server(tracing, locks(fail=2), LockSpanInterceptor()) as port,
         aio.insecure_channel(f"127.0.0.1:{port}") as ch,
     ):
         await lock_pb2_grpc.LockServiceStub(ch).Acquire(request(), timeout=5)

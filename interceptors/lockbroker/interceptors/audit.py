@@ -12,17 +12,15 @@ record -> record), rendered as one JSON line and handed to every sink. docs/audi
 the schema field by field.
 
 Placement: directly inside the tracing interceptor (so `traceId` is the server span's trace) and
-outside identity, quota and retry (so their rejections are recorded and `retryAttempts` is
-final). The identity interceptor sets `current_principal` only around what it wraps; put
-`AuditInterceptor.capture()` right after it so the record names the principal even when quota
-then rejects the call.
+outside identity and quota (so their rejections are recorded). Who the call acts for, its retry
+attempts and its outcome are read from the call's `CallState` when it ends (identity and the
+service edge write them there), so nothing has to sit between the other layers to hand them over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import json
 import logging
@@ -34,7 +32,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import IO, Any, Final, Literal, Protocol
@@ -49,20 +47,22 @@ from opentelemetry import trace
 from lockbroker.interceptors.base import (
     OPEN_SERVICES,
     CallInfo,
+    CallState,
     Context,
     StreamBehavior,
     UnaryBehavior,
     WrappingInterceptor,
     metadata_value,
+    scoped,
+    state_of,
 )
-from lockbroker.interceptors.retry import LOCK_SERVICE, retry_attempts
-from lockbroker.interceptors.rpcstatus import Trailers, error_reason, trailers
-from lockbroker.interceptors.tenancy import Principal, current_principal
+from lockbroker.interceptors.rpcstatus import Trailers, trailers
 
 log = logging.getLogger("lockbroker.audit")
 
 SCHEMA: Final = "lockbroker.audit/v1"
 AUDIT_UNAVAILABLE: Final = "AUDIT_UNAVAILABLE"
+LOCK_SERVICE: Final = "lockbroker.v1.LockService"
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
     for name in ("CreateSession", "Acquire", "Release", "CloseSession", "KeepAlive", "Refresh")
@@ -492,18 +492,6 @@ def audit_log(
 # --- the interceptor ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Call:
-    info: CallInfo
-    started: float = field(default_factory=time.time)
-    started_mono: float = field(default_factory=time.monotonic)
-    principal: Principal | None = None
-    captured: bool = False
-
-
-_current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("lockbroker_audit_call", default=None)
-
-
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     code: grpc.StatusCode
@@ -511,11 +499,14 @@ class _Outcome:
     message: str | None = None
 
     @staticmethod
-    def of_context(context: Context, default: grpc.StatusCode = grpc.StatusCode.OK) -> _Outcome:
-        code = _status_code(context.code()) or default
-        details = context.details()
-        message = details.decode("utf-8", "replace") if isinstance(details, bytes) else details
-        return _Outcome(code, error_reason(context.trailing_metadata()), message or None)
+    def of(state: CallState, context: Context, default: grpc.StatusCode = grpc.StatusCode.OK) -> _Outcome:
+        """The outcome the call's layers recorded on its state (grpc's own code as a fallback)."""
+        code = state.code or _status_code(context.code()) or default
+        message = state.message
+        if message is None:
+            details = context.details()
+            message = details.decode("utf-8", "replace") if isinstance(details, bytes) else details
+        return _Outcome(code, state.reason, message or None)
 
     @staticmethod
     def cancelled(context: Context) -> _Outcome:
@@ -669,31 +660,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_id_pools)
 
 
-class PrincipalCapture(WrappingInterceptor):
-    """Tells the audit record who the call acts for; placed right after the identity interceptor."""
-
-    def _note(self) -> None:
-        call = _current.get()
-        if call is not None:
-            call.principal = current_principal.get()
-            call.captured = True
-
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        async def captured(request: Any, context: Context) -> Any:
-            self._note()
-            return await behavior(request, context)
-
-        return captured
-
-    def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
-        async def captured(request: Any, context: Context) -> AsyncIterator[Any]:
-            self._note()
-            async for response in _responses(behavior(request, context)):
-                yield response
-
-        return captured
-
-
 class AuditInterceptor(WrappingInterceptor):
     """Writes one record per RPC to `audit_log`; see the module docstring and docs/audit.md.
 
@@ -722,10 +688,6 @@ class AuditInterceptor(WrappingInterceptor):
         self._stamp = _UtcStamp()
         self._ids = _AuditIds()
 
-    @staticmethod
-    def capture() -> PrincipalCapture:
-        return PrincipalCapture()
-
     def handle_missing(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
         if self.include_unimplemented and method.lstrip("/").split("/")[0] not in OPEN_SERVICES:
             return self._unimplemented(method)
@@ -735,11 +697,9 @@ class AuditInterceptor(WrappingInterceptor):
         return self.include_open_services or not call.open
 
     def _record(
-        self, call: _Call, context: Context, outcome: _Outcome, refs: Mapping[str, str | None], **extra: Any
+        self, call: CallState, context: Context, outcome: _Outcome, refs: Mapping[str, str | None], **extra: Any
     ) -> Record:
-        principal = call.principal if call.captured else current_principal.get()
-        if not call.captured and outcome.code == grpc.StatusCode.UNAUTHENTICATED:
-            principal = None  # nobody was established; the default tenant must not take the blame
+        principal = call.principal  # None when authentication failed: the default tenant must not take the blame
         return {
             "schema": SCHEMA,
             "time": self._stamp(call.started),
@@ -755,7 +715,7 @@ class AuditInterceptor(WrappingInterceptor):
             "requestId": refs.get("requestId"),
             "outcome": {"code": outcome.code.name, "reason": outcome.reason, "message": outcome.message},
             "durationMs": round((time.monotonic() - call.started_mono) * 1000, 3),
-            "retryAttempts": retry_attempts.get(),
+            "retryAttempts": call.attempts,
             "traceId": _trace_id(),
             **extra,
             "_secrets": _secrets(context),
@@ -772,7 +732,7 @@ class AuditInterceptor(WrappingInterceptor):
             return False
         return True
 
-    async def _refuse_early(self, call: _Call, context: Context, refs: Mapping[str, str | None]) -> None:
+    async def _refuse_early(self, call: CallState, context: Context, refs: Mapping[str, str | None]) -> None:
         """Refuse a mutating call before its handler runs if its record could not be written."""
         if self.fail_open or call.info.method not in self.mutating or await self.log.ready():
             return
@@ -780,7 +740,7 @@ class AuditInterceptor(WrappingInterceptor):
         await self._write(self._record(call, context, _Outcome(code, AUDIT_UNAVAILABLE, message), refs))
         await context.abort(code, message, trailers)
 
-    async def _confirm(self, call: _Call, context: Context, record: Record) -> None:
+    async def _confirm(self, call: CallState, context: Context, record: Record) -> None:
         """Write the record of a call that is about to succeed; turn it into UNAVAILABLE if we cannot."""
         refuse = not self.fail_open and call.info.method in self.mutating
         if await self._write(record, "caller answered UNAVAILABLE" if refuse else "failing open") or not refuse:
@@ -794,16 +754,15 @@ class AuditInterceptor(WrappingInterceptor):
             return behavior
 
         async def audited(request: Any, context: Context) -> Any:
-            call = _Call(info)
-            _current.set(call)
-            retry_attempts.set(0)
+            context = scoped(context, info)
+            call = state_of(context)
             refs = _request_refs(request)
             await self._refuse_early(call, context, refs)
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
                 await self._write(
-                    self._record(call, context, _Outcome.of_context(context, grpc.StatusCode.UNKNOWN), refs)
+                    self._record(call, context, _Outcome.of(call, context, grpc.StatusCode.UNKNOWN), refs)
                 )
                 raise
             except asyncio.CancelledError:
@@ -816,7 +775,7 @@ class AuditInterceptor(WrappingInterceptor):
                 await self._write(self._record(call, context, outcome, refs))
                 raise
             _add_response_refs(refs, response)
-            await self._confirm(call, context, self._record(call, context, _Outcome.of_context(context), refs))
+            await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
             return response
 
         return audited
@@ -826,9 +785,8 @@ class AuditInterceptor(WrappingInterceptor):
             return behavior
 
         async def audited(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = _Call(info)
-            _current.set(call)
-            retry_attempts.set(0)
+            context = scoped(context, info)
+            call = state_of(context)
             received = 0
             sent = 0
             sessions: dict[str, None] = {}  # insertion-ordered set
@@ -858,7 +816,7 @@ class AuditInterceptor(WrappingInterceptor):
                     sent += 1
                     yield response
             except aio.AbortError:
-                await self._write(record(_Outcome.of_context(context, grpc.StatusCode.UNKNOWN)))
+                await self._write(record(_Outcome.of(call, context, grpc.StatusCode.UNKNOWN)))
                 raise
             except (asyncio.CancelledError, GeneratorExit):
                 await self._write(record(_Outcome.cancelled(context)))
@@ -866,7 +824,7 @@ class AuditInterceptor(WrappingInterceptor):
             except Exception as exc:
                 await self._write(record(_Outcome(grpc.StatusCode.UNKNOWN, None, f"unhandled {type(exc).__name__}")))
                 raise
-            await self._confirm(call, context, record(_Outcome.of_context(context)))
+            await self._confirm(call, context, record(_Outcome.of(call, context)))
 
         return audited
 
@@ -876,7 +834,7 @@ class AuditInterceptor(WrappingInterceptor):
 
         async def unknown(_requests: Any, context: Context) -> AsyncIterator[Any]:
             # No identity interceptor ran for a method that does not exist: nobody is established.
-            call = _Call(info, principal=None, captured=True)
+            call = CallState(info, principal=None)
             # grpc's own text for an unknown method, so callers see no difference
             outcome = _Outcome(grpc.StatusCode.UNIMPLEMENTED, None, "Method not found!")
             await self._write(self._record(call, context, outcome, _request_refs(None)))
@@ -897,7 +855,6 @@ __all__ = [
     "AuditWriteError",
     "FileSink",
     "FsyncPolicy",
-    "PrincipalCapture",
     "Processor",
     "Record",
     "Sink",

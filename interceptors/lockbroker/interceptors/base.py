@@ -3,18 +3,28 @@
 grpc.aio calls `intercept_service` once per call with only the method name; the request, the
 context and the outcome exist only inside the handler. So each interceptor here returns the
 same handler with its behavior wrapped, and the chain is the nesting of those wrappers: the
-first interceptor given to `grpc.aio.server(interceptors=[...])` is the outermost. Context
-variables set by a wrapper before awaiting the inner behavior are seen by everything inside it.
+first interceptor given to `grpc.aio.server(interceptors=[...])` is the outermost.
+
+The layers share one `CallState` per call, the way temporalio's interceptors pass one typed input
+object down `next`: the outermost lockbroker wrapper replaces grpc's context by a `CallContext`
+that delegates to it, carries `.state`, and records the outcome when `abort` or `set_code` run
+(as OpenTelemetry's `_OpenTelemetryAioServicerContext` does). Identity writes the principal on
+it, the service edge the retry attempts, and audit and the lock span read it when the call ends.
+So behaviors keep grpc's `(request, context)` shape, no layer passes data to another through a
+ContextVar, and the trailers a layer builds are never parsed back to learn the reason.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 from grpc import aio
+
+from lockbroker.interceptors.principal import ANONYMOUS, DEFAULT_TENANT, Principal
 
 Context = aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
@@ -46,6 +56,85 @@ class CallInfo:
     def of(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> CallInfo:
         service, _, name = method.lstrip("/").partition("/")
         return CallInfo(method, service, name, handler.request_streaming, handler.response_streaming)
+
+
+@dataclass(slots=True)
+class CallState:
+    """Everything our layers learn about one call, created once by the outermost of them.
+
+    `principal` is ANONYMOUS until identity replaces it, and None when authentication failed.
+    `attempts` counts retries after the first attempt (the service edge retries transient
+    backend failures). `code`/`reason`/`message` are the outcome as the call ended it; a call
+    that returns normally leaves `code` None, which means OK.
+    """
+
+    info: CallInfo
+    started: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    principal: Principal | None = ANONYMOUS
+    attempts: int = 0
+    code: grpc.StatusCode | None = None
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def tenant(self) -> str:
+        return self.principal.tenant if self.principal is not None else DEFAULT_TENANT
+
+
+class CallContext:
+    """grpc's servicer context with the call's `state`, recording the outcome as the call ends it.
+
+    Everything but `abort`, `set_code` and `set_details` goes straight to grpc's context. The
+    reason comes from the `Trailers` object the aborting layer built (its `.reason`), not from
+    parsing the serialized status back.
+    """
+
+    __slots__ = ("_context", "state")
+
+    def __init__(self, context: Context, state: CallState) -> None:
+        self._context = context
+        self.state = state
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
+    ) -> NoReturn:
+        state = self.state
+        state.code, state.message = code, details or None
+        state.reason = getattr(trailing_metadata, "reason", None)
+        await self._context.abort(code, details, tuple(trailing_metadata))
+        raise AssertionError("abort returned")
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.state.code = code
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self.state.message = details or None
+        self._context.set_details(details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def scoped(context: Context, info: CallInfo) -> Context:
+    """`context` as a CallContext: the outermost wrapper creates the call's state, inner ones reuse it.
+
+    Each wrapper starts with this instead of the chain adding a layer of its own, so sharing the
+    state costs no extra frame on the call path.
+    """
+    if isinstance(context, CallContext):
+        return context
+    return cast(Context, CallContext(context, CallState(info)))
+
+
+def state_of(context: Context) -> CallState:
+    """The call's state; a fresh one (anonymous, unshared) when no lockbroker layer wrapped the call."""
+    state = getattr(context, "state", None)
+    if isinstance(state, CallState):
+        return state
+    method = "/unknown/unknown"
+    return CallState(CallInfo(method, "unknown", "unknown", False, False))
 
 
 # grpc's handler type is generic only in its stubs: these aliases must stay strings at runtime.

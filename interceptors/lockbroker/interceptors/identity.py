@@ -2,7 +2,7 @@
 
 The tenant comes only from a credential the broker verified; nothing a client writes in metadata
 (`x-tenant` or anything else) names its tenant. Without a tenants registry this interceptor is not
-installed and every call acts for the anonymous `default` tenant (see `tenancy`).
+installed and every call acts for the anonymous `default` tenant (see `principal`).
 
 Rules, for every call outside health and reflection:
 
@@ -22,16 +22,23 @@ server-only TLS connections have none of these keys.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
 
-from lockbroker.interceptors.base import CallInfo, Context, StreamBehavior, UnaryBehavior, WrappingInterceptor
+from lockbroker.interceptors.base import (
+    CallInfo,
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    WrappingInterceptor,
+    scoped,
+    state_of,
+)
+from lockbroker.interceptors.principal import Principal
 from lockbroker.interceptors.rpcstatus import trailers
-from lockbroker.interceptors.tenancy import Principal, current_principal
 from lockbroker.interceptors.tenants import TenantRegistry, parse_key
 
 log = logging.getLogger("lockbroker.auth")
@@ -62,7 +69,7 @@ def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | N
 
 
 class IdentityInterceptor(WrappingInterceptor):
-    """Sets `current_principal` around every non-open call, or ends it UNAUTHENTICATED."""
+    """Writes the caller's principal on every non-open call's state, or ends the call UNAUTHENTICATED."""
 
     def __init__(self, registry: TenantRegistry) -> None:
         self.registry = registry
@@ -100,22 +107,20 @@ class IdentityInterceptor(WrappingInterceptor):
             log.debug("rejected: no known credential", extra={"peer": context.peer(), "identity": identity})
         return principal
 
-    async def _principal_or_abort(self, context: Context) -> Principal:
-        principal = await self.authenticate(context)
-        if principal is None:
+    async def _admit(self, context: Context) -> None:
+        state = state_of(context)
+        state.principal = await self.authenticate(context)
+        if state.principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, _UNAUTHENTICATED)
-        return principal
 
     def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
         if call.open:
             return behavior
 
         async def authenticated(request: Any, context: Context) -> Any:
-            token = current_principal.set(await self._principal_or_abort(context))
-            try:
-                return await behavior(request, context)
-            finally:
-                current_principal.reset(token)
+            context = scoped(context, call)
+            await self._admit(context)
+            return await behavior(request, context)
 
         return authenticated
 
@@ -124,7 +129,8 @@ class IdentityInterceptor(WrappingInterceptor):
             return behavior
 
         async def authenticated(request: Any, context: Context) -> AsyncIterator[Any]:
-            token = current_principal.set(await self._principal_or_abort(context))
+            context = scoped(context, call)
+            await self._admit(context)
             responses: Any = behavior(request, context)
             try:
                 if hasattr(responses, "__aiter__"):
@@ -135,13 +141,9 @@ class IdentityInterceptor(WrappingInterceptor):
                     await responses
             finally:
                 # `async for` leaves the inner generator suspended when the call ends early (client
-                # gone, cancelled); close it here so its cleanup runs now and in this call's context.
+                # gone, cancelled); close it here so its cleanup runs now.
                 if hasattr(responses, "aclose"):
                     await responses.aclose()
-                # An abandoned stream may be finalised later from another task, whose context never
-                # saw this token; there is nothing to undo there.
-                with contextlib.suppress(ValueError):
-                    current_principal.reset(token)
 
         return authenticated
 
@@ -152,11 +154,12 @@ def _key_id(key: str) -> str:
 
 
 async def require_admin(context: Context) -> Principal:
-    """The current principal if it has the admin role; otherwise ends the call PERMISSION_DENIED.
+    """The call's principal if it has the admin role; otherwise ends the call PERMISSION_DENIED.
 
-    With no authentication configured the caller is the anonymous principal, which is not an admin.
+    Kept for the admin RPCs to come (issue 15). With no authentication configured the caller is
+    the anonymous principal, which is not an admin.
     """
-    principal = current_principal.get()
-    if not principal.admin:
+    principal = state_of(context).principal
+    if principal is None or not principal.admin:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, _PERMISSION_DENIED)
     return principal

@@ -19,9 +19,8 @@ from typing import Any
 
 import grpc
 
-from lockbroker.interceptors.base import CallInfo, Context, UnaryBehavior, WrappingInterceptor
+from lockbroker.interceptors.base import CallInfo, Context, UnaryBehavior, WrappingInterceptor, scoped, state_of
 from lockbroker.interceptors.rpcstatus import quota_details, trailers
-from lockbroker.interceptors.tenancy import current_principal
 
 RATE_LIMITED = "RATE_LIMITED"
 # Methods that spend a token: the ones that create state in etcd on every call.
@@ -80,7 +79,8 @@ class RateLimitInterceptor(WrappingInterceptor):
             return behavior
 
         async def limited(request: Any, context: Context) -> Any:
-            tenant = current_principal.get().tenant
+            context = scoped(context, call)
+            tenant = state_of(context).tenant
             wait = self.check(tenant)
             if wait > 0:
                 rate = self._rate_of(tenant)

@@ -1,53 +1,35 @@
-"""Retrying transient failures: inside the broker (around handlers) and in Python clients.
+"""Retrying transient failures in Python clients, and the retry policy for other languages.
 
-Server side. An aio handler cannot be retried once it has called `context.abort`: abort sends the
-status to the caller at once, a second abort raises `UsageError("Abort already called!")`, and a
-response returned afterwards is silently dropped (all verified on grpcio 1.85.1). So the retry
-interceptor and the service agree on a contract instead: while `ServerRetryInterceptor` runs a
-handler it sets a context variable, and the service's error path calls `abort_or_defer`, which
-then raises `DeferredAbort` (carrying the exact code, message and trailers the service would have
-sent) instead of aborting. The interceptor retries the transient ones and aborts with the rest,
-so the caller sees precisely what the service produced. A handler that aborts by itself is never
-retried: the interceptor cannot tell, and does not need to.
-
-Client side. `ClientRetryInterceptor` re-sends the same request object (the same bytes, so the
-same request_id) on UNAVAILABLE, and on RESOURCE_EXHAUSTED only when the server attached a
+`ClientRetryInterceptor` re-sends the same request object (the same bytes, so the same
+request_id) on UNAVAILABLE, and on RESOURCE_EXHAUSTED only when the server attached a
 google.rpc.RetryInfo; `SERVICE_CONFIG` is the equivalent retry policy for gRPC clients in other
 languages (`python -m lockbroker.interceptors.retry` prints docs/service-config.json).
+
+The broker's own retry of transient etcd failures lives in the service edge
+(`lockbroker.server.service.rpc`), the one layer that knows which calls are idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
 from grpc import aio
 from opentelemetry import trace
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_random_exponential,
-)
 
-from lockbroker.interceptors.base import CallInfo, Context, UnaryBehavior, WrappingInterceptor
-from lockbroker.interceptors.rpcstatus import error_info, error_reason, retry_delay, rich_status
+from lockbroker.interceptors.rpcstatus import error_reason, retry_delay
 
 log = logging.getLogger("lockbroker.retry")
 
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
-TRANSIENT_REASON: Final = "BACKEND_UNAVAILABLE"
 
 # Idempotent however often they are repeated.
 ALWAYS_IDEMPOTENT: Final = frozenset({"Refresh", "Describe", "List", "CloseSession"})
@@ -55,50 +37,7 @@ ALWAYS_IDEMPOTENT: Final = frozenset({"Refresh", "Describe", "List", "CloseSessi
 # second lock entry or a second session.
 IDEMPOTENT_WITH_REQUEST_ID: Final = frozenset({"Acquire", "Release", "CreateSession"})
 
-retry_attempts: contextvars.ContextVar[int] = contextvars.ContextVar("lockbroker_retry_attempts", default=0)
-"""Retries (attempts after the first) the current RPC's handler took; read by audit and tracing."""
-
-_defer_abort: contextvars.ContextVar[bool] = contextvars.ContextVar("lockbroker_defer_abort", default=False)
-
 _rng = random.SystemRandom()  # forked workers must not share a jitter sequence
-
-
-# --- google.rpc.Status in trailers ------------------------------------------------------------
-
-
-# --- the service's side of the contract ---------------------------------------------------------
-
-
-class DeferredAbort(Exception):
-    """What the service would have aborted with, handed to the retry interceptor instead."""
-
-    def __init__(
-        self, code: grpc.StatusCode, details: str, trailing_metadata: Sequence[tuple[str, str | bytes]]
-    ) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-        self.trailing_metadata = tuple(trailing_metadata)
-
-    @property
-    def reason(self) -> str | None:
-        return error_reason(self.trailing_metadata)
-
-
-async def abort_or_defer(
-    context: Context,
-    code: grpc.StatusCode,
-    details: str = "",
-    trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
-) -> NoReturn:
-    """`context.abort(...)`, unless a ServerRetryInterceptor around this handler may retry it.
-
-    The one call the service's error path makes; with no retry interceptor (or a call it will not
-    retry) it is exactly `context.abort`.
-    """
-    if _defer_abort.get():
-        raise DeferredAbort(code, details, trailing_metadata)
-    await context.abort(code, details, tuple(trailing_metadata))
 
 
 def is_idempotent(method_name: str, request: object) -> bool:
@@ -110,116 +49,10 @@ def is_idempotent(method_name: str, request: object) -> bool:
     return False
 
 
-def _is_transient(exc: BaseException) -> bool:
-    # Only "etcd did not answer": SHUTTING_DOWN is UNAVAILABLE too but means "go to another
-    # replica", which a retry on this one cannot achieve.
-    return (
-        isinstance(exc, DeferredAbort)
-        and exc.code == grpc.StatusCode.UNAVAILABLE
-        and error_reason(exc.trailing_metadata) == TRANSIENT_REASON
-    )
-
-
 def _span_event(name: str, attributes: Mapping[str, str | int | float]) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(name, dict(attributes))
-
-
-class ServerRetryInterceptor(WrappingInterceptor):
-    """Re-runs idempotent unary LockService handlers that failed with BACKEND_UNAVAILABLE.
-
-    Place it innermost (last in the chain), so quota is charged and identity checked once per
-    RPC and the audit record shows the final outcome with `retryAttempts`. Full-jitter backoff;
-    never sleeps past the RPC's deadline (minus `min_attempt` seconds the next attempt needs to
-    be worth starting); at most `max_attempts` attempts; `max_elapsed` seconds when the caller
-    set no deadline.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_attempts: int = 3,
-        multiplier: float = 0.05,
-        max_backoff: float = 0.5,
-        max_elapsed: float = 2.0,
-        min_attempt: float = 0.05,
-    ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        self.max_attempts = max_attempts
-        self.multiplier = multiplier
-        self.max_backoff = max_backoff
-        self.max_elapsed = max_elapsed
-        self.min_attempt = min_attempt
-
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        if call.service != LOCK_SERVICE or call.client_streaming or self.max_attempts == 1:
-            return behavior
-        if call.name not in ALWAYS_IDEMPOTENT | IDEMPOTENT_WITH_REQUEST_ID:
-            return behavior
-
-        async def retried(request: Any, context: Context) -> Any:
-            if not is_idempotent(call.name, request):
-                return await behavior(request, context)
-            left = context.time_remaining()
-            budget = self.max_elapsed if left is None else left - self.min_attempt
-            if budget <= 0:
-                return await behavior(request, context)
-            started = time.monotonic()
-            token = _defer_abort.set(True)
-            try:
-                try:
-                    # The first attempt runs bare: tenacity's bookkeeping costs ~0.1 ms a call,
-                    # as much as the rest of the chain, and almost every call succeeds at once.
-                    retry_attempts.set(0)
-                    return await behavior(request, context)
-                except DeferredAbort as first:
-                    if not _is_transient(first):
-                        raise
-                    failed = first
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(_is_transient),
-                    wait=wait_random_exponential(multiplier=self.multiplier, max=self.max_backoff),
-                    stop=stop_after_attempt(self.max_attempts)
-                    | stop_before_delay(budget - (time.monotonic() - started)),
-                    before_sleep=_before_sleep(call),
-                    reraise=True,
-                ):
-                    with attempt:
-                        number = attempt.retry_state.attempt_number
-                        if number == 1:
-                            raise failed  # the attempt made above: tenacity counts it and backs off from it
-                        retry_attempts.set(number - 1)
-                        return await behavior(request, context)
-            except DeferredAbort as deferred:
-                await context.abort(deferred.code, deferred.details, deferred.trailing_metadata)
-            finally:
-                _defer_abort.reset(token)
-            raise AssertionError("unreachable: AsyncRetrying either returns or raises")
-
-        return retried
-
-
-def _before_sleep(call: CallInfo) -> Callable[[RetryCallState], None]:
-    def note(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        reason = exc.reason if isinstance(exc, DeferredAbort) else None
-        sleep = state.upcoming_sleep
-        _span_event(
-            "lockbroker.retry",
-            {"attempt": state.attempt_number, "reason": reason or "", "sleep_ms": round(sleep * 1000, 3)},
-        )
-        log.info(
-            "retrying %s after %s (attempt %d, sleeping %.3fs)",
-            call.name,
-            reason,
-            state.attempt_number,
-            sleep,
-            extra={"method": call.method, "attempt": state.attempt_number},
-        )
-
-    return note
 
 
 # --- clients ------------------------------------------------------------------------------------
@@ -345,14 +178,8 @@ __all__ = [
     "SERVICE_CONFIG_JSON",
     "ClientRetryInterceptor",
     "ClientRetryPolicy",
-    "DeferredAbort",
-    "ServerRetryInterceptor",
-    "abort_or_defer",
     "client_may_retry",
-    "error_info",
     "error_reason",
     "is_idempotent",
-    "retry_attempts",
     "retry_delay",
-    "rich_status",
 ]

@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lockbroker.interceptors.tenancy import Principal, tenant_problem
+from lockbroker.interceptors.principal import Principal, tenant_problem
 
 KEY_PREFIX = "lbk_"
 _KEY_ID = re.compile(r"[a-z0-9]{4,32}")

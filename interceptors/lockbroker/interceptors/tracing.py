@@ -11,7 +11,8 @@ callers' own channels.
 
 `LockSpanInterceptor` adds what a lock operation means to the current server span: tenant, lock
 name, fencing token, how long an Acquire waited and its queue position, the request id, and how
-often the handler was retried (the retry interceptor adds one span event per retry).
+often the call was retried (the service edge adds one span event per retry), all read from the
+call's `CallState` when the call ends.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ from lockbroker.interceptors.base import (
     StreamBehavior,
     UnaryBehavior,
     WrappingInterceptor,
+    scoped,
+    state_of,
 )
-from lockbroker.interceptors.retry import retry_attempts
-from lockbroker.interceptors.rpcstatus import error_reason
-from lockbroker.interceptors.tenancy import current_principal
 
 DEFAULT_SERVICE_NAME: Final = "lockbroker"
 EXPORTERS: Final = frozenset({"otlp", "console", "none"})
@@ -236,9 +236,11 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
 
 
 class LockSpanInterceptor(WrappingInterceptor):
-    """Lock attributes on the current (server) span. Place it after identity, before retry.
+    """Lock attributes on the current (server) span, from the request, the response and the call's state.
 
-    A no-op when the span is not recording, so it may stay in the chain with tracing off.
+    The tenant, the error reason and the retry attempts are read from the `CallState` when the
+    call ends, so this layer may sit anywhere inside the OTel interceptor. A no-op when the span
+    is not recording, so it may stay in the chain with tracing off.
     """
 
     def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
@@ -249,17 +251,19 @@ class LockSpanInterceptor(WrappingInterceptor):
             span = trace.get_current_span()
             if not span.is_recording():
                 return await behavior(request, context)
-            span.set_attribute("lockbroker.tenant", current_principal.get().tenant)
+            context = scoped(context, call)
+            state = state_of(context)
             span.set_attributes(_request_attributes(request))
             try:
                 response = await behavior(request, context)
             except BaseException:
-                if reason := error_reason(context.trailing_metadata()):
-                    span.set_attribute("lockbroker.error.reason", reason)
+                if state.reason:
+                    span.set_attribute("lockbroker.error.reason", state.reason)
                 raise
             finally:
-                if attempts := retry_attempts.get():
-                    span.set_attribute("lockbroker.retry_attempts", attempts)
+                span.set_attribute("lockbroker.tenant", state.tenant)
+                if state.attempts:
+                    span.set_attribute("lockbroker.retry_attempts", state.attempts)
             span.set_attributes(_response_attributes(response))
             return response
 
@@ -275,13 +279,15 @@ class LockSpanInterceptor(WrappingInterceptor):
                 async for response in _responses(behavior(request, context)):
                     yield response
                 return
-            span.set_attribute("lockbroker.tenant", current_principal.get().tenant)
+            context = scoped(context, call)
+            state = state_of(context)
             sent = 0
             try:
                 async for response in _responses(behavior(request, context)):
                     sent += 1
                     yield response
             finally:
+                span.set_attribute("lockbroker.tenant", state.tenant)
                 span.set_attribute("lockbroker.messages_sent", sent)
 
         return annotated

@@ -25,7 +25,6 @@ from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
-from lockbroker.interceptors.retry import ServerRetryInterceptor
 from lockbroker.interceptors.tenants import TenantsFileError
 from lockbroker.interceptors.tls import TlsFileError
 from lockbroker.interceptors.tracing import (
@@ -42,7 +41,7 @@ from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
-from lockbroker.server.service import LockService, add_to_server
+from lockbroker.server.service import LockService, RetryPolicy, add_to_server
 from lockbroker.v1 import lock_pb2
 
 log = logging.getLogger("lockbroker.server")
@@ -148,7 +147,7 @@ class Broker:
         self.client = EtcdClient(etcd_cfg, tracer=self.tracing.backend_tracer)
         self.backend = EtcdLockBackend(self.client)
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
-        self.service = LockService(self.core, cfg.limits)
+        self.service = LockService(self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts))
 
         self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
         add_to_server(self.service, self.server)
@@ -229,30 +228,30 @@ class Broker:
         return Rate(q.acquire_rate, q.acquire_burst)
 
     def _interceptors(self) -> list[aio.ServerInterceptor]:
-        """The chain, outermost first.
+        """The chain, outermost first; every layer shares one `CallState` per call.
 
-        tracing   first, so every other layer (and each etcd call) is inside the server span;
-        audit     next, so rejections by identity, quota or retry exhaustion are recorded too;
-        identity  then the tenant is known; audit.capture() hands it to the audit record;
-        lock span attributes from the request and the grant, once the tenant is known;
-        quota     the tenant's acquire rate (per replica); a refusal is audited with its lock name
-                  (limits on held state are the lock core's, in etcd);
-        retry     innermost, around the handler alone, so a retry re-runs only the handler and
-                  is audited and traced as one call with N attempts.
+        tracing   OTel's server span, so every other layer (and each etcd call) is inside it;
+        audit     one record per call, written from the call's state when it ends (principal,
+                  attempts, outcome), so rejections by identity or quota are recorded too;
+        identity  writes the caller's principal (hence the tenant) on the state, or UNAUTHENTICATED;
+        lock span lock attributes on the server span, read from the request, response and state;
+        quota     the tenant's acquire rate (per replica); limits on held state are the core's;
+        service   the edge: deadline, retry of transient backend failures (one call, N attempts,
+                  so quota and identity are charged once), and the one mapping of errors to statuses;
+        core      the lock semantics; backend: etcd transactions.
+
+        The first lockbroker layer wraps grpc's context in a `CallContext` that carries the state
+        and records the outcome when a layer aborts (see `lockbroker.interceptors.base`).
         """
         chain: list[aio.ServerInterceptor] = [*self.tracing.server_interceptors()]
         if self.audit is not None:
             chain.append(self.audit)
         if self.identity is not None:
             chain.append(self.identity)
-        if self.audit is not None:
-            chain.append(self.audit.capture())
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
         if self.quotas.any(lambda q: q.acquire_rate > 0):
             chain.append(RateLimitInterceptor(self._rate))
-        if self.config.retry.max_attempts > 1:
-            chain.append(ServerRetryInterceptor(max_attempts=self.config.retry.max_attempts))
         return interceptor_chain(chain)
 
     async def _probe(self) -> None:
