@@ -269,7 +269,7 @@ def _trailers(code: int, *details: Any) -> tuple[tuple[str, bytes], ...]:
 
 _code, _message, _trailers_of = status.to_status(Unavailable("etcd did not answer", retry_after=0.01))
 # grpc's own abort takes only an exact tuple (CallContext.abort converts our Trailers; this raw server has none).
-UNAVAILABLE: Step = (_code, _message, tuple(_trailers_of))  # type: ignore[assignment]
+UNAVAILABLE: Step = (_code, _message, tuple(_trailers_of))  # type: ignore[arg-type]
 THROTTLED: Step = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     "rate limited",
