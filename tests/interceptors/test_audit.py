@@ -40,8 +40,8 @@ from lockbroker.interceptors.audit import (
 )
 from lockbroker.interceptors.base import Context
 from lockbroker.interceptors.identity import IdentityInterceptor
-from lockbroker.interceptors.tenants import add_tenant, load
 from lockbroker.server import status
+from lockbroker.server.auth.tenants import add_tenant, load
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument, Unavailable
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 

@@ -19,9 +19,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from lockbroker.interceptors.base import Context, state_of
 from lockbroker.interceptors.identity import IdentityInterceptor, certificate_identity, require_admin
-from lockbroker.interceptors.tenants import TenantRegistry, add_key, add_mtls_identity, add_tenant, load, remove_key
-from lockbroker.interceptors.tls import server_credentials
 from lockbroker.server import status
+from lockbroker.server.auth.tenants import TenantRegistry, add_key, add_mtls_identity, add_tenant, load, remove_key
+from lockbroker.server.auth.tls import server_credentials
 from tests.interceptors.certs import CA, Pair, uri
 
 SERVICE = "lbtest.Echo"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -39,7 +39,6 @@ from lockbroker.interceptors.base import (
 )
 from lockbroker.interceptors.principal import Principal
 from lockbroker.interceptors.rpcstatus import trailers
-from lockbroker.interceptors.tenants import TenantRegistry, parse_key
 
 log = logging.getLogger("lockbroker.auth")
 
@@ -49,6 +48,21 @@ PERMISSION_DENIED_MESSAGE = "this call needs the admin role"
 
 _UNAUTHENTICATED = trailers(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "UNAUTHENTICATED")
 _PERMISSION_DENIED = trailers(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, "PERMISSION_DENIED")
+
+
+class Registry(Protocol):
+    """What identity needs from the tenants registry (`lockbroker.server.auth.tenants.TenantRegistry`)."""
+
+    def __len__(self) -> int: ...
+
+    async def authenticate_key(self, key: str) -> Principal | None:
+        """The principal of a valid API key, or None."""
+
+    def for_identity(self, identity: str) -> Principal | None:
+        """The principal an mTLS identity ("spiffe://..." or "CN=...") maps to, or None."""
+
+    def key_id(self, key: str) -> str:
+        """The public part of a key, safe to log."""
 
 
 def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
@@ -71,11 +85,11 @@ def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | N
 class IdentityInterceptor(WrappingInterceptor):
     """Writes the caller's principal on every non-open call's state, or ends the call UNAUTHENTICATED."""
 
-    def __init__(self, registry: TenantRegistry) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
     @classmethod
-    def from_registry(cls, registry: TenantRegistry | None) -> IdentityInterceptor | None:
+    def from_registry(cls, registry: Registry | None) -> IdentityInterceptor | None:
         """None when no authentication is configured (no registry, or one without tenants): install nothing."""
         if registry is None or len(registry) == 0:
             return None
@@ -92,7 +106,9 @@ class IdentityInterceptor(WrappingInterceptor):
             by_key = await self.registry.authenticate_key(key)
             if by_key is None:
                 # The id is not secret and helps an operator find the client; the key itself is never logged.
-                log.debug("rejected: invalid api key", extra={"peer": context.peer(), "key_id": _key_id(key)})
+                log.debug(
+                    "rejected: invalid api key", extra={"peer": context.peer(), "key_id": self.registry.key_id(key)}
+                )
                 return None
         identity = certificate_identity(context.auth_context())
         by_cert = self.registry.for_identity(identity) if identity else None
@@ -146,11 +162,6 @@ class IdentityInterceptor(WrappingInterceptor):
                     await responses.aclose()
 
         return authenticated
-
-
-def _key_id(key: str) -> str:
-    parsed = parse_key(key)
-    return parsed[0] if parsed else "(malformed)"
 
 
 async def require_admin(context: Context) -> Principal:

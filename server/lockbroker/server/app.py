@@ -8,32 +8,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
 from pathlib import Path
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from lockbroker.interceptors import tenants, tls
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
-from lockbroker.interceptors.tenants import TenantsFileError
-from lockbroker.interceptors.tls import TlsFileError
-from lockbroker.interceptors.tracing import (
-    DISABLED,
-    LockSpanInterceptor,
-    Tracing,
-    TracingConfigError,
-    configure_tracing,
-)
+from lockbroker.interceptors.tracing import LockSpanInterceptor
+from lockbroker.server import auth
+from lockbroker.server.auth.tenants import TenantRegistry
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
@@ -42,6 +33,7 @@ from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.service import LockService, RetryPolicy, add_to_server
+from lockbroker.server.telemetry import DISABLED, Tracing, TracingConfigError, configure_tracing
 from lockbroker.v1 import lock_pb2
 
 log = logging.getLogger("lockbroker.server")
@@ -76,14 +68,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
 
 
 def default_state_dir() -> Path:
@@ -108,6 +93,7 @@ class Broker:
         self.server: aio.Server | None = None
         self.port = 0
         self.identity: IdentityInterceptor | None = None
+        self.registry: TenantRegistry | None = None
         self.quotas = Quotas(config.quota)
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
@@ -118,7 +104,8 @@ class Broker:
 
     async def start(self) -> None:
         cfg = self.config
-        self.identity, credentials = self._security()
+        security = auth.security(cfg)
+        self.registry, self.identity, credentials = security.registry, security.identity, security.credentials
         self.quotas = self._quotas()
         if self._own_tracing:
             try:
@@ -171,49 +158,11 @@ class Broker:
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
 
-    def _security(self) -> tuple[IdentityInterceptor | None, grpc.ServerCredentials | None]:
-        """Who may call, and over what; refuses setups that would expose locks or keys."""
-        cfg = self.config
-        registry = None
-        if cfg.auth.tenants_file:
-            try:
-                registry = tenants.load(cfg.auth.tenants_file)
-            except TenantsFileError as e:
-                raise ConfigError(str(e)) from None
-            if len(registry) == 0:
-                log.warning("the tenants file lists no tenants: authentication is off")
-        identity = IdentityInterceptor.from_registry(registry)
-        credentials = None
-        if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
-            raise ConfigError("tls: --tls-cert-file and --tls-key-file go together")
-        if cfg.tls.client_ca_file is not None and cfg.tls.cert_file is None:
-            raise ConfigError("tls: --tls-client-ca-file needs --tls-cert-file and --tls-key-file")
-        if cfg.tls.cert_file and cfg.tls.key_file:
-            try:
-                credentials = tls.server_credentials(
-                    cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.client_ca_file, cfg.tls.client_ca_file is not None
-                )
-            except TlsFileError as e:
-                raise ConfigError(str(e)) from None
-        if not is_loopback(cfg.server.listen) and not cfg.server.insecure_remote:
-            if identity is None:
-                raise ConfigError(
-                    f"refusing to listen on {cfg.server.listen} without authentication: anyone who can reach "
-                    "it could take and release every lock. Listen on 127.0.0.1 or ::1, configure "
-                    "--auth-tenants-file, or pass --insecure-remote if the network itself is trusted."
-                )
-            if credentials is None:
-                raise ConfigError(
-                    f"refusing to listen on {cfg.server.listen} without TLS: API keys would cross the network "
-                    "in clear. Configure --tls-cert-file and --tls-key-file, or pass --insecure-remote."
-                )
-        return identity, credentials
-
     def _quotas(self) -> Quotas:
         """The default quota, and each tenant's own from the tenants file (checked here: a typo
         in a limit's name must stop the broker, not silently leave a tenant unlimited)."""
         overrides = {}
-        for tenant in self.identity.registry if self.identity is not None else ():
+        for tenant in self.registry if self.identity is not None and self.registry is not None else ():
             if tenant.quota:
                 try:
                     overrides[tenant.name] = self.config.quota.with_overrides(

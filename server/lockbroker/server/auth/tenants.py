@@ -305,6 +305,11 @@ class TenantRegistry:
     def __iter__(self) -> Iterator[Tenant]:
         return iter(self.tenants.values())
 
+    def key_id(self, key: str) -> str:
+        """The public id of an API key, for logs (the key itself is never logged)."""
+        parsed = parse_key(key)
+        return parsed[0] if parsed else "(malformed)"
+
     def for_identity(self, identity: str) -> Principal | None:
         """The principal of an mTLS identity ("spiffe://..." or "CN=...") if the file maps it."""
         return self._identities.get(identity)
