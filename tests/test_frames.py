@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
+from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, Config
@@ -27,7 +28,6 @@ from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.telemetry import tracing_for
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
-from tests.interceptors.test_tracing import MemorySink
 
 REPO = Path(__file__).resolve().parent.parent
 OURS = (REPO / "server", REPO / "interceptors")

@@ -16,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
+from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.base import Context
 from lockbroker.interceptors.retry import (
     SERVICE_CONFIG,
@@ -38,24 +39,6 @@ from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "lockbroker.v1.LockService"
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.name = "memory"
-        self.lines: list[bytes] = []
-
-    async def write(self, lines: Sequence[bytes]) -> None:
-        self.lines.extend(lines)
-
-    async def ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        pass
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines]
 
 
 # --- the fact the design rests on -------------------------------------------------------------------

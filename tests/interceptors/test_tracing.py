@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
+from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.base import Context
 from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import status
@@ -31,21 +32,6 @@ from lockbroker.server.telemetry import DISABLED, Tracing, TracingConfigError, c
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 SERVICE = "lockbroker.v1.LockService"
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.name = "memory"
-        self.lines: list[bytes] = []
-
-    async def write(self, lines: Sequence[bytes]) -> None:
-        self.lines.extend(lines)
-
-    async def ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        pass
 
 
 class Locks(lock_pb2_grpc.LockServiceServicer):
