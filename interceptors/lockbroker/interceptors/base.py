@@ -2,8 +2,11 @@
 
 grpc.aio calls `intercept_service` once per call with only the method name; the request, the
 context and the outcome exist only inside the handler. So each interceptor here returns the
-same handler with its behavior wrapped, and the chain is the nesting of those wrappers: the
-first interceptor given to `grpc.aio.server(interceptors=[...])` is the outermost.
+same handler with its behavior wrapped: the first interceptor given to
+`grpc.aio.server(interceptors=[...])` is the outermost. For unary calls an interceptor gives its
+work as a `Layer` of hooks (before the handler, after it, on failure) and `Chain` runs the layers
+of all its interceptors in one wrapper, top to bottom, instead of nesting one coroutine frame per
+interceptor; streams nest `wrap_stream` wrappers.
 
 The layers share one `CallState` per call, the way temporalio's interceptors pass one typed input
 object down `next`: the outermost lockbroker wrapper replaces grpc's context by a `CallContext`
@@ -142,15 +145,60 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
-class WrappingInterceptor(aio.ServerInterceptor):
-    """Subclasses override `wrap_unary` and/or `wrap_stream`; both default to no wrapping.
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One interceptor's part of a unary call, as hooks the chain runs in one frame, top to bottom.
 
-    A wrap must depend only on the method and this interceptor's configuration, never on the
-    call: `Chain` builds each method's wrapped handler once and reuses it for every call.
+    `before(request, context)` runs in chain order before the handler and may end the call by
+    aborting; `after(request, response, context)` runs innermost first once the handler answered,
+    and may still abort; `failed(request, context, exc)` runs, innermost first, for every layer when
+    the call ends with an exception (an abort included) before a response, whether or not that
+    layer's `before` ran, so a rejection by one layer is seen by all (audit records it).
     """
 
+    before: Callable[[Any, Context], Awaitable[None]] | None = None
+    after: Callable[[Any, Any, Context], Awaitable[None]] | None = None
+    failed: Callable[[Any, Context, BaseException], Awaitable[None]] | None = None
+
+
+def layered(layers: Sequence[Layer], behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
+    """`behavior` inside `layers` (outermost first), as one wrapper: one frame for all of them."""
+    befores = tuple(layer.before for layer in layers if layer.before is not None)
+    afters = tuple(layer.after for layer in reversed(layers) if layer.after is not None)
+    faileds = tuple(layer.failed for layer in reversed(layers) if layer.failed is not None)
+
+    async def run(request: Any, context: Context) -> Any:
+        context = scoped(context, call)
+        try:
+            for before in befores:
+                await before(request, context)
+            response = await behavior(request, context)
+        except BaseException as exc:
+            for failed in faileds:
+                await failed(request, context, exc)
+            raise
+        for after in afters:
+            await after(request, response, context)
+        return response
+
+    return run
+
+
+class WrappingInterceptor(aio.ServerInterceptor):
+    """Subclasses give their unary work as a `Layer` (preferred: `Chain` then runs every layer of a
+    call in one frame) or override `wrap_unary`, and may override `wrap_stream`; by default none.
+
+    A wrap or a layer must depend only on the method and this interceptor's configuration, never
+    on the call: `Chain` builds each method's wrapped handler once and reuses it for every call.
+    """
+
+    def layer(self, call: CallInfo) -> Layer | None:
+        """This interceptor's hooks for unary calls of `call`'s method, or None to stay out of them."""
+        return None
+
     def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        return behavior
+        layer = self.layer(call)
+        return behavior if layer is None else layered((layer,), behavior, call)
 
     def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
         """Wraps server-streaming behaviors (unary-stream and stream-stream)."""
@@ -194,9 +242,29 @@ class Chain(aio.ServerInterceptor):
         self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
 
     def wrap(self, handler: Handler | None, method: str) -> Handler | None:
+        h: Any = handler
+        unary = h is not None and (h.unary_unary is not None or h.stream_unary is not None)
+        if not unary:
+            for interceptor in reversed(self.interceptors):
+                handler = interceptor.wrap(handler, method)
+            return handler
+        # Unary: consecutive interceptors that give layers share one wrapper (one frame).
+        call = CallInfo.of(method, h)
+        field = "unary_unary" if h.unary_unary is not None else "stream_unary"
+        behavior: UnaryBehavior = getattr(h, field)
+        group: list[Layer] = []
         for interceptor in reversed(self.interceptors):
-            handler = interceptor.wrap(handler, method)
-        return handler
+            if type(interceptor).wrap_unary is WrappingInterceptor.wrap_unary:
+                layer = interceptor.layer(call)
+                if layer is not None:
+                    group.insert(0, layer)
+                continue
+            if group:
+                behavior, group = layered(group, behavior, call), []
+            behavior = interceptor.wrap_unary(behavior, call)
+        if group:
+            behavior = layered(group, behavior, call)
+        return h._replace(**{field: behavior})  # type: ignore[no-any-return]
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails

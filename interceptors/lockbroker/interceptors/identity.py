@@ -31,8 +31,8 @@ import grpc
 from lockbroker.interceptors.base import (
     CallInfo,
     Context,
+    Layer,
     StreamBehavior,
-    UnaryBehavior,
     WrappingInterceptor,
     scoped,
     state_of,
@@ -129,16 +129,13 @@ class IdentityInterceptor(WrappingInterceptor):
         if state.principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, _UNAUTHENTICATED)
 
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
+    def layer(self, call: CallInfo) -> Layer | None:
         if call.open:
-            return behavior
+            return None
+        return Layer(before=self._before)
 
-        async def authenticated(request: Any, context: Context) -> Any:
-            context = scoped(context, call)
-            await self._admit(context)
-            return await behavior(request, context)
-
-        return authenticated
+    async def _before(self, request: Any, context: Context) -> None:
+        await self._admit(context)
 
     def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
         if call.open:

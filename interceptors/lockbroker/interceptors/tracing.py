@@ -19,8 +19,8 @@ from opentelemetry import trace
 from lockbroker.interceptors.base import (
     CallInfo,
     Context,
+    Layer,
     StreamBehavior,
-    UnaryBehavior,
     WrappingInterceptor,
     scoped,
     state_of,
@@ -77,6 +77,38 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         yield response
 
 
+async def _annotate_request(request: Any, context: Context) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(_request_attributes(request))
+
+
+def _annotate_state(span: trace.Span, context: Context) -> None:
+    state = state_of(context)
+    if state.principal is not None:  # None: authentication failed, the call acts for nobody
+        span.set_attribute("lockbroker.tenant", state.tenant)
+    if state.attempts:
+        span.set_attribute("lockbroker.retry_attempts", state.attempts)
+
+
+async def _annotate_response(request: Any, response: Any, context: Context) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        _annotate_state(span, context)
+        span.set_attributes(_response_attributes(response))
+
+
+async def _annotate_failure(request: Any, context: Context, exc: BaseException) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        _annotate_state(span, context)
+        if reason := state_of(context).reason:
+            span.set_attribute("lockbroker.error.reason", reason)
+
+
+_LOCK_SPAN = Layer(before=_annotate_request, after=_annotate_response, failed=_annotate_failure)
+
+
 class LockSpanInterceptor(WrappingInterceptor):
     """Lock attributes on the current (server) span, from the request, the response and the call's state.
 
@@ -85,31 +117,8 @@ class LockSpanInterceptor(WrappingInterceptor):
     is not recording, so it may stay in the chain with tracing off.
     """
 
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        if call.open:
-            return behavior
-
-        async def annotated(request: Any, context: Context) -> Any:
-            span = trace.get_current_span()
-            if not span.is_recording():
-                return await behavior(request, context)
-            context = scoped(context, call)
-            state = state_of(context)
-            span.set_attributes(_request_attributes(request))
-            try:
-                response = await behavior(request, context)
-            except BaseException:
-                if state.reason:
-                    span.set_attribute("lockbroker.error.reason", state.reason)
-                raise
-            finally:
-                span.set_attribute("lockbroker.tenant", state.tenant)
-                if state.attempts:
-                    span.set_attribute("lockbroker.retry_attempts", state.attempts)
-            span.set_attributes(_response_attributes(response))
-            return response
-
-        return annotated
+    def layer(self, call: CallInfo) -> Layer | None:
+        return None if call.open else _LOCK_SPAN
 
     def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
         if call.open:

@@ -181,16 +181,19 @@ class Broker:
 
         tracing   OTel's server span, so every other layer (and each etcd call) is inside it;
         audit     one record per call, written from the call's state when it ends (principal,
-                  attempts, outcome), so rejections by identity or quota are recorded too;
+                  attempts, outcome); refuses mutating calls early when its sink is failing;
         identity  writes the caller's principal (hence the tenant) on the state, or UNAUTHENTICATED;
-        lock span lock attributes on the server span, read from the request, response and state;
+        lock span lock attributes on the server span, from the request, the response and the state;
         quota     the tenant's acquire rate (per replica); limits on held state are the core's;
         service   the edge: deadline, retry of transient backend failures (one call, N attempts,
-                  so quota and identity are charged once), and the one mapping of errors to statuses;
+                  so identity and quota are charged once), and the one mapping of errors to statuses;
         core      the lock semantics; backend: etcd transactions.
 
-        The first lockbroker layer wraps grpc's context in a `CallContext` that carries the state
-        and records the outcome when a layer aborts (see `lockbroker.interceptors.base`).
+        For unary calls the four lockbroker layers run in one frame (`interceptors.base.layered`):
+        their `before` hooks in this order, then the handler, then `after` (or, on any failure,
+        every layer's `failed`, which is how audit records a rejection by identity or quota).
+        Streams (KeepAlive) nest the same layers in this order, which is why audit sits before
+        identity: only a layer outside another sees its rejection in a nested chain.
         """
         chain: list[aio.ServerInterceptor] = [*self.tracing.server_interceptors()]
         if self.audit is not None:

@@ -35,8 +35,8 @@ from lockbroker.interceptors.base import (
     CallInfo,
     CallState,
     Context,
+    Layer,
     StreamBehavior,
-    UnaryBehavior,
     WrappingInterceptor,
     metadata_value,
     scoped,
@@ -242,6 +242,7 @@ class AuditInterceptor(WrappingInterceptor):
         self.retry_after = retry_after
         self._stamp = _UtcStamp()
         self._ids = _AuditIds()
+        self._layer = Layer(before=self._before, after=self._after, failed=self._failed)
 
     def handle_missing(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
         if self.include_unimplemented and method.lstrip("/").split("/")[0] not in OPEN_SERVICES:
@@ -304,36 +305,35 @@ class AuditInterceptor(WrappingInterceptor):
         # request_id to get it back, or lets the session expire.
         await context.abort(*audit_unavailable(self.retry_after))
 
-    def wrap_unary(self, behavior: UnaryBehavior, info: CallInfo) -> UnaryBehavior:
-        if not self._audited(info):
-            return behavior
+    def layer(self, call: CallInfo) -> Layer | None:
+        return self._layer if self._audited(call) else None
 
-        async def audited(request: Any, context: Context) -> Any:
-            context = scoped(context, info)
-            call = state_of(context)
-            refs = _request_refs(request)
-            await self._refuse_early(call, context, refs)
-            try:
-                response = await behavior(request, context)
-            except aio.AbortError:
-                await self._write(
-                    self._record(call, context, _Outcome.of(call, context, grpc.StatusCode.UNKNOWN), refs)
-                )
-                raise
-            except asyncio.CancelledError:
-                await self._write(self._record(call, context, _Outcome.cancelled(context), refs))
-                raise
-            except Exception as exc:
-                # Only the type: an exception's text may hold anything, and the caller's copy of it
-                # is grpc's business.
-                outcome = _Outcome(grpc.StatusCode.UNKNOWN, None, f"unhandled {type(exc).__name__}")
-                await self._write(self._record(call, context, outcome, refs))
-                raise
-            _add_response_refs(refs, response)
-            await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
-            return response
+    async def _before(self, request: Any, context: Context) -> None:
+        """Refuse a mutating call before its handler runs if its record could not be written.
 
-        return audited
+        Only the abort here: `_failed` writes the refusal's record, as it does every other's."""
+        call = state_of(context)
+        if self.fail_open or call.info.method not in self.mutating or await self.log.ready():
+            return
+        await context.abort(*audit_unavailable(self.retry_after))
+
+    async def _failed(self, request: Any, context: Context, exc: BaseException) -> None:
+        call = state_of(context)
+        if isinstance(exc, aio.AbortError):
+            outcome = _Outcome.of(call, context, grpc.StatusCode.UNKNOWN)
+        elif isinstance(exc, asyncio.CancelledError):
+            outcome = _Outcome.cancelled(context)
+        else:
+            # Only the type: an exception's text may hold anything, and the caller's copy of it is
+            # grpc's business.
+            outcome = _Outcome(grpc.StatusCode.UNKNOWN, None, f"unhandled {type(exc).__name__}")
+        await self._write(self._record(call, context, outcome, _request_refs(request)))
+
+    async def _after(self, request: Any, response: Any, context: Context) -> None:
+        call = state_of(context)
+        refs = _request_refs(request)
+        _add_response_refs(refs, response)
+        await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
 
     def wrap_stream(self, behavior: StreamBehavior, info: CallInfo) -> StreamBehavior:
         if not self._audited(info):
