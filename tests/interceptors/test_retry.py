@@ -1,4 +1,6 @@
-"""Retries on real grpc.aio servers (127.0.0.1): the service edge's, the client interceptor's, the service config's."""
+"""Retries on real grpc.aio servers (127.0.0.1): the service edge's, and the service config's for other languages.
+
+The Python client's retry is tested in tests/client/test_call_with_retry.py."""
 
 from __future__ import annotations
 
@@ -7,25 +9,16 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
 from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.base import Context
-from lockbroker.interceptors.retry import (
-    SERVICE_CONFIG,
-    SERVICE_CONFIG_JSON,
-    ClientRetryInterceptor,
-    ClientRetryPolicy,
-    error_reason,
-    retry_delay,
-)
+from lockbroker.interceptors.retry import SERVICE_CONFIG, SERVICE_CONFIG_JSON
+from lockbroker.interceptors.rpcstatus import error_reason
 from lockbroker.server import status
 from lockbroker.server.core.errors import (
     FieldViolation,
@@ -36,6 +29,7 @@ from lockbroker.server.core.errors import (
 )
 from lockbroker.server.service import NO_RETRY, Idempotency, RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+from tests.client.test_call_with_retry import UNAVAILABLE, Scripted, acquire_rpc, raw_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "lockbroker.v1.LockService"
@@ -234,128 +228,6 @@ async def test_a_handler_that_aborts_by_itself_is_passed_through_untouched():
             await stub.Acquire(acquire(), timeout=5)
     assert flaky.attempts["Acquire"] == 1
     assert error_reason(err.value.trailing_metadata()) == "BACKEND_UNAVAILABLE"
-
-
-# --- client side ------------------------------------------------------------------------------------
-
-Step = tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]] | None
-
-
-def _trailers(code: int, *details: Any) -> tuple[tuple[str, bytes], ...]:
-    packed = []
-    for d in details:
-        a = any_pb2.Any()
-        a.Pack(d)
-        packed.append(a)
-    return (("grpc-status-details-bin", status_pb2.Status(code=code, details=packed).SerializeToString()),)
-
-
-_code, _message, _trailers_of = status.to_status(Unavailable("etcd did not answer", retry_after=0.01))
-# grpc's own abort takes only an exact tuple (CallContext.abort converts our Trailers; this raw server has none).
-UNAVAILABLE: Step = (_code, _message, tuple(_trailers_of))  # type: ignore[arg-type]
-THROTTLED: Step = (
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "rate limited",
-    _trailers(
-        code_pb2.RESOURCE_EXHAUSTED,
-        error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain="lockbroker"),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000)),
-    ),
-)
-CAPPED: Step = (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many locks", ())
-INVALID: Step = (grpc.StatusCode.INVALID_ARGUMENT, "bad name", ())
-
-
-class Scripted:
-    """Raw bytes in, scripted statuses out; remembers every request's bytes."""
-
-    def __init__(self, *script: Step) -> None:
-        self.script = script
-        self.seen: list[bytes] = []
-
-    async def handle(self, request: bytes, context: Context) -> bytes:
-        self.seen.append(request)
-        step = self.script[min(len(self.seen), len(self.script)) - 1]
-        if step is not None:
-            await context.abort(*step)
-        return lock_pb2.AcquireResponse(grant=lock_pb2.Grant(fencing_token=7)).SerializeToString()
-
-
-@contextlib.asynccontextmanager
-async def raw_server(backend: Scripted) -> AsyncIterator[int]:
-    server = aio.server()
-    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(backend.handle)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Acquire": handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(None)
-
-
-def acquire_rpc(channel: aio.Channel) -> Any:
-    return channel.unary_unary(
-        f"/{SERVICE}/Acquire",
-        request_serializer=lock_pb2.AcquireRequest.SerializeToString,
-        response_deserializer=lock_pb2.AcquireResponse.FromString,
-    )
-
-
-def retrying_channel(port: int, policy: ClientRetryPolicy | None = None) -> aio.Channel:
-    return aio.insecure_channel(f"127.0.0.1:{port}", interceptors=[ClientRetryInterceptor(policy)])
-
-
-async def test_client_retries_unavailable_with_the_same_request_bytes():
-    backend = Scripted(UNAVAILABLE, UNAVAILABLE, None)
-    async with raw_server(backend) as port, retrying_channel(port) as ch:
-        resp = await acquire_rpc(ch)(acquire("r-same"), timeout=5)
-    assert resp.grant.fencing_token == 7
-    assert len(backend.seen) == 3
-    assert len(set(backend.seen)) == 1
-    assert lock_pb2.AcquireRequest.FromString(backend.seen[0]).request_id == "r-same"
-
-
-async def test_client_honours_retry_info_on_resource_exhausted_and_nothing_else():
-    backend = Scripted(THROTTLED, None)
-    async with raw_server(backend) as port, retrying_channel(port) as ch:
-        start = time.monotonic()
-        await acquire_rpc(ch)(acquire(), timeout=5)
-        assert time.monotonic() - start >= 0.2
-    assert len(backend.seen) == 2
-    for step in (CAPPED, INVALID):
-        backend = Scripted(step, None)
-        async with raw_server(backend) as port, retrying_channel(port) as ch:
-            with pytest.raises(aio.AioRpcError):
-                await acquire_rpc(ch)(acquire(), timeout=5)
-        assert len(backend.seen) == 1
-
-
-async def test_client_does_not_retry_an_acquire_without_request_id():
-    backend = Scripted(UNAVAILABLE, None)
-    async with raw_server(backend) as port, retrying_channel(port) as ch:
-        with pytest.raises(aio.AioRpcError) as err:
-            await acquire_rpc(ch)(acquire(request_id=""), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert len(backend.seen) == 1
-
-
-async def test_client_retries_stay_within_the_timeout_and_max_attempts():
-    backend = Scripted(UNAVAILABLE)
-    policy = ClientRetryPolicy(max_attempts=1000, multiplier=0.05, max_backoff=0.1)
-    async with raw_server(backend) as port, retrying_channel(port, policy) as ch:
-        start = time.monotonic()
-        with pytest.raises(aio.AioRpcError) as err:
-            await acquire_rpc(ch)(acquire(), timeout=0.5)
-        assert time.monotonic() - start < 0.6
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert len(backend.seen) >= 2
-    backend = Scripted(UNAVAILABLE)
-    async with raw_server(backend) as port, retrying_channel(port, ClientRetryPolicy(max_attempts=4)) as ch:
-        with pytest.raises(aio.AioRpcError) as err:
-            await acquire_rpc(ch)(acquire(), timeout=10)
-    assert len(backend.seen) == 4
-    assert retry_delay(err.value.trailing_metadata()) == pytest.approx(0.01)
 
 
 # --- service config for other languages -----------------------------------------------------------
