@@ -69,6 +69,10 @@ class CallState:
     `attempts` counts retries after the first attempt (the service edge retries transient
     backend failures). `code`/`reason`/`message` are the outcome as the call ended it; a call
     that returns normally leaves `code` None, which means OK.
+
+    The request id, the deadline and the span are not copied here: the request message,
+    `context.time_remaining()` (and, below the edge, `core.backend.call_deadline`) and OTel's
+    current span already hold them, each in one place.
     """
 
     info: CallInfo
