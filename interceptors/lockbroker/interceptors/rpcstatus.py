@@ -22,8 +22,10 @@ class Trailers(tuple[tuple[str, str | bytes], ...]):
     """Trailing metadata that also remembers the ErrorInfo reason it carries.
 
     `CallContext.abort` reads `.reason` to record the call's outcome, so the serialized
-    google.rpc.Status is built once and never parsed back on the server. It is a tuple, so
-    grpc's `context.abort` takes it as it is.
+    google.rpc.Status is built once and never parsed back on the server. grpc's own Cython
+    `context.abort` accepts only an exact tuple: `CallContext.abort` converts, and every handler
+    and layer of ours is handed a CallContext (the service edge makes one when no chain did);
+    code aborting on a bare grpc context must pass `tuple(trailers)`.
     """
 
     reason: str | None = None
