@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from lockbroker.interceptors import tenants
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc

@@ -29,9 +29,15 @@ import grpc
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from lockbroker.interceptors.base import CallInfo, Context, StreamBehavior, UnaryBehavior, WrappingInterceptor
+from lockbroker.interceptors.base import (
+    CallInfo,
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    WrappingInterceptor,
+    state_of,
+)
 from lockbroker.interceptors.rpcstatus import rich_status
-from lockbroker.interceptors.tenancy import current_principal
 
 LOCK_SERVICE = "lockbroker.v1.LockService"
 
@@ -243,7 +249,7 @@ class LockMetricsInterceptor(WrappingInterceptor):
             return behavior
 
         async def observed(request: Any, context: Context) -> Any:
-            tenant = current_principal.get().tenant
+            tenant = state_of(context).tenant
             try:
                 response = await behavior(request, context)
             except Exception:
@@ -259,7 +265,7 @@ class LockMetricsInterceptor(WrappingInterceptor):
             return behavior
 
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-            tenant = current_principal.get().tenant
+            tenant = state_of(context).tenant
             responses: Any = behavior(request, context)
             try:
                 if hasattr(responses, "__aiter__"):
