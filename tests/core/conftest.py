@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from lockbroker.server.config import EtcdConfig
+from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import AcquireParams, LockCore
 from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
 from lockbroker.server.core.model import Grant, LockState
@@ -82,6 +83,23 @@ class Env:
 
     async def revision(self) -> int:
         return await self._revision()
+
+    def fail(self, method: str, *, applied: bool) -> None:
+        """The next call of the backend's `method` fails as a write of unknown outcome, applied or not.
+
+        On memory, the backend's own fault hook; on etcd, the adapter's method is wrapped the same way."""
+        if self.memory:
+            self.backend.fail(method, applied=applied)
+            return
+        real = getattr(self.backend, method)
+
+        async def once(*args: Any, **kwargs: Any) -> Any:
+            setattr(self.backend, method, real)
+            if applied:
+                await real(*args, **kwargs)
+            raise Unavailable(f"injected fault in {method}: outcome unknown", retry_after=0.1, outcome_unknown=True)
+
+        setattr(self.backend, method, once)
 
     def watches(self) -> int:
         """Acquire calls waiting on this backend for a deletion."""
@@ -231,8 +249,8 @@ async def env(backend_kind: str, etcd_endpoint: str | None, quota: TenantQuota) 
     probe = EtcdProbe(etcd_endpoint, root)
 
     async def sleep(seconds: float) -> None:
-        # etcd checks lease expiry about every 500 ms: give it that much on top.
-        await asyncio.sleep(seconds + 1.0)
+        # etcd checks lease expiry about every 500 ms: tests that wait for an expiry leave room for it.
+        await asyncio.sleep(seconds)
 
     async def etcd_keys(prefix: bytes) -> list[bytes]:
         return await probe.keys(prefix[len(probe.root) :].decode())
