@@ -38,6 +38,7 @@ from lockbroker.interceptors.tracing import (
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
+from lockbroker.server.core.memory import MemoryLockBackend
 from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
@@ -102,7 +103,7 @@ class Broker:
         self.audit: AuditInterceptor | None = None
         self.embedded: EmbeddedEtcd | None = None
         self.client: EtcdClient | None = None
-        self.backend: EtcdLockBackend | None = None
+        self.backend: EtcdLockBackend | MemoryLockBackend | None = None
         self.core: LockCore | None = None
         self.service: LockService | None = None
         self.health = health_aio.HealthServicer()
@@ -136,17 +137,8 @@ class Broker:
             if not await self.audit_log.ready():
                 raise ConfigError(f"the audit log cannot be written ({cfg.audit.file or 'stdout'})")
             self.audit = AuditInterceptor(self.audit_log, fail_open=cfg.audit.fail_open)
-        etcd_cfg = cfg.etcd
-        if not etcd_cfg.endpoints:
-            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
-            self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
-            await self.embedded.start()
-            etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
-            log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
-        self.client_config = etcd_cfg
-        # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
-        self.client = EtcdClient(etcd_cfg, tracer=self.tracing.backend_tracer)
-        self.backend = EtcdLockBackend(self.client)
+        self.backend = await self._open_backend()
+        etcd_cfg = self.client_config
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
         self.service = LockService(self.core, cfg.limits)
 
@@ -171,6 +163,29 @@ class Broker:
             "lockbroker serving",
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
+
+    async def _open_backend(self) -> EtcdLockBackend | MemoryLockBackend:
+        """Where locks live: etcd (an embedded one when no endpoints are configured), or memory."""
+        cfg = self.config
+        etcd_cfg = cfg.etcd
+        self.client_config = etcd_cfg
+        if cfg.server.backend == "memory":
+            log.warning(
+                "--backend memory: locks, sessions and fencing tokens live in this process only. Nothing is "
+                "durable (a restart forgets every lock and starts tokens over), and several replicas would "
+                "each grant the same lock. For development and tests only; never run it behind a load balancer."
+            )
+            return MemoryLockBackend()
+        if not etcd_cfg.endpoints:
+            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
+            self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
+            await self.embedded.start()
+            etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
+            log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
+        self.client_config = etcd_cfg
+        # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
+        self.client = EtcdClient(etcd_cfg, tracer=self.tracing.backend_tracer)
+        return EtcdLockBackend(self.client)
 
     def _security(self) -> tuple[IdentityInterceptor | None, grpc.ServerCredentials | None]:
         """Who may call, and over what; refuses setups that would expose locks or keys."""
