@@ -12,7 +12,8 @@ import asyncio
 import pytest
 
 from lockbroker.server.core.errors import Unavailable
-from lockbroker.server.core.memory import MemoryLockBackend
+from lockbroker.server.core.locks import AcquireParams, LockCore
+from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
 from lockbroker.server.core.model import EntryValue
 from tests.core.conftest import TENANT, Env, sid
 
@@ -61,39 +62,41 @@ async def test_unknown_enqueue_behind_a_holder_does_not_become_a_holder(env: Env
     assert (await env.describe(name)).holder is None
 
 
-async def test_a_late_enqueue_is_refused_after_the_seal(env: Env) -> None:
+async def test_a_late_enqueue_is_refused_after_the_seal() -> None:
     """An enqueue held in the network lands after its caller gave up and sealed the session's
-    release mark: it must not queue the entry (the memory model delays the write itself; the etcd
-    half of this is tests/test_late_write.py, which holds up a real transaction)."""
-    if not env.memory:
-        pytest.skip("a held-up etcd transaction is tests/test_late_write.py")
-    mem: MemoryLockBackend = env.backend
+    release mark: it must not queue the entry. The memory model delays the write itself; on etcd
+    the same is tests/test_late_write.py, which holds up a real transaction and delivers it later."""
+    mem = MemoryLockBackend(ManualClock())
+    core = LockCore(mem, "/late")
+    ks = core.keyspace(TENANT)
     name = "unknown/late"
-    s = await env.session()
+    s = int((await core.create_session(TENANT, 30, "", "")).session_id, 16)
     gate = asyncio.Event()
     mem.fail("enqueue", applied=True, gate=gate)
     with pytest.raises(Unavailable):
-        await env.acquire(name, s, wait=5, request_id="late-1")
-    await env.core.drain_cleanups(3.0)
+        await core.acquire(TENANT, AcquireParams(name, s, 30, 5.0, "", "late-1"))
+    await core.drain_cleanups(3.0)
     gate.set()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert await env.lock_keys(name) == []
-    # Without the seal the same late write would have queued the entry: the guard is what refused it.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert mem.keys(ks.lock_prefix(name)) == []
+    # A write held up the same way but sent after the seal is applied when it lands: the mark that
+    # moved while it was in flight is what refused the first one.
     gate2 = asyncio.Event()
     mem.fail("enqueue", applied=True, gate=gate2)
     with pytest.raises(Unavailable):
         await mem.enqueue(
-            env.core.keyspace(TENANT).lock_prefix(name),
-            env.core.keyspace(TENANT).entry_key(name, s),
+            ks.lock_prefix(name),
+            ks.entry_key(name, s),
             EntryValue("o", "late-2", 0.0),
             s,
-            session_key=env.core.keyspace(TENANT).session_key(s),
+            session_key=ks.session_key(s),
             new_session_value=None,
             only_if_free=False,
-            mark=env.core.keyspace(TENANT).mark(s).key,
+            mark=ks.mark(s).key,
         )
     gate2.set()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert len(await env.lock_keys(name)) == 1
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(mem.keys(ks.lock_prefix(name))) == 1
+    await mem.close()
