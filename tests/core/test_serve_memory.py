@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from lockbroker.server.app import Broker
-from lockbroker.server.config import Config, ServerConfig
+from lockbroker.server.config import Config, ConfigError, ServerConfig, load
 from lockbroker.server.core.memory import MemoryLockBackend
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.procutil import stop_process
@@ -98,3 +98,10 @@ async def test_acquire_through_the_memory_broker_is_fifo_with_increasing_tokens(
     assert order == list(range(5))
     seq = [held.grant.fencing_token, *(tokens[i] for i in range(5))]
     assert all(a < b for a, b in itertools.pairwise(seq))
+
+
+def test_an_unknown_backend_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="backend must be etcd or memory"):
+        load(None, {"LOCKBROKER_BACKEND": "redis"})
+    assert load(None, {}).server.backend == "etcd"
+    assert load(None, {"LOCKBROKER_BACKEND": "memory"}).server.backend == "memory"
