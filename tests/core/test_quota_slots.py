@@ -66,3 +66,20 @@ async def test_max_sessions_and_expiry_frees_slots(env: Env) -> None:
 
     await eventually(freed, 3.0, "the expired sessions' slots are freed with their leases")
     await env.session()
+
+
+async def test_a_taken_hashed_slot_is_traded_for_a_free_one(env: Env) -> None:
+    s = await env.session()
+    ks = env.core.keyspace(TENANT)
+    pool = ks.entry_pool(3)
+    first = await env.acquire("slot/a", s)
+    taken = pool.slot(ks.entry_key("slot/a", s))
+    # A second lock whose entry hashes to the same slot: the write finds it taken and claims another.
+    other = next(n for n in (f"slot/b{i}" for i in range(1000)) if pool.slot(ks.entry_key(n, s)) == taken)
+    second = await env.acquire(other, s)
+    slots = await env.keys(f"/t/{TENANT}/q/e/")
+    assert len(slots) == 2
+    assert taken in slots
+    assert await env.release("slot/a", first.fencing_token, s)
+    assert await env.release(other, second.fencing_token, s)
+    assert await env.keys(f"/t/{TENANT}/q/e/") == []

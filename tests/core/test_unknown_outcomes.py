@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.errors import Unavailable, WaitExpired
 from lockbroker.server.core.locks import AcquireParams, LockCore
 from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
 from lockbroker.server.core.model import EntryValue
@@ -100,3 +100,19 @@ async def test_a_late_enqueue_is_refused_after_the_seal() -> None:
         await asyncio.sleep(0)
     assert len(mem.keys(ks.lock_prefix(name))) == 1
     await mem.close()
+
+
+async def test_clean_up_retries_while_the_backend_is_away(env: Env) -> None:
+    """A waiter that gives up while its delete fails is still removed once the backend answers
+    (core/cleanup.py), else the next release would hand the lock to a caller told it did not get it."""
+    name = "unknown/cleanup"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+    env.fail("delete_entry", applied=False)
+    with pytest.raises(WaitExpired):
+        await env.acquire(name, w, wait=0.2)
+    await env.core.drain_cleanups(3.0)
+    assert (await env.describe(name)).waiters == []
+    assert await env.release(name, held.fencing_token)
+    assert (await env.describe(name)).holder is None

@@ -145,7 +145,7 @@ class MemoryLockBackend:
 
     @property
     def watches(self) -> int:
-        """Calls waiting in wait_deleted."""
+        """Calls waiting in wait_deleted (read by tests)."""
         return len({f for fs in self._waits.values() for f in fs})
 
     async def close(self) -> None:
@@ -175,10 +175,6 @@ class MemoryLockBackend:
 
     def _get(self, key: bytes) -> Entry | None:
         return self._entry(key) if key in self._kv else None
-
-    def _created(self, key: bytes) -> int:
-        kv = self._kv.get(key)
-        return kv.create if kv is not None else 0
 
     def _commit(self, puts: Iterable[tuple[bytes, bytes, int]] = (), deletes: Iterable[bytes] = ()) -> int:
         """Apply one write transaction; its revision. Raises _LeaseGone (and applies nothing) if a
@@ -464,7 +460,7 @@ class MemoryLockBackend:
 
     async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:
         def apply() -> None:
-            if slots and all(self._created(s) == create_revision for s in slots):
+            if slots and all(s in self._kv and self._kv[s].create == create_revision for s in slots):
                 self._commit(deletes=slots)
 
         await self._call("delete_slots", apply)
