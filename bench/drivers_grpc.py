@@ -13,11 +13,11 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 
+from bench import v3lock_pb2 as v3lock_pb
+from bench import v3lock_pb2_grpc as v3lock_grpc
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as etcd_pb
 from lockbroker.server.etcd import rpc_pb2_grpc as etcd_grpc
-from lockbroker.server.etcd import v3lock_pb2 as v3lock_pb
-from lockbroker.server.etcd import v3lock_pb2_grpc as v3lock_grpc
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 SESSION_TTL = 600  # longer than any run: no keepalive traffic inside a measurement

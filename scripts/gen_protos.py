@@ -18,11 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (source root, .proto files relative to it)
+# (source root, .proto files relative to it). The generated module path follows the file's path
+# under its root, so the bench's copy of etcd's Lock service is rooted at the repository itself
+# (bench/v3lock.proto -> bench.v3lock_pb2): it is a peer the benchmark measures against, not part
+# of the broker, and the broker's package does not ship it.
 PROTOS: list[tuple[str, list[str]]] = [
     ("proto", ["lockbroker/v1/lock.proto"]),
-    ("server", ["lockbroker/server/etcd/rpc.proto", "lockbroker/server/etcd/v3lock.proto"]),
+    ("server", ["lockbroker/server/etcd/rpc.proto"]),
+    (".", ["bench/v3lock.proto"]),
 ]
+# Where imports resolve: every source root that holds .proto files (v3lock.proto imports rpc.proto).
+INCLUDE_ROOTS = ("proto", "server")
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
@@ -44,8 +50,7 @@ def generate(out_root: Path) -> list[Path]:
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{ROOT / root}",
-            f"-I{ROOT / 'proto'}",
+            *dict.fromkeys(f"-I{ROOT / r}" for r in (root, *INCLUDE_ROOTS)),
             f"-I{include}",
             f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
             f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",

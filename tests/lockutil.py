@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
-from grpc_status import rpc_status
 
+from lockbroker.client.errors import rich_status
 from lockbroker.server.etcd import rpc_pb2 as epb
 from lockbroker.server.etcd import rpc_pb2_grpc as epb_grpc
 from lockbroker.v1 import lock_pb2
@@ -76,29 +77,36 @@ class Rich:
         return f"{self.code.name} {self.reason} {self.error.details()!r} fields={self.fields}"
 
 
+_KNOWN = frozenset(
+    kind.DESCRIPTOR.full_name
+    for kind in (
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.BadRequest,
+        error_details_pb2.RetryInfo,
+        error_details_pb2.QuotaFailure,
+        lock_pb2.NotAcquired,
+    )
+)
+
+
+def _type_name(detail: Message) -> str:
+    return detail.TypeName() if isinstance(detail, any_pb2.Any) else detail.DESCRIPTOR.full_name
+
+
 def rich(err: aio.AioRpcError) -> Rich:
-    st = rpc_status.from_call(err)
-    assert st is not None, f"no grpc-status-details-bin on {err.code().name}: {err.details()!r}"
-    out = Rich(err, st)
-    for any_ in st.details:
-        if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            out.info = error_details_pb2.ErrorInfo()
-            any_.Unpack(out.info)
-        elif any_.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            out.bad_request = error_details_pb2.BadRequest()
-            any_.Unpack(out.bad_request)
-        elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            out.retry = error_details_pb2.RetryInfo()
-            any_.Unpack(out.retry)
-        elif any_.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-            out.quota = error_details_pb2.QuotaFailure()
-            any_.Unpack(out.quota)
-        elif any_.Is(lock_pb2.NotAcquired.DESCRIPTOR):
-            out.not_acquired = lock_pb2.NotAcquired()
-            any_.Unpack(out.not_acquired)
-        else:
-            out.others.append(any_.type_url)
-    assert out.info is not None, f"{err.code().name} without an ErrorInfo detail"
+    rs = rich_status(err, strict=True)  # raises if the trailer disagrees with the call's own status
+    assert rs is not None, f"no grpc-status-details-bin on {err.code().name}: {err.details()!r}"
+    out = Rich(
+        err,
+        rs.status,
+        info=rs.info,
+        bad_request=rs.detail(error_details_pb2.BadRequest),
+        retry=rs.detail(error_details_pb2.RetryInfo),
+        quota=rs.detail(error_details_pb2.QuotaFailure),
+        not_acquired=rs.detail(lock_pb2.NotAcquired),
+    )
+    out.others = [name for d in rs.details if (name := _type_name(d)) not in _KNOWN]
+    assert out.info is not None, f"{err.code().name} without an ErrorInfo detail of domain {DOMAIN!r}"
     assert out.info.domain == DOMAIN
     return out
 

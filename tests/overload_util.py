@@ -16,8 +16,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
+from lockbroker.client.errors import rich_status
 from lockbroker.server.embedded import free_port
 from tests.procutil import clean_env, lockbroker_command, stop_process, wait_until
 
@@ -126,21 +126,16 @@ class Refusal:
 
 def refusal(err: aio.AioRpcError) -> Refusal:
     out = Refusal(err.code(), message=err.details() or "")
-    status = rpc_status.from_call(err)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            out.reason = info.reason
-        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-            failure = error_details_pb2.QuotaFailure()
-            detail.Unpack(failure)
-            out.quota_ids = [v.quota_id for v in failure.violations]
-            out.quota_values = [v.quota_value for v in failure.violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            out.retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+    rich = rich_status(err, strict=True)  # raises if the trailer disagrees with the call's own status
+    if rich is None:
+        return out
+    if (info := rich.detail(error_details_pb2.ErrorInfo)) is not None:
+        out.reason = info.reason
+    if (failure := rich.detail(error_details_pb2.QuotaFailure)) is not None:
+        out.quota_ids = [v.quota_id for v in failure.violations]
+        out.quota_values = [v.quota_value for v in failure.violations]
+    if (retry := rich.detail(error_details_pb2.RetryInfo)) is not None:
+        out.retry_after = retry.retry_delay.ToTimedelta().total_seconds()
     return out
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+
+from lockbroker.client.errors import rich_status
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -112,17 +113,15 @@ class RichError:
 
 def rich_error(err: grpc.RpcError) -> RichError:
     """The google.rpc.Status in grpc-status-details-bin, checked against the call's own status."""
-    status = rpc_status.from_call(err)  # raises ValueError if code/message disagree with the trailer
-    assert status is not None, f"no grpc-status-details-bin trailer on {err.code()}: {err.details()}"
-    error_info = retry_info = None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            error_info = error_details_pb2.ErrorInfo()
-            detail.Unpack(error_info)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry_info = error_details_pb2.RetryInfo()
-            detail.Unpack(retry_info)
-    return RichError(err.code(), err.details() or "", status, error_info, retry_info)
+    rich = rich_status(err, strict=True)  # raises ValueError if code/message disagree with the trailer
+    assert rich is not None, f"no grpc-status-details-bin trailer on {err.code()}: {err.details()}"
+    return RichError(
+        err.code(),
+        err.details() or "",
+        rich.status,
+        rich.detail(error_details_pb2.ErrorInfo),
+        rich.detail(error_details_pb2.RetryInfo),
+    )
 
 
 def assert_unavailable(err: object, reason: str) -> RichError:

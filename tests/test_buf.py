@@ -79,8 +79,8 @@ def test_lint_passes_and_catches_violations(buf: str, tmp_path: Path) -> None:
     shared = module_copy(
         tmp_path / "shared",
         (
-            "rpc Refresh(RefreshRequest) returns (RefreshResponse);",
-            "rpc Refresh(KeepAliveRequest) returns (RefreshResponse);",
+            "rpc Refresh(RefreshRequest) returns (RefreshResponse) {",
+            "rpc Refresh(KeepAliveRequest) returns (RefreshResponse) {",
         ),
     )
     assert "RPC_REQUEST_STANDARD_NAME" in lint_rules(buf, shared, tmp_path)

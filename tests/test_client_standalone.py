@@ -97,13 +97,26 @@ async def test_standalone_client_wheel(broker: Broker, probe: EtcdProbe, tmp_pat
         _ok(uv, "build", "--wheel", str(REPO), "-o", str(full), cwd=REPO),
     )
     full_names = zipfile.ZipFile(next(full.glob("lockbroker-*.whl"))).namelist()
-    assert "lockbroker/server/cli.py" in full_names and "lockbroker/client/cli.py" in full_names
+    assert "lockbroker/server/cli.py" in full_names and "lockbroker/client/cli/__init__.py" in full_names
     wheels = list(dist.glob("lockbroker_client-*.whl"))
     assert len(wheels) == 1, wheels
     names = zipfile.ZipFile(wheels[0]).namelist()
-    assert "lockbroker/client/aio.py" in names and "lockbroker/client/cli.py" in names
+    assert "lockbroker/client/aio.py" in names and "lockbroker/client/cli/__init__.py" in names
+    # Every module of the client and of its CLI package ships, not only the entry points.
+    for module in (
+        "_keepalive",
+        "_session",
+        "_lock",
+        "cli/_common",
+        "cli/_runner",
+        "cli/lock",
+        "cli/session",
+        "cli/run",
+    ):
+        assert f"lockbroker/client/{module}.py" in names, module
     assert "lockbroker/client/py.typed" in names
     assert "lockbroker/v1/lock_pb2.py" in names and "lockbroker/v1/lock_pb2_grpc.py" in names
+    assert "lockbroker/v1/reasons.py" in names  # imported by lockbroker.client.errors
     assert not [n for n in names if n.startswith(("lockbroker/server/", "lockbroker/interceptors/"))], names
     assert "lockbroker/__init__.py" not in names  # a namespace package, shared with the server
     assert not [n for n in names if "__pycache__" in n], names

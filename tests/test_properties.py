@@ -43,10 +43,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
+from lockbroker.client.errors import rich_status
 from lockbroker.interceptors import tenants
 from lockbroker.server.app import Broker
 from lockbroker.server.config import AuthConfig
@@ -185,19 +185,17 @@ class Outcome:
 
 
 def from_error(err: aio.AioRpcError) -> Outcome:
-    status = rpc_status.from_call(err)  # raises if the details disagree with the call's status
+    rich = rich_status(err, strict=True)  # raises if the details disagree with the call's status
     out = Outcome(err.code(), message=err.details() or "")
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.domain == "lockbroker", f"ErrorInfo of domain {info.domain!r}"
-            out.reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.fields = frozenset(v.field for v in bad.field_violations)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+    if rich is None:
+        return out
+    for detail in rich.details:
+        if isinstance(detail, error_details_pb2.ErrorInfo):
+            assert detail.domain == "lockbroker", f"ErrorInfo of domain {detail.domain!r}"
+            out.reason = detail.reason
+        elif isinstance(detail, error_details_pb2.BadRequest):
+            out.fields = frozenset(v.field for v in detail.field_violations)
+        elif isinstance(detail, error_details_pb2.RetryInfo):
             out.retry = True
     return out
 

@@ -5,6 +5,8 @@ service (grpc_reflection's ProtoReflectionDescriptorDatabase) into a private Des
 message classes are built from it. A client in any language with a reflection client can do the
 same. (tests/test_grpcurl.py drives the grpcurl binary; this one proves the descriptors themselves
 are complete enough to build working message classes, including the imported well-known types.)
+A refusal's trailer is read with lockbroker.client's status decoder, but its lockbroker.v1 detail
+is unpacked with a class built from reflection.
 
 The reflection client is synchronous, so every call runs in a worker thread: the broker under test
 serves on this test's event loop.
@@ -16,13 +18,13 @@ import asyncio
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from grpc_status import rpc_status
 
+from lockbroker.client.errors import rich_status
 from lockbroker.server.app import Broker
 from tests.etcdutil import EtcdProbe
 
@@ -86,6 +88,11 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
             "Describe",
             "List",
         }
+        # The idempotency levels travel with the descriptors, for clients that decide retries by them.
+        levels = {m.name: m.GetOptions().idempotency_level for m in svc.service.methods}
+        assert {name for name, level in levels.items() if level} == {"Refresh", "CloseSession", "Describe", "List"}
+        assert levels["Describe"] == levels["List"] == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+        assert levels["Refresh"] == levels["CloseSession"] == descriptor_pb2.MethodOptions.IDEMPOTENT
 
         # Durations and timestamps: the well-known types came over reflection too, and JSON maps them.
         session = await asyncio.to_thread(svc.call, "CreateSession", {"ttl": "10s", "owner": "reflection"})
@@ -114,9 +121,10 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
         # The refusal's NotAcquired detail is unpacked with a class built from reflection as well.
         refused = await asyncio.to_thread(_refused, svc, {"name": name, "session_id": other["session_id"]})
         assert refused.code() == grpc.StatusCode.ABORTED
-        status = rpc_status.from_call(refused)
-        assert status is not None
-        by_type = {detail.TypeName(): detail for detail in status.details}
+        rich = rich_status(refused, strict=True)
+        assert rich is not None
+        # The status as sent, details still packed: unpacked here with reflection's classes.
+        by_type = {detail.TypeName(): detail for detail in rich.status.details}
         info = error_details_pb2.ErrorInfo()
         assert by_type["google.rpc.ErrorInfo"].Unpack(info)
         assert info.reason == "LOCK_HELD"

@@ -7,12 +7,14 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
 from lockbroker.client import (
     AlreadyQueued,
     Client,
+    ErrorReason,
     InvalidArgument,
     LockBrokerError,
     PermissionDenied,
@@ -22,7 +24,9 @@ from lockbroker.client import (
     Unauthenticated,
     Unavailable,
     from_rpc_error,
+    rich_status,
 )
+from lockbroker.v1 import lock_pb2
 
 
 async def test_invalid_argument_names_every_bad_field(client: Client) -> None:
@@ -166,3 +170,58 @@ def test_sync_rpc_error_is_decoded_too() -> None:
 
     err = from_rpc_error(SyncError())
     assert isinstance(err, InvalidArgument) and err.field_violations == [("name", "must not be empty")]
+
+
+def test_rich_status_decodes_once_for_every_caller() -> None:
+    holder = lock_pb2.NotAcquired(name="orders/1", waiters=2)
+    unknown = error_details_pb2.Help(links=[error_details_pb2.Help.Link(url="https://example.invalid")])
+    err = _error(
+        grpc.StatusCode.ABORTED,
+        error_details_pb2.ErrorInfo(reason="OTHER", domain="elsewhere"),
+        error_details_pb2.ErrorInfo(reason="LOCK_HELD", domain="lockbroker", metadata={"lock": "orders/1"}),
+        holder,
+        unknown,
+        message="held",
+    )
+    rich = rich_status(err, strict=True)
+    assert rich is not None
+    assert rich.reason == ErrorReason.LOCK_HELD and ErrorReason(rich.reason) is ErrorReason.LOCK_HELD
+    assert rich.metadata == {"lock": "orders/1"}
+    assert rich.detail(lock_pb2.NotAcquired) == holder and rich.detail(error_details_pb2.Help) == unknown
+    assert rich.detail(error_details_pb2.RetryInfo) is None
+    # The status as sent keeps its details packed, for callers that unpack with classes of their own.
+    assert [d.TypeName() for d in rich.status.details] == [
+        "google.rpc.ErrorInfo",
+        "google.rpc.ErrorInfo",
+        "lockbroker.v1.NotAcquired",
+        "google.rpc.Help",
+    ]
+    assert rich.status.message == "held" and rich.status.code == code_pb2.ABORTED
+
+
+def test_rich_status_without_a_trailer_or_with_a_broken_one() -> None:
+    bare = aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(), "connect failed")
+    assert rich_status(bare) is None and rich_status(bare, strict=True) is None
+    assert rich_status(grpc.RpcError()) is None  # not a call at all
+
+    garbage = aio.Metadata(("grpc-status-details-bin", b"\xff\xff\xff"))
+    broken = aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), garbage, "x")
+    assert rich_status(broken) is None
+    with pytest.raises(DecodeError):
+        rich_status(broken, strict=True)
+    assert type(from_rpc_error(broken)) is Unavailable
+
+
+def test_strict_rich_status_holds_the_trailer_to_the_calls_status() -> None:
+    info = error_details_pb2.ErrorInfo(reason="LOCK_HELD", domain="lockbroker")
+    status = status_pb2.Status(code=code_pb2.ABORTED, message="held")
+    status.details.add().Pack(info)
+    trailers = aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+    other_code = aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), trailers, "held")
+    with pytest.raises(ValueError, match="code"):
+        rich_status(other_code, strict=True)
+    other_message = aio.AioRpcError(grpc.StatusCode.ABORTED, aio.Metadata(), trailers, "something else")
+    with pytest.raises(ValueError, match="something else"):
+        rich_status(other_message, strict=True)
+    lenient = rich_status(other_code)
+    assert lenient is not None and lenient.reason == "LOCK_HELD"

@@ -16,21 +16,25 @@ from lockbroker.client.errors import (
     PermissionDenied,
     QuotaExceeded,
     RequestIdReused,
+    RichStatus,
     SessionLost,
     SessionNotFound,
     Unauthenticated,
     Unavailable,
     WaitExpired,
     from_rpc_error,
+    rich_status,
 )
 from lockbroker.client.sync import SyncClient, SyncHeldLock, SyncSession
 from lockbroker.client.types import Grant, Holder, LockState, LockSummary, Session, Waiter
+from lockbroker.v1.reasons import ErrorReason
 
 __all__ = [
     "AlreadyQueued",
     "Backoff",
     "Client",
     "DeadlineExceeded",
+    "ErrorReason",
     "Grant",
     "HeldLock",
     "Holder",
@@ -45,6 +49,7 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RichStatus",
     "Session",
     "SessionKeeper",
     "SessionLost",
@@ -57,4 +62,5 @@ __all__ = [
     "WaitExpired",
     "Waiter",
     "from_rpc_error",
+    "rich_status",
 ]

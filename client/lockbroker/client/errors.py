@@ -1,15 +1,17 @@
 """Exceptions decoded from the broker's rich status (google.rpc.Status in grpc-status-details-bin).
 
-`from_rpc_error` is the only place that reads a gRPC error. Classes are chosen by the
-ErrorInfo reason when the status carries one from the "lockbroker" domain, and by the status
-code otherwise (a proxy, a load balancer or the transport itself can fail a call too, and
-those errors carry no ErrorInfo).
+`rich_status` is the one decoder of that trailer (the client's and the test suite's), and
+`from_rpc_error` is the only place that turns a gRPC error into an exception. Classes are chosen
+by the ErrorInfo reason (`lockbroker.v1.reasons.ErrorReason`) when the status carries one from
+the "lockbroker" domain, and by the status code otherwise (a proxy, a load balancer or the
+transport itself can fail a call too, and those errors carry no ErrorInfo).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, TypeVar, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Final, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -18,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from lockbroker.client.types import Holder, holder_of, seconds
 from lockbroker.v1 import lock_pb2
+from lockbroker.v1.reasons import ErrorReason
 
 if TYPE_CHECKING:
     from grpc import aio
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 DOMAIN = "lockbroker"
 _M = TypeVar("_M", bound=Message)
 _DETAILS_KEY = "grpc-status-details-bin"
+# The reason of LockLost, which this client raises by itself: never on the wire, so not an ErrorReason.
+LOCK_LOST: Final = "LOCK_LOST"
 
 # Detail types this client knows how to unpack; anything else stays a packed Any in `details`.
 _DETAIL_TYPES: tuple[type[Message], ...] = (
@@ -45,7 +50,9 @@ _DETAIL_TYPES: tuple[type[Message], ...] = (
 class LockBrokerError(Exception):
     """Base of every error this client raises about a call or a lock.
 
-    `reason` is the ErrorInfo reason ("LOCK_HELD", ...) or "" when the status carried none;
+    `reason` is the ErrorInfo reason (a string equal to an `ErrorReason` member, e.g.
+    `err.reason == ErrorReason.LOCK_HELD`; a reason newer than this client stays a plain string)
+    or "" when the status carried none;
     `details` are the unpacked google.rpc.Status details (ErrorInfo included).
     """
 
@@ -68,10 +75,7 @@ class LockBrokerError(Exception):
 
     def detail(self, kind: type[_M]) -> _M | None:
         """The first detail of this type, if the status carried one."""
-        for d in self.details:
-            if isinstance(d, kind):
-                return d
-        return None
+        return _first(self.details, kind)
 
     def __str__(self) -> str:
         label = f"{self.code.name}/{self.reason}" if self.reason else self.code.name
@@ -217,22 +221,29 @@ class LockLost(LockBrokerError):
     default_code = grpc.StatusCode.ABORTED
 
     def __init__(self, message: str, *, name: str = "", fencing_token: int | None = None) -> None:
-        super().__init__(self.default_code, message, "LOCK_LOST", {"lock": name})
+        super().__init__(self.default_code, message, LOCK_LOST, {"lock": name})
         self.name = name
         self.fencing_token = fencing_token
 
 
+# Every reason the broker sends (tests/client/test_errors.py checks that none is missing).
 _BY_REASON: dict[str, type[LockBrokerError]] = {
-    "LOCK_HELD": LockHeld,
-    "WAIT_EXPIRED": WaitExpired,
-    "SESSION_NOT_FOUND": SessionNotFound,
-    "SESSION_LOST": SessionLost,
-    "ALREADY_QUEUED": AlreadyQueued,
-    "REQUEST_ID_REUSED": RequestIdReused,
-    "INVALID_ARGUMENT": InvalidArgument,
-    "BACKEND_UNAVAILABLE": Unavailable,
-    "SHUTTING_DOWN": Unavailable,
-    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    ErrorReason.LOCK_HELD: LockHeld,
+    ErrorReason.WAIT_EXPIRED: WaitExpired,
+    ErrorReason.DEADLINE_EXCEEDED: DeadlineExceeded,
+    ErrorReason.SESSION_NOT_FOUND: SessionNotFound,
+    ErrorReason.SESSION_LOST: SessionLost,
+    ErrorReason.ALREADY_QUEUED: AlreadyQueued,
+    ErrorReason.REQUEST_ID_REUSED: RequestIdReused,
+    ErrorReason.INVALID_ARGUMENT: InvalidArgument,
+    ErrorReason.UNAUTHENTICATED: Unauthenticated,
+    ErrorReason.PERMISSION_DENIED: PermissionDenied,
+    ErrorReason.QUOTA_EXCEEDED: QuotaExceeded,
+    ErrorReason.RATE_LIMITED: QuotaExceeded,
+    ErrorReason.BACKEND_UNAVAILABLE: Unavailable,
+    ErrorReason.SHUTTING_DOWN: Unavailable,
+    ErrorReason.AUDIT_UNAVAILABLE: Unavailable,
+    ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[LockBrokerError]] = {
@@ -245,6 +256,13 @@ _BY_CODE: dict[grpc.StatusCode, type[LockBrokerError]] = {
 }
 
 
+def _first(details: Iterable[Message], kind: type[_M]) -> _M | None:
+    for d in details:
+        if isinstance(d, kind):
+            return d
+    return None
+
+
 def _unpack(packed: any_pb2.Any) -> Message:
     for kind in _DETAIL_TYPES:
         msg = kind()
@@ -253,7 +271,35 @@ def _unpack(packed: any_pb2.Any) -> Message:
     return packed
 
 
-def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
+@dataclass(frozen=True, slots=True)
+class RichStatus:
+    """The google.rpc.Status of a failed call, with its details unpacked.
+
+    `status` is the message as sent (details still packed, for a caller that unpacks them with
+    classes of its own); `details` are the same details unpacked where this client knows the type
+    (google.rpc's and lockbroker.v1.NotAcquired), else left as the packed Any; `info` is the
+    ErrorInfo of the "lockbroker" domain, if there is one.
+    """
+
+    status: status_pb2.Status
+    details: tuple[Message, ...]
+    info: error_details_pb2.ErrorInfo | None
+
+    @property
+    def reason(self) -> str:
+        """The ErrorInfo reason (compare it with `ErrorReason` members), or "" without one."""
+        return self.info.reason if self.info is not None else ""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.info.metadata) if self.info is not None else {}
+
+    def detail(self, kind: type[_M]) -> _M | None:
+        """The first detail of this type, if the status carried one."""
+        return _first(self.details, kind)
+
+
+def _status_trailer(err: grpc.RpcError | grpc.Call) -> bytes | None:
     try:
         trailers = err.trailing_metadata()
     except AttributeError:  # a bare grpc.RpcError raised by something that is not a call
@@ -262,13 +308,41 @@ def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
     pairs = cast(Iterable[tuple[str, str | bytes]], trailers or ())
     for key, value in pairs:
         if key == _DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status()
-            try:
-                status.ParseFromString(value)
-            except DecodeError:
-                return None
-            return status
+            return value
     return None
+
+
+def rich_status(err: grpc.RpcError | grpc.Call, *, strict: bool = False) -> RichStatus | None:
+    """Decode the google.rpc.Status a failed call carries in grpc-status-details-bin.
+
+    `err` is what a call raised: an aio.AioRpcError, or the sync API's RpcError (also a grpc.Call).
+    None when it carries none (the transport, a proxy or a deadline failed the call). A trailer
+    that does not parse counts as none, unless `strict`: then it raises DecodeError, and a status
+    whose code or message disagrees with the call's own raises ValueError (the check
+    grpc_status.rpc_status.from_call makes; the test suite holds the broker to it).
+    """
+    raw = _status_trailer(err)
+    if raw is None:
+        return None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(raw)
+    except DecodeError:
+        if strict:
+            raise
+        return None
+    if strict:
+        code, message = err.code(), err.details() or ""
+        if status.code != code.value[0]:
+            raise ValueError(f"the status trailer says code {status.code}, the call {code.name}")
+        if status.message != message:
+            raise ValueError(f"the status trailer says {status.message!r}, the call {message!r}")
+    details = tuple(_unpack(d) for d in status.details)
+    info = next(
+        (d for d in details if isinstance(d, error_details_pb2.ErrorInfo) and d.domain == DOMAIN),
+        None,
+    )
+    return RichStatus(status, details, info)
 
 
 def from_rpc_error(err: aio.AioRpcError | grpc.RpcError) -> LockBrokerError:
@@ -278,27 +352,20 @@ def from_rpc_error(err: aio.AioRpcError | grpc.RpcError) -> LockBrokerError:
         text = err.details() or ""
     except AttributeError:
         code, text = grpc.StatusCode.UNKNOWN, str(err)
-    details: list[Message] = []
-    reason = ""
-    metadata: dict[str, str] = {}
-    status = _rich_status(err)
-    if status is not None:
-        details = [_unpack(d) for d in status.details]
-        text = text or status.message
-        for d in details:
-            if isinstance(d, error_details_pb2.ErrorInfo) and d.domain == DOMAIN:
-                reason = d.reason
-                metadata = dict(d.metadata)
-                break
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, LockBrokerError)
-    if cls is LockBrokerError and any(isinstance(d, lock_pb2.NotAcquired) for d in details):
+    rich = rich_status(err)
+    if rich is None:
+        return _BY_CODE.get(code, LockBrokerError)(code, text)
+    text = text or rich.status.message
+    cls = _BY_REASON.get(rich.reason) or _BY_CODE.get(code, LockBrokerError)
+    if cls is LockBrokerError and rich.detail(lock_pb2.NotAcquired) is not None:
         # An ABORTED Acquire with a reason this client predates is still a definite "no".
         cls = NotAcquired
-    return cls(code, text, reason, metadata, details)
+    return cls(code, text, rich.reason, rich.metadata, rich.details)
 
 
 __all__ = [
     "DOMAIN",
+    "LOCK_LOST",
     "AlreadyQueued",
     "DeadlineExceeded",
     "InvalidArgument",
@@ -309,10 +376,12 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RichStatus",
     "SessionLost",
     "SessionNotFound",
     "Unauthenticated",
     "Unavailable",
     "WaitExpired",
     "from_rpc_error",
+    "rich_status",
 ]

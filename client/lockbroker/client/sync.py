@@ -22,8 +22,10 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
+from lockbroker.client._lock import HeldLock, LockContext
 from lockbroker.client._retry import Backoff
-from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
+from lockbroker.client._session import SessionKeeper
+from lockbroker.client.aio import Client
 from lockbroker.client.errors import LockLost
 from lockbroker.client.types import Grant, LockState, LockSummary, Session
 

@@ -58,11 +58,12 @@ from lockbroker.interceptors.base import (
 from lockbroker.interceptors.retry import LOCK_SERVICE, retry_attempts
 from lockbroker.interceptors.rpcstatus import Trailers, error_reason, trailers
 from lockbroker.interceptors.tenancy import Principal, current_principal
+from lockbroker.v1.reasons import ErrorReason
 
 log = logging.getLogger("lockbroker.audit")
 
 SCHEMA: Final = "lockbroker.audit/v1"
-AUDIT_UNAVAILABLE: Final = "AUDIT_UNAVAILABLE"
+AUDIT_UNAVAILABLE: Final = ErrorReason.AUDIT_UNAVAILABLE
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
     for name in ("CreateSession", "Acquire", "Release", "CloseSession", "KeepAlive", "Refresh")

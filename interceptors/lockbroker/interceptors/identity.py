@@ -33,6 +33,7 @@ from lockbroker.interceptors.base import CallInfo, Context, StreamBehavior, Unar
 from lockbroker.interceptors.rpcstatus import trailers
 from lockbroker.interceptors.tenancy import Principal, current_principal
 from lockbroker.interceptors.tenants import TenantRegistry, parse_key
+from lockbroker.v1.reasons import ErrorReason
 
 log = logging.getLogger("lockbroker.auth")
 
@@ -40,8 +41,10 @@ API_KEY_HEADER = "x-api-key"
 UNAUTHENTICATED_MESSAGE = "missing or invalid credentials"
 PERMISSION_DENIED_MESSAGE = "this call needs the admin role"
 
-_UNAUTHENTICATED = trailers(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, "UNAUTHENTICATED")
-_PERMISSION_DENIED = trailers(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, "PERMISSION_DENIED")
+_UNAUTHENTICATED = trailers(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, ErrorReason.UNAUTHENTICATED)
+_PERMISSION_DENIED = trailers(
+    grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, ErrorReason.PERMISSION_DENIED
+)
 
 
 def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:

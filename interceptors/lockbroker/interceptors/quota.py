@@ -22,8 +22,9 @@ import grpc
 from lockbroker.interceptors.base import CallInfo, Context, UnaryBehavior, WrappingInterceptor
 from lockbroker.interceptors.rpcstatus import quota_details, trailers
 from lockbroker.interceptors.tenancy import current_principal
+from lockbroker.v1.reasons import ErrorReason
 
-RATE_LIMITED = "RATE_LIMITED"
+RATE_LIMITED = ErrorReason.RATE_LIMITED
 # Methods that spend a token: the ones that create state in etcd on every call.
 LIMITED_METHODS = frozenset({"/lockbroker.v1.LockService/Acquire"})
 

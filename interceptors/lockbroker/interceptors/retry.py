@@ -43,11 +43,12 @@ from tenacity import (
 
 from lockbroker.interceptors.base import CallInfo, Context, UnaryBehavior, WrappingInterceptor
 from lockbroker.interceptors.rpcstatus import error_info, error_reason, retry_delay, rich_status
+from lockbroker.v1.reasons import ErrorReason
 
 log = logging.getLogger("lockbroker.retry")
 
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
-TRANSIENT_REASON: Final = "BACKEND_UNAVAILABLE"
+TRANSIENT_REASON: Final = ErrorReason.BACKEND_UNAVAILABLE
 
 # Idempotent however often they are repeated.
 ALWAYS_IDEMPOTENT: Final = frozenset({"Refresh", "Describe", "List", "CloseSession"})

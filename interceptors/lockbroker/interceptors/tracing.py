@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import grpc
 from google.protobuf.message import Message
@@ -108,8 +108,12 @@ def _exporter_names(env: Mapping[str, str]) -> tuple[str, ...]:
 
 def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
     if name == "console":
-        # stdout carries the audit log's JSON lines; spans must not interleave with them.
-        return ConsoleSpanExporter(out=sys.stderr)
+        # stderr is the broker's JSON-lines log: spans go elsewhere, one compact JSON object per
+        # line, to OTEL_EXPORTER_CONSOLE_FILE (appended) or else stdout. stdout also carries the
+        # audit log when [audit] stdout is on: then name a file (docs/operating.md).
+        path = env.get("OTEL_EXPORTER_CONSOLE_FILE", "").strip()
+        out: TextIO = open(path, "a", buffering=1, encoding="utf-8") if path else sys.stdout  # noqa: SIM115
+        return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     protocol = protocol.strip()
     if protocol not in _OTLP:

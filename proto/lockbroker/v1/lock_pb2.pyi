@@ -8,23 +8,10 @@ session (an etcd lease with a TTL); a session can hold many locks, and
 closing or losing it releases all of them at once.
 
 Errors follow google.rpc.Status with details in the trailers
-(grpc-status-details-bin). Every error carries a google.rpc.ErrorInfo with
-domain "lockbroker" and one of these reasons:
-
-  LOCK_HELD           ABORTED            try-lock found the lock held (NotAcquired detail says by whom)
-  WAIT_EXPIRED        ABORTED            the wait ran out before the lock was granted (NotAcquired detail)
-  SESSION_NOT_FOUND   NOT_FOUND          the session is unknown, closed or expired; it is never revived
-  SESSION_LOST        NOT_FOUND          the session's lease ended while the caller waited in the queue
-  ALREADY_QUEUED      FAILED_PRECONDITION this session already holds or waits for the lock under another request_id
-  REQUEST_ID_REUSED   FAILED_PRECONDITION a request_id was reused for a different request
-  INVALID_ARGUMENT    INVALID_ARGUMENT   with a google.rpc.BadRequest naming each bad field
-  DEADLINE_EXCEEDED   DEADLINE_EXCEEDED  the RPC deadline came before the lock; the queued wait was removed
-  UNAUTHENTICATED     UNAUTHENTICATED    missing or invalid API key / client certificate
-  PERMISSION_DENIED   PERMISSION_DENIED  the call needs the admin role
-  BACKEND_UNAVAILABLE UNAVAILABLE        etcd could not be reached in time; with google.rpc.RetryInfo
-  SHUTTING_DOWN       UNAVAILABLE        the broker is draining; retry on another replica (RetryInfo)
-  AUDIT_UNAVAILABLE   UNAVAILABLE        the audit log cannot be written, so the call was refused (RetryInfo)
-  INTERNAL            INTERNAL           a bug; metadata "incident" points into the broker's log
+(grpc-status-details-bin). Every error the broker sends carries a
+google.rpc.ErrorInfo with domain "lockbroker" and a reason from the
+ErrorReason enum below, which documents each reason's status code, whether
+a retry can help, and the details and metadata that come with it.
 
 Locks are advisory: a lease can expire while its holder is paused (GC,
 swap, a stopped VM) and the holder cannot know. Pass the fencing token to
@@ -38,6 +25,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -48,6 +36,197 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """Never sent; the zero value proto3 requires."""
+    ERROR_REASON_LOCK_HELD: _ErrorReason.ValueType  # 1
+    """Code ABORTED, from Acquire without a wait (a try-lock): the lock is held.
+    A definite "not acquired"; nothing was queued. Not retryable as such (a
+    later attempt is a new try). Details: NotAcquired (the holder, the
+    waiters). Metadata: "lock", "waiters", and when held "holder_owner" and
+    "holder_fencing_token".
+    """
+    ERROR_REASON_WAIT_EXPIRED: _ErrorReason.ValueType  # 2
+    """Code ABORTED, from Acquire: wait_timeout ran out before the grant; the
+    queue entry was removed. Not retryable as such. Details and metadata as
+    for LOCK_HELD.
+    """
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 3
+    """Code DEADLINE_EXCEEDED, from Acquire: the RPC deadline came before the
+    grant; the queue entry was removed. Retryable with a longer deadline. No
+    details or metadata. (When the caller's own deadline fires first, gRPC
+    reports DEADLINE_EXCEEDED without any ErrorInfo.)
+    """
+    ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 4
+    """Code NOT_FOUND: the session is unknown, closed or expired. It is never
+    revived: not retryable, create a new session. No details or metadata.
+    """
+    ERROR_REASON_SESSION_LOST: _ErrorReason.ValueType  # 5
+    """Code NOT_FOUND, from Acquire: the session's lease ended while the call
+    waited in the queue; every lock of that session is gone. Not retryable:
+    create a new session. No details or metadata.
+    """
+    ERROR_REASON_ALREADY_QUEUED: _ErrorReason.ValueType  # 6
+    """Code FAILED_PRECONDITION, from Acquire: the session already holds or
+    waits for this lock under another request_id (locks are not reentrant).
+    Not retryable. Metadata: "lock", and the existing entry's "request_id"
+    and "fencing_token".
+    """
+    ERROR_REASON_REQUEST_ID_REUSED: _ErrorReason.ValueType  # 7
+    """Code FAILED_PRECONDITION: the request_id was already used for a different
+    request. Not retryable: send a new request_id. No details or metadata.
+    """
+    ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 8
+    """Code INVALID_ARGUMENT: a malformed request (a bad name or id, a TTL or
+    wait out of range, a body that does not parse); nothing was changed. Not
+    retryable. Details: google.rpc.BadRequest naming each bad field.
+    """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 9
+    """Code UNAUTHENTICATED: a missing or invalid API key or client certificate.
+    Not retryable. No details or metadata (no hint of which part was wrong).
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 10
+    """Code PERMISSION_DENIED: the call needs the admin role. Not retryable.
+    No details or metadata.
+    """
+    ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 11
+    """Code RESOURCE_EXHAUSTED: a tenant limit (locks, sessions, a lock's queue,
+    waiters, TTL, wait) would be exceeded; nothing was changed. Retryable
+    only when a google.rpc.RetryInfo comes along (held state frees up as
+    locks are released); without one only a smaller request can pass.
+    Details: google.rpc.QuotaFailure (the limit and its value), RetryInfo
+    when waiting helps. Metadata: "tenant", "limit", "value".
+    """
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 12
+    """Code RESOURCE_EXHAUSTED, from Acquire: the tenant is over its acquire rate
+    on this replica. Retryable after the RetryInfo delay. Details:
+    google.rpc.QuotaFailure, google.rpc.RetryInfo (when the next token is
+    due). Metadata: "tenant", "limit" (acquire_rate), "value".
+    """
+    ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 13
+    """Code UNAVAILABLE: etcd could not be reached, or answered too late.
+    Retryable (with the same request_id). Details: google.rpc.RetryInfo.
+    """
+    ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 14
+    """Code UNAVAILABLE: the broker is draining (SIGTERM). Retryable on another
+    replica. Details: google.rpc.RetryInfo.
+    """
+    ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 15
+    """Code UNAVAILABLE, from calls that change state: the audit log could not
+    be written, so the call was not confirmed (its effect may stand).
+    Retryable with the same request_id, which finds that effect. Details:
+    google.rpc.RetryInfo.
+    """
+    ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 16
+    """Code INTERNAL: a bug in the broker. Not retryable. Metadata: "incident",
+    an id that points into the broker's log; never a stack trace.
+    """
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """ErrorReason is every google.rpc.ErrorInfo.reason the broker sends, in
+    ErrorInfo domain "lockbroker". It is a catalogue, not a field type: the
+    reason travels as a string, and that string is the value's name without
+    the ERROR_REASON_ prefix (ERROR_REASON_LOCK_HELD is sent as "LOCK_HELD").
+    Generated code in every language thus has constants to compare
+    ErrorInfo.reason with; branch on the reason, never on the message text.
+    New reasons may be added: treat one you do not know by its status code.
+
+    "Retryable" below means that sending the same request again (with the
+    same request_id) can succeed. ErrorInfo.metadata values are strings;
+    fencing tokens in them are decimal int64s.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""Never sent; the zero value proto3 requires."""
+ERROR_REASON_LOCK_HELD: ErrorReason.ValueType  # 1
+"""Code ABORTED, from Acquire without a wait (a try-lock): the lock is held.
+A definite "not acquired"; nothing was queued. Not retryable as such (a
+later attempt is a new try). Details: NotAcquired (the holder, the
+waiters). Metadata: "lock", "waiters", and when held "holder_owner" and
+"holder_fencing_token".
+"""
+ERROR_REASON_WAIT_EXPIRED: ErrorReason.ValueType  # 2
+"""Code ABORTED, from Acquire: wait_timeout ran out before the grant; the
+queue entry was removed. Not retryable as such. Details and metadata as
+for LOCK_HELD.
+"""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 3
+"""Code DEADLINE_EXCEEDED, from Acquire: the RPC deadline came before the
+grant; the queue entry was removed. Retryable with a longer deadline. No
+details or metadata. (When the caller's own deadline fires first, gRPC
+reports DEADLINE_EXCEEDED without any ErrorInfo.)
+"""
+ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 4
+"""Code NOT_FOUND: the session is unknown, closed or expired. It is never
+revived: not retryable, create a new session. No details or metadata.
+"""
+ERROR_REASON_SESSION_LOST: ErrorReason.ValueType  # 5
+"""Code NOT_FOUND, from Acquire: the session's lease ended while the call
+waited in the queue; every lock of that session is gone. Not retryable:
+create a new session. No details or metadata.
+"""
+ERROR_REASON_ALREADY_QUEUED: ErrorReason.ValueType  # 6
+"""Code FAILED_PRECONDITION, from Acquire: the session already holds or
+waits for this lock under another request_id (locks are not reentrant).
+Not retryable. Metadata: "lock", and the existing entry's "request_id"
+and "fencing_token".
+"""
+ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 7
+"""Code FAILED_PRECONDITION: the request_id was already used for a different
+request. Not retryable: send a new request_id. No details or metadata.
+"""
+ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 8
+"""Code INVALID_ARGUMENT: a malformed request (a bad name or id, a TTL or
+wait out of range, a body that does not parse); nothing was changed. Not
+retryable. Details: google.rpc.BadRequest naming each bad field.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 9
+"""Code UNAUTHENTICATED: a missing or invalid API key or client certificate.
+Not retryable. No details or metadata (no hint of which part was wrong).
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 10
+"""Code PERMISSION_DENIED: the call needs the admin role. Not retryable.
+No details or metadata.
+"""
+ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 11
+"""Code RESOURCE_EXHAUSTED: a tenant limit (locks, sessions, a lock's queue,
+waiters, TTL, wait) would be exceeded; nothing was changed. Retryable
+only when a google.rpc.RetryInfo comes along (held state frees up as
+locks are released); without one only a smaller request can pass.
+Details: google.rpc.QuotaFailure (the limit and its value), RetryInfo
+when waiting helps. Metadata: "tenant", "limit", "value".
+"""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 12
+"""Code RESOURCE_EXHAUSTED, from Acquire: the tenant is over its acquire rate
+on this replica. Retryable after the RetryInfo delay. Details:
+google.rpc.QuotaFailure, google.rpc.RetryInfo (when the next token is
+due). Metadata: "tenant", "limit" (acquire_rate), "value".
+"""
+ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 13
+"""Code UNAVAILABLE: etcd could not be reached, or answered too late.
+Retryable (with the same request_id). Details: google.rpc.RetryInfo.
+"""
+ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 14
+"""Code UNAVAILABLE: the broker is draining (SIGTERM). Retryable on another
+replica. Details: google.rpc.RetryInfo.
+"""
+ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 15
+"""Code UNAVAILABLE, from calls that change state: the audit log could not
+be written, so the call was not confirmed (its effect may stand).
+Retryable with the same request_id, which finds that effect. Details:
+google.rpc.RetryInfo.
+"""
+ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 16
+"""Code INTERNAL: a bug in the broker. Not retryable. Metadata: "incident",
+an id that points into the broker's log; never a stack trace.
+"""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):

@@ -85,6 +85,9 @@ class LockServiceServicer:
         """CreateSession grants an etcd lease. Keep it alive with KeepAlive or
         Refresh more often than its TTL; when it lapses every lock it holds is
         released. Retrying with the same request_id returns the same session.
+
+        Not marked idempotent: without a request_id a repeat grants a second
+        lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +98,9 @@ class LockServiceServicer:
         it needs refreshing (about every TTL/3), read one response per message.
         A session that is gone (or a session_id that never named one) is answered
         with expired = true; the stream stays open for the others.
+
+        Each message is idempotent, but a stream is not something a generic
+        retry can replay, so the RPC carries no idempotency_level.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +109,7 @@ class LockServiceServicer:
     def Refresh(self, request, context):
         """Refresh is a unary keepalive for grpcurl and simple clients. An expired or
         unknown session is NOT_FOUND (SESSION_NOT_FOUND) and is never revived.
+        Repeating it only refreshes the lease again: IDEMPOTENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +135,9 @@ class LockServiceServicer:
         Retrying with the same request_id (after a lost response, a broker
         restart, or on another replica) returns the same grant or resumes the
         same place in the queue; it never yields a second grant.
+
+        Not marked idempotent: that holds only with a request_id (a repeat
+        without one is a new request and can queue a second entry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +148,10 @@ class LockServiceServicer:
         is already gone (released, expired, session closed) it succeeds with
         released = false; it never releases another holder's grant. Releasing the
         last lock of a session that Acquire created for you closes that session.
+
+        Not marked idempotent: a repeat never releases another grant, but it
+        answers released = false for the grant its first attempt deleted. Send
+        the same request_id when retrying.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +159,7 @@ class LockServiceServicer:
 
     def Describe(self, request, context):
         """Describe shows who holds a lock and who waits for it, in queue order.
+        A read: NO_SIDE_EFFECTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +167,7 @@ class LockServiceServicer:
 
     def List(self, request, context):
         """List returns the held locks of the caller's tenant, ordered by name.
+        A read: NO_SIDE_EFFECTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

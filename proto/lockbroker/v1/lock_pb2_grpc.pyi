@@ -8,23 +8,10 @@ session (an etcd lease with a TTL); a session can hold many locks, and
 closing or losing it releases all of them at once.
 
 Errors follow google.rpc.Status with details in the trailers
-(grpc-status-details-bin). Every error carries a google.rpc.ErrorInfo with
-domain "lockbroker" and one of these reasons:
-
-  LOCK_HELD           ABORTED            try-lock found the lock held (NotAcquired detail says by whom)
-  WAIT_EXPIRED        ABORTED            the wait ran out before the lock was granted (NotAcquired detail)
-  SESSION_NOT_FOUND   NOT_FOUND          the session is unknown, closed or expired; it is never revived
-  SESSION_LOST        NOT_FOUND          the session's lease ended while the caller waited in the queue
-  ALREADY_QUEUED      FAILED_PRECONDITION this session already holds or waits for the lock under another request_id
-  REQUEST_ID_REUSED   FAILED_PRECONDITION a request_id was reused for a different request
-  INVALID_ARGUMENT    INVALID_ARGUMENT   with a google.rpc.BadRequest naming each bad field
-  DEADLINE_EXCEEDED   DEADLINE_EXCEEDED  the RPC deadline came before the lock; the queued wait was removed
-  UNAUTHENTICATED     UNAUTHENTICATED    missing or invalid API key / client certificate
-  PERMISSION_DENIED   PERMISSION_DENIED  the call needs the admin role
-  BACKEND_UNAVAILABLE UNAVAILABLE        etcd could not be reached in time; with google.rpc.RetryInfo
-  SHUTTING_DOWN       UNAVAILABLE        the broker is draining; retry on another replica (RetryInfo)
-  AUDIT_UNAVAILABLE   UNAVAILABLE        the audit log cannot be written, so the call was refused (RetryInfo)
-  INTERNAL            INTERNAL           a bug; metadata "incident" points into the broker's log
+(grpc-status-details-bin). Every error the broker sends carries a
+google.rpc.ErrorInfo with domain "lockbroker" and a reason from the
+ErrorReason enum below, which documents each reason's status code, whether
+a retry can help, and the details and metadata that come with it.
 
 Locks are advisory: a lease can expire while its holder is paused (GC,
 swap, a stopped VM) and the holder cannot know. Pass the fencing token to
@@ -66,16 +53,23 @@ class LockServiceStub:
     """CreateSession grants an etcd lease. Keep it alive with KeepAlive or
     Refresh more often than its TTL; when it lapses every lock it holds is
     released. Retrying with the same request_id returns the same session.
+
+    Not marked idempotent: without a request_id a repeat grants a second
+    lease.
     """
     KeepAlive: _grpc.StreamStreamMultiCallable[_lock_pb2.KeepAliveRequest, _lock_pb2.KeepAliveResponse]
     """KeepAlive refreshes sessions over one stream: send a session_id whenever
     it needs refreshing (about every TTL/3), read one response per message.
     A session that is gone (or a session_id that never named one) is answered
     with expired = true; the stream stays open for the others.
+
+    Each message is idempotent, but a stream is not something a generic
+    retry can replay, so the RPC carries no idempotency_level.
     """
     Refresh: _grpc.UnaryUnaryMultiCallable[_lock_pb2.RefreshRequest, _lock_pb2.RefreshResponse]
     """Refresh is a unary keepalive for grpcurl and simple clients. An expired or
     unknown session is NOT_FOUND (SESSION_NOT_FOUND) and is never revived.
+    Repeating it only refreshes the lease again: IDEMPOTENT.
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_lock_pb2.CloseSessionRequest, _lock_pb2.CloseSessionResponse]
     """CloseSession revokes the session's lease, releasing every lock it holds
@@ -93,17 +87,28 @@ class LockServiceStub:
     Retrying with the same request_id (after a lost response, a broker
     restart, or on another replica) returns the same grant or resumes the
     same place in the queue; it never yields a second grant.
+
+    Not marked idempotent: that holds only with a request_id (a repeat
+    without one is a new request and can queue a second entry).
     """
     Release: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ReleaseRequest, _lock_pb2.ReleaseResponse]
     """Release deletes exactly the grant with this fencing token. If that grant
     is already gone (released, expired, session closed) it succeeds with
     released = false; it never releases another holder's grant. Releasing the
     last lock of a session that Acquire created for you closes that session.
+
+    Not marked idempotent: a repeat never releases another grant, but it
+    answers released = false for the grant its first attempt deleted. Send
+    the same request_id when retrying.
     """
     Describe: _grpc.UnaryUnaryMultiCallable[_lock_pb2.DescribeRequest, _lock_pb2.DescribeResponse]
-    """Describe shows who holds a lock and who waits for it, in queue order."""
+    """Describe shows who holds a lock and who waits for it, in queue order.
+    A read: NO_SIDE_EFFECTS.
+    """
     List: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]
-    """List returns the held locks of the caller's tenant, ordered by name."""
+    """List returns the held locks of the caller's tenant, ordered by name.
+    A read: NO_SIDE_EFFECTS.
+    """
 
 @_typing.type_check_only
 class LockServiceAsyncStub(LockServiceStub):
@@ -114,16 +119,23 @@ class LockServiceAsyncStub(LockServiceStub):
     """CreateSession grants an etcd lease. Keep it alive with KeepAlive or
     Refresh more often than its TTL; when it lapses every lock it holds is
     released. Retrying with the same request_id returns the same session.
+
+    Not marked idempotent: without a request_id a repeat grants a second
+    lease.
     """
     KeepAlive: _aio.StreamStreamMultiCallable[_lock_pb2.KeepAliveRequest, _lock_pb2.KeepAliveResponse]  # type: ignore[assignment]
     """KeepAlive refreshes sessions over one stream: send a session_id whenever
     it needs refreshing (about every TTL/3), read one response per message.
     A session that is gone (or a session_id that never named one) is answered
     with expired = true; the stream stays open for the others.
+
+    Each message is idempotent, but a stream is not something a generic
+    retry can replay, so the RPC carries no idempotency_level.
     """
     Refresh: _aio.UnaryUnaryMultiCallable[_lock_pb2.RefreshRequest, _lock_pb2.RefreshResponse]  # type: ignore[assignment]
     """Refresh is a unary keepalive for grpcurl and simple clients. An expired or
     unknown session is NOT_FOUND (SESSION_NOT_FOUND) and is never revived.
+    Repeating it only refreshes the lease again: IDEMPOTENT.
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_lock_pb2.CloseSessionRequest, _lock_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession revokes the session's lease, releasing every lock it holds
@@ -141,17 +153,28 @@ class LockServiceAsyncStub(LockServiceStub):
     Retrying with the same request_id (after a lost response, a broker
     restart, or on another replica) returns the same grant or resumes the
     same place in the queue; it never yields a second grant.
+
+    Not marked idempotent: that holds only with a request_id (a repeat
+    without one is a new request and can queue a second entry).
     """
     Release: _aio.UnaryUnaryMultiCallable[_lock_pb2.ReleaseRequest, _lock_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Release deletes exactly the grant with this fencing token. If that grant
     is already gone (released, expired, session closed) it succeeds with
     released = false; it never releases another holder's grant. Releasing the
     last lock of a session that Acquire created for you closes that session.
+
+    Not marked idempotent: a repeat never releases another grant, but it
+    answers released = false for the grant its first attempt deleted. Send
+    the same request_id when retrying.
     """
     Describe: _aio.UnaryUnaryMultiCallable[_lock_pb2.DescribeRequest, _lock_pb2.DescribeResponse]  # type: ignore[assignment]
-    """Describe shows who holds a lock and who waits for it, in queue order."""
+    """Describe shows who holds a lock and who waits for it, in queue order.
+    A read: NO_SIDE_EFFECTS.
+    """
     List: _aio.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns the held locks of the caller's tenant, ordered by name."""
+    """List returns the held locks of the caller's tenant, ordered by name.
+    A read: NO_SIDE_EFFECTS.
+    """
 
 class LockServiceServicer(metaclass=_abc_1.ABCMeta):
     """LockService grants mutually exclusive, FIFO-fair locks backed by etcd."""
@@ -165,6 +188,9 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         """CreateSession grants an etcd lease. Keep it alive with KeepAlive or
         Refresh more often than its TTL; when it lapses every lock it holds is
         released. Retrying with the same request_id returns the same session.
+
+        Not marked idempotent: without a request_id a repeat grants a second
+        lease.
         """
 
     @_abc_1.abstractmethod
@@ -177,6 +203,9 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         it needs refreshing (about every TTL/3), read one response per message.
         A session that is gone (or a session_id that never named one) is answered
         with expired = true; the stream stays open for the others.
+
+        Each message is idempotent, but a stream is not something a generic
+        retry can replay, so the RPC carries no idempotency_level.
         """
 
     @_abc_1.abstractmethod
@@ -187,6 +216,7 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lock_pb2.RefreshResponse, _abc.Awaitable[_lock_pb2.RefreshResponse]]:
         """Refresh is a unary keepalive for grpcurl and simple clients. An expired or
         unknown session is NOT_FOUND (SESSION_NOT_FOUND) and is never revived.
+        Repeating it only refreshes the lease again: IDEMPOTENT.
         """
 
     @_abc_1.abstractmethod
@@ -216,6 +246,9 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         Retrying with the same request_id (after a lost response, a broker
         restart, or on another replica) returns the same grant or resumes the
         same place in the queue; it never yields a second grant.
+
+        Not marked idempotent: that holds only with a request_id (a repeat
+        without one is a new request and can queue a second entry).
         """
 
     @_abc_1.abstractmethod
@@ -228,6 +261,10 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         is already gone (released, expired, session closed) it succeeds with
         released = false; it never releases another holder's grant. Releasing the
         last lock of a session that Acquire created for you closes that session.
+
+        Not marked idempotent: a repeat never releases another grant, but it
+        answers released = false for the grant its first attempt deleted. Send
+        the same request_id when retrying.
         """
 
     @_abc_1.abstractmethod
@@ -236,7 +273,9 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lock_pb2.DescribeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lock_pb2.DescribeResponse, _abc.Awaitable[_lock_pb2.DescribeResponse]]:
-        """Describe shows who holds a lock and who waits for it, in queue order."""
+        """Describe shows who holds a lock and who waits for it, in queue order.
+        A read: NO_SIDE_EFFECTS.
+        """
 
     @_abc_1.abstractmethod
     def List(
@@ -244,6 +283,8 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lock_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lock_pb2.ListResponse, _abc.Awaitable[_lock_pb2.ListResponse]]:
-        """List returns the held locks of the caller's tenant, ordered by name."""
+        """List returns the held locks of the caller's tenant, ordered by name.
+        A read: NO_SIDE_EFFECTS.
+        """
 
 def add_LockServiceServicer_to_server(servicer: LockServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,11 +19,13 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from lockbroker.interceptors import tenants, tls
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
+from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsInterceptor
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
 from lockbroker.interceptors.retry import ServerRetryInterceptor
 from lockbroker.interceptors.tenants import TenantsFileError
@@ -43,6 +45,7 @@ from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
+from lockbroker.server.metrics import Metrics
 from lockbroker.server.service import LockService, add_to_server
 from lockbroker.v1 import lock_pb2
 
@@ -113,6 +116,7 @@ class Broker:
         self.quotas = Quotas(config.quota)
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+        self.metrics = Metrics() if config.server.metrics_listen else None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -156,6 +160,14 @@ class Broker:
                 self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
+        if self.metrics is not None and cfg.server.metrics_listen:
+            if self.client is not None:  # the state gauges read etcd; the memory backend has none
+                self.metrics.watch_state(self.client, etcd_cfg.key_root)
+            try:
+                self.metrics.serve(cfg.server.metrics_listen)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot serve metrics on {cfg.server.metrics_listen}: {e}") from None
+            log.info("metrics on /metrics", extra={"metrics_listen": cfg.server.metrics_listen})
         await self._probe()  # health is right from the first check
         await self.server.start()
         self._monitor = asyncio.create_task(self._watch_health())
@@ -184,7 +196,9 @@ class Broker:
             log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
         self.client_config = etcd_cfg
         # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
-        self.client = EtcdClient(etcd_cfg, tracer=self.tracing.backend_tracer)
+        self.client = EtcdClient(
+            etcd_cfg, tracer=self.tracing.backend_tracer, observer=self.metrics.etcd.observe if self.metrics else None
+        )
         return EtcdLockBackend(self.client)
 
     def _security(self) -> tuple[IdentityInterceptor | None, grpc.ServerCredentials | None]:
@@ -256,10 +270,14 @@ class Broker:
                   is audited and traced as one call with N attempts.
         """
         chain: list[aio.ServerInterceptor] = [*self.tracing.server_interceptors()]
+        if self.metrics is not None:  # outermost of ours: every call counted, rejections too
+            chain.append(GrpcMetricsInterceptor(self.metrics.grpc))
         if self.audit is not None:
             chain.append(self.audit)
         if self.identity is not None:
             chain.append(self.identity)
+        if self.metrics is not None:  # needs the tenant; before quota, so rate refusals count
+            chain.append(LockMetricsInterceptor(self.metrics.locks))
         if self.audit is not None:
             chain.append(self.audit.capture())
         if self.tracing.enabled:
@@ -273,9 +291,12 @@ class Broker:
     async def _probe(self) -> None:
         assert self.backend is not None
         try:
-            await self.backend.ping(
-                self.client_config.key_root.encode(), timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval))
-            )
+            # Not traced: a root trace per probe (every second) would bury the traces of calls.
+            with suppress_instrumentation():
+                await self.backend.ping(
+                    self.client_config.key_root.encode(),
+                    timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval)),
+                )
             ok = True
         except Unavailable as e:
             ok = False
@@ -320,6 +341,8 @@ class Broker:
             await self.client.close()
         if self._own_tracing:
             self.tracing.shutdown()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         if self.embedded is not None:
             await self.embedded.stop()
 

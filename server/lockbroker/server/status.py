@@ -9,6 +9,7 @@ from google.rpc import error_details_pb2
 from lockbroker.interceptors.rpcstatus import DOMAIN, Trailers, quota_details, trailers
 from lockbroker.server import convert
 from lockbroker.server.core import errors as e
+from lockbroker.v1.reasons import ErrorReason
 
 _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -58,7 +59,7 @@ def to_status(exc: e.LockBrokerError) -> tuple[grpc.StatusCode, str, Trailers]:
 def internal(incident: str) -> tuple[grpc.StatusCode, str, Trailers]:
     message_text = f"internal error (incident {incident}); the broker's log has the details"
     code = grpc.StatusCode.INTERNAL
-    return code, message_text, trailers(code, message_text, "INTERNAL", {"incident": incident})
+    return code, message_text, trailers(code, message_text, ErrorReason.INTERNAL, {"incident": incident})
 
 
 __all__ = ["DOMAIN", "code_of", "internal", "to_status"]

@@ -1,7 +1,8 @@
 """Domain errors of the lock core.
 
 The core raises only these; the gRPC edge maps each to one status in `lockbroker.server.status`.
-Every error has a stable `reason` (the google.rpc.ErrorInfo reason) and string metadata.
+Every error has a stable `reason` (the google.rpc.ErrorInfo reason, a member of lock.proto's
+`ErrorReason`) and string metadata.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lockbroker.v1.reasons import ErrorReason
+
 if TYPE_CHECKING:
     from lockbroker.server.core.model import Entry
 
@@ -17,7 +20,8 @@ if TYPE_CHECKING:
 class LockBrokerError(Exception):
     """Base of every error a caller can be told about."""
 
-    reason: str = "UNKNOWN"
+    # Every subclass names its own; the base is never raised, and would be a bug (status INTERNAL).
+    reason: ErrorReason = ErrorReason.INTERNAL
 
     def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -32,7 +36,7 @@ class FieldViolation:
 
 
 class InvalidArgument(LockBrokerError):
-    reason = "INVALID_ARGUMENT"
+    reason = ErrorReason.INVALID_ARGUMENT
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
@@ -62,29 +66,29 @@ class NotAcquired(LockBrokerError):
 
 
 class LockHeld(NotAcquired):
-    reason = "LOCK_HELD"
+    reason = ErrorReason.LOCK_HELD
 
 
 class WaitExpired(NotAcquired):
-    reason = "WAIT_EXPIRED"
+    reason = ErrorReason.WAIT_EXPIRED
 
 
 class SessionNotFound(LockBrokerError):
-    reason = "SESSION_NOT_FOUND"
+    reason = ErrorReason.SESSION_NOT_FOUND
 
 
 class SessionLost(LockBrokerError):
     """The session's lease ended while its Acquire waited in the queue."""
 
-    reason = "SESSION_LOST"
+    reason = ErrorReason.SESSION_LOST
 
 
 class AlreadyQueued(LockBrokerError):
-    reason = "ALREADY_QUEUED"
+    reason = ErrorReason.ALREADY_QUEUED
 
 
 class RequestIdReused(LockBrokerError):
-    reason = "REQUEST_ID_REUSED"
+    reason = ErrorReason.REQUEST_ID_REUSED
 
 
 class QuotaExceeded(LockBrokerError):
@@ -93,7 +97,7 @@ class QuotaExceeded(LockBrokerError):
     retry_after: when waiting can help (held state is freed by releases and expiries), a hint of
     how long; None when it cannot (a TTL or wait above the tenant's maximum)."""
 
-    reason = "QUOTA_EXCEEDED"
+    reason = ErrorReason.QUOTA_EXCEEDED
 
     def __init__(self, tenant: str, limit: str, value: float, message: str, retry_after: float | None) -> None:
         shown = int(value) if float(value).is_integer() else value
@@ -107,13 +111,13 @@ class QuotaExceeded(LockBrokerError):
 class DeadlineExceeded(LockBrokerError):
     """The RPC deadline passed before an answer (the wait was cleaned up)."""
 
-    reason = "DEADLINE_EXCEEDED"
+    reason = ErrorReason.DEADLINE_EXCEEDED
 
 
 class Unavailable(LockBrokerError):
     """etcd could not answer in time. Retrying later (with the same request_id) is safe."""
 
-    reason = "BACKEND_UNAVAILABLE"
+    reason = ErrorReason.BACKEND_UNAVAILABLE
 
     def __init__(self, message: str, retry_after: float = 1.0, outcome_unknown: bool = False) -> None:
         super().__init__(message)
@@ -123,4 +127,4 @@ class Unavailable(LockBrokerError):
 
 
 class ShuttingDown(Unavailable):
-    reason = "SHUTTING_DOWN"
+    reason = ErrorReason.SHUTTING_DOWN

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from lockbroker.server.etcd import v3lock_pb2 as lockbroker_dot_server_dot_etcd_dot_v3lock__pb2
+from bench import v3lock_pb2 as bench_dot_v3lock__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in lockbroker/server/etcd/v3lock_pb2_grpc.py depends on'
+        + ' but the generated code in bench/v3lock_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class LockStub:
         """
         self.Lock = channel.unary_unary(
                 '/v3lockpb.Lock/Lock',
-                request_serializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.LockRequest.SerializeToString,
-                response_deserializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.LockResponse.FromString,
+                request_serializer=bench_dot_v3lock__pb2.LockRequest.SerializeToString,
+                response_deserializer=bench_dot_v3lock__pb2.LockResponse.FromString,
                 _registered_method=True)
         self.Unlock = channel.unary_unary(
                 '/v3lockpb.Lock/Unlock',
-                request_serializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.UnlockRequest.SerializeToString,
-                response_deserializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.UnlockResponse.FromString,
+                request_serializer=bench_dot_v3lock__pb2.UnlockRequest.SerializeToString,
+                response_deserializer=bench_dot_v3lock__pb2.UnlockResponse.FromString,
                 _registered_method=True)
 
 
@@ -66,13 +66,13 @@ def add_LockServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lock': grpc.unary_unary_rpc_method_handler(
                     servicer.Lock,
-                    request_deserializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.LockRequest.FromString,
-                    response_serializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.LockResponse.SerializeToString,
+                    request_deserializer=bench_dot_v3lock__pb2.LockRequest.FromString,
+                    response_serializer=bench_dot_v3lock__pb2.LockResponse.SerializeToString,
             ),
             'Unlock': grpc.unary_unary_rpc_method_handler(
                     servicer.Unlock,
-                    request_deserializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.UnlockRequest.FromString,
-                    response_serializer=lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.UnlockResponse.SerializeToString,
+                    request_deserializer=bench_dot_v3lock__pb2.UnlockRequest.FromString,
+                    response_serializer=bench_dot_v3lock__pb2.UnlockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,8 +100,8 @@ class Lock:
             request,
             target,
             '/v3lockpb.Lock/Lock',
-            lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.LockRequest.SerializeToString,
-            lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.LockResponse.FromString,
+            bench_dot_v3lock__pb2.LockRequest.SerializeToString,
+            bench_dot_v3lock__pb2.LockResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class Lock:
             request,
             target,
             '/v3lockpb.Lock/Unlock',
-            lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.UnlockRequest.SerializeToString,
-            lockbroker_dot_server_dot_etcd_dot_v3lock__pb2.UnlockResponse.FromString,
+            bench_dot_v3lock__pb2.UnlockRequest.SerializeToString,
+            bench_dot_v3lock__pb2.UnlockResponse.FromString,
             options,
             channel_credentials,
             insecure,

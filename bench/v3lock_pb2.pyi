@@ -3,7 +3,8 @@
 isort:skip_file
 etcd's own gRPC Lock service (server/etcdserver/api/v3lock), written from
 the etcd API reference. lockbroker does not use it to lock; the benchmark
-and tests call it as the peer to measure against on the same etcd.
+calls it as the peer to measure against on the same etcd, which is why it
+lives in bench/ and not in the broker's package.
 """
 
 from google.protobuf import descriptor as _descriptor

@@ -3,12 +3,13 @@
 isort:skip_file
 etcd's own gRPC Lock service (server/etcdserver/api/v3lock), written from
 the etcd API reference. lockbroker does not use it to lock; the benchmark
-and tests call it as the peer to measure against on the same etcd.
+calls it as the peer to measure against on the same etcd, which is why it
+lives in bench/ and not in the broker's package.
 """
 
+from bench import v3lock_pb2 as _v3lock_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
-from lockbroker.server.etcd import v3lock_pb2 as _v3lock_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -1,0 +1,221 @@
+"""Locks as context managers: `async with client.lock(name) as held:`.
+
+LockContext acquires on enter and on exit releases (or closes the session it made for the
+lock); on a failed or cancelled acquire it undoes whatever the broker may have granted.
+HeldLock is what the block gets: the grant, and whether it can still be believed held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from lockbroker.client._session import SessionKeeper, _call_safely, _shielded
+from lockbroker.client.errors import DeadlineExceeded, LockBrokerError, LockLost, NotAcquired, Unavailable
+from lockbroker.client.types import Grant
+
+if TYPE_CHECKING:
+    from lockbroker.client.aio import Client
+
+log = logging.getLogger("lockbroker.client")
+
+LostCallback = Callable[["HeldLock"], object]
+
+
+class HeldLock:
+    """A lock held inside `async with client.lock(...) as held:`.
+
+    Being inside the block does not prove the lock is still held: a session can lapse while
+    the process is paused. Call `check()` before each step that relies on the lock, pass
+    `fencing_token` to whatever the lock protects, and watch `lost` for early warning.
+
+    `lost` tracks the session: it fires when the session lapses or is revoked. A grant deleted
+    while its session lives on (someone releasing with this fencing token) is not detected.
+    """
+
+    def __init__(self, grant: Grant, session: SessionKeeper) -> None:
+        self.grant = grant
+        self.session = session
+        self.lost = asyncio.Event()
+        self.lost_reason: str | None = None
+        self._callbacks: builtins.list[LostCallback] = []
+
+    @property
+    def name(self) -> str:
+        return self.grant.name
+
+    @property
+    def fencing_token(self) -> int:
+        return self.grant.fencing_token
+
+    @property
+    def session_id(self) -> str:
+        return self.grant.session_id
+
+    @property
+    def deadline(self) -> float:
+        """time.monotonic() instant after which this process must not believe it holds the lock."""
+        return self.session.expires_at
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def check(self) -> None:
+        """Raise LockLost unless the lock can still be assumed held."""
+        if not self.lost.is_set() and time.monotonic() >= self.deadline:
+            self._mark_lost("the session's last confirmed expiry has passed")
+        if self.lost.is_set():
+            raise LockLost(
+                f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {self.lost_reason}",
+                name=self.name,
+                fencing_token=self.fencing_token,
+            )
+
+    def add_lost_callback(self, cb: LostCallback) -> None:
+        if self.lost.is_set():
+            _call_safely(cb, self)
+        else:
+            self._callbacks.append(cb)
+
+    def _on_session_lost(self, session: SessionKeeper) -> None:
+        self._mark_lost(session.lost_reason or "the session was lost")
+
+    def _mark_lost(self, why: str) -> None:
+        if self.lost.is_set():
+            return
+        self.lost_reason = why
+        self.lost.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            _call_safely(cb, self)
+
+    def __repr__(self) -> str:
+        return (
+            f"HeldLock(name={self.name!r}, fencing_token={self.fencing_token}, "
+            f"session_id={self.session_id!r}, lost={self.lost.is_set()})"
+        )
+
+
+class LockContext:
+    """What `Client.lock()` returns: acquire on enter, release (and close its own session) on exit."""
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        ttl: float | None,
+        wait: float,
+        owner: str,
+        session: SessionKeeper | None,
+        on_lost: LostCallback | None,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self._cleanup_timeout = client._support.cleanup_timeout
+        self._name = name
+        self._ttl = ttl
+        self._wait = wait
+        self._owner = owner
+        self._session = session
+        self._on_lost = on_lost
+        self._timeout = timeout
+        self._own_session: SessionKeeper | None = None
+        self._keeper: SessionKeeper | None = None
+        self.held: HeldLock | None = None
+
+    async def __aenter__(self) -> HeldLock:
+        if self._keeper is not None:
+            raise RuntimeError("a LockContext can be entered only once")
+        keeper = self._session
+        if keeper is None:
+            keeper = self._own_session = SessionKeeper(self._client, self._ttl, self._owner)
+            await keeper.start()
+        if self._name in keeper._names:
+            raise RuntimeError(
+                f"lock {self._name!r} is already being acquired or held on this session; locks are not reentrant"
+            )
+        self._keeper = keeper
+        keeper._names.add(self._name)
+        try:
+            grant = await self._client.acquire(
+                self._name, session_id=keeper.session_id, wait=self._wait, owner=self._owner, timeout=self._timeout
+            )
+        except BaseException as exc:
+            await self._abandon(exc)
+            raise
+        held = self.held = HeldLock(grant, keeper)
+        if self._on_lost is not None:
+            held.add_lost_callback(self._on_lost)
+        keeper.add_lost_callback(held._on_session_lost)
+        return held
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            failure = await _shielded(self._cleanup(), self._cleanup_timeout * 2)
+        except TimeoutError:
+            log.warning("releasing %r timed out; it is held until its session ends", self._name)
+            return
+        if failure is not None and exc is None:
+            raise failure
+
+    async def _abandon(self, exc: BaseException) -> None:
+        """Undo whatever a failed or cancelled Acquire may have left behind."""
+        keeper = self._keeper
+        assert keeper is not None
+        try:
+            if self._own_session is not None:
+                with_session = self._own_session
+                await _shielded(with_session.__aexit__(None, None, None), self._cleanup_timeout)
+                return
+            if isinstance(exc, NotAcquired):
+                return  # a definite "no": the broker queued nothing
+            if isinstance(exc, (asyncio.CancelledError, DeadlineExceeded, Unavailable)):
+                # The grant may have been made with its answer lost. This context is the only
+                # local user of (session, name) and a session cannot hold one lock twice, so a
+                # holder with our session id is our grant.
+                await _shielded(self._release_if_ours(keeper), self._cleanup_timeout)
+        except (LockBrokerError, TimeoutError) as e:
+            log.warning("could not clean up after a failed acquire of %r: %s", self._name, e)
+        finally:
+            keeper._names.discard(self._name)
+
+    async def _release_if_ours(self, keeper: SessionKeeper) -> None:
+        state = await self._client.describe(self._name, timeout=self._cleanup_timeout)
+        if state.holder is not None and state.holder.session_id == keeper.session_id:
+            await self._client.release(
+                self._name,
+                state.holder.fencing_token,
+                session_id=keeper.session_id,
+                timeout=self._cleanup_timeout,
+            )
+
+    async def _cleanup(self) -> LockBrokerError | None:
+        held, keeper = self.held, self._keeper
+        if keeper is not None:
+            keeper._names.discard(self._name)
+            if held is not None:
+                keeper.remove_lost_callback(held._on_session_lost)
+        if self._own_session is not None:
+            # Revoking the session's lease deletes the grant in the same step: one RPC, not two.
+            await self._own_session.__aexit__(None, None, None)
+            return None
+        if held is None:
+            return None
+        try:
+            await self._client.release(
+                held.name, held.fencing_token, session_id=held.session_id, timeout=self._cleanup_timeout
+            )
+        except LockBrokerError as e:
+            log.warning("releasing %r (fencing token %d) failed: %s", held.name, held.fencing_token, e)
+            # On a shared session the grant outlives this block for as long as the session does.
+            return e
+        return None
