@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,27 @@ async def test_serve_backend_memory_takes_and_releases_a_lock(tmp_path: Path) ->
     assert not (tmp_path / "state").exists(), "the memory backend wrote an etcd data dir"
 
 
+def scrape(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return int(resp.status)
+
+
 @pytest.fixture
 async def memory_stub() -> AsyncIterator[Any]:
-    b = Broker(Config(server=ServerConfig(listen="127.0.0.1:0", grace_period=1.0, backend="memory")))
+    # With metrics on too: the etcd state gauges must not be wired to a client the broker lacks.
+    b = Broker(
+        Config(
+            server=ServerConfig(listen="127.0.0.1:0", grace_period=1.0, backend="memory", metrics_listen="127.0.0.1:0")
+        )
+    )
     await b.start()
     try:
         assert isinstance(b.backend, MemoryLockBackend)
+        assert b.client is None
+        assert b.embedded is None
+        assert b.metrics is not None
+        url = f"http://127.0.0.1:{b.metrics.port}/metrics"
+        assert await asyncio.to_thread(scrape, url) == 200
         async with aio.insecure_channel(f"127.0.0.1:{b.port}") as ch:
             yield lock_pb2_grpc.LockServiceStub(ch)
     finally:
