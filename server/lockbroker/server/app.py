@@ -35,7 +35,7 @@ from lockbroker.interceptors.tracing import (
     TracingConfigError,
     configure_tracing,
 )
-from lockbroker.server.config import Config, ConfigError
+from lockbroker.server.config import Config, ConfigError, EmbeddedConfig
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.quota import Quotas
@@ -43,6 +43,7 @@ from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.service import LockService, add_to_server
+from lockbroker.server.statedir import StateDirLock
 from lockbroker.v1 import lock_pb2
 
 log = logging.getLogger("lockbroker.server")
@@ -88,8 +89,7 @@ def is_loopback(listen: str) -> bool:
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "lockbroker"
+    return EmbeddedConfig().resolved_state_dir()
 
 
 class Broker:
@@ -112,6 +112,7 @@ class Broker:
         self.quotas = Quotas(config.quota)
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+        self._state_lock: StateDirLock | None = None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -138,7 +139,9 @@ class Broker:
             self.audit = AuditInterceptor(self.audit_log, fail_open=cfg.audit.fail_open)
         etcd_cfg = cfg.etcd
         if not etcd_cfg.endpoints:
-            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
+            state = cfg.embedded.resolved_state_dir()
+            self._state_lock = StateDirLock(state)
+            self._state_lock.acquire()  # before etcd touches the data dir
             self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
             await self.embedded.start()
             etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
@@ -307,6 +310,8 @@ class Broker:
             self.tracing.shutdown()
         if self.embedded is not None:
             await self.embedded.stop()
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()

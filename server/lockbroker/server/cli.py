@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = config.load(args, os.environ)
+        config.check_files(cfg)
     except config.ConfigError as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -70,6 +72,13 @@ def _tenants(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lockbroker")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lockbroker",
@@ -77,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=client_cli.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lockbroker {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",

