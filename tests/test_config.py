@@ -162,6 +162,7 @@ _CHOICES = {
     ("audit", "fsync"): ("interval", '"interval"', "interval"),
     ("server", "listen"): ("127.0.0.1:7", '"127.0.0.1:7"', "127.0.0.1:7"),
     ("server", "log_level"): ("debug", '"debug"', "debug"),
+    ("server", "health_listen"): ("0.0.0.0:8081", '"0.0.0.0:8081"', "0.0.0.0:8081"),
 }
 
 

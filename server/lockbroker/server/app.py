@@ -12,6 +12,8 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -35,11 +37,12 @@ from lockbroker.interceptors.tracing import (
     TracingConfigError,
     configure_tracing,
 )
+from lockbroker.server import logs
 from lockbroker.server.config import Config, ConfigError, EmbeddedConfig
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
-from lockbroker.server.core.quota import Quotas
-from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
+from lockbroker.server.core.quota import Quotas, TenantQuota
+from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig, EtcdNotFoundError, EtcdStartError
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.service import LockService, add_to_server
@@ -49,6 +52,11 @@ from lockbroker.v1 import lock_pb2
 log = logging.getLogger("lockbroker.server")
 
 SERVICE_NAME = lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name
+# Kubernetes: livenessProbe on LIVENESS (SERVING while the process can serve: a restart would not
+# help while etcd is down), readinessProbe on READINESS (SERVING only while etcd answers). "" and
+# the LockService name follow readiness, as before.
+LIVENESS = "lockbroker.liveness"
+READINESS = "lockbroker.readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -76,6 +84,18 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
 ]
+
+
+# Restarting a crashed embedded etcd: pauses of 0.5, 1, 2, 4, 8 s; after this many failed starts in a
+# row the broker exits non-zero so that its own supervisor (systemd, Kubernetes) takes over.
+ETCD_RESTART_ATTEMPTS = 5
+ETCD_RESTART_BASE = 0.5
+# A second SIGINT/SIGTERM while draining exits at once with 128 + the signal's number.
+EXIT_SIGNAL_BASE = 128
+
+
+class EtcdGaveUpError(RuntimeError):
+    """The embedded etcd exited and could not be started again."""
 
 
 def is_loopback(listen: str) -> bool:
@@ -113,6 +133,12 @@ class Broker:
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
         self._state_lock: StateDirLock | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.health_server: aio.Server | None = None
+        self.health_port = 0
+        # Set by run_until_signal: how a fatal error (etcd gone for good) ends the run.
+        self._fatal: Callable[[BaseException], None] | None = None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -167,13 +193,31 @@ class Broker:
                 self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
+        await self.health.set(LIVENESS, SERVING)
+        if cfg.server.health_listen:
+            self.health_server = self._health_only_server(cfg.server.health_listen)
         await self._probe()  # health is right from the first check
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         self._monitor = asyncio.create_task(self._watch_health())
+        if self.embedded is not None:
+            self._supervisor = asyncio.create_task(self._supervise(self.embedded))
         log.info(
             "lockbroker serving",
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
+
+    def _health_only_server(self, listen: str) -> aio.Server:
+        """Plaintext gRPC health on its own port, for kubelet probes when the main listener is TLS
+        (and perhaps mTLS) only. It serves nothing but grpc.health.v1.Health."""
+        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            self.health_port = server.add_insecure_port(listen)
+        except RuntimeError as e:
+            raise ConfigError(f"--health-listen: cannot listen on {listen}: {e}") from None
+        return server
 
     def _security(self) -> tuple[IdentityInterceptor | None, grpc.ServerCredentials | None]:
         """Who may call, and over what; refuses setups that would expose locks or keys."""
@@ -216,16 +260,20 @@ class Broker:
     def _quotas(self) -> Quotas:
         """The default quota, and each tenant's own from the tenants file (checked here: a typo
         in a limit's name must stop the broker, not silently leave a tenant unlimited)."""
+        registry = self.identity.registry if self.identity is not None else None
+        return Quotas(self.config.quota, self._overrides(registry, self.config.auth.tenants_file))
+
+    def _overrides(self, registry: tenants.TenantRegistry | None, path: str | None) -> dict[str, TenantQuota]:
         overrides = {}
-        for tenant in self.identity.registry if self.identity is not None else ():
+        for tenant in registry if registry is not None else ():
             if tenant.quota:
                 try:
                     overrides[tenant.name] = self.config.quota.with_overrides(
-                        dict(tenant.quota), f"{self.config.auth.tenants_file}: [tenants.{tenant.name}] quota"
+                        dict(tenant.quota), f"{path}: [tenants.{tenant.name}] quota"
                     )
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
-        return Quotas(self.config.quota, overrides)
+        return overrides
 
     def _rate(self, tenant: str) -> Rate:
         q = self.quotas(tenant)
@@ -276,7 +324,7 @@ class Broker:
             if ok and self._serving is False:
                 log.info("etcd reachable again; health SERVING")
             self._serving = ok
-            for name in ("", SERVICE_NAME):
+            for name in ("", SERVICE_NAME, READINESS):
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
 
     async def _watch_health(self) -> None:
@@ -284,20 +332,63 @@ class Broker:
             await asyncio.sleep(self.config.server.health_interval)
             await self._probe()
 
+    async def _supervise(self, etcd: EmbeddedEtcd) -> None:
+        """Restart the embedded etcd when it exits (bounded backoff); give up after
+        ETCD_RESTART_ATTEMPTS failed starts in a row, ending the run with EtcdGaveUpError."""
+        while not self._stopping:
+            status = await etcd.wait()
+            if self._stopping:
+                return
+            log.error(
+                "embedded etcd exited; restarting it",
+                extra={"exit_status": status, "signal": _signal_name(status), "endpoint": etcd.endpoint},
+            )
+            await self._probe()  # NOT_SERVING now, not at the next probe
+            for attempt in range(ETCD_RESTART_ATTEMPTS):
+                await asyncio.sleep(ETCD_RESTART_BASE * 2**attempt)
+                if self._stopping:
+                    return
+                try:
+                    await etcd.restart()
+                except (EtcdStartError, EtcdNotFoundError, OSError) as e:
+                    log.error(
+                        "embedded etcd did not start again",
+                        extra={"attempt": attempt + 1, "of": ETCD_RESTART_ATTEMPTS, "error": str(e).splitlines()[0]},
+                    )
+                    continue
+                log.info("embedded etcd restarted", extra={"attempt": attempt + 1, "pid": etcd.pid})
+                await self._probe()
+                break
+            else:
+                err = EtcdGaveUpError(
+                    f"the embedded etcd exited and did not start again after {ETCD_RESTART_ATTEMPTS} attempts; "
+                    f"see {etcd.log_file}"
+                )
+                log.critical(str(err))
+                if self._fatal is not None:
+                    self._fatal(err)
+                return
+
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, end waiters cleanly (their entries removed), stop."""
+        """Drain: NOT_SERVING, refuse new calls, end waiters cleanly (their entries removed), stop.
+
+        The embedded etcd is stopped last: the drain needs it to remove the waiters' queue entries."""
         grace = self.config.server.grace_period if grace is None else grace
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.draining = True
         if self.core is not None:
             self.core.begin_shutdown()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        for task in (self._monitor, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.core is not None:
             await self.core.drain_cleanups(timeout=max(1.0, grace))
         if self.audit_log is not None:
@@ -313,14 +404,108 @@ class Broker:
         if self._state_lock is not None:
             self._state_lock.release()
 
-    async def run_until_signal(self) -> None:
+    async def reload(self, new: Config) -> None:
+        """SIGHUP: take the log level and the tenants file (keys, identities, per-tenant quotas) from
+        `new`; nothing else changes, and no call is dropped. A bad tenants file keeps the old one."""
+        changed: dict[str, object] = {}
+        if new.server.log_level != logging.getLevelName(logging.getLogger().level).lower():
+            logs.set_level(new.server.log_level)
+            changed["log_level"] = new.server.log_level
+        path = new.auth.tenants_file
+        if (self.identity is None) != (path is None):
+            log.error(
+                "reload: turning authentication on or off needs a restart; tenants file not reloaded",
+                extra={"tenants_file": path},
+            )
+        elif self.identity is not None and path is not None:
+            try:
+                registry = tenants.load(path)
+                overrides = self._overrides(registry, path)
+            except (TenantsFileError, ConfigError) as e:
+                log.error("reload: keeping the previous tenants file", extra={"error": str(e)})
+            else:
+                if len(registry) == 0:
+                    log.error("reload: the tenants file lists no tenants; keeping the previous one")
+                else:
+                    self.identity.registry = registry
+                    # In place: the lock core and the rate limiter hold this object.
+                    Quotas.__init__(self.quotas, self.config.quota, overrides)
+                    changed["tenants_file"] = path
+                    changed["tenants"] = len(registry)
+        log.info("reloaded on SIGHUP", extra={"reloaded": sorted(changed), **changed})
+
+    async def run_until_signal(self, reload: Callable[[], Config] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then drain. A second SIGTERM/SIGINT exits at once;
+        SIGHUP calls `reload` and applies its log level and tenants file (see `reload`)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        fatal: list[BaseException] = []
+        received: list[str] = []
+        pending: set[asyncio.Task[None]] = set()
+
+        def on_stop(signo: signal.Signals) -> None:
+            if stop.is_set() and received:
+                self._exit_now(signo)
+            received.append(signo.name)
+            stop.set()
+
+        def on_fatal(err: BaseException) -> None:
+            fatal.append(err)
+            stop.set()
+
+        def on_hup() -> None:
+            if reload is None or self.server is None:
+                log.warning("SIGHUP before the broker was serving; ignored")
+                return
+            task = asyncio.ensure_future(self._reload_from(reload))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        self._fatal = on_fatal
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             await self.start()
             await stop.wait()
-            log.info("signal received; draining", extra={"grace_period": self.config.server.grace_period})
+            if received:
+                log.info(
+                    "signal received; draining",
+                    extra={"signal": received[0], "grace_period": self.config.server.grace_period},
+                )
         finally:
             await self.stop()
+            log.info("stopped")
+        if fatal:
+            raise fatal[0]
+
+    async def _reload_from(self, reload: Callable[[], Config]) -> None:
+        try:
+            new = reload()
+        except ConfigError as e:
+            log.error("reload: the configuration is not valid; nothing changed", extra={"error": str(e)})
+            return
+        await self.reload(new)
+
+    def _exit_now(self, signo: signal.Signals) -> None:
+        """The second Ctrl-C: no drain. The embedded etcd, in its own process group, gets SIGTERM
+        (it stops cleanly on its own); waiters' queue entries are cleaned by the next start."""
+        log.warning("second signal; exiting without draining", extra={"signal": signo.name})
+        pid = self.embedded.pid if self.embedded is not None else None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_SIGNAL_BASE + signo)
+
+
+def _signal_name(status: int | None) -> str | None:
+    """asyncio reports a death by signal N as the status -N."""
+    if status is None or status >= 0:
+        return None
+    try:
+        return signal.Signals(-status).name
+    except ValueError:
+        return None

@@ -18,7 +18,7 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the client subcommands should not pay for the server's imports.
-    from lockbroker.server.app import Broker  # noqa: PLC0415
+    from lockbroker.server.app import Broker, EtcdGaveUpError  # noqa: PLC0415
     from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError  # noqa: PLC0415
 
     try:
@@ -29,14 +29,21 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     logs.setup(cfg.server.log_level)
     try:
-        asyncio.run(Broker(cfg).run_until_signal())
+        asyncio.run(Broker(cfg).run_until_signal(reload=lambda: _reload(args)))
     except config.ConfigError as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (EtcdNotFoundError, EtcdStartError) as e:
+    except (EtcdNotFoundError, EtcdStartError, EtcdGaveUpError) as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return 0
+
+
+def _reload(args: argparse.Namespace) -> config.Config:
+    """SIGHUP: the same flags, the environment we started with, and the TOML file as it is now."""
+    cfg = config.load(args, os.environ)
+    config.check_files(cfg)
+    return cfg
 
 
 def _tenants(args: argparse.Namespace) -> int:

@@ -103,6 +103,13 @@ class ServerConfig:
         metadata={"help": "debug, info, warning or error (SIGHUP re-reads it)", "check": _choice(*LOG_LEVELS)},
     )
     health_interval: float = _duration(1.0, "time between etcd health probes")
+    health_listen: str | None = field(
+        default=None,
+        metadata={
+            "help": "also serve gRPC health alone, in plaintext, on this host:port (for kubelet probes)",
+            "check": check_listen,
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.grace_period < 0 or self.health_interval <= 0:

@@ -310,6 +310,10 @@ class EmbeddedEtcd:
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                     env=_child_env(),
+                    # Its own process group: a Ctrl-C at the broker's terminal reaches the whole
+                    # foreground group, and etcd must outlive the broker's drain (which removes
+                    # waiters' queue entries); the broker stops it afterwards.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise EtcdStartError(f"could not run {binary}: {exc}") from exc
@@ -411,6 +415,14 @@ class EmbeddedEtcd:
         self._proc = None
         self._paused = False
         self._killed = False
+
+    async def wait(self) -> int | None:
+        """Wait for the running etcd to exit and return its status (-N: killed by signal N);
+        None at once if none is running."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return await proc.wait()
 
     def kill(self) -> None:
         """SIGKILL etcd, as a crash would; ``restart()`` or ``stop()`` reaps it."""

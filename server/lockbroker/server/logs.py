@@ -30,3 +30,8 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def set_level(level: str) -> None:
+    """Change the level of the running broker (SIGHUP)."""
+    logging.getLogger().setLevel(level.upper())
