@@ -337,8 +337,8 @@ class Broker:
         ETCD_RESTART_ATTEMPTS failed starts in a row, ending the run with EtcdGaveUpError."""
         while not self._stopping:
             status = await etcd.wait()
-            if self._stopping:
-                return
+            if self._stopping or status is None:
+                return  # stopping, or nothing was running to watch
             log.error(
                 "embedded etcd exited; restarting it",
                 extra={"exit_status": status, "signal": _signal_name(status), "endpoint": etcd.endpoint},

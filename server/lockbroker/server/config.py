@@ -349,6 +349,16 @@ def _convert(raw: Any, tp: Any, where: str, meta: Mapping[str, Any] | None = Non
     return value
 
 
+def _metavar(section: str, f: dataclasses.Field[Any]) -> str:
+    if f.metadata.get("duration") or (section, f.name) in _EXTERNAL_DURATIONS:
+        return "DURATION"
+    if f.metadata.get("check") is check_listen:
+        return "HOST:PORT"
+    if f.metadata.get("file"):
+        return "FILE"
+    return f.name.upper()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """A flag for every field; all default to None so that 'not given' is visible."""
     parser.add_argument("--config", metavar="FILE", help="TOML file with [server], [etcd], [embedded], [limits]")
@@ -362,7 +372,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     flag, dest=f"{section}.{f.name}", action="store_const", const=True, default=None, help=help_text
                 )
             else:
-                group.add_argument(flag, dest=f"{section}.{f.name}", default=None, help=help_text)
+                group.add_argument(
+                    flag, dest=f"{section}.{f.name}", default=None, help=help_text, metavar=_metavar(section, f)
+                )
 
 
 def load(
