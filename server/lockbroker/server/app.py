@@ -11,8 +11,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,12 +35,12 @@ from lockbroker.interceptors.tracing import (
     TracingConfigError,
     configure_tracing,
 )
-from lockbroker.server import logs
+from lockbroker.server import lifecycle, logs
 from lockbroker.server.config import Config, ConfigError, EmbeddedConfig
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.quota import Quotas, TenantQuota
-from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig, EtcdNotFoundError, EtcdStartError
+from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.service import LockService, add_to_server
@@ -86,18 +84,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-# Restarting a crashed embedded etcd: pauses of 0.5, 1, 2, 4, 8 s; after this many failed starts in a
-# row the broker exits non-zero so that its own supervisor (systemd, Kubernetes) takes over.
-ETCD_RESTART_ATTEMPTS = 5
-ETCD_RESTART_BASE = 0.5
-# A second SIGINT/SIGTERM while draining exits at once with 128 + the signal's number.
-EXIT_SIGNAL_BASE = 128
-
-
-class EtcdGaveUpError(RuntimeError):
-    """The embedded etcd exited and could not be started again."""
-
-
 def is_loopback(listen: str) -> bool:
     host = listen.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
@@ -134,11 +120,10 @@ class Broker:
         self._serving: bool | None = None
         self._state_lock: StateDirLock | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._stopping = False
         self.health_server: aio.Server | None = None
         self.health_port = 0
         # Set by run_until_signal: how a fatal error (etcd gone for good) ends the run.
-        self._fatal: Callable[[BaseException], None] | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -202,7 +187,8 @@ class Broker:
             await self.health_server.start()
         self._monitor = asyncio.create_task(self._watch_health())
         if self.embedded is not None:
-            self._supervisor = asyncio.create_task(self._supervise(self.embedded))
+            supervisor = lifecycle.EtcdSupervisor(self.embedded, self._probe, self._fatal)
+            self._supervisor = asyncio.create_task(supervisor.run())
         log.info(
             "lockbroker serving",
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
@@ -327,54 +313,22 @@ class Broker:
             for name in ("", SERVICE_NAME, READINESS):
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
 
+    def _fatal(self, err: BaseException) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(err)
+        else:
+            log.critical("nothing to end: the broker goes on serving NOT_SERVING", extra={"error": str(err)})
+
     async def _watch_health(self) -> None:
         while True:
             await asyncio.sleep(self.config.server.health_interval)
             await self._probe()
-
-    async def _supervise(self, etcd: EmbeddedEtcd) -> None:
-        """Restart the embedded etcd when it exits (bounded backoff); give up after
-        ETCD_RESTART_ATTEMPTS failed starts in a row, ending the run with EtcdGaveUpError."""
-        while not self._stopping:
-            status = await etcd.wait()
-            if self._stopping or status is None:
-                return  # stopping, or nothing was running to watch
-            log.error(
-                "embedded etcd exited; restarting it",
-                extra={"exit_status": status, "signal": _signal_name(status), "endpoint": etcd.endpoint},
-            )
-            await self._probe()  # NOT_SERVING now, not at the next probe
-            for attempt in range(ETCD_RESTART_ATTEMPTS):
-                await asyncio.sleep(ETCD_RESTART_BASE * 2**attempt)
-                if self._stopping:
-                    return
-                try:
-                    await etcd.restart()
-                except (EtcdStartError, EtcdNotFoundError, OSError) as e:
-                    log.error(
-                        "embedded etcd did not start again",
-                        extra={"attempt": attempt + 1, "of": ETCD_RESTART_ATTEMPTS, "error": str(e).splitlines()[0]},
-                    )
-                    continue
-                log.info("embedded etcd restarted", extra={"attempt": attempt + 1, "pid": etcd.pid})
-                await self._probe()
-                break
-            else:
-                err = EtcdGaveUpError(
-                    f"the embedded etcd exited and did not start again after {ETCD_RESTART_ATTEMPTS} attempts; "
-                    f"see {etcd.log_file}"
-                )
-                log.critical(str(err))
-                if self._fatal is not None:
-                    self._fatal(err)
-                return
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, end waiters cleanly (their entries removed), stop.
 
         The embedded etcd is stopped last: the drain needs it to remove the waiters' queue entries."""
         grace = self.config.server.grace_period if grace is None else grace
-        self._stopping = True
         await self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.draining = True
@@ -435,77 +389,5 @@ class Broker:
         log.info("reloaded on SIGHUP", extra={"reloaded": sorted(changed), **changed})
 
     async def run_until_signal(self, reload: Callable[[], Config] | None = None) -> None:
-        """Serve until SIGTERM or SIGINT, then drain. A second SIGTERM/SIGINT exits at once;
-        SIGHUP calls `reload` and applies its log level and tenants file (see `reload`)."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        fatal: list[BaseException] = []
-        received: list[str] = []
-        pending: set[asyncio.Task[None]] = set()
-
-        def on_stop(signo: signal.Signals) -> None:
-            if stop.is_set() and received:
-                self._exit_now(signo)
-            received.append(signo.name)
-            stop.set()
-
-        def on_fatal(err: BaseException) -> None:
-            fatal.append(err)
-            stop.set()
-
-        def on_hup() -> None:
-            if reload is None or self.server is None:
-                log.warning("SIGHUP before the broker was serving; ignored")
-                return
-            task = asyncio.ensure_future(self._reload_from(reload))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
-        self._fatal = on_fatal
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-        try:
-            await self.start()
-            await stop.wait()
-            if received:
-                log.info(
-                    "signal received; draining",
-                    extra={"signal": received[0], "grace_period": self.config.server.grace_period},
-                )
-        finally:
-            await self.stop()
-            log.info("stopped")
-        if fatal:
-            raise fatal[0]
-
-    async def _reload_from(self, reload: Callable[[], Config]) -> None:
-        try:
-            new = reload()
-        except ConfigError as e:
-            log.error("reload: the configuration is not valid; nothing changed", extra={"error": str(e)})
-            return
-        await self.reload(new)
-
-    def _exit_now(self, signo: signal.Signals) -> None:
-        """The second Ctrl-C: no drain. The embedded etcd, in its own process group, gets SIGTERM
-        (it stops cleanly on its own); waiters' queue entries are cleaned by the next start."""
-        log.warning("second signal; exiting without draining", extra={"signal": signo.name})
-        pid = self.embedded.pid if self.embedded is not None else None
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for h in logging.getLogger().handlers:
-            h.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_SIGNAL_BASE + signo)
-
-
-def _signal_name(status: int | None) -> str | None:
-    """asyncio reports a death by signal N as the status -N."""
-    if status is None or status >= 0:
-        return None
-    try:
-        return signal.Signals(-status).name
-    except ValueError:
-        return None
+        """Serve until SIGTERM or SIGINT, then drain; see lifecycle.run_until_signal."""
+        await lifecycle.run_until_signal(self, reload)

@@ -18,8 +18,9 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the client subcommands should not pay for the server's imports.
-    from lockbroker.server.app import Broker, EtcdGaveUpError  # noqa: PLC0415
+    from lockbroker.server.app import Broker  # noqa: PLC0415
     from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError  # noqa: PLC0415
+    from lockbroker.server.lifecycle import EtcdGaveUpError  # noqa: PLC0415
 
     try:
         cfg = config.load(args, os.environ)
