@@ -50,6 +50,7 @@ def _lines(text: str) -> list[str]:
         (["--etcd-ca-file", "/nonexistent/ca.pem"], {}, "", "--etcd-ca-file"),
         (["--tls-cert-file", "/nonexistent/c.pem", "--tls-key-file", "/nonexistent/k.pem"], {}, "", "--tls-cert-file"),
         ([], {}, '[server]\nlisten = "127.0.0.1:1"\nbogus = 1\n', "bogus"),
+        (["--embedded-state-dir", "/proc/lockbroker-state"], {}, "", "--embedded-state-dir"),
     ],
 )
 async def test_bad_setting_exits_2_with_one_line_naming_it(

@@ -128,8 +128,10 @@ async def run_until_signal(broker: Broker, reload: Callable[[], Config] | None =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    serving = False
     try:
         await broker.start()
+        serving = True
         await stop.wait()
         if received:
             log.info(
@@ -138,7 +140,8 @@ async def run_until_signal(broker: Broker, reload: Callable[[], Config] | None =
             )
     finally:
         await broker.stop()
-        log.info("stopped")
+        if serving:  # a refused start says why in one line of its own (lockbroker serve prints it)
+            log.info("stopped")
     if fatal:
         raise fatal[0]
 

@@ -26,10 +26,16 @@ class StateDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # O_CLOEXEC (Python's default, spelled out): the embedded etcd must not inherit the lock,
-        # or it would outlive a broker that was killed.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # O_CLOEXEC (Python's default, spelled out): the embedded etcd must not inherit the
+            # lock, or it would outlive a broker that was killed.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(
+                f"--embedded-state-dir / LOCKBROKER_EMBEDDED_STATE_DIR / [embedded] state_dir: cannot use "
+                f"{self.path.parent} ({e.strerror or e}); expected a directory this user can write"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
