@@ -176,6 +176,10 @@ class EtcdClient:
     def endpoint(self) -> str:
         return self._endpoints[self._index].target
 
+    def target_of(self, idx: int) -> str:
+        """host:port of endpoint `idx`, for the broker's log (never for callers)."""
+        return self._endpoints[idx].target if 0 <= idx < len(self._endpoints) else "(none)"
+
     async def close(self) -> None:
         stubs, self._stubs = list(self._stubs.values()), {}
         for s in stubs:

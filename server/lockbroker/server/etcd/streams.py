@@ -5,6 +5,12 @@ every waiter and every refresh over them, instead of one stream per call; on the
 all waiters of one lock share one watch. Both carry etcd's
 "hasleader" metadata, so a member cut off from its leader ends them rather than going silent; a
 lost stream fails whatever was pending on it (waiters then re-read state and watch again).
+
+A frozen member (SIGSTOP, a stalled VM) ends nothing and answers nothing. So a watchdog drops a
+stream that owes an answer for `stall_after` seconds having received nothing; its next use opens
+it where the unary calls go (moved off the stuck member). The Watch stream, quiet for long, sends
+etcd's progress request when it has watches and has heard nothing. Refreshes caught on a lost
+stream are sent again (a keepalive is idempotent); waiters get WatchInterrupted and re-read.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import grpc
 from grpc import aio
 
 from lockbroker.server.core.backend import WatchInterrupted
@@ -30,17 +37,54 @@ log = logging.getLogger("lockbroker.etcd")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
+# Seconds a stream may owe an answer, having received nothing, before it counts as stuck. A
+# healthy member answers in milliseconds and one without a leader ends the stream ("hasleader"),
+# so this only outlasts a slow network (the fault suite's 200 ms etcd delay). A refresh held by a
+# frozen member is answered within about stall_after + 1/4 of it: sessions refreshed every TTL/3
+# (the client's default) need TTL/3 above that, as for TTL >= 4 s (tests/test_stream_faults.py).
+STALL_AFTER = 1.0
+
+# What callers see when a stream breaks; etcd's endpoint and grpc's details go to the log only.
+STREAM_LOST = "etcd is unavailable; retry"
+
+
+def _detail(e: Exception) -> str:
+    """The code and etcd's own message, for the broker's log (no debug_error_string)."""
+    if isinstance(e, aio.AioRpcError):
+        return f"{e.code().name} {e.details() or ''}".strip()
+    return type(e).__name__
+
 
 class _SharedStream(Generic[Req, Resp]):
-    """One bidirectional stream, opened on demand, with serialized writes and one reader task."""
+    """One bidirectional stream, opened on demand, with serialized writes, one reader task and a
+    watchdog that drops it when it stops answering (see the module docstring)."""
 
-    def __init__(self, client: EtcdClient) -> None:
+    kind = "etcd"
+
+    def __init__(self, client: EtcdClient, *, stall_after: float = STALL_AFTER) -> None:
         self._client = client
         self._call: aio.StreamStreamCall[Req, Resp] | None = None
         self._endpoint = -1
         self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._closed = False
+        self.stall_after = stall_after
+        # When the oldest request still owed an answer was written (None: nothing owed), and when
+        # the current stream last delivered anything; both on the loop's clock.
+        self._owed_since: float | None = None
+        self._heard = 0.0
+        self._probes: set[asyncio.Task[bool]] = set()
+        self.reopened = 0  # streams dropped as stuck, for tests and logs
+
+    def _probe(self) -> Req | None:
+        """A request whose answer shows the member is alive, when the stream has been quiet and
+        someone relies on it; None: nothing to check (an idle stream may stay silent)."""
+        return None
+
+    def _owes(self) -> bool:
+        """Whether answers are still due after the one just handled."""
+        return False
 
     def _open(self) -> aio.StreamStreamCall[Req, Resp]:
         raise NotImplementedError
@@ -75,41 +119,92 @@ class _SharedStream(Generic[Req, Resp]):
                         return False
                 self._endpoint, _ = self._client.current()
                 self._call = self._open()
+                self._owed_since, self._heard = None, asyncio.get_running_loop().time()
                 self._reader = asyncio.create_task(self._read(self._call))
+                self._watchdog = asyncio.create_task(self._guard(self._call))
             call = self._call
             if sending is not None:
                 sending()
+            if self._owed_since is None:
+                self._owed_since = asyncio.get_running_loop().time()
             try:
                 await call.write(req)
             except (aio.AioRpcError, asyncio.InvalidStateError) as e:
-                lost = Unavailable(f"etcd stream lost: {e}", retry_after=1.0)
+                log.warning("etcd %s stream to %s lost on a write: %s", self.kind, self._target(), _detail(e))
+                lost = Unavailable(STREAM_LOST, retry_after=1.0)
                 # Everything pending on the stream gets the domain error, never the transport's.
                 self._lose(call, lost)
                 raise lost from None
             return True
 
+    def _target(self) -> str:
+        return self._client.target_of(self._endpoint)
+
     async def _read(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
-        error: Exception = Unavailable("etcd closed the stream", retry_after=1.0)
+        error: Exception = Unavailable(STREAM_LOST, retry_after=1.0)
         try:
             while True:
                 resp = await call.read()
                 if resp is aio.EOF:
                     break
                 self._on_response(resp)  # type: ignore[arg-type]
+                if self._call is call:
+                    # Progress: whatever is still owed is owed from now.
+                    self._heard = asyncio.get_running_loop().time()
+                    self._owed_since = self._heard if self._owes() else None
         except aio.AioRpcError as e:
             if self._client.is_stale_token(e):
                 self._client.forget_token()
             self._client.report_stream_error(e, self._endpoint)
-            error = Unavailable(f"etcd stream lost: {e.code().name} {e.details()}", retry_after=1.0)
+            if e.code() != grpc.StatusCode.CANCELLED or self._call is call:
+                log.warning("etcd %s stream to %s lost: %s", self.kind, self._target(), _detail(e))
         except asyncio.CancelledError:
             error = Unavailable("the broker is shutting down", retry_after=1.0)
             raise
         finally:
             self._lose(call, error)
 
+    async def _guard(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
+        """Drop `call` once it owes an answer for longer than stall_after with nothing received.
+        Ends when the stream is lost or replaced (checked every quarter of the bound)."""
+        loop = asyncio.get_running_loop()
+        while self._call is call:
+            await asyncio.sleep(self.stall_after / 4)
+            if self._call is not call:
+                return
+            now = loop.time()
+            if self._owed_since is not None and now - self._owed_since > self.stall_after:
+                self._stalled(call, now - self._owed_since)
+                return
+            if self._owed_since is None and now - self._heard > self.stall_after / 2:
+                probe = self._probe()
+                if probe is not None:
+                    # Owed from now; written by its own task so a write stuck on flow control
+                    # cannot stop this check.
+                    self._owed_since = now
+                    task = loop.create_task(self.write(probe, wanted=lambda: self._call is call))
+                    self._probes.add(task)
+                    task.add_done_callback(_retrieve_probe(self._probes))
+
+    def _stalled(self, call: aio.StreamStreamCall[Req, Resp], waited: float) -> None:
+        stuck = self._target()
+        # Off the stuck member: a no-op when the unary calls already moved away from it, and then
+        # the stream reopens where they go now.
+        self._client.failover(self._endpoint)
+        log.warning(
+            "etcd %s stream to %s answered nothing for %.1fs; reopening it on %s",
+            self.kind,
+            stuck,
+            waited,
+            self._client.endpoint,
+        )
+        self.reopened += 1
+        self._lose(call, Unavailable(STREAM_LOST, retry_after=0.5))
+
     def _lose(self, call: aio.StreamStreamCall[Req, Resp], error: Exception) -> None:
         if self._call is call:
             self._call = None
+            self._owed_since = None
             call.cancel()
             self._on_lost(error)
 
@@ -117,10 +212,21 @@ class _SharedStream(Generic[Req, Resp]):
         self._closed = True
         if self._call is not None:
             self._lose(self._call, Unavailable("the broker is shutting down", retry_after=1.0))
-        if self._reader is not None:
-            self._reader.cancel()
+        tasks = [t for t in (self._reader, self._watchdog, *self._probes) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+                await task
+
+
+def _retrieve_probe(tasks: set[asyncio.Task[bool]]) -> Callable[[asyncio.Task[bool]], None]:
+    def done(task: asyncio.Task[bool]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a lost stream: already handled by whoever uses it next
+
+    return done
 
 
 @dataclass(eq=False)
@@ -194,8 +300,10 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
     that has waiters here (not one per waiter): a handoff then costs no watch set-up or tear-down,
     and a deletion reaches this broker once however many of its calls wait on that lock."""
 
-    def __init__(self, client: EtcdClient) -> None:
-        super().__init__(client)
+    kind = "watch"
+
+    def __init__(self, client: EtcdClient, *, stall_after: float = STALL_AFTER) -> None:
+        super().__init__(client, stall_after=stall_after)
         self._next_id = 1
         self._by_prefix: dict[bytes, _PrefixWatch] = {}
         self._by_id: dict[int, _PrefixWatch] = {}
@@ -208,6 +316,17 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
     def _open(self) -> aio.StreamStreamCall[pb.WatchRequest, pb.WatchResponse]:
         _, stubs = self._client.current()
         return stubs.watch.Watch(metadata=self._client.metadata(REQUIRE_LEADER))
+
+    def _owes(self) -> bool:
+        return bool(self._creating)
+
+    def _probe(self) -> pb.WatchRequest | None:
+        # Only with watches: etcd 3.5 answers a progress request through one of the stream's
+        # watchers, so a stream without any would never answer it. Its answer carries watch id -1,
+        # which _on_response ignores.
+        if not self._by_id:
+            return None
+        return pb.WatchRequest(progress_request=pb.WatchProgressRequest())
 
     @property
     def active(self) -> int:
@@ -344,8 +463,11 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
 class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]):
     """Refreshes leases; every refresh of this broker shares one LeaseKeepAlive stream."""
 
-    def __init__(self, client: EtcdClient) -> None:
-        super().__init__(client)
+    kind = "keepalive"
+    ATTEMPTS = 3
+
+    def __init__(self, client: EtcdClient, *, stall_after: float = STALL_AFTER) -> None:
+        super().__init__(client, stall_after=stall_after)
         self._pending: dict[int, deque[asyncio.Future[int]]] = {}
 
     def _open(self) -> aio.StreamStreamCall[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]:
@@ -353,19 +475,50 @@ class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveR
         return stubs.lease.LeaseKeepAlive(metadata=self._client.metadata(REQUIRE_LEADER))
 
     async def keepalive(self, lease_id: int, timeout: float) -> int:
+        """Refresh `lease_id` once: the TTL etcd answered (0: the lease is gone).
+
+        A stream lost, or dropped as stuck, under this refresh gave no answer: the refresh is sent
+        again on the next stream while `timeout` lasts (a keepalive is idempotent), at most
+        ATTEMPTS times in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lost: Unavailable | None = None
+        for _ in range(self.ATTEMPTS):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                return await asyncio.wait_for(self._once(lease_id), left)
+            except TimeoutError:
+                lost = None
+                break
+            except Unavailable as e:
+                if self._closed:
+                    raise
+                lost = e
+        if lost is not None:
+            raise lost
+        raise Unavailable("etcd did not answer the keepalive in time", retry_after=1.0)
+
+    async def _once(self, lease_id: int) -> int:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(lease_id, deque()).append(fut)
         try:
             await self.write(pb.LeaseKeepAliveRequest(ID=lease_id))
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise Unavailable("etcd did not answer the keepalive in time", retry_after=1.0) from None
+            return await fut
         finally:
+            # A stream lost during the write fails `fut` (in _on_lost) as well as the write: the
+            # write's error is the one raised, and this retrieves the other (issue 18 item 3).
+            if fut.done() and not fut.cancelled():
+                fut.exception()
             queue = self._pending.get(lease_id)
             if queue is not None and fut in queue:
                 queue.remove(fut)
                 if not queue:
                     del self._pending[lease_id]
+
+    def _owes(self) -> bool:
+        return bool(self._pending)
 
     def _on_response(self, resp: pb.LeaseKeepAliveResponse) -> None:
         queue = self._pending.get(resp.ID)
