@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from grpc import aio
 from opentelemetry import trace
 
 from lockbroker.server.core.backend import BackendError, LeaseExists, remaining
-from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.errors import BackendNoSpace, Unavailable
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd import rpc_pb2_grpc as pb_grpc
 
@@ -76,6 +77,21 @@ _RPC_NAMES: Final[dict[str, tuple[str, str]]] = {
 
 # Streams carry this so an etcd member that loses its leader closes them instead of going quiet.
 REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+# etcd's ErrNoSpace: a write refused by the space quota, or any write while the NOSPACE alarm is on.
+_NO_SPACE = "database space exceeded"
+
+# etcd's own fixed messages that say why it could not serve: safe to show callers, unlike grpc's
+# transport details. Anything else is just "unavailable".
+_REASONS = ("leader changed", "no leader", "too many requests", "timed out")
+
+
+def _unavailable_message(code: grpc.StatusCode, details: str) -> str:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "etcd did not answer in time; retry"
+    why = next((r for r in _REASONS if r in details), None)
+    return f"etcd is unavailable ({why}); retry" if why else "etcd is unavailable; retry"
 
 
 class LeaseNotFound(BackendError):
@@ -133,6 +149,7 @@ class EtcdClient:
         # The newest etcd revision any answer has shown this client: every write it sends later is
         # ordered after that revision (see EtcdLockBackend.enqueue).
         self.revision = 0
+        self._no_space_logged = -1e9
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -286,11 +303,21 @@ class EtcdClient:
 
     def _translate(self, e: aio.AioRpcError, idx: int, write: bool) -> Exception:
         code, details = e.code(), e.details() or ""
+        if _NO_SPACE in details:
+            # RESOURCE_EXHAUSTED like "too many requests", but no retry soon will help: say so.
+            now = time.monotonic()
+            if now - self._no_space_logged > 10.0:  # at most one line per 10 s however many calls
+                self._no_space_logged = now
+                log.error("etcd at %s is out of space (NOSPACE alarm): %s", self.target_of(idx), details)
+            return BackendNoSpace()
         if code in _TRANSIENT or any(m in details for m in _TRANSIENT_MESSAGES):
+            # The caller learns only what it can act on (retry); grpc's details name the endpoint
+            # and the OS error, so they stay in the broker's log (issue 18 item 13).
+            log.info("etcd call to %s failed: %s %s", self.target_of(idx), code.name, details)
             self._maybe_failover(code, idx)
             # Only a write that may have reached etcd has an unknown outcome.
             unknown = write and code != grpc.StatusCode.RESOURCE_EXHAUSTED
-            return Unavailable(f"etcd: {details or code.name}", retry_after=1.0, outcome_unknown=unknown)
+            return Unavailable(_unavailable_message(code, details), retry_after=1.0, outcome_unknown=unknown)
         if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
             return LeaseNotFound(details)
         if code == grpc.StatusCode.FAILED_PRECONDITION and "lease already exist" in details:
