@@ -112,6 +112,7 @@ async def test_an_etcd_out_of_space_is_a_clear_status(own_etcd: EmbeddedEtcd, br
     async with aio.insecure_channel(f"127.0.0.1:{broker_on.port}") as ch:
         stub = lock_pb2_grpc.LockServiceStub(ch)
         session = await stub.CreateSession(lock_pb2.CreateSessionRequest(ttl=dur(30)), timeout=5)
+        held = await stub.Acquire(lock_pb2.AcquireRequest(name="held", session_id=session.session_id), timeout=5)
         await _fill(own_etcd.endpoint)
         for request in (
             lock_pb2.AcquireRequest(name="x", session_id=session.session_id),  # a queue entry
@@ -127,6 +128,20 @@ async def test_an_etcd_out_of_space_is_a_clear_status(own_etcd: EmbeddedEtcd, br
         # Refreshing a session writes nothing etcd counts: sessions outlive the alarm.
         refreshed = await stub.Refresh(lock_pb2.RefreshRequest(session_id=session.session_id), timeout=5)
         assert refreshed.ttl.seconds > 0
+        # Release writes (it moves the session's release mark): refused the same way ...
+        with pytest.raises(aio.AioRpcError) as caught:
+            await stub.Release(
+                lock_pb2.ReleaseRequest(
+                    name="held", session_id=session.session_id, fencing_token=held.grant.fencing_token
+                ),
+                timeout=5,
+            )
+        assert rich(caught.value).reason == "BACKEND_NO_SPACE"
+        # ... but closing the session revokes its lease, which etcd allows: its locks are freed.
+        closed = await stub.CloseSession(lock_pb2.CloseSessionRequest(session_id=session.session_id), timeout=5)
+        assert closed.closed
+        state = await stub.Describe(lock_pb2.DescribeRequest(name="held"), timeout=5)
+        assert not state.HasField("holder")
 
 
 async def test_the_embedded_etcd_compacts_and_has_a_quota(own_etcd: EmbeddedEtcd) -> None:
