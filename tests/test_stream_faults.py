@@ -191,3 +191,22 @@ async def test_freezing_the_member_the_streams_use_loses_no_session(cluster: Etc
                 await k.close()
     finally:
         await broker.stop(grace=1.0)
+
+
+async def test_a_read_a_frozen_member_leaves_unanswered_is_served_by_the_next(cluster: EtcdCluster) -> None:
+    """Unary reads too: one sent to the frozen member moves on after READ_ATTEMPT, within its
+    budget, instead of failing at the budget's end (a Refresh reads the session record)."""
+    await cluster.wait_ready()
+    frozen = (await cluster.wait_leader() + 1) % 3
+    order = [frozen] + [i for i in range(3) if i != frozen]
+    client = EtcdClient(EtcdConfig(endpoints=tuple(cluster.members[i].client_url for i in order), request_timeout=3.0))
+    try:
+        await client.range(pb.RangeRequest(key=b"/probe"))  # connected while healthy
+        cluster.pause(frozen)
+        try:
+            await client.range(pb.RangeRequest(key=b"/probe"))
+            assert client.endpoint != cluster.members[frozen].target
+        finally:
+            cluster.resume(frozen)
+    finally:
+        await client.close()

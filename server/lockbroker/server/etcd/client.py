@@ -75,6 +75,11 @@ _RPC_NAMES: Final[dict[str, tuple[str, str]]] = {
     if not (m.client_streaming or m.server_streaming)
 }
 
+# Seconds a member may leave a read unanswered before the read is sent to the next endpoint
+# (once per call, and only with time left for it): see EtcdClient._call. A healthy member answers
+# a linearizable read in milliseconds; one without a leader fails it rather than waiting.
+READ_ATTEMPT = 1.0
+
 # Streams carry this so an etcd member that loses its leader closes them instead of going quiet.
 REQUIRE_LEADER = (("hasleader", "true"),)
 
@@ -150,6 +155,10 @@ class EtcdClient:
         # ordered after that revision (see EtcdLockBackend.enqueue).
         self.revision = 0
         self._no_space_logged = -1e9
+        # Counts moves between endpoints; _left[i] is the count when the calls last left endpoint
+        # i, so a shared stream opened on i at an earlier count knows to follow them.
+        self.generation = 0
+        self._left: dict[int, int] = {}
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -179,6 +188,8 @@ class EtcdClient:
         """Move to the next endpoint, unless another call already moved away from `idx`."""
         if len(self._endpoints) > 1 and self._index == idx:
             self._index = (idx + 1) % len(self._endpoints)
+            self.generation += 1
+            self._left[idx] = self.generation
             log.warning(
                 "etcd endpoint %s unreachable, trying %s",
                 self._endpoints[idx].target,
@@ -192,6 +203,10 @@ class EtcdClient:
     @property
     def endpoint(self) -> str:
         return self._endpoints[self._index].target
+
+    def left_since(self, idx: int, generation: int) -> bool:
+        """Whether the calls moved away from endpoint `idx` after `generation`."""
+        return self._left.get(idx, 0) > generation
 
     def target_of(self, idx: int) -> str:
         """host:port of endpoint `idx`, for the broker's log (never for callers)."""
@@ -283,14 +298,29 @@ class EtcdClient:
     ) -> T:
         if self._config.username is not None and self._token is None:
             await self.authenticate()
-        for attempt in (0, 1):
+        deadline = time.monotonic() + budget
+        renewed = moved = False
+        while True:  # at most three attempts: one after a token renewal, one off a silent member
             idx, stubs = self.current()
             token = self._token
+            left = deadline - time.monotonic()
+            # A frozen member (SIGSTOP) answers nothing and returns no error, so a read it leaves
+            # unanswered for READ_ATTEMPT moves on to the next endpoint once, within the budget.
+            # Only reads: a write's outcome would be unknown, and its caller resolves that.
+            bounded = not write and not moved and len(self._endpoints) > 1 and left > READ_ATTEMPT + 0.1
             try:
-                resp = await method(stubs)(request, timeout=budget, metadata=self.metadata())
+                resp = await method(stubs)(
+                    request, timeout=min(left, READ_ATTEMPT) if bounded else left, metadata=self.metadata()
+                )
             except aio.AioRpcError as e:
-                if attempt == 0 and self._bad_token(e):
+                if not renewed and self._bad_token(e):
+                    renewed = True
                     await self.authenticate(stale=token)
+                    continue
+                if bounded and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    moved = True
+                    log.info("etcd at %s left a read unanswered for %.1fs", self.target_of(idx), READ_ATTEMPT)
+                    self.failover(idx)
                     continue
                 if span is not None:
                     span.set_attribute("rpc.grpc.status_code", e.code().value[0])
@@ -299,7 +329,6 @@ class EtcdClient:
             if span is not None:
                 span.set_attribute("rpc.grpc.status_code", 0)
             return resp
-        raise AssertionError("unreachable")
 
     def _translate(self, e: aio.AioRpcError, idx: int, write: bool) -> Exception:
         code, details = e.code(), e.details() or ""

@@ -65,6 +65,7 @@ class _SharedStream(Generic[Req, Resp]):
         self._client = client
         self._call: aio.StreamStreamCall[Req, Resp] | None = None
         self._endpoint = -1
+        self._generation = 0  # the client's endpoint generation when the stream was opened
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -110,6 +111,8 @@ class _SharedStream(Generic[Req, Resp]):
         async with self._write_lock:
             if self._closed:
                 raise Unavailable("the broker is shutting down", retry_after=1.0)
+            if self._call is not None and self._client.left_since(self._endpoint, self._generation):
+                self._follow(self._call)  # before `wanted`: leaving fails what was pending
             if wanted is not None and not wanted():
                 return False
             if self._call is None:
@@ -118,6 +121,7 @@ class _SharedStream(Generic[Req, Resp]):
                     if wanted is not None and not wanted():
                         return False
                 self._endpoint, _ = self._client.current()
+                self._generation = self._client.generation
                 self._call = self._open()
                 self._owed_since, self._heard = None, asyncio.get_running_loop().time()
                 self._reader = asyncio.create_task(self._read(self._call))
@@ -172,6 +176,9 @@ class _SharedStream(Generic[Req, Resp]):
             await asyncio.sleep(self.stall_after / 4)
             if self._call is not call:
                 return
+            if self._client.left_since(self._endpoint, self._generation):
+                self._follow(call)
+                return
             now = loop.time()
             if self._owed_since is not None and now - self._owed_since > self.stall_after:
                 self._stalled(call, now - self._owed_since)
@@ -198,6 +205,12 @@ class _SharedStream(Generic[Req, Resp]):
             waited,
             self._client.endpoint,
         )
+        self.reopened += 1
+        self._lose(call, Unavailable(STREAM_LOST, retry_after=0.5))
+
+    def _follow(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
+        """The unary calls left this stream's endpoint (it failed them): leave it too."""
+        log.info("etcd %s stream leaves %s for %s, as the calls did", self.kind, self._target(), self._client.endpoint)
         self.reopened += 1
         self._lose(call, Unavailable(STREAM_LOST, retry_after=0.5))
 
@@ -502,9 +515,12 @@ class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveR
 
     async def _once(self, lease_id: int) -> int:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(lease_id, deque()).append(fut)
         try:
-            await self.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+            # Pending from the moment it is written, on the stream it is written to.
+            await self.write(
+                pb.LeaseKeepAliveRequest(ID=lease_id),
+                sending=lambda: self._pending.setdefault(lease_id, deque()).append(fut),
+            )
             return await fut
         finally:
             # A stream lost during the write fails `fut` (in _on_lost) as well as the write: the
