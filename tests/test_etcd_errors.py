@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,8 +67,9 @@ def _everything_sent(err: aio.AioRpcError) -> str:
 
 
 async def test_unavailable_tells_the_caller_nothing_about_etcds_address(
-    own_etcd: EmbeddedEtcd, broker_on: Broker
+    own_etcd: EmbeddedEtcd, broker_on: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lockbroker.etcd")
     await own_etcd.stop()
     async with aio.insecure_channel(f"127.0.0.1:{broker_on.port}") as ch:
         stub = lock_pb2_grpc.LockServiceStub(ch)
@@ -88,6 +90,8 @@ async def test_unavailable_tells_the_caller_nothing_about_etcds_address(
         "failed to connect",
     ):
         assert leak not in sent, f"{leak!r} reached the caller: {sent}"
+    # The detail is not lost: the broker's log has it.
+    assert any(f"127.0.0.1:{own_etcd.client_port}" in r.getMessage() for r in caplog.records)
 
 
 # -- item 11 ----------------------------------------------------------------------------------------

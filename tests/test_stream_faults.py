@@ -22,7 +22,7 @@ from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import EtcdClient
-from lockbroker.server.etcd.streams import STALL_AFTER, KeepAliveStream
+from lockbroker.server.etcd.streams import STALL_AFTER, KeepAliveStream, WatchHub
 from tests.conftest import broker_config
 from tests.fault.cluster import EtcdCluster
 
@@ -209,4 +209,27 @@ async def test_a_read_a_frozen_member_leaves_unanswered_is_served_by_the_next(cl
         finally:
             cluster.resume(frozen)
     finally:
+        await client.close()
+
+
+async def test_an_idle_watch_on_a_healthy_member_is_not_taken_for_a_stuck_one(
+    etcd: EmbeddedEtcd, key_root: str
+) -> None:
+    """The Watch stream's progress probe is answered by a healthy etcd: a waiter idle for many
+    stall bounds keeps its stream (a reopen would make every waiter re-read the queue)."""
+    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,)))
+    hub = WatchHub(client, stall_after=0.2)
+    prefix = f"{key_root}/idle#".encode()
+    try:
+        rev = (await client.put(pb.PutRequest(key=prefix + b"1", value=b"v"))).header.revision
+        waiting = asyncio.ensure_future(hub.wait_deleted(prefix, (prefix + b"1",), rev))
+        await asyncio.sleep(2.0)  # ten bounds, so several probes
+        assert not waiting.done()
+        assert hub.reopened == 0
+        await client.txn(
+            pb.TxnRequest(success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=prefix + b"1"))])
+        )
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        await hub.close()
         await client.close()

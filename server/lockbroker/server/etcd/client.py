@@ -155,6 +155,7 @@ class EtcdClient:
         # ordered after that revision (see EtcdLockBackend.enqueue).
         self.revision = 0
         self._no_space_logged = -1e9
+        self._failures: dict[tuple[int, str], tuple[float, int]] = {}  # last line, calls not logged
         # Counts moves between endpoints; _left[i] is the count when the calls last left endpoint
         # i, so a shared stream opened on i at an earlier count knows to follow them.
         self.generation = 0
@@ -342,7 +343,7 @@ class EtcdClient:
         if code in _TRANSIENT or any(m in details for m in _TRANSIENT_MESSAGES):
             # The caller learns only what it can act on (retry); grpc's details name the endpoint
             # and the OS error, so they stay in the broker's log (issue 18 item 13).
-            log.info("etcd call to %s failed: %s %s", self.target_of(idx), code.name, details)
+            self._log_failure(idx, code, details)
             self._maybe_failover(code, idx)
             # Only a write that may have reached etcd has an unknown outcome.
             unknown = write and code != grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -356,6 +357,18 @@ class EtcdClient:
             log.error("etcd refused the broker's credentials: %s", details)
             return Unavailable("the broker cannot authenticate to etcd", retry_after=5.0)
         return BackendError(f"etcd {code.name}: {details}")
+
+    def _log_failure(self, idx: int, code: grpc.StatusCode, details: str) -> None:
+        """One line per endpoint and code every 5 s at most: an outage fails every call."""
+        now = time.monotonic()
+        key = (idx, code.name)
+        last, quiet = self._failures.get(key, (-1e9, 0))
+        if now - last < 5.0:
+            self._failures[key] = (last, quiet + 1)
+            return
+        self._failures[key] = (now, 0)
+        more = f" (and {quiet} more since the last line)" if quiet else ""
+        log.info("etcd call to %s failed: %s %s%s", self.target_of(idx), code.name, details, more)
 
     # -- typed helpers ----------------------------------------------------------------------
 
