@@ -148,7 +148,10 @@ async def test_freezing_the_member_the_streams_use_loses_no_session(cluster: Etc
     etcd = EtcdConfig(
         endpoints=tuple(cluster.members[i].client_url for i in order), key_root=key_root, request_timeout=2.0
     )
-    broker = Broker(dataclasses.replace(config, etcd=etcd))
+    # Health probes every 2 s (timeout 2 s): a probe timing out on a busy machine before the freeze
+    # would move the broker off `frozen` early and prove nothing.
+    server = dataclasses.replace(config.server, health_interval=2.0)
+    broker = Broker(dataclasses.replace(config, etcd=etcd, server=server))
     await broker.start()
     ttl = 4  # the client refreshes every TTL/3: above STALL_AFTER, as the streams module says
     assert ttl / 3 > STALL_AFTER
@@ -218,12 +221,12 @@ async def test_an_idle_watch_on_a_healthy_member_is_not_taken_for_a_stuck_one(
     """The Watch stream's progress probe is answered by a healthy etcd: a waiter idle for many
     stall bounds keeps its stream (a reopen would make every waiter re-read the queue)."""
     client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,)))
-    hub = WatchHub(client, stall_after=0.2)
+    hub = WatchHub(client, stall_after=0.5)
     prefix = f"{key_root}/idle#".encode()
     try:
         rev = (await client.put(pb.PutRequest(key=prefix + b"1", value=b"v"))).header.revision
         waiting = asyncio.ensure_future(hub.wait_deleted(prefix, (prefix + b"1",), rev))
-        await asyncio.sleep(2.0)  # ten bounds, so several probes
+        await asyncio.sleep(3.0)  # six bounds, so several probes
         assert not waiting.done()
         assert hub.reopened == 0
         await client.txn(
