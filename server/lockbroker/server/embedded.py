@@ -271,6 +271,15 @@ class EmbeddedEtcd:
             "--logger=zap",
             "--log-level",
             "warn",
+            # Bounded growth (issue 18 item 11; docs/security.md, "Resource bounds"). etcd keeps
+            # every revision until compacted: keep the last 10,000 (compacted every 5 minutes in
+            # this mode), a bound in revisions, so a write flood cannot stretch it as a time-based
+            # retention would. The broker needs history only between reading a revision and the
+            # watch it starts just after it (milliseconds), and a watch that finds its revision
+            # compacted is re-read and re-made (WatchHub). The quota is etcd's default, made explicit.
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=10000",
+            "--quota-backend-bytes=2147483648",
             *cfg.extra_args,
         ]
 

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from lockbroker.server.core.backend import BackendError, LeaseExists, remaining
-from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.errors import BackendNoSpace, Unavailable
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd import rpc_pb2_grpc as pb_grpc
 
@@ -79,8 +79,28 @@ _RPC_NAMES: Final[dict[str, tuple[str, str]]] = {
     if not (m.client_streaming or m.server_streaming)
 }
 
+# Seconds a member may leave a read unanswered before the read is sent to the next endpoint
+# (once per call, and only with time left for it): see EtcdClient._call. A healthy member answers
+# a linearizable read in milliseconds; one without a leader fails it rather than waiting.
+READ_ATTEMPT = 1.0
+
 # Streams carry this so an etcd member that loses its leader closes them instead of going quiet.
 REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+# etcd's ErrNoSpace: a write refused by the space quota, or any write while the NOSPACE alarm is on.
+_NO_SPACE = "database space exceeded"
+
+# etcd's own fixed messages that say why it could not serve: safe to show callers, unlike grpc's
+# transport details. Anything else is just "unavailable".
+_REASONS = ("leader changed", "no leader", "too many requests", "timed out")
+
+
+def _unavailable_message(code: grpc.StatusCode, details: str) -> str:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "etcd did not answer in time; retry"
+    why = next((r for r in _REASONS if r in details), None)
+    return f"etcd is unavailable ({why}); retry" if why else "etcd is unavailable; retry"
 
 
 class LeaseNotFound(BackendError):
@@ -141,6 +161,12 @@ class EtcdClient:
         # The newest etcd revision any answer has shown this client: every write it sends later is
         # ordered after that revision (see EtcdLockBackend.enqueue).
         self.revision = 0
+        self._no_space_logged = -1e9
+        self._failures: dict[tuple[int, str], tuple[float, int]] = {}  # last line, calls not logged
+        # Counts moves between endpoints; _left[i] is the count when the calls last left endpoint
+        # i, so a shared stream opened on i at an earlier count knows to follow them.
+        self.generation = 0
+        self._left: dict[int, int] = {}
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -170,6 +196,8 @@ class EtcdClient:
         """Move to the next endpoint, unless another call already moved away from `idx`."""
         if len(self._endpoints) > 1 and self._index == idx:
             self._index = (idx + 1) % len(self._endpoints)
+            self.generation += 1
+            self._left[idx] = self.generation
             log.warning(
                 "etcd endpoint %s unreachable, trying %s",
                 self._endpoints[idx].target,
@@ -183,6 +211,14 @@ class EtcdClient:
     @property
     def endpoint(self) -> str:
         return self._endpoints[self._index].target
+
+    def left_since(self, idx: int, generation: int) -> bool:
+        """Whether the calls moved away from endpoint `idx` after `generation`."""
+        return self._left.get(idx, 0) > generation
+
+    def target_of(self, idx: int) -> str:
+        """host:port of endpoint `idx`, for the broker's log (never for callers)."""
+        return self._endpoints[idx].target if 0 <= idx < len(self._endpoints) else "(none)"
 
     async def close(self) -> None:
         stubs, self._stubs = list(self._stubs.values()), {}
@@ -295,14 +331,29 @@ class EtcdClient:
     ) -> T:
         if self._config.username is not None and self._token is None:
             await self.authenticate()
-        for attempt in (0, 1):
+        deadline = time.monotonic() + budget
+        renewed = moved = False
+        while True:  # at most three attempts: one after a token renewal, one off a silent member
             idx, stubs = self.current()
             token = self._token
+            left = deadline - time.monotonic()
+            # A frozen member (SIGSTOP) answers nothing and returns no error, so a read it leaves
+            # unanswered for READ_ATTEMPT moves on to the next endpoint once, within the budget.
+            # Only reads: a write's outcome would be unknown, and its caller resolves that.
+            bounded = not write and not moved and len(self._endpoints) > 1 and left > READ_ATTEMPT + 0.1
             try:
-                resp = await method(stubs)(request, timeout=budget, metadata=self.metadata())
+                resp = await method(stubs)(
+                    request, timeout=min(left, READ_ATTEMPT) if bounded else left, metadata=self.metadata()
+                )
             except aio.AioRpcError as e:
-                if attempt == 0 and self._bad_token(e):
+                if not renewed and self._bad_token(e):
+                    renewed = True
                     await self.authenticate(stale=token)
+                    continue
+                if bounded and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    moved = True
+                    log.info("etcd at %s left a read unanswered for %.1fs", self.target_of(idx), READ_ATTEMPT)
+                    self.failover(idx)
                     continue
                 if span is not None:
                     span.set_attribute("rpc.grpc.status_code", e.code().value[0])
@@ -311,15 +362,24 @@ class EtcdClient:
             if span is not None:
                 span.set_attribute("rpc.grpc.status_code", 0)
             return resp
-        raise AssertionError("unreachable")
 
     def _translate(self, e: aio.AioRpcError, idx: int, write: bool) -> Exception:
         code, details = e.code(), e.details() or ""
+        if _NO_SPACE in details:
+            # RESOURCE_EXHAUSTED like "too many requests", but no retry soon will help: say so.
+            now = time.monotonic()
+            if now - self._no_space_logged > 10.0:  # at most one line per 10 s however many calls
+                self._no_space_logged = now
+                log.error("etcd at %s is out of space (NOSPACE alarm): %s", self.target_of(idx), details)
+            return BackendNoSpace()
         if code in _TRANSIENT or any(m in details for m in _TRANSIENT_MESSAGES):
+            # The caller learns only what it can act on (retry); grpc's details name the endpoint
+            # and the OS error, so they stay in the broker's log (issue 18 item 13).
+            self._log_failure(idx, code, details)
             self._maybe_failover(code, idx)
             # Only a write that may have reached etcd has an unknown outcome.
             unknown = write and code != grpc.StatusCode.RESOURCE_EXHAUSTED
-            return Unavailable(f"etcd: {details or code.name}", retry_after=1.0, outcome_unknown=unknown)
+            return Unavailable(_unavailable_message(code, details), retry_after=1.0, outcome_unknown=unknown)
         if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
             return LeaseNotFound(details)
         if code == grpc.StatusCode.FAILED_PRECONDITION and "lease already exist" in details:
@@ -329,6 +389,18 @@ class EtcdClient:
             log.error("etcd refused the broker's credentials: %s", details)
             return Unavailable("the broker cannot authenticate to etcd", retry_after=5.0)
         return BackendError(f"etcd {code.name}: {details}")
+
+    def _log_failure(self, idx: int, code: grpc.StatusCode, details: str) -> None:
+        """One line per endpoint and code every 5 s at most: an outage fails every call."""
+        now = time.monotonic()
+        key = (idx, code.name)
+        last, quiet = self._failures.get(key, (-1e9, 0))
+        if now - last < 5.0:
+            self._failures[key] = (last, quiet + 1)
+            return
+        self._failures[key] = (now, 0)
+        more = f" (and {quiet} more since the last line)" if quiet else ""
+        log.info("etcd call to %s failed: %s %s%s", self.target_of(idx), code.name, details, more)
 
     # -- typed helpers ----------------------------------------------------------------------
 
