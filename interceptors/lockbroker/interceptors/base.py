@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeAlias, cast
+from typing import Any, ClassVar, NoReturn, TypeAlias, cast
 
 import grpc
 from grpc import aio
@@ -32,6 +32,9 @@ from lockbroker.interceptors.principal import ANONYMOUS, DEFAULT_TENANT, Princip
 Context = aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+# Wraps the behavior of one message of a multiplexing stream (e.g. Session/Acquire) in the unary
+# layers that apply to it: see `Chain.wrap_message`.
+MessageWrapper = Callable[[UnaryBehavior, "CallInfo"], UnaryBehavior]
 
 # Infrastructure every client and load balancer must reach without credentials or quota.
 OPEN_SERVICES = frozenset(
@@ -83,6 +86,9 @@ class CallState:
     code: grpc.StatusCode | None = None
     reason: str | None = None
     message: str | None = None
+    # On a stream, set by `Chain`: how the handler wraps each message it serves as a call of its
+    # own (audit record, lock span, quota), with the stream's principal (identity ran once).
+    messages: MessageWrapper | None = None
 
     @property
     def tenant(self) -> str:
@@ -194,7 +200,13 @@ class WrappingInterceptor(aio.ServerInterceptor):
 
     A wrap or a layer must depend only on the method and this interceptor's configuration, never
     on the call: `Chain` builds each method's wrapped handler once and reuses it for every call.
+
+    `per_message`: whether the unary part (layer or wrap_unary) also runs for each message a
+    multiplexing stream serves as a call of its own (Session/Acquire...). False for work done
+    once per stream (authentication) or per gRPC call (grpc_server_* metrics).
     """
+
+    per_message: ClassVar[bool] = True
 
     def layer(self, call: CallInfo) -> Layer | None:
         """This interceptor's hooks for unary calls of `call`'s method, or None to stay out of them."""
@@ -244,6 +256,8 @@ class Chain(aio.ServerInterceptor):
         # method -> (the handler grpc found, the same handler wrapped by the whole chain). Only
         # methods that exist are kept, so callers inventing method names cannot grow it.
         self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
+        # (message method, behavior) -> wrapped; the handlers' fixed behaviors keep it bounded.
+        self._messages: dict[tuple[str, UnaryBehavior], UnaryBehavior] = {}
 
     def wrap(self, handler: Handler | None, method: str) -> Handler | None:
         h: Any = handler
@@ -251,13 +265,49 @@ class Chain(aio.ServerInterceptor):
         if not unary:
             for interceptor in reversed(self.interceptors):
                 handler = interceptor.wrap(handler, method)
+            w: Any = handler
+            if w is not None and w.stream_stream is not None:
+                return w._replace(stream_stream=self._lending(w.stream_stream, CallInfo.of(method, w)))  # type: ignore[no-any-return]
             return handler
-        # Unary: consecutive interceptors that give layers share one wrapper (one frame).
         call = CallInfo.of(method, h)
         field = "unary_unary" if h.unary_unary is not None else "stream_unary"
-        behavior: UnaryBehavior = getattr(h, field)
+        return h._replace(**{field: self._unary(getattr(h, field), call, self.interceptors)})  # type: ignore[no-any-return]
+
+    def wrap_message(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
+        """`behavior` (one message's work) in the unary part of every `per_message` interceptor,
+        built once per (method, behavior) like a unary method's handler."""
+        key = (call.method, behavior)
+        wrapped = self._messages.get(key)
+        if wrapped is None:
+            chosen = [i for i in self.interceptors if i.per_message]
+            wrapped = self._messages[key] = self._unary(behavior, call, chosen)
+        return wrapped
+
+    def _lending(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
+        """The stream behavior with `wrap_message` on its state, for handlers that serve messages
+        as calls of their own; outermost, so every nested wrapper shares that state."""
+        wrap_message = self.wrap_message
+
+        async def lend(request: Any, context: Context) -> AsyncIterator[Any]:
+            context = scoped(context, call)
+            state_of(context).messages = wrap_message
+            responses: Any = behavior(request, context)
+            if not hasattr(responses, "__aiter__"):
+                await responses  # a handler written against context.write
+                return
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+
+        return lend
+
+    @staticmethod
+    def _unary(behavior: UnaryBehavior, call: CallInfo, interceptors: Sequence[WrappingInterceptor]) -> UnaryBehavior:
+        # Consecutive interceptors that give layers share one wrapper (one frame).
         group: list[Layer] = []
-        for interceptor in reversed(self.interceptors):
+        for interceptor in reversed(interceptors):
             if type(interceptor).wrap_unary is WrappingInterceptor.wrap_unary:
                 layer = interceptor.layer(call)
                 if layer is not None:
@@ -268,7 +318,7 @@ class Chain(aio.ServerInterceptor):
             behavior = interceptor.wrap_unary(behavior, call)
         if group:
             behavior = layered(group, behavior, call)
-        return h._replace(**{field: behavior})  # type: ignore[no-any-return]
+        return behavior
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails

@@ -26,7 +26,8 @@ from lockbroker.v1.reasons import ErrorReason
 
 RATE_LIMITED = ErrorReason.RATE_LIMITED
 # Methods that spend a token: the ones that create state in etcd on every call.
-LIMITED_METHODS = frozenset({"/lockbroker.v1.LockService/Acquire"})
+# Acquire messages on a Session stream are charged like the unary call (server/session_stream.py).
+LIMITED_METHODS = frozenset({"/lockbroker.v1.LockService/Acquire", "/lockbroker.v1.LockService/Session/Acquire"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from lockbroker.server.core.errors import (
     Unavailable,
 )
 from lockbroker.server.core.names import parse_session_id, session_id_of
+from lockbroker.server.session_stream import SessionStreams
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 _SERVICE_DESC = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
@@ -290,6 +291,7 @@ def rpc() -> Callable[[Handler[Req, Resp]], Callable[[Any, Req, Ctx], Coroutine[
 
 
 _KEEPALIVE = _call_info("KeepAlive", streaming=True)
+_SESSION = _call_info("Session", streaming=True)
 
 
 class LockService(lock_pb2_grpc.LockServiceServicer):
@@ -298,6 +300,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         self.limits = limits
         self.retry = retry
         self.draining = False
+        self.sessions = SessionStreams(self)
 
     @rpc()
     async def CreateSession(
@@ -421,3 +424,21 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             raise
         except Exception as exc:
             await _fail(context, exc, "KeepAlive")
+
+    async def Session(
+        self, request_iterator: AsyncIterator[lock_pb2.SessionRequest], context: Ctx
+    ) -> AsyncIterator[lock_pb2.SessionResponse]:
+        """Sessions and lock operations as messages on one stream: see session_stream.py."""
+        context = scoped(context, _SESSION)
+        responses = self.sessions.serve(request_iterator, context)
+        try:
+            if self.draining:
+                raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+            async for response in responses:
+                yield response
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _fail(context, exc, "Session")
+        finally:
+            await responses.aclose()

@@ -20,7 +20,21 @@ AUDIT_UNAVAILABLE: Final = ErrorReason.AUDIT_UNAVAILABLE
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
-    for name in ("CreateSession", "Acquire", "Release", "CloseSession", "KeepAlive", "Refresh")
+    for name in (
+        "CreateSession",
+        "Acquire",
+        "Release",
+        "CloseSession",
+        "KeepAlive",
+        "Refresh",
+        # The Session stream and the lock operations it carries, one record each (server/session_stream.py).
+        "Session",
+        "Session/Open",
+        "Session/Acquire",
+        "Session/Release",
+        "Session/KeepAlive",
+        "Session/Close",
+    )
 )
 # Metadata whose values are credentials: never in a record, whatever a handler put in a message.
 SECRET_METADATA: Final = ("x-api-key", "authorization")
