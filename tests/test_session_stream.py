@@ -7,6 +7,7 @@ both transports); these tests pin what only a stream has.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,10 +16,18 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
+from lockbroker.server.config import AuditConfig, AuthConfig, Config
+from lockbroker.server.telemetry import tracing_for
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
-from tests.lockutil import eventually, lock_keys, wait_waiters
+from tests.lockutil import eventually, lease_of, lock_keys, wait_waiters
 
 pytestmark = pytest.mark.asyncio
 
@@ -32,8 +41,8 @@ def dur(seconds: float) -> duration_pb2.Duration:
 class Stream:
     """One Session call: send requests, await answers by id, collect events."""
 
-    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub) -> None:
-        self.call: Any = stub.Session()
+    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.call: Any = stub.Session(metadata=metadata)
         self.answers: dict[int, asyncio.Future[lock_pb2.SessionResponse]] = {}
         self.events: list[lock_pb2.SessionEvent] = []
         self.order: list[int] = []
@@ -241,3 +250,98 @@ async def test_unimplemented_server_says_unimplemented() -> None:
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(0)
+
+
+# -- the chain: audit and tracing per message ----------------------------------------------------
+
+
+async def test_audit_record_and_server_span_per_message(etcd: Any, key_root: str, tmp_path: Any) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tfile = tmp_path / "tenants.toml"
+    key = tenants.add_tenant(tfile, "acme")
+    log = tmp_path / "audit.jsonl"
+    base = broker_config(etcd.endpoint, key_root)
+    sections = {f: getattr(base, f) for f in base.__dataclass_fields__}
+    cfg = Config(**{**sections, "auth": AuthConfig(str(tfile)), "audit": AuditConfig(file=str(log))})
+    broker = Broker(cfg, tracing=tracing_for(provider, {}))
+    await broker.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
+            stub: Any = lock_pb2_grpc.LockServiceStub(ch)
+            s = Stream(stub, (("x-api-key", key),))
+            sid = await open_session(s, 1)
+            g = await s.ask(acquire(2, "t/1", sid, request_id="req-2"))
+            held = await s.ask(acquire(3, "t/1", sid, request_id="req-3"))  # ALREADY_QUEUED: same session
+            assert held.HasField("error")
+            await s.ask(
+                lock_pb2.SessionRequest(
+                    id=4, release=lock_pb2.ReleaseRequest(name="t/1", fencing_token=g.acquire.grant.fencing_token)
+                )
+            )
+            await s.ask(lock_pb2.SessionRequest(id=5, close=lock_pb2.CloseSessionRequest(session_id=sid)))
+            await s.call.done_writing()
+            await asyncio.wait_for(s._reader, 5)
+            # A bad key: the stream is refused once, with no record per message.
+            bad = stub.Session(metadata=(("x-api-key", "nope"),))
+            with pytest.raises(aio.AioRpcError) as e:
+                await bad.read()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await asyncio.sleep(0.2)
+    finally:
+        await broker.stop(grace=1.0)
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    methods = [r["method"].removeprefix("/lockbroker.v1.LockService/") for r in records]
+    per_message = [m for m in methods if m.startswith("Session/")]
+    assert per_message == ["Session/Open", "Session/Acquire", "Session/Acquire", "Session/Release", "Session/Close"]
+    assert methods.count("Session") == 2  # the stream's own record, and the refused stream's
+    by_request = {r["requestId"]: r for r in records if r["requestId"]}
+    grant = by_request["req-2"]
+    assert grant["tenant"] == "acme" and grant["fencingToken"] == str(g.acquire.grant.fencing_token)
+    assert grant["outcome"]["code"] == "OK" and grant["lock"] == "t/1"
+    refused = by_request["req-3"]
+    assert refused["outcome"]["code"] == "FAILED_PRECONDITION" and refused["outcome"]["reason"] == "ALREADY_QUEUED"
+
+    spans = [sp for sp in exporter.get_finished_spans() if sp.name.startswith("lockbroker.v1.LockService/Session/")]
+    names = sorted(sp.name.rsplit("/", 1)[1] for sp in spans)
+    assert names == ["Acquire", "Acquire", "Close", "Open", "Release"]
+    span = next(sp for sp in spans if sp.attributes and sp.attributes.get("lockbroker.request_id") == "req-2")
+    attrs = dict(span.attributes or {})
+    assert attrs["lockbroker.tenant"] == "acme"
+    assert attrs["lockbroker.fencing_token"] == g.acquire.grant.fencing_token
+    assert attrs["lockbroker.lock.name"] == "t/1"
+    # The audit record names the message's own trace.
+    assert grant["traceId"] == format(span.context.trace_id, "032x")
+    failed = next(sp for sp in spans if sp.attributes and sp.attributes.get("lockbroker.request_id") == "req-3")
+    assert (failed.attributes or {})["lockbroker.error.reason"] == "ALREADY_QUEUED"
+
+
+async def test_a_lapsed_session_is_announced_once(stream: Stream, probe: EtcdProbe) -> None:
+    sid = await open_session(stream, 1)
+    await probe.revoke(lease_of(sid))  # the lease ends behind the stream's back
+    gone = await stream.ask(lock_pb2.SessionRequest(id=2, keepalive=lock_pb2.RefreshRequest(session_id=sid)))
+    assert gone.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    again = await stream.ask(lock_pb2.SessionRequest(id=3, keepalive=lock_pb2.RefreshRequest(session_id=sid)))
+    assert again.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    await asyncio.sleep(0.1)
+    assert [(e.session_id, e.kind) for e in stream.events] == [(sid, lock_pb2.SessionEvent.KIND_EXPIRED)]
+
+
+async def test_cancel_message_stops_a_waiting_acquire(stream: Stream, stub: Any, probe: EtcdProbe) -> None:
+    a, b = await open_session(stream, 1), await open_session(stream, 2)
+    await stream.ask(acquire(3, "x", a))
+    holder_keys = await lock_keys(probe, "x")
+    waiting = await stream.send(acquire(4, "x", b, wait=30))
+    await wait_waiters(stub, "x", 1)
+    await stream.call.write(lock_pb2.SessionRequest(cancel=4))
+    answer = await asyncio.wait_for(waiting, 5)
+    assert answer.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+    async def only_holder() -> bool:
+        return await lock_keys(probe, "x") == holder_keys
+
+    await eventually(only_holder, 3.0, "the cancelled request's waiter key is removed")
+    # the stream goes on
+    assert (await stream.ask(acquire(5, "y", b))).HasField("acquire")

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from lockbroker.server.service import LockService
 
 log = logging.getLogger("lockbroker.server")
-tracer = trace.get_tracer("lockbroker.server.session_stream")
 
 SERVICE = "lockbroker.v1.LockService"
 SESSION_INFO = CallInfo(f"/{SERVICE}/Session", SERVICE, "Session", True, True)
@@ -150,6 +149,8 @@ class SessionStreams:
         self.service = service
         self.max_in_flight = max_in_flight
         self.message_timeout = message_timeout
+        # Set (by the Broker) when tracing is on: each message gets a server span of its own.
+        self.tracer: trace.Tracer | None = None
 
     async def _resume(self, request: lock_pb2.RefreshRequest, context: Context) -> lock_pb2.CreateSessionResponse:
         r = await self.service.Refresh(request, context)
@@ -280,14 +281,15 @@ class _Stream:
         mctx = MessageContext(self.context, CallState(info, principal=self.state.principal), deadline)
         wrap = self.state.messages
         run = wrap(behavior, info) if wrap is not None else behavior
-        if self.span.is_valid:
+        tracer = self.streams.tracer
+        if tracer is not None:
             # One server span per message: a root of its own (sampled per message), linked to the
             # stream's span, so a stream that lives for hours is not one endless trace.
             span = tracer.start_span(
                 info.method.lstrip("/"),
                 context=otel_context.Context(),
                 kind=trace.SpanKind.SERVER,
-                links=[trace.Link(self.span)],
+                links=[trace.Link(self.span)] if self.span.is_valid else None,
                 attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": f"Session/{info.name}"},
             )
         else:
