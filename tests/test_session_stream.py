@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from lockbroker.interceptors.base import PinnedContext
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuditConfig, AuthConfig, Config
@@ -28,8 +29,6 @@ from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
 from tests.lockutil import eventually, lease_of, lock_keys, wait_waiters
-
-pytestmark = pytest.mark.asyncio
 
 
 def dur(seconds: float) -> duration_pb2.Duration:
@@ -345,3 +344,34 @@ async def test_cancel_message_stops_a_waiting_acquire(stream: Stream, stub: Any,
     await eventually(only_holder, 3.0, "the cancelled request's waiter key is removed")
     # the stream goes on
     assert (await stream.ask(acquire(5, "y", b))).HasField("acquire")
+
+
+def test_pinned_context_never_reads_the_callers_facts_from_grpc_again() -> None:
+    """A stream wrapper's clean-up may run after the call is gone; reading `peer()` of a finished
+    call crashed cygrpc. PinnedContext reads peer, metadata and auth context once, up front."""
+
+    class Finishing:
+        done = False
+
+        def peer(self) -> str:
+            assert not self.done, "peer() of a finished call"
+            return "ipv4:127.0.0.1:1"
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            assert not self.done, "invocation_metadata() of a finished call"
+            return (("user-agent", "t"),)
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            assert not self.done, "auth_context() of a finished call"
+            return {}
+
+        def code(self) -> None:
+            return None
+
+    grpc_context = Finishing()
+    pinned: Any = PinnedContext(grpc_context)  # type: ignore[arg-type]
+    grpc_context.done = True
+    assert pinned.peer() == "ipv4:127.0.0.1:1"
+    assert pinned.invocation_metadata() == (("user-agent", "t"),)
+    assert pinned.auth_context() == {}
+    assert pinned.code() is None  # everything else still goes to grpc's context

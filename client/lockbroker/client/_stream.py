@@ -98,13 +98,15 @@ class SessionStream:
             try:
                 await call.call.write(req)
             except BaseException as exc:
-                call.pending.pop(rid, None)
                 if isinstance(exc, asyncio.CancelledError):
+                    call.pending.pop(rid, None)
                     raise
                 if not fut.done():
-                    # The write fails when the stream already ended: the reader knows why.
+                    # The write fails when the stream already ended: the reader, which fails every
+                    # pending request with the stream's status (UNIMPLEMENTED...), knows why.
                     await asyncio.wait({fut}, timeout=1.0)
-                if fut.done():
+                call.pending.pop(rid, None)
+                if fut.done() and fut.exception() is not None:
                     fut.result()
                 raise _error(grpc.StatusCode.UNAVAILABLE, f"session stream failed: {exc}") from exc
         try:

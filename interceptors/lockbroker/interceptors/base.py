@@ -130,6 +130,38 @@ class CallContext:
         return getattr(self._context, name)
 
 
+class PinnedContext:
+    """grpc's context with the caller's facts (peer, metadata, auth context) read once, up front.
+
+    A stream handler's wrappers are async generators, and when the client cancels while they are
+    suspended grpc leaves them to asyncio, which closes them later, after the call is gone. Their
+    clean-up (audit's record of the cancelled stream) then read `peer()` of a finished call, and
+    cygrpc crashed the process (a segfault at address 0, reproduced by cancelling busy Session
+    streams). Everything else still goes to grpc's context; what is read there after the call
+    ended (code, details, time_remaining) is plain Cython state.
+    """
+
+    __slots__ = ("_auth", "_context", "_metadata", "_peer")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self._peer = context.peer()
+        self._metadata = context.invocation_metadata()
+        self._auth = context.auth_context()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def auth_context(self) -> Any:
+        return self._auth
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 def scoped(context: Context, info: CallInfo) -> Context:
     """`context` as a CallContext: the outermost wrapper creates the call's state, inner ones reuse it.
 
@@ -289,6 +321,8 @@ class Chain(aio.ServerInterceptor):
         wrap_message = self.wrap_message
 
         async def lend(request: Any, context: Context) -> AsyncIterator[Any]:
+            if not isinstance(context, CallContext):
+                context = cast(Context, PinnedContext(context))
             context = scoped(context, call)
             state_of(context).messages = wrap_message
             responses: Any = behavior(request, context)

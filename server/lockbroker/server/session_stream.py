@@ -80,18 +80,46 @@ def error_status(exc: LockBrokerError) -> lock_pb2.Status:
     return _answer_status(*status.to_status(exc))
 
 
+class StreamFacts:
+    """What a message's layers may read of the stream's grpc context, read once when it opens.
+
+    A message's task never touches grpc's context itself. When a client cancels a stream while
+    grpc is writing an answer, grpc leaves the handler's generators to asyncio, which closes them
+    after the call is gone; the messages still in flight are cancelled only then, and their
+    audit records must not read the finished call (reading `peer()` of one crashed cygrpc: see
+    `interceptors.base.PinnedContext`). Copies cannot dangle; anything not here fails loudly.
+    """
+
+    __slots__ = ("_auth", "_metadata", "_peer")
+
+    def __init__(self, context: Context) -> None:
+        self._peer = context.peer()
+        self._metadata = tuple(context.invocation_metadata() or ())
+        self._auth = context.auth_context()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        return self._metadata
+
+    def auth_context(self) -> Any:
+        return self._auth
+
+
 class MessageContext(CallContext):
-    """The stream's context for one message: its own state, deadline and outcome.
+    """One message's context: its own state, deadline and outcome over the stream's `StreamFacts`.
 
     `abort` raises `MessageAborted` (an `aio.AbortError`, so the edge and the layers treat it as
     the abort it stands for) instead of ending the stream.
     """
 
-    __slots__ = ("_deadline",)
+    __slots__ = ("_deadline", "_trailing")
 
-    def __init__(self, context: Context, state: CallState, deadline: float) -> None:
-        super().__init__(context, state)
+    def __init__(self, facts: StreamFacts, state: CallState, deadline: float) -> None:
+        super().__init__(cast(Context, facts), state)
         self._deadline = deadline
+        self._trailing: Sequence[tuple[str, str | bytes]] = ()
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
@@ -99,6 +127,7 @@ class MessageContext(CallContext):
         state = self.state
         state.code, state.message = code, details or None
         state.reason = getattr(trailing_metadata, "reason", None)
+        self._trailing = trailing_metadata
         raise MessageAborted(_answer_status(code, details, trailing_metadata))
 
     def set_code(self, code: grpc.StatusCode) -> None:
@@ -112,6 +141,9 @@ class MessageContext(CallContext):
 
     def details(self) -> str | None:
         return self.state.message
+
+    def trailing_metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return self._trailing  # this message's, for layers that read details (the quota metric)
 
     def time_remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -208,7 +240,16 @@ class SessionStreams:
             running = [reader, *stream.tasks.values()]
             for t in running:
                 t.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            # Wait for them even if this handler is cancelled again meanwhile: their clean-up
+            # (removing a waiter's queue entry) must not be cut short, nor outlive the call.
+            pending = {t for t in running if not t.done()}
+            for _ in range(1000):
+                if not pending:
+                    break
+                try:
+                    _, pending = await asyncio.wait(pending)
+                except asyncio.CancelledError:
+                    continue
 
 
 class _Stream:
@@ -222,6 +263,7 @@ class _Stream:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.sessions: set[str] = set()  # used on this stream: the ones events are about
         self.span = trace.get_current_span().get_span_context()
+        self.facts = StreamFacts(context)
         self.cancelled: set[int] = set()  # ids the client cancelled, still running
         self.reader: asyncio.Task[None] | None = None
 
@@ -278,7 +320,7 @@ class _Stream:
         """Serve one request as a call of its own and queue its answer (and any event)."""
         info = kind.info
         deadline = self.streams.deadline(kind, request, self.context)
-        mctx = MessageContext(self.context, CallState(info, principal=self.state.principal), deadline)
+        mctx = MessageContext(self.facts, CallState(info, principal=self.state.principal), deadline)
         wrap = self.state.messages
         run = wrap(behavior, info) if wrap is not None else behavior
         tracer = self.streams.tracer
