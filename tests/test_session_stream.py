@@ -375,3 +375,33 @@ def test_pinned_context_never_reads_the_callers_facts_from_grpc_again() -> None:
     assert pinned.invocation_metadata() == (("user-agent", "t"),)
     assert pinned.auth_context() == {}
     assert pinned.code() is None  # everything else still goes to grpc's context
+
+
+async def test_draining_ends_the_stream_with_shutting_down(etcd: Any, key_root: str, probe: EtcdProbe) -> None:
+    b = Broker(broker_config(etcd.endpoint, key_root))
+    await b.start()
+    stopped = False
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{b.port}") as ch:
+            stub: Any = lock_pb2_grpc.LockServiceStub(ch)
+            s = Stream(stub)
+            a, c = await open_session(s, 1), await open_session(s, 2)
+            await s.ask(acquire(3, "drain", a))
+            waiting = await s.send(acquire(4, "drain", c, wait=30))
+            await wait_waiters(stub, "drain", 1)
+            holder_keys = [k for k in await lock_keys(probe, "drain") if a.encode() in k]
+            await b.stop(grace=2.0)
+            stopped = True
+            with pytest.raises(aio.AioRpcError) as e:
+                await asyncio.wait_for(s._reader, 10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            rpc = status_pb2.Status.FromString(dict(e.value.trailing_metadata())["grpc-status-details-bin"])
+            info = error_details_pb2.ErrorInfo()
+            rpc.details[0].Unpack(info)
+            assert info.reason == "SHUTTING_DOWN"
+            assert not waiting.done()  # never answered: the client retries it elsewhere by request_id
+        # The waiter's entry is gone; the holder's grant stays with its session.
+        assert await lock_keys(probe, "drain") == holder_keys
+    finally:
+        if not stopped:
+            await b.stop(grace=0.5)

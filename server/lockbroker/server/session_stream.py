@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -38,7 +39,7 @@ from opentelemetry import trace
 from lockbroker.interceptors.base import CallContext, CallInfo, CallState, Context, scoped, state_of
 from lockbroker.interceptors.rpcstatus import DETAILS_KEY
 from lockbroker.server import status
-from lockbroker.server.core.errors import FieldViolation, InvalidArgument, LockBrokerError, QuotaExceeded
+from lockbroker.server.core.errors import FieldViolation, InvalidArgument, LockBrokerError, QuotaExceeded, ShuttingDown
 from lockbroker.v1 import lock_pb2
 from lockbroker.v1.reasons import ErrorReason
 
@@ -291,9 +292,18 @@ class _Stream:
             )
         return route
 
+    def _drain(self, _closing: asyncio.Future[None]) -> None:
+        # The broker began to drain: end the stream with SHUTTING_DOWN (serve's clean-up cancels
+        # what still runs), so the client moves to another replica while its sessions live.
+        self.out.put_nowait(ShuttingDown("the broker is shutting down; reconnect to another replica", retry_after=0.5))
+
     async def read(self, requests: AsyncIterator[lock_pb2.SessionRequest]) -> None:
+        # A plain read loop, with draining as a callback: the service's `_until_draining` costs a
+        # task and a wait per message, as much as a third of a message's whole cost here.
+        closing = self.streams.service.core.closing
+        closing.add_done_callback(self._drain)
         try:
-            async for req in self.streams.service._until_draining(requests):
+            async for req in requests:
                 if req.WhichOneof("kind") == "cancel":
                     task = self.tasks.get(req.cancel)
                     if task is not None and not task.done():
@@ -310,9 +320,16 @@ class _Stream:
                 task = asyncio.create_task(self._one(req.id, kind, behavior, request))
                 self.tasks[req.id] = task
                 task.add_done_callback(functools.partial(self._settle, req.id))
+        except DecodeError as e:
+            # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
+            bad = InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")])
+            self.out.put_nowait(bad)
+            return
         except BaseException as exc:
             self.out.put_nowait(exc)
             raise
+        finally:
+            closing.remove_done_callback(self._drain)
         if not self.tasks:
             self.out.put_nowait(None)
 
