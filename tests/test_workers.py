@@ -108,7 +108,7 @@ async def parent_serving(served: Served, timeout: float = 60) -> dict[str, Any]:
     def line() -> dict[str, Any] | None:
         for ln in served.log().splitlines():
             if ln.startswith("{"):
-                rec = json.loads(ln)
+                rec: dict[str, Any] = json.loads(ln)
                 if rec.get("msg") == "lockbroker serving" and rec.get("worker") == "parent":
                     return rec
         return None
@@ -170,7 +170,7 @@ async def test_both_workers_serve_metrics_and_audit_count_every_call(tmp_path: P
         # Both workers append to one audit file: whole lines, one per call.
         async def audited() -> bool:
             lines = audit.read_bytes().splitlines() if audit.exists() else []
-            return sum(json.loads(ln).get("method", "").endswith("CreateSession") for ln in lines) >= calls
+            return sum(str(json.loads(ln).get("method", "")).endswith("CreateSession") for ln in lines) >= calls
 
         await wait_until(audited, 10, f"{calls} CreateSession audit records")
         records = [json.loads(ln) for ln in audit.read_bytes().splitlines()]  # every line parses
