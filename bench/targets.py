@@ -15,6 +15,8 @@ class TargetSpec:
     audit_fsync: str = "always"
     traced: bool = False
     replicas: int = 1
+    workers: int = 1  # `serve --workers N`
+    connections: int = 1  # connections per agent to each broker (several reach several workers)
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
 
 
@@ -34,6 +36,14 @@ TARGETS: dict[str, TargetSpec] = {
             audit_fsync="interval",
         ),
         TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
+        TargetSpec(
+            "broker-2w",
+            "broker",
+            "broker: --workers 2 sharing one port (audit, no tracing), 4 connections per agent",
+            "broker",
+            workers=2,
+            connections=4,
+        ),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
         TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),

@@ -333,7 +333,7 @@ class Parent:
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot serve metrics on {listen}: {e}") from None
         self._metrics = metrics
-        log.info("metrics on /metrics", extra={"metrics_listen": listen, "workers": len(self.slots)})
+        log.info("metrics on /metrics", extra={"metrics_listen": listen, "port": metrics.port, "workers": len(self.slots)})
 
     async def _start_workers(self, etcd: str | None) -> int | None:
         """Start every worker; None once all serve, else the exit code of the one that did not."""
