@@ -53,6 +53,7 @@ TARGETS: dict[str, TargetSpec] = {
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
 BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy")
+SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 
 @dataclass
@@ -120,11 +121,11 @@ def plan(
     if "uncontended" in workloads:
         for c in sizes.cs:
             variants = BROKER_VARIANTS if c in sizes.variant_cs else ()
-            scale = ("broker-2rep",) if c in sizes.scale_cs else ()
+            scale = SCALE if c in sizes.scale_cs else ()
             points.append(Point("uncontended", c, only("broker", *variants, *scale, *PEERS)))
     if "contended" in workloads:
         for c in sizes.contended_cs:
-            scale = ("broker-2rep",) if c in sizes.scale_cs and not quick else ()
+            scale = SCALE if c in sizes.scale_cs and not quick else ()
             peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
             points.append(Point("contended", c, only("broker", *scale, *peers)))
     big_peers = ("etcd-lock",) if scale_peers or quick else ()
