@@ -6,12 +6,8 @@ and the kernel spreads new connections over them. Each worker is a full broker o
 everything they must agree on (locks, queues, sessions, held-state quotas) is in etcd already.
 
 The parent process:
-- guards the ports (`PortGuard`): SO_REUSEPORT lets any process of the same user join a port, so
-  a second `lockbroker serve` on the address must be refused here. The parent flocks a file named
-  after the address (two parents starting at once) and binds the address itself without
-  SO_REUSEPORT before any worker exists, which fails while anything listens there (a single
-  broker, a multi-worker one, another program). It keeps those sockets bound, never listening,
-  until its workers listen (so port 0 resolves to one port for all of them).
+- guards the ports (ports.PortGuard): only its own workers may share them; a second
+  `lockbroker serve` on the address fails to start.
 - runs the embedded etcd when no endpoints are configured (holding the state dir's lock and
   restarting it as `lifecycle.EtcdSupervisor` does) and gives its endpoint to the workers.
 - starts the workers by exec, not fork: the parent runs an event loop, the etcd supervisor and,
@@ -37,25 +33,22 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import errno
-import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lockbroker.server import lifecycle, logs
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
+from lockbroker.server.ports import PortGuard, split
 from lockbroker.server.statedir import StateDirLock
 
 if TYPE_CHECKING:
@@ -126,100 +119,11 @@ def name_log_lines(worker: int | str) -> None:
         handler.addFilter(_WorkerField(worker))
 
 
-# -- the ports ------------------------------------------------------------------------------
-
-
-def _split(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class PortGuard:
-    """Keeps the ports of `serve --workers N` to its own workers (see the module docstring)."""
-
-    def __init__(self, listens: Sequence[tuple[str, str]]) -> None:
-        self._listens = listens  # (setting, HOST:PORT)
-        self._sockets: list[socket.socket] = []
-        self._locks: list[int] = []
-
-    def acquire(self) -> dict[str, str]:
-        """Each setting's address with its port resolved; ConfigError if one is in use."""
-        resolved: dict[str, str] = {}
-        try:
-            for setting, listen in self._listens:
-                host, port = _split(listen)
-                if port:
-                    self._flock(setting, listen, host, port)
-                port = self._probe(setting, listen, host, port)
-                resolved[setting] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                if port:
-                    self._flock(setting, listen, host, port)  # port 0: the port just picked
-        except BaseException:
-            self.close()
-            raise
-        return resolved
-
-    def _flock(self, setting: str, listen: str, host: str, port: int) -> None:
-        folder = Path(tempfile.gettempdir()) / f"lockbroker-{os.getuid()}"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        path = folder / f"listen-{host.replace(':', '_')}-{port}.lock"
-        if any(os.fstat(fd).st_ino == _inode(path) for fd in self._locks):
-            return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"{setting}: cannot listen on {listen}: another lockbroker serves there") from None
-        self._locks.append(fd)
-
-    def _probe(self, setting: str, listen: str, host: str, port: int) -> int:
-        """Bind every address of `host` without SO_REUSEPORT (as a single broker would); the port."""
-        try:
-            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as e:
-            raise ConfigError(f"{setting}: cannot listen on {listen}: {e.strerror}") from None
-        for family, kind, proto, _, addr in infos:
-            sock = socket.socket(family, kind, proto)
-            # grpc sets SO_REUSEADDR too: a port whose old connections sit in TIME_WAIT binds.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((addr[0], port, *addr[2:]))
-            except OSError as e:
-                sock.close()
-                if e.errno == errno.EADDRNOTAVAIL and self._sockets:
-                    continue  # e.g. localhost's ::1 on a host without IPv6
-                why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-                raise ConfigError(f"{setting}: cannot listen on {listen}: {why}") from None
-            self._sockets.append(sock)
-            port = int(sock.getsockname()[1])
-        return port
-
-    def release_ports(self) -> None:
-        """The workers listen: the parent's own binds can go (the flocks stay)."""
-        for sock in self._sockets:
-            sock.close()
-        self._sockets.clear()
-
-    def close(self) -> None:
-        self.release_ports()
-        for fd in self._locks:
-            os.close(fd)
-        self._locks.clear()
-
-
 def _read_once(fd: int) -> bytes:
     try:
         return os.read(fd, 64)
     finally:
         os.close(fd)
-
-
-def _inode(path: Path) -> int:
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return -1
 
 
 # -- the parent -----------------------------------------------------------------------------
@@ -278,7 +182,7 @@ class Parent:
                 "lockbroker serving",
                 extra={
                     "listen": self.cfg.server.listen,
-                    "port": int(_split(self.ports["--listen"])[1]),
+                    "port": int(split(self.ports["--listen"])[1]),
                     "workers": len(self.slots),
                     "pids": [s.proc.pid for s in self.slots if s.proc is not None],
                 },
@@ -333,7 +237,9 @@ class Parent:
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot serve metrics on {listen}: {e}") from None
         self._metrics = metrics
-        log.info("metrics on /metrics", extra={"metrics_listen": listen, "port": metrics.port, "workers": len(self.slots)})
+        log.info(
+            "metrics on /metrics", extra={"metrics_listen": listen, "port": metrics.port, "workers": len(self.slots)}
+        )
 
     async def _start_workers(self, etcd: str | None) -> int | None:
         """Start every worker; None once all serve, else the exit code of the one that did not."""
@@ -433,15 +339,19 @@ class Parent:
             log.error("reload: the configuration is not valid; nothing changed", extra={"error": str(e)})
             return
         logs.set_level(new.server.log_level)
-        self._signal_workers(signal.SIGHUP)
+        # Only workers that serve: SIGHUP's default action ends a process, and a worker still
+        # starting has no handler yet (it reads the configuration as it is now anyway).
+        self._signal_workers(signal.SIGHUP, serving_only=True)
         log.info("reloaded on SIGHUP; told every worker", extra={"workers": len(self.slots)})
 
     def _give_up(self, err: BaseException) -> None:
         self._fatal.append(err)
         self._stop.set()
 
-    def _signal_workers(self, sig: signal.Signals) -> None:
+    def _signal_workers(self, sig: signal.Signals, *, serving_only: bool = False) -> None:
         for slot in self.slots:
+            if serving_only and slot.ready_at is None:
+                continue
             if slot.proc is not None and slot.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.proc.pid, sig)
@@ -463,6 +373,11 @@ class Parent:
     async def _shutdown(self) -> None:
         """Drain every worker (each within its grace period), then etcd, then the rest."""
         self._stopping = True
+        # Restarts first, so that no worker starts after the others were told to stop.
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._signal_workers(signal.SIGTERM)
         procs = [s.proc for s in self.slots if s.proc is not None]
         budget = self.cfg.server.grace_period + 10.0  # each worker's drain, plus its cleanups
@@ -475,10 +390,6 @@ class Parent:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p.pid, signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in procs))
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.close)
         if self._etcd_client is not None:
@@ -502,4 +413,4 @@ def run_parent(argv: Sequence[str], cfg: Config, reload: Callable[[], Config]) -
     return asyncio.run(Parent(argv, cfg, reload).run())
 
 
-__all__ = ["WORKER_ENV", "Parent", "PortGuard", "WorkerSpec", "name_log_lines", "run_parent"]
+__all__ = ["WORKER_ENV", "Parent", "WorkerSpec", "name_log_lines", "run_parent"]
