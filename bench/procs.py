@@ -234,7 +234,8 @@ class BrokerProcess:
             return [sys.executable, "-m", "bench.traced_broker", *args]
         return [str(VENV_BIN / "lockbroker"), *args]
 
-    async def start(self, log_dir: Path, timeout: float = 30.0) -> None:
+    # 60 s: every target's brokers start at once, and with --workers a target is 3 processes.
+    async def start(self, log_dir: Path, timeout: float = 60.0) -> None:
         self._log = (log_dir / f"{self.name}.log").open("ab")
         env = child_env(BENCH_SPAN_COUNT_FILE=str(self.span_count_file)) if self.traced else child_env()
         for attempt in range(PORT_RACE_RETRIES + 1):
