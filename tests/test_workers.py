@@ -24,6 +24,8 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
 
+from lockbroker.server import workers as workers_mod
+from lockbroker.server.config import Config, ServerConfig
 from lockbroker.server.embedded import free_port
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.procutil import children_of, is_gone, stop_process, wait_until
@@ -307,3 +309,49 @@ async def test_a_dead_worker_is_restarted_sighup_reaches_all_sigterm_drains(tmp_
         drained = {r.get("worker") for r in w.records() if r.get("msg") == "stopped"}
         assert drained == {0, 1, "parent"}, drained
         assert all(is_gone(pid) for pid in w.pids)
+
+
+async def test_a_worker_that_cannot_start_stops_the_broker_with_its_status(tmp_path: Path) -> None:
+    # Only a worker finds out (its broker opens the audit log): the parent exits with its status.
+    code, out = await run_cli(
+        tmp_path,
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--embedded-state-dir",
+        str(tmp_path / "state"),
+        "--audit-file",
+        str(tmp_path / "missing" / "audit.jsonl"),
+        timeout=90,
+    )
+    assert code == 2, out
+    assert "the audit log cannot be written" in out, out
+    assert "a worker did not start; stopping the others" in out, out
+
+
+class _DeadProc:
+    pid = 4242
+    returncode = 1
+
+    async def wait(self) -> int:
+        return 1
+
+
+async def test_a_worker_that_keeps_dying_ends_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers_mod, "WORKER_RESTART_BASE", 0.001)
+    parent = workers_mod.Parent([], Config(server=ServerConfig(workers=2)), reload=Config)
+    slot = parent.slots[0]
+    slot.proc = _DeadProc()  # type: ignore[assignment]
+    starts: list[int] = []
+
+    async def start_fails(s: Any, etcd: str | None) -> int:
+        starts.append(s.index)
+        return 1
+
+    monkeypatch.setattr(parent, "_start", start_fails)
+    await asyncio.wait_for(parent._watch(slot, None), 10)
+    assert starts == [0] * workers_mod.WORKER_RESTART_ATTEMPTS
+    assert parent._fatal and "exited 5 times in a row" in str(parent._fatal[0])
+    assert parent._stop.is_set()
