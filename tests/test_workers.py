@@ -23,6 +23,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lockbroker.server import workers as workers_mod
 from lockbroker.server.config import Config, ServerConfig
@@ -281,7 +282,11 @@ async def test_the_acquire_rate_holds_in_total_across_workers(tmp_path: Path) ->
 
 
 async def test_a_dead_worker_is_restarted_sighup_reaches_all_sigterm_drains(tmp_path: Path) -> None:
-    async with workers(tmp_path) as w:
+    health_port = free_port()
+    async with workers(tmp_path, "--health-listen", f"127.0.0.1:{health_port}") as w:
+        async with aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:  # both workers share it too
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
         parent = w.served.proc.pid
         victim, survivor = w.pids
         os.kill(victim, signal.SIGKILL)
