@@ -83,6 +83,9 @@ class CallState:
     code: grpc.StatusCode | None = None
     reason: str | None = None
     message: str | None = None
+    # (API key id, certificate identity) the caller presented, public parts only; identity writes
+    # it whether or not they verify, so audit can name what a rejected caller tried.
+    credential: tuple[str | None, str | None] | None = None
 
     @property
     def tenant(self) -> str:

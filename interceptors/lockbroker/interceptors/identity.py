@@ -99,13 +99,18 @@ class IdentityInterceptor(WrappingInterceptor):
         return cls(registry)
 
     async def authenticate(self, context: Context) -> Principal | None:
+        """The caller's principal, or None; writes what it presented on the call's state."""
+        state = state_of(context)
         keys = [v for k, v in context.invocation_metadata() or () if k == API_KEY_HEADER]
+        identity = certificate_identity(context.auth_context())
         if len(keys) > 1:
+            state.credential = ("(sent more than once)", identity)
             log.debug("rejected: x-api-key sent more than once", extra={"peer": context.peer()})
             return None
         by_key: Principal | None = None
         if keys:
             key = keys[0] if isinstance(keys[0], str) else keys[0].decode("ascii", "replace")
+            state.credential = (self.registry.key_id(key), identity)
             by_key = await self.registry.authenticate_key(key)
             if by_key is None:
                 # The id is not secret and helps an operator find the client; the key itself is never logged.
@@ -113,7 +118,8 @@ class IdentityInterceptor(WrappingInterceptor):
                     "rejected: invalid api key", extra={"peer": context.peer(), "key_id": self.registry.key_id(key)}
                 )
                 return None
-        identity = certificate_identity(context.auth_context())
+        elif identity is not None:
+            state.credential = (None, identity)
         by_cert = self.registry.for_identity(identity) if identity else None
         if by_key is not None and by_cert is not None and by_key.tenant != by_cert.tenant:
             log.debug(
