@@ -23,6 +23,7 @@ from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.server.auth.tenants import add_tenant, load
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.interceptors.test_audit import LOCK, Scripted, stub, until
+from tests.interceptors.test_chain_base import NotWrapping
 
 TIMEOUT = 0.5
 
@@ -106,3 +107,17 @@ async def test_item7_ordinary_unary_calls_are_served_through_the_reader(tmp_path
     ok, unauth = sink.records()
     assert (ok["tenant"], ok["lock"], ok["requestId"]) == ("acme", "a", "r-7")
     assert unauth["outcome"]["code"] == "UNAUTHENTICATED"
+
+
+def test_item7_only_the_outermost_chain_reads_and_an_empty_setup_still_gets_one() -> None:
+    audit = AuditInterceptor(AuditLog([MemorySink()]))
+    plain = NotWrapping()
+    folded = chain([plain, audit, plain, audit])
+    assert [type(i) for i in folded] == [NotWrapping, Chain, NotWrapping, Chain]
+    assert isinstance(folded[1], Chain) and folded[1].first_message is not None
+    assert isinstance(folded[3], Chain) and folded[3].first_message is None  # gets the request as usual
+    # No wrapping interceptor at all (no auth, audit, metrics, tracing or rate): still bounded.
+    bare = chain([plain])
+    assert [type(i) for i in bare] == [NotWrapping, Chain]
+    assert isinstance(bare[1], Chain) and bare[1].first_message is not None
+    assert chain([]) != [] and chain([], first_message_timeout=None) == []

@@ -362,18 +362,25 @@ class Chain(aio.ServerInterceptor):
 def chain(
     interceptors: Sequence[aio.ServerInterceptor], first_message_timeout: float | None = FIRST_MESSAGE_TIMEOUT
 ) -> list[aio.ServerInterceptor]:
-    """`interceptors` with each run of consecutive wrapping interceptors folded into one `Chain`."""
+    """`interceptors` with each run of consecutive wrapping interceptors folded into one `Chain`.
+
+    Only the first (outermost) Chain reads unary requests itself (`FirstMessage`): the ones inside
+    it get the request as usual. With no wrapping interceptor at all, an empty Chain is added
+    last, so the first-message bound holds in every setup."""
     out: list[aio.ServerInterceptor] = []
     run: list[WrappingInterceptor] = []
+    timeout = first_message_timeout
     for interceptor in [*interceptors, None]:
         if isinstance(interceptor, WrappingInterceptor):
             run.append(interceptor)
             continue
         if run:
-            out.append(Chain(run, first_message_timeout))
-            run = []
+            out.append(Chain(run, timeout))
+            run, timeout = [], None
         if interceptor is not None:
             out.append(interceptor)
+    if timeout is not None:
+        out.append(Chain((), timeout))
     return out
 
 
