@@ -49,8 +49,10 @@ async def chained(tmp_path: Any) -> AsyncIterator[tuple[int, Chain, MemorySink, 
         await log.close()
 
 
-async def _never() -> AsyncIterator[bytes]:
-    await asyncio.Event().wait()  # the caller cancels the call at the end, or the server ends it
+async def _silent(stop: asyncio.Event) -> AsyncIterator[bytes]:
+    """Sends nothing until `stop`, then closes (the server has ended the call by then)."""
+    await stop.wait()
+    return
     yield b""
 
 
@@ -65,7 +67,8 @@ async def test_item7_a_call_that_never_sends_its_message_is_ended_audited_and_co
     caplog.set_level(logging.WARNING, logger="lockbroker.calls")
     async with chained(tmp_path) as (port, the_chain, sink, _), aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         silent: Any = ch.stream_unary(LOCK + "Acquire")
-        calls = [silent(_never()) for _ in range(3)]  # no deadline, no credentials
+        stop = asyncio.Event()
+        calls = [silent(_silent(stop)) for _ in range(3)]  # no deadline, no credentials
         try:
             # A guard, not a timing: before the fix the server waited for these forever.
             codes = []
@@ -74,8 +77,10 @@ async def test_item7_a_call_that_never_sends_its_message_is_ended_audited_and_co
                     await asyncio.wait_for(call, 10)
                 codes.append(err.value.code())
         finally:
+            stop.set()
             for call in calls:
                 call.cancel()
+            await asyncio.sleep(0.05)  # let the request iterators finish
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
         assert the_chain.first_message is not None and the_chain.first_message.timeouts == 3
         await until(lambda: len(sink.lines) == 3)
