@@ -83,6 +83,9 @@ class CallState:
     code: grpc.StatusCode | None = None
     reason: str | None = None
     message: str | None = None
+    # The audit layer's own: the call's RequestReceived record and the future of its write, from
+    # its request stage (before the handler) to its completion record (after it).
+    audit: Any = None
 
     @property
     def tenant(self) -> str:

@@ -269,6 +269,8 @@ class Broker:
             chain.append(LockSpanInterceptor())
         if self.quotas.any(lambda q: q.acquire_rate > 0):
             chain.append(RateLimitInterceptor(self._rate))
+        if self.audit is not None:  # last: the RequestReceived record, fsynced while the handler works
+            chain.append(self.audit.request_stage)
         return interceptor_chain(chain)
 
     async def _probe(self) -> None:

@@ -17,6 +17,11 @@ log = logging.getLogger("lockbroker.audit")
 
 SCHEMA: Final = "lockbroker.audit/v1"
 AUDIT_UNAVAILABLE: Final = ErrorReason.AUDIT_UNAVAILABLE
+# Stages, as Kubernetes audit names them: a mutating unary call gets a RequestReceived record
+# as it enters its handler (made durable while the handler works) and a ResponseComplete record
+# when it ends; every other call only the ResponseComplete one.
+REQUEST_RECEIVED: Final = "RequestReceived"
+RESPONSE_COMPLETE: Final = "ResponseComplete"
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
@@ -158,31 +163,41 @@ class AuditLog:
 
     async def write(self, record: Record) -> bytes:
         """Process, render and write one record; returns the line. Raises AuditWriteError."""
+        line, done = self.submit(record)
+        try:
+            # Awaited directly: a cancelled caller cancels only its own future; the record is
+            # still written with its batch.
+            await done
+        except AuditWriteError as exc:
+            # A batch shares one error: each waiter gets its own, with its own line.
+            raise AuditWriteError(str(exc), line) from exc
+        assert line is not None  # the future failed if rendering did
+        return line
+
+    def submit(self, record: Record) -> tuple[bytes | None, asyncio.Future[None]]:
+        """Process and render `record` and queue it for the writer, without waiting.
+
+        Returns the line (None if the processors failed) and a future that is done when every
+        sink has it (as durable as each promises), or fails with AuditWriteError (carrying the
+        line). The caller may await the future later, e.g. after work that runs while the
+        record's fsync is in flight, or never: a failure nobody awaits is still retrieved.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         try:
             line = self.render(record)
         except Exception as exc:
-            raise AuditWriteError(f"audit processors failed: {exc!r}") from exc
-        try:
-            await self._write_line(line)
-        except AuditWriteError as exc:
-            exc.line = line
-            raise
-        return line
-
-    async def _write_line(self, line: bytes) -> None:
-        loop = asyncio.get_running_loop()
+            done.set_exception(AuditWriteError(f"audit processors failed: {exc!r}"))
+            return None, done
         if self._queue is None or self._writer is None or self._writer.done():
             self._queue = asyncio.Queue()
             self._writer = loop.create_task(self._write_loop(self._queue))
-        done: asyncio.Future[None] = loop.create_future()
         self._queue.put_nowait((line, done))
         deadline = loop.time() + self.write_timeout
         self._unanswered.append((deadline, done))
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._expire)
-        # Awaited directly: a cancelled caller cancels only its own future; the record is still
-        # written with its batch.
-        await done
+        return line, done
 
     def _expire(self) -> None:
         """Fail the records whose sinks did not finish in time (the writer may be stuck on a
