@@ -1,8 +1,9 @@
 """Tracing: OpenTelemetry from the standard OTEL_* variables.
 
 `configure_tracing()` reads OTEL_TRACES_EXPORTER (otlp, console, none; a comma-separated list is
-allowed). Unlike the OTel default, "none" is the default here: then no SDK provider is installed
-and no interceptor returned, so tracing costs nothing and spans from libraries stay no-ops.
+allowed) and OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (`sampler_from`). Unlike the OTel
+default, "none" is the default exporter here: then no SDK provider is installed and no
+interceptor returned, so tracing costs nothing and spans from libraries stay no-ops.
 Otherwise it returns the aio server interceptor of opentelemetry-instrumentation-grpc (it reads
 W3C `traceparent` from the caller's metadata and makes the server span current for everything
 inside it) and a tracer with which the broker's etcd client makes a CLIENT span per etcd call (so
@@ -26,6 +27,13 @@ from opentelemetry.instrumentation import grpc as _otel_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 
 from lockbroker.interceptors.base import OPEN_SERVICES
 
@@ -113,6 +121,37 @@ def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
     return exporter
 
 
+def sampler_from(env: Mapping[str, str]) -> Sampler:
+    """The sampler OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG name (the OTel SDK's names and its
+    default, parentbased_always_on), read from `env` rather than the process environment.
+
+    parentbased_*: a call whose caller sent a W3C traceparent follows the caller's sampled flag;
+    a call without one is a root and takes the named decision (for traceidratio, ARG is the
+    fraction of trace ids kept, 0..1, 1.0 when unset). Unlike the SDK, which warns and falls back,
+    an unknown name or a bad ratio is an error: a typo must not silently change what is traced.
+    """
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    fixed = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}
+    root_name = name.removeprefix("parentbased_")
+    if root_name in fixed:
+        root: Sampler = fixed[root_name]
+    elif root_name == "traceidratio":
+        raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise TracingConfigError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1, not {raw!r}")
+        root = TraceIdRatioBased(ratio)
+    else:
+        raise TracingConfigError(
+            f"OTEL_TRACES_SAMPLER {name!r} is not supported; use always_on, always_off, traceidratio, "
+            "parentbased_always_on, parentbased_always_off or parentbased_traceidratio"
+        )
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
 def _resource(env: Mapping[str, str]) -> Resource:
     named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
     # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME from the process env.
@@ -159,8 +198,10 @@ def configure_tracing(
     names = _exporter_names(env)
     if not names and not span_processors:
         return DISABLED
+    sampler = sampler_from(env)
     exporters = [_exporter(n, env) for n in names]  # all resolved before anything is installed
-    provider = TracerProvider(resource=_resource(env))
+    # The sampler is passed, not left to the SDK: the SDK would read os.environ, not `env`.
+    provider = TracerProvider(sampler=sampler, resource=_resource(env))
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     for processor in span_processors:
@@ -175,5 +216,6 @@ __all__ = [
     "Tracing",
     "TracingConfigError",
     "configure_tracing",
+    "sampler_from",
     "tracing_for",
 ]

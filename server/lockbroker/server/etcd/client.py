@@ -311,6 +311,11 @@ class EtcdClient:
     ) -> T:
         if self._tracer is None or not is_instrumentation_enabled():
             return await self._call(method, request, write, budget, None)
+        parent = trace.get_current_span()
+        if not parent.is_recording() and parent.get_span_context().is_valid:
+            # Inside a call its sampler dropped: a child span would be dropped too (parent-based),
+            # so none is made; root spans (no call around them) still go to the sampler.
+            return await self._call(method, request, write, budget, None)
         service, name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("etcdserverpb", "unknown"))
         with self._tracer.start_as_current_span(
             f"/{service}/{name}",
