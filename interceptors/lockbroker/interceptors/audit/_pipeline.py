@@ -4,12 +4,13 @@ the one writer task that batches rendered records into every sink."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any, Final, Literal, Protocol
+
+import orjson
 
 from lockbroker.v1.reasons import ErrorReason
 
@@ -103,8 +104,10 @@ def render_json(record: Record) -> bytes:
         if any(map(str.startswith, record, repeat("_")))
         else record
     )
-    # json.dumps escapes newlines inside strings, so a record is always exactly one line.
-    return (json.dumps(public, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
+    # orjson writes what json.dumps(ensure_ascii=False, separators=(",", ":"), default=str) did,
+    # as UTF-8, about ten times faster (bench.micro audit). It escapes newlines inside strings, so
+    # a record is always exactly one line.
+    return orjson.dumps(public, default=str, option=orjson.OPT_APPEND_NEWLINE)
 
 
 # --- the sink protocol --------------------------------------------------------------------------------------
