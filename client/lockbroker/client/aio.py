@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
+from lockbroker.client._checks import check_utf8
 from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
@@ -227,6 +228,7 @@ class Client:
         or it lapses. `timeout` bounds the whole call including retries (default: wait +
         default_timeout). Raises LockHeld / WaitExpired (both NotAcquired) when not granted.
         """
+        check_utf8(name=name, owner=owner)
         rid = request_id or str(uuid.uuid4())
         total = wait + self.default_timeout if timeout is None else timeout
         started = time.monotonic()
@@ -256,6 +258,7 @@ class Client:
 
         A retry after a lost answer also reports False: the first attempt released it.
         """
+        check_utf8(name=name)
         req = lock_pb2.ReleaseRequest(
             name=name, fencing_token=fencing_token, session_id=session_id or "", request_id=request_id or ""
         )
@@ -263,6 +266,7 @@ class Client:
         return resp.released
 
     async def describe(self, name: str, *, timeout: float | None = None) -> LockState:
+        check_utf8(name=name)
         return lock_state_of(await self._unary(self._stub.Describe, lock_pb2.DescribeRequest(name=name), timeout))
 
     def lock(
@@ -297,6 +301,7 @@ class Client:
         self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None
     ) -> AsyncGenerator[tuple[LockSummary, ...], None]:
         """Held locks by name, one page per List call; `timeout` applies to each page."""
+        check_utf8(prefix=prefix)
         token = ""
         while True:
             req = lock_pb2.ListRequest(prefix=prefix, page_size=page_size, page_token=token)

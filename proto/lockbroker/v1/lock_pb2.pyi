@@ -472,9 +472,10 @@ class AcquireRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Lock name: 1-256 bytes of [A-Za-z0-9] and "-_.:@+=,~%", with "/"
-    separating non-empty segments that are not "." or "..". Examples:
-    "orders/42", "billing:nightly-run".
+    """Lock name: any UTF-8 text without control characters (U+0000-U+001F,
+    U+007F-U+009F), 1 to 1024 bytes (the server's limits.max_name_bytes).
+    "/" has no special meaning; by convention it groups names for List's
+    prefix. Examples: "orders/42", "billing:nightly-run", "commandes/été #3".
     """
     session_id: _builtins.str
     """Session to hold the lock with. Unset: the server creates a session for

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lockbroker.server.core.names import MAX_NAME_BYTES
 from lockbroker.server.core.quota import TenantQuota
 
 
@@ -77,6 +78,9 @@ class LockLimits:
     max_ttl: int = field(default=3600, metadata={"help": "largest session TTL in seconds"})
     default_ttl: int = field(default=10, metadata={"help": "TTL when a request leaves it unset"})
     max_wait: float = field(default=300.0, metadata={"help": "longest Acquire wait_timeout in seconds"})
+    max_name_bytes: int = field(
+        default=MAX_NAME_BYTES, metadata={"help": "longest lock name in UTF-8 bytes (at least 256, at most 65536)"}
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_ttl <= self.default_ttl <= self.max_ttl:
@@ -84,6 +88,10 @@ class LockLimits:
             raise ConfigError("limits: need 2 <= min_ttl <= default_ttl <= max_ttl")
         if self.max_wait < 0:
             raise ConfigError("limits: max_wait must not be negative")
+        # 256 bytes was the limit before any-UTF-8 names: a smaller one would strand existing locks.
+        # 64 KiB keeps an escaped key (at most 3 bytes a byte) far below etcd's request size limit.
+        if not 256 <= self.max_name_bytes <= 65536:
+            raise ConfigError("limits: max_name_bytes must be between 256 and 65536")
 
 
 @dataclass(frozen=True)
