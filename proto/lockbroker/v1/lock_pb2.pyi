@@ -500,8 +500,9 @@ class AcquireRequest(_message.Message):
     @_builtins.property
     def wait_timeout(self) -> _duration_pb2.Duration:
         """How long to wait in the queue. Unset or zero: try once (TryLock).
-        Bounded by the server's maximum wait (default 300 s) and always by the
-        RPC deadline.
+        Bounded by the server's maximum wait (default 300 s; a server configured
+        with max_wait 0 has no cap) and the tenant's, and always by the RPC
+        deadline.
         """
 
     def __init__(

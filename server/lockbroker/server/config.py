@@ -77,7 +77,7 @@ class LockLimits:
     min_ttl: int = field(default=2, metadata={"help": "smallest session TTL in seconds (etcd's floor is 2)"})
     max_ttl: int = field(default=3600, metadata={"help": "largest session TTL in seconds"})
     default_ttl: int = field(default=10, metadata={"help": "TTL when a request leaves it unset"})
-    max_wait: float = field(default=300.0, metadata={"help": "longest Acquire wait_timeout in seconds"})
+    max_wait: float = field(default=300.0, metadata={"help": "longest Acquire wait_timeout in seconds (0: no cap)"})
     max_name_bytes: int = field(
         default=MAX_NAME_BYTES, metadata={"help": "longest lock name in UTF-8 bytes (at least 256, at most 65536)"}
     )

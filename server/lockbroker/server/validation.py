@@ -90,7 +90,8 @@ class _Checker:
         value = self._seconds(field, d)
         if value is None:
             return 0.0
-        if value > limits.max_wait:
+        # max_wait 0: no cap; the RPC deadline (and a tenant's own max_wait) still bound the wait.
+        if limits.max_wait and value > limits.max_wait:
             self.bad(field, f"must be at most {limits.max_wait:g}s")
         return value
 
