@@ -1,6 +1,6 @@
 """Micro-benchmarks of single server wrappers, in-process: CPU per call, no network, no etcd.
 
-    uv run python -m bench.micro retry          # the retry interceptor around an Acquire with a request_id
+    uv run python -m bench.micro retry          # the service edge's `rpc` (retry included) around an Acquire
     uv run python -m bench.micro audit [SINK]   # one audit record per call; SINK: memory, never, always
 
 They answer "how much of a broker cycle is this layer" when the full benchmark's run-to-run noise
@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, FsyncPolicy, Sink
 from lockbroker.interceptors.base import CallInfo
-from lockbroker.interceptors.retry import ServerRetryInterceptor
+from lockbroker.server.service import RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2
 
 ACQUIRE = CallInfo("/lockbroker.v1.LockService/Acquire", "lockbroker.v1.LockService", "Acquire", False, False)
@@ -94,10 +94,18 @@ async def retry() -> None:
     async def handler(request: Any, context: Any) -> Any:
         return response
 
+    class Edge:
+        draining = False
+        retry = RetryPolicy()
+
+        @rpc()
+        async def Acquire(self, request: Any, context: Any) -> Any:
+            return response
+
+    edge = Edge()
     request = lock_pb2.AcquireRequest(name="a", session_id="0123456789abcdef", request_id="r-1")
-    wrapped = ServerRetryInterceptor().wrap_unary(handler, ACQUIRE)
     await measure("bare handler", handler, request, workers=1, calls=20_000)
-    await measure("retry-wrapped", wrapped, request, workers=1, calls=20_000)
+    await measure("edge-wrapped (rpc, retry)", edge.Acquire, request, workers=1, calls=20_000)
 
 
 async def audit(sink_kind: str) -> None:
@@ -122,7 +130,7 @@ async def audit(sink_kind: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    sub.add_parser("retry", help="the retry interceptor's cost on the success path")
+    sub.add_parser("retry", help="the service edge's cost (retry included) on the success path")
     a = sub.add_parser("audit", help="one audit record's cost")
     a.add_argument("sink", nargs="?", default="always", choices=["memory", "never", "always"])
     args = p.parse_args(argv)

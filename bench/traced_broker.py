@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from lockbroker.interceptors.tracing import configure_tracing
 from lockbroker.server import config, logs
 from lockbroker.server.app import Broker
 from lockbroker.server.cli import build_parser
+from lockbroker.server.telemetry import configure_tracing
 
 
 class CountingExporter(SpanExporter):

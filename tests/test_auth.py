@@ -12,9 +12,9 @@ from google.protobuf import duration_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lockbroker.interceptors import tenants
 from lockbroker.interceptors.rpcstatus import error_reason
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, ConfigError, ServerConfig
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc

@@ -23,12 +23,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from lockbroker.interceptors import tenants
-from lockbroker.interceptors.tracing import tracing_for
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuditConfig, AuthConfig, Config, EtcdConfig
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.client import EtcdClient, LeaseNotFound
+from lockbroker.server.telemetry import tracing_for
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
 

@@ -24,8 +24,8 @@ import pytest
 
 from lockbroker.client import Client
 from lockbroker.client import cli as client_cli
-from lockbroker.interceptors import tenants
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, TlsConfig
 from lockbroker.server.embedded import EmbeddedEtcd, free_port
 from tests.conftest import broker_config

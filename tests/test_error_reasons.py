@@ -2,7 +2,7 @@
 
 Checked here without a broker: the Python mirror against the proto enum, each value's documented
 status code against the server's mapping and the client's exception classes, the sources against
-spelled-out reason strings, and the RPCs' idempotency_level against the server's retry tables.
+spelled-out reason strings, and the RPCs' idempotency_level against what the server retries.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from lockbroker.client import errors as client_errors
-from lockbroker.interceptors import retry
 from lockbroker.server import status
 from lockbroker.server.core import errors as core_errors
+from lockbroker.server.service import Idempotency
 from lockbroker.v1 import lock_pb2
 from lockbroker.v1.reasons import PROTO_PREFIX, ErrorReason
 from tests.procutil import REPO
@@ -154,12 +154,16 @@ LEVELS = {
 def test_idempotency_levels_are_declared_and_agree_with_the_server_retry() -> None:
     levels = {m.name: m.GetOptions().idempotency_level for m in SERVICE.methods}
     assert levels == LEVELS
-    marked = {name for name, level in levels.items() if level != Level.IDEMPOTENCY_UNKNOWN}
-    # The server's hand-kept tables, until the retry reads the descriptor itself.
-    assert marked == retry.ALWAYS_IDEMPOTENT
-    with_request_id = {
-        m.name
-        for m in SERVICE.methods
-        if m.name not in marked and not m.client_streaming and "request_id" in m.input_type.fields_by_name
+    # The server's retry reads the same levels (service.Idempotency.of), so a change of level in the
+    # proto changes what the broker retries; this pins what each method gets.
+    expected = {
+        "CreateSession": Idempotency.WITH_REQUEST_ID,
+        "KeepAlive": Idempotency.NEVER,
+        "Refresh": Idempotency.ALWAYS,
+        "CloseSession": Idempotency.ALWAYS,
+        "Acquire": Idempotency.WITH_REQUEST_ID,
+        "Release": Idempotency.WITH_REQUEST_ID,
+        "Describe": Idempotency.ALWAYS,
+        "List": Idempotency.ALWAYS,
     }
-    assert with_request_id == retry.IDEMPOTENT_WITH_REQUEST_ID
+    assert {m.name: Idempotency.of(m.name) for m in SERVICE.methods} == expected

@@ -8,14 +8,20 @@ missing node_modules fails the run (scripts/bootstrap.sh installs both).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
+from lockbroker.server.config import AuthConfig
+from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
 from tests.lockutil import dur
 from tests.procutil import REPO, clean_env, stop_process
@@ -40,13 +46,17 @@ def node_binary(ci: bool) -> str:
     return node
 
 
-async def run_client(node: str, *args: str) -> tuple[int, str, str]:
+async def run_client(node: str, *args: str, api_key: str | None = None) -> tuple[int, str, str]:
+    env = clean_env()
+    env.pop("LOCKBROKER_API_KEY", None)
+    if api_key is not None:
+        env["LOCKBROKER_API_KEY"] = api_key
     proc = await asyncio.create_subprocess_exec(
         node,
         str(NODE_DIR / "client.js"),
         *args,
         cwd=NODE_DIR,
-        env=clean_env(),
+        env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -118,3 +128,24 @@ async def test_node_client_fails_loudly_and_cleans_up(
     )
     assert released.released
     assert await probe.keys() == []
+
+
+async def test_node_client_sends_the_api_key(etcd: EmbeddedEtcd, key_root: str, tmp_path: Path, ci: bool) -> None:
+    """With authentication on, the client's LOCKBROKER_API_KEY goes out as x-api-key: the same run
+    passes with the key, and fails UNAUTHENTICATED without it."""
+    node = node_binary(ci)
+    tenants_file = tmp_path / "tenants.toml"
+    key = tenants.add_tenant(str(tenants_file), "acme")
+    cfg = broker_config(etcd.endpoint, key_root)
+    b = Broker(dataclasses.replace(cfg, auth=AuthConfig(tenants_file=str(tenants_file))))
+    await b.start()
+    try:
+        target = f"127.0.0.1:{b.port}"
+        rc, out, err = await run_client(node, target, "node/keyed")
+        assert rc == 1, f"without a key: exit {rc}\nstdout: {out}\nstderr: {err}"
+        assert "16 UNAUTHENTICATED" in err, err
+        rc, out, err = await run_client(node, target, "node/keyed", api_key=key)
+        assert rc == 0, f"with the key: exit {rc}\nstdout: {out}\nstderr: {err}"
+        assert json.loads(out)["released"] is True
+    finally:
+        await b.stop(grace=1.0)

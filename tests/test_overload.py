@@ -32,8 +32,8 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lockbroker.interceptors import tenants
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.etcdutil import EtcdProbe

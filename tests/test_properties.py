@@ -47,8 +47,8 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from lockbroker.client.errors import rich_status
-from lockbroker.interceptors import tenants
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as epb

@@ -18,9 +18,9 @@ import grpc
 import pytest
 from grpc import aio
 
-from lockbroker.interceptors import tenants
 from lockbroker.interceptors.quota import Rate, TokenBucket
 from lockbroker.server.app import Broker
+from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, Config, ConfigError, load
 from lockbroker.server.core.locks import _free_slot
 from lockbroker.server.core.names import Keyspace

@@ -22,7 +22,9 @@ import asyncio
 import json
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -226,3 +228,41 @@ def _assignments_after(steps: list[Step], n: int) -> list[tuple[str, str]]:
 
 def _check_exit(step: Step, rc: int, out: str) -> None:
     assert rc == 0, f"{step.text} exited {rc}:\n{out}"
+
+
+PYTHON_MARKER = "<!-- test: python -->"
+
+
+def readme_python_block() -> str:
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert lines.count(PYTHON_MARKER) == 1, f"README.md must have exactly one {PYTHON_MARKER!r} marker"
+    at = lines.index(PYTHON_MARKER) + 1
+    assert lines[at] == "```python", f"{PYTHON_MARKER} must stand right above a python block, found {lines[at]!r}"
+    end = lines.index("```", at + 1)
+    return "\n".join(lines[at + 1 : end]) + "\n"
+
+
+async def test_readme_python_snippet_runs_as_a_script(broker: Broker, probe: EtcdProbe, tmp_path: Path) -> None:
+    """The README's Python block, saved as a file and run with `python lock.py` as the reader would."""
+    code = readme_python_block()
+    assert README_ADDRESS in code and "asyncio.run(main())" in code
+    script = tmp_path / "lock.py"
+    script.write_text(code.replace(README_ADDRESS, f"127.0.0.1:{broker.port}"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        cwd=tmp_path,
+        env=clean_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await stop_process(proc)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {out.decode()}\nstderr: {err.decode()}"
+    match = re.fullmatch(r"order 42 written with fencing token (\d+)\n", out.decode())
+    assert match, out.decode()
+    assert 0 < int(match.group(1)) <= await probe.revision()
+    assert await probe.keys() == []  # the lock was released and its session closed on the way out

@@ -33,43 +33,19 @@ from lockbroker.interceptors.audit import (
     AuditWriteError,
     FileSink,
     Record,
-    _AuditIds,
-    _UtcStamp,
     add_fields,
     redact_secrets,
 )
+from lockbroker.interceptors.audit._interceptor import _AuditIds, _UtcStamp
+from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.base import Context
 from lockbroker.interceptors.identity import IdentityInterceptor
-from lockbroker.interceptors.tenants import add_tenant, load
 from lockbroker.server import status
+from lockbroker.server.auth.tenants import add_tenant, load
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument, Unavailable
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 LOCK = "/lockbroker.v1.LockService/"
-
-
-class MemorySink:
-    """A sink the test controls: it can refuse readiness or fail writes."""
-
-    def __init__(self, *, ready: bool = True, fail: bool = False) -> None:
-        self.name = "memory"
-        self.lines: list[bytes] = []
-        self.is_ready = ready
-        self.fail = fail
-
-    async def write(self, lines: Sequence[bytes]) -> None:
-        if self.fail:
-            raise OSError(28, "No space left on device")
-        self.lines.extend(lines)
-
-    async def ready(self) -> bool:
-        return self.is_ready
-
-    async def close(self) -> None:
-        pass
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines]
 
 
 class Scripted(lock_pb2_grpc.LockServiceServicer):
@@ -159,7 +135,7 @@ def api_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdentityInte
 
 
 def chain(audit: AuditInterceptor, identity: IdentityInterceptor) -> list[aio.ServerInterceptor]:
-    return [audit, identity, audit.capture()]
+    return [audit, identity]
 
 
 def stub(channel: aio.Channel) -> lock_pb2_grpc.LockServiceAsyncStub:

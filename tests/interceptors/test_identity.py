@@ -17,30 +17,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from lockbroker.interceptors.base import Context
+from lockbroker.interceptors.base import Context, state_of
 from lockbroker.interceptors.identity import IdentityInterceptor, certificate_identity, require_admin
-from lockbroker.interceptors.tenancy import current_principal
-from lockbroker.interceptors.tenants import TenantRegistry, add_key, add_mtls_identity, add_tenant, load, remove_key
-from lockbroker.interceptors.tls import server_credentials
 from lockbroker.server import status
+from lockbroker.server.auth.tenants import TenantRegistry, add_key, add_mtls_identity, add_tenant, load, remove_key
+from lockbroker.server.auth.tls import server_credentials
 from tests.interceptors.certs import CA, Pair, uri
 
 SERVICE = "lbtest.Echo"
 SPIFFE_ACME = "spiffe://example.org/ns/acme/sa/worker"
 
 
-def _who() -> bytes:
-    p = current_principal.get()
+def _who(context: Context) -> bytes:
+    p = state_of(context).principal
+    assert p is not None
     return f"{p.tenant}|{p.kind}|{p.id}".encode()
 
 
 async def who_am_i(request: bytes, context: Context) -> bytes:
-    return _who()
+    return _who(context)
 
 
 async def who_am_i_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
-    yield _who()
-    yield _who()
+    yield _who(context)
+    yield _who(context)
 
 
 STREAM_CLOSED: dict[str, asyncio.Event] = {}
@@ -50,23 +50,23 @@ async def endless(request: bytes, context: Context) -> AsyncIterator[bytes]:
     closed = STREAM_CLOSED.setdefault(request.decode(), asyncio.Event())
     try:
         while True:
-            yield _who()
+            yield _who(context)
             await asyncio.sleep(0.01)
     finally:
         # Still inside the call: the principal is the caller's, not the anonymous default.
-        if current_principal.get().tenant == "acme":
+        if state_of(context).tenant == "acme":
             closed.set()
 
 
 async def who_am_i_write(request: bytes, context: Context) -> None:
-    await context.write(_who())
+    await context.write(_who(context))
 
 
 async def who_am_i_client_stream(requests: AsyncIterator[bytes], context: Context) -> bytes:
     count = 0
     async for _ in requests:
         count += 1
-    return _who() + f"|{count}".encode()
+    return _who(context) + f"|{count}".encode()
 
 
 async def admin_only(request: bytes, context: Context) -> bytes:

@@ -1,33 +1,24 @@
-"""Retries on real grpc.aio servers (127.0.0.1): the server-side interceptor, the client one, the service config."""
+"""Retries on real grpc.aio servers (127.0.0.1): the service edge's, and the service config's for other languages.
+
+The Python client's retry is tested in tests/client/test_call_with_retry.py."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
+from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.base import Context
-from lockbroker.interceptors.retry import (
-    SERVICE_CONFIG,
-    SERVICE_CONFIG_JSON,
-    ClientRetryInterceptor,
-    ClientRetryPolicy,
-    ServerRetryInterceptor,
-    abort_or_defer,
-    error_reason,
-    retry_delay,
-)
+from lockbroker.interceptors.retry import SERVICE_CONFIG, SERVICE_CONFIG_JSON
+from lockbroker.interceptors.rpcstatus import error_reason
 from lockbroker.server import status
 from lockbroker.server.core.errors import (
     FieldViolation,
@@ -36,28 +27,12 @@ from lockbroker.server.core.errors import (
     ShuttingDown,
     Unavailable,
 )
+from lockbroker.server.service import NO_RETRY, RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+from tests.client.test_call_with_retry import UNAVAILABLE, Scripted, acquire_rpc, raw_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "lockbroker.v1.LockService"
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.name = "memory"
-        self.lines: list[bytes] = []
-
-    async def write(self, lines: Sequence[bytes]) -> None:
-        self.lines.extend(lines)
-
-    async def ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        pass
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines]
 
 
 # --- the fact the design rests on -------------------------------------------------------------------
@@ -101,26 +76,16 @@ async def test_aio_abort_sends_the_status_at_once_so_a_handler_cannot_be_rerun()
 # --- server side ------------------------------------------------------------------------------------
 
 
-def contract_rpc(
-    handler: Callable[[Any, Any, Context], Awaitable[Any]],
-) -> Callable[[Any, Any, Context], Awaitable[Any]]:
-    """The error path of service.py's `rpc` decorator with the one-line change the retry contract needs."""
-
-    @functools.wraps(handler)
-    async def wrapped(self: Any, request: Any, context: Context) -> Any:
-        try:
-            return await handler(self, request, context)
-        except LockBrokerError as exc:
-            await abort_or_defer(context, *status.to_status(exc))
-        raise AssertionError("abort returned")
-
-    return wrapped
-
-
 class Flaky(lock_pb2_grpc.LockServiceServicer):
-    """Fails the first `failures` attempts of every call with `error`, then answers."""
+    """Fails the first `failures` attempts of every call with `error`, then answers; its handlers
+    go through the service edge's `rpc` decorator, which owns the retry."""
 
-    def __init__(self, failures: int, error: LockBrokerError, *, direct_abort: bool = False) -> None:
+    draining = False
+
+    def __init__(
+        self, failures: int, error: LockBrokerError, *, direct_abort: bool = False, retry: RetryPolicy = NO_RETRY
+    ) -> None:
+        self.retry = retry
         self.failures = failures
         self.error = error
         self.direct_abort = direct_abort
@@ -133,29 +98,32 @@ class Flaky(lock_pb2_grpc.LockServiceServicer):
                 await context.abort(*status.to_status(self.error))
             raise self.error
 
-    @contract_rpc
+    @rpc()
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Context) -> lock_pb2.AcquireResponse:
         await self._attempt("Acquire", context)
         return lock_pb2.AcquireResponse(
             grant=lock_pb2.Grant(name=request.name, fencing_token=42, request_id=request.request_id)
         )
 
-    @contract_rpc
+    @rpc()
     async def CreateSession(
         self, request: lock_pb2.CreateSessionRequest, context: Context
     ) -> lock_pb2.CreateSessionResponse:
         await self._attempt("CreateSession", context)
         return lock_pb2.CreateSessionResponse(session_id="s-1")
 
-    @contract_rpc
+    @rpc()
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Context) -> lock_pb2.DescribeResponse:
         await self._attempt("Describe", context)
         return lock_pb2.DescribeResponse(name=request.name)
 
 
-def new_flaky(failures: int, error: LockBrokerError, *, direct_abort: bool = False) -> Flaky:
+FAST = RetryPolicy(max_attempts=5, multiplier=0.01, max_backoff=0.02)
+
+
+def new_flaky(failures: int, error: LockBrokerError, *, direct_abort: bool = False, retry: RetryPolicy = FAST) -> Flaky:
     # The generated stubs declare every servicer method abstract; the runtime base answers UNIMPLEMENTED.
-    return Flaky(failures, error, direct_abort=direct_abort)  # type: ignore[abstract]
+    return Flaky(failures, error, direct_abort=direct_abort, retry=retry)  # type: ignore[abstract]
 
 
 @contextlib.asynccontextmanager
@@ -177,14 +145,11 @@ def acquire(request_id: str = "r-1") -> lock_pb2.AcquireRequest:
     return lock_pb2.AcquireRequest(name="jobs/a", session_id="s-1", request_id=request_id)
 
 
-FAST = ServerRetryInterceptor(max_attempts=5, multiplier=0.01, max_backoff=0.02)
-
-
 async def test_transient_backend_errors_are_retried_and_the_audit_record_counts_them():
     sink = MemorySink()
     log = AuditLog([sink])
     flaky = new_flaky(2, Unavailable("etcd did not answer"))
-    async with lock_server(flaky, [AuditInterceptor(log), FAST]) as stub:
+    async with lock_server(flaky, [AuditInterceptor(log)]) as stub:
         resp = await stub.Acquire(acquire(), timeout=5)
     await log.close()
     assert resp.grant.fencing_token == 42
@@ -204,7 +169,7 @@ async def test_other_errors_are_not_retried_and_reach_the_caller_unchanged(
     error: LockBrokerError, code: grpc.StatusCode, reason: str
 ):
     flaky = new_flaky(1, error)
-    async with lock_server(flaky, [FAST]) as stub:
+    async with lock_server(flaky, []) as stub:
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Acquire(acquire(), timeout=5)
     assert flaky.attempts["Acquire"] == 1
@@ -215,7 +180,7 @@ async def test_other_errors_are_not_retried_and_reach_the_caller_unchanged(
 
 async def test_calls_without_request_id_are_not_retried_unless_always_idempotent():
     flaky = new_flaky(1, Unavailable("etcd did not answer"))
-    async with lock_server(flaky, [FAST]) as stub:
+    async with lock_server(flaky, []) as stub:
         for call in (
             stub.Acquire(acquire(request_id=""), timeout=5),
             stub.CreateSession(lock_pb2.CreateSessionRequest(), timeout=5),
@@ -229,9 +194,9 @@ async def test_calls_without_request_id_are_not_retried_unless_always_idempotent
 
 
 async def test_retries_stop_before_the_deadline_and_the_caller_sees_the_real_error():
-    flaky = new_flaky(10_000, Unavailable("etcd did not answer"))
-    slow = ServerRetryInterceptor(max_attempts=1000, multiplier=0.1, max_backoff=0.2)
-    async with lock_server(flaky, [slow]) as stub:
+    slow = RetryPolicy(max_attempts=1000, multiplier=0.1, max_backoff=0.2)
+    flaky = new_flaky(10_000, Unavailable("etcd did not answer"), retry=slow)
+    async with lock_server(flaky, []) as stub:
         start = time.monotonic()
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Acquire(acquire(), timeout=0.6)
@@ -242,14 +207,14 @@ async def test_retries_stop_before_the_deadline_and_the_caller_sees_the_real_err
 
 
 async def test_without_a_deadline_retries_are_bounded_by_attempts_and_elapsed_time():
-    flaky = new_flaky(10_000, Unavailable("etcd did not answer"))
-    async with lock_server(flaky, [ServerRetryInterceptor(max_attempts=3, multiplier=0.01)]) as stub:
+    flaky = new_flaky(10_000, Unavailable("etcd did not answer"), retry=RetryPolicy(max_attempts=3, multiplier=0.01))
+    async with lock_server(flaky, []) as stub:
         with pytest.raises(aio.AioRpcError):
             await stub.Acquire(acquire())
     assert flaky.attempts["Acquire"] == 3
-    flaky = new_flaky(10_000, Unavailable("etcd did not answer"))
-    bounded = ServerRetryInterceptor(max_attempts=10_000, multiplier=0.05, max_backoff=0.05, max_elapsed=0.3)
-    async with lock_server(flaky, [bounded]) as stub:
+    bounded = RetryPolicy(max_attempts=10_000, multiplier=0.05, max_backoff=0.05, max_elapsed=0.3)
+    flaky = new_flaky(10_000, Unavailable("etcd did not answer"), retry=bounded)
+    async with lock_server(flaky, []) as stub:
         start = time.monotonic()
         with pytest.raises(aio.AioRpcError):
             await stub.Acquire(acquire())
@@ -258,131 +223,11 @@ async def test_without_a_deadline_retries_are_bounded_by_attempts_and_elapsed_ti
 
 async def test_a_handler_that_aborts_by_itself_is_passed_through_untouched():
     flaky = new_flaky(1, Unavailable("etcd did not answer"), direct_abort=True)
-    async with lock_server(flaky, [FAST]) as stub:
+    async with lock_server(flaky, []) as stub:
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Acquire(acquire(), timeout=5)
     assert flaky.attempts["Acquire"] == 1
     assert error_reason(err.value.trailing_metadata()) == "BACKEND_UNAVAILABLE"
-
-
-# --- client side ------------------------------------------------------------------------------------
-
-Step = tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]] | None
-
-
-def _trailers(code: int, *details: Any) -> tuple[tuple[str, bytes], ...]:
-    packed = []
-    for d in details:
-        a = any_pb2.Any()
-        a.Pack(d)
-        packed.append(a)
-    return (("grpc-status-details-bin", status_pb2.Status(code=code, details=packed).SerializeToString()),)
-
-
-UNAVAILABLE: Step = status.to_status(Unavailable("etcd did not answer", retry_after=0.01))  # type: ignore[assignment]
-THROTTLED: Step = (
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "rate limited",
-    _trailers(
-        code_pb2.RESOURCE_EXHAUSTED,
-        error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain="lockbroker"),
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000)),
-    ),
-)
-CAPPED: Step = (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many locks", ())
-INVALID: Step = (grpc.StatusCode.INVALID_ARGUMENT, "bad name", ())
-
-
-class Scripted:
-    """Raw bytes in, scripted statuses out; remembers every request's bytes."""
-
-    def __init__(self, *script: Step) -> None:
-        self.script = script
-        self.seen: list[bytes] = []
-
-    async def handle(self, request: bytes, context: Context) -> bytes:
-        self.seen.append(request)
-        step = self.script[min(len(self.seen), len(self.script)) - 1]
-        if step is not None:
-            await context.abort(*step)
-        return lock_pb2.AcquireResponse(grant=lock_pb2.Grant(fencing_token=7)).SerializeToString()
-
-
-@contextlib.asynccontextmanager
-async def raw_server(backend: Scripted) -> AsyncIterator[int]:
-    server = aio.server()
-    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(backend.handle)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Acquire": handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(None)
-
-
-def acquire_rpc(channel: aio.Channel) -> Any:
-    return channel.unary_unary(
-        f"/{SERVICE}/Acquire",
-        request_serializer=lock_pb2.AcquireRequest.SerializeToString,
-        response_deserializer=lock_pb2.AcquireResponse.FromString,
-    )
-
-
-def retrying_channel(port: int, policy: ClientRetryPolicy | None = None) -> aio.Channel:
-    return aio.insecure_channel(f"127.0.0.1:{port}", interceptors=[ClientRetryInterceptor(policy)])
-
-
-async def test_client_retries_unavailable_with_the_same_request_bytes():
-    backend = Scripted(UNAVAILABLE, UNAVAILABLE, None)
-    async with raw_server(backend) as port, retrying_channel(port) as ch:
-        resp = await acquire_rpc(ch)(acquire("r-same"), timeout=5)
-    assert resp.grant.fencing_token == 7
-    assert len(backend.seen) == 3
-    assert len(set(backend.seen)) == 1
-    assert lock_pb2.AcquireRequest.FromString(backend.seen[0]).request_id == "r-same"
-
-
-async def test_client_honours_retry_info_on_resource_exhausted_and_nothing_else():
-    backend = Scripted(THROTTLED, None)
-    async with raw_server(backend) as port, retrying_channel(port) as ch:
-        start = time.monotonic()
-        await acquire_rpc(ch)(acquire(), timeout=5)
-        assert time.monotonic() - start >= 0.2
-    assert len(backend.seen) == 2
-    for step in (CAPPED, INVALID):
-        backend = Scripted(step, None)
-        async with raw_server(backend) as port, retrying_channel(port) as ch:
-            with pytest.raises(aio.AioRpcError):
-                await acquire_rpc(ch)(acquire(), timeout=5)
-        assert len(backend.seen) == 1
-
-
-async def test_client_does_not_retry_an_acquire_without_request_id():
-    backend = Scripted(UNAVAILABLE, None)
-    async with raw_server(backend) as port, retrying_channel(port) as ch:
-        with pytest.raises(aio.AioRpcError) as err:
-            await acquire_rpc(ch)(acquire(request_id=""), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert len(backend.seen) == 1
-
-
-async def test_client_retries_stay_within_the_timeout_and_max_attempts():
-    backend = Scripted(UNAVAILABLE)
-    policy = ClientRetryPolicy(max_attempts=1000, multiplier=0.05, max_backoff=0.1)
-    async with raw_server(backend) as port, retrying_channel(port, policy) as ch:
-        start = time.monotonic()
-        with pytest.raises(aio.AioRpcError) as err:
-            await acquire_rpc(ch)(acquire(), timeout=0.5)
-        assert time.monotonic() - start < 0.6
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert len(backend.seen) >= 2
-    backend = Scripted(UNAVAILABLE)
-    async with raw_server(backend) as port, retrying_channel(port, ClientRetryPolicy(max_attempts=4)) as ch:
-        with pytest.raises(aio.AioRpcError) as err:
-            await acquire_rpc(ch)(acquire(), timeout=10)
-    assert len(backend.seen) == 4
-    assert retry_delay(err.value.trailing_metadata()) == pytest.approx(0.01)
 
 
 # --- service config for other languages -----------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -15,55 +15,41 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog
+from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.base import Context
-from lockbroker.interceptors.retry import ServerRetryInterceptor, abort_or_defer
-from lockbroker.interceptors.tracing import (
-    DISABLED,
-    LockSpanInterceptor,
-    Tracing,
-    TracingConfigError,
-    configure_tracing,
-)
+from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import status
 from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.service import RetryPolicy, rpc
+from lockbroker.server.telemetry import DISABLED, Tracing, TracingConfigError, configure_tracing
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 SERVICE = "lockbroker.v1.LockService"
 
 
-class MemorySink:
-    def __init__(self) -> None:
-        self.name = "memory"
-        self.lines: list[bytes] = []
-
-    async def write(self, lines: Sequence[bytes]) -> None:
-        self.lines.extend(lines)
-
-    async def ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        pass
-
-
 class Locks(lock_pb2_grpc.LockServiceServicer):
-    """Acquire answers with a grant after `fail` transient failures (through the retry contract)."""
+    """Acquire answers with a grant after `fail` transient failures (retried by the service edge's `rpc`)."""
+
+    draining = False
 
     def __init__(self, fail: int = 0) -> None:
         self.fail = fail
+        self.retry = RetryPolicy(max_attempts=5, multiplier=0.01, max_backoff=0.02)
 
+    @rpc()
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Context) -> lock_pb2.AcquireResponse:
         if request.owner == "broken":
             await context.abort(*status.to_status(Unavailable("etcd did not answer")))
         if self.fail > 0:
             self.fail -= 1
-            await abort_or_defer(context, *status.to_status(Unavailable("etcd did not answer")))
+            raise Unavailable("etcd did not answer")
         return lock_pb2.AcquireResponse(
             grant=lock_pb2.Grant(name=request.name, fencing_token=42, session_id=request.session_id),
             waited=duration_pb2.Duration(seconds=1, nanos=250_000_000),
@@ -121,7 +107,6 @@ def test_tracing_is_off_by_default_and_costs_nothing():
     assert configure_tracing({"OTEL_TRACES_EXPORTER": "none"}) is DISABLED
     assert configure_tracing({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}) is DISABLED
     assert DISABLED.server_interceptors() == []
-    assert DISABLED.client_interceptors == ()
     assert not DISABLED.enabled
     DISABLED.shutdown()
 
@@ -132,7 +117,6 @@ def test_console_exporter_and_bad_names():
         assert t.enabled
         assert t.exporters == ("console",)
         assert t.server_interceptor is not None
-        assert len(t.client_interceptors) == 4  # unary-unary, unary-stream, stream-unary, stream-stream
         assert t.provider is not None
     finally:
         t.shutdown()
@@ -167,7 +151,9 @@ async def test_server_span_is_the_child_of_the_client_span_with_lock_attributes(
     log = AuditLog([sink])
     async with (
         traced_server(tracing, locks(), AuditInterceptor(log), LockSpanInterceptor()) as port,
-        aio.insecure_channel(f"127.0.0.1:{port}", interceptors=list(tracing.client_interceptors)) as ch,
+        aio.insecure_channel(
+            f"127.0.0.1:{port}", interceptors=aio_client_interceptors(tracer_provider=tracing.provider)
+        ) as ch,
     ):
         resp = await lock_pb2_grpc.LockServiceStub(ch).Acquire(request(), timeout=5)
     await log.close()
@@ -211,9 +197,8 @@ async def test_w3c_traceparent_from_any_caller_is_the_server_span_parent(tracing
 
 
 async def test_retries_become_span_events_and_an_attribute(tracing: Tracing, spans: InMemorySpanExporter):
-    retry = ServerRetryInterceptor(max_attempts=5, multiplier=0.01, max_backoff=0.02)
     async with (
-        traced_server(tracing, locks(fail=2), LockSpanInterceptor(), retry) as port,
+        traced_server(tracing, locks(fail=2), LockSpanInterceptor()) as port,
         aio.insecure_channel(f"127.0.0.1:{port}") as ch,
     ):
         await lock_pb2_grpc.LockServiceStub(ch).Acquire(request(), timeout=5)

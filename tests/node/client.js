@@ -2,7 +2,10 @@
 // A lockbroker client in Node.js, built from proto/lockbroker/v1/lock.proto alone: proof that the
 // .proto is the whole contract. tests/test_node.py runs it against a real broker.
 //
-// Usage: node client.js TARGET [LOCK_NAME]
+// Usage: [LOCKBROKER_API_KEY=KEY] node client.js TARGET [LOCK_NAME]
+//
+// With LOCKBROKER_API_KEY set (as for the Python CLI), every call carries it as `x-api-key` metadata,
+// which is how a broker with a tenants file authenticates a caller.
 //
 // It creates two sessions, acquires LOCK_NAME with the first, checks that Describe shows that grant,
 // checks that a try-lock from the second session fails ABORTED with ErrorInfo reason LOCK_HELD and a
@@ -88,10 +91,21 @@ function decodeStatusDetails(err) {
   return out;
 }
 
+// Per-call metadata rather than call credentials: grpc-js refuses call credentials on an insecure
+// channel, and a broker on loopback may well run plaintext with API keys.
+function callMetadata() {
+  const metadata = new grpc.Metadata();
+  const key = process.env.LOCKBROKER_API_KEY;
+  if (key) {
+    metadata.set("x-api-key", key);
+  }
+  return metadata;
+}
+
 function unary(client, method, request) {
   return new Promise((resolve, reject) => {
     const deadline = new Date(Date.now() + DEADLINE_MS);
-    client[method](request, { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
+    client[method](request, callMetadata(), { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
   });
 }
 

@@ -2,19 +2,32 @@
 
 grpc.aio calls `intercept_service` once per call with only the method name; the request, the
 context and the outcome exist only inside the handler. So each interceptor here returns the
-same handler with its behavior wrapped, and the chain is the nesting of those wrappers: the
-first interceptor given to `grpc.aio.server(interceptors=[...])` is the outermost. Context
-variables set by a wrapper before awaiting the inner behavior are seen by everything inside it.
+same handler with its behavior wrapped: the first interceptor given to
+`grpc.aio.server(interceptors=[...])` is the outermost. For unary calls an interceptor gives its
+work as a `Layer` of hooks (before the handler, after it, on failure) and `Chain` runs the layers
+of all its interceptors in one wrapper, top to bottom, instead of nesting one coroutine frame per
+interceptor; streams nest `wrap_stream` wrappers.
+
+The layers share one `CallState` per call, the way temporalio's interceptors pass one typed input
+object down `next`: the outermost lockbroker wrapper replaces grpc's context by a `CallContext`
+that delegates to it, carries `.state`, and records the outcome when `abort` or `set_code` run
+(as OpenTelemetry's `_OpenTelemetryAioServicerContext` does). Identity writes the principal on
+it, the service edge the retry attempts, and audit and the lock span read it when the call ends.
+So behaviors keep grpc's `(request, context)` shape, no layer passes data to another through a
+ContextVar, and the trailers a layer builds are never parsed back to learn the reason.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 from grpc import aio
+
+from lockbroker.interceptors.principal import ANONYMOUS, DEFAULT_TENANT, Principal
 
 Context = aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
@@ -48,20 +61,148 @@ class CallInfo:
         return CallInfo(method, service, name, handler.request_streaming, handler.response_streaming)
 
 
+@dataclass(slots=True)
+class CallState:
+    """Everything our layers learn about one call, created once by the outermost of them.
+
+    `principal` is ANONYMOUS until identity replaces it, and None when authentication failed.
+    `attempts` counts retries after the first attempt (the service edge retries transient
+    backend failures). `code`/`reason`/`message` are the outcome as the call ended it; a call
+    that returns normally leaves `code` None, which means OK.
+
+    The request id, the deadline and the span are not copied here: the request message,
+    `context.time_remaining()` (and, below the edge, `core.backend.call_deadline`) and OTel's
+    current span already hold them, each in one place.
+    """
+
+    info: CallInfo
+    started: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    principal: Principal | None = ANONYMOUS
+    attempts: int = 0
+    code: grpc.StatusCode | None = None
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def tenant(self) -> str:
+        return self.principal.tenant if self.principal is not None else DEFAULT_TENANT
+
+
+class CallContext:
+    """grpc's servicer context with the call's `state`, recording the outcome as the call ends it.
+
+    Everything but `abort`, `set_code` and `set_details` goes straight to grpc's context. The
+    reason comes from the `Trailers` object the aborting layer built (its `.reason`), not from
+    parsing the serialized status back.
+    """
+
+    __slots__ = ("_context", "state")
+
+    def __init__(self, context: Context, state: CallState) -> None:
+        self._context = context
+        self.state = state
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
+    ) -> NoReturn:
+        state = self.state
+        state.code, state.message = code, details or None
+        state.reason = getattr(trailing_metadata, "reason", None)
+        await self._context.abort(code, details, tuple(trailing_metadata))
+        raise AssertionError("abort returned")
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.state.code = code
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self.state.message = details or None
+        self._context.set_details(details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def scoped(context: Context, info: CallInfo) -> Context:
+    """`context` as a CallContext: the outermost wrapper creates the call's state, inner ones reuse it.
+
+    Each wrapper starts with this instead of the chain adding a layer of its own, so sharing the
+    state costs no extra frame on the call path.
+    """
+    if isinstance(context, CallContext):
+        return context
+    return cast(Context, CallContext(context, CallState(info)))
+
+
+def state_of(context: Context) -> CallState:
+    """The call's state; a fresh one (anonymous, unshared) when no lockbroker layer wrapped the call."""
+    state = getattr(context, "state", None)
+    if isinstance(state, CallState):
+        return state
+    method = "/unknown/unknown"
+    return CallState(CallInfo(method, "unknown", "unknown", False, False))
+
+
 # grpc's handler type is generic only in its stubs: these aliases must stay strings at runtime.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
-class WrappingInterceptor(aio.ServerInterceptor):
-    """Subclasses override `wrap_unary` and/or `wrap_stream`; both default to no wrapping.
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One interceptor's part of a unary call, as hooks the chain runs in one frame, top to bottom.
 
-    A wrap must depend only on the method and this interceptor's configuration, never on the
-    call: `Chain` builds each method's wrapped handler once and reuses it for every call.
+    `before(request, context)` runs in chain order before the handler and may end the call by
+    aborting; `after(request, response, context)` runs innermost first once the handler answered,
+    and may still abort; `failed(request, context, exc)` runs, innermost first, for every layer when
+    the call ends with an exception (an abort included) before a response, whether or not that
+    layer's `before` ran, so a rejection by one layer is seen by all (audit records it).
     """
 
+    before: Callable[[Any, Context], Awaitable[None]] | None = None
+    after: Callable[[Any, Any, Context], Awaitable[None]] | None = None
+    failed: Callable[[Any, Context, BaseException], Awaitable[None]] | None = None
+
+
+def layered(layers: Sequence[Layer], behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
+    """`behavior` inside `layers` (outermost first), as one wrapper: one frame for all of them."""
+    befores = tuple(layer.before for layer in layers if layer.before is not None)
+    afters = tuple(layer.after for layer in reversed(layers) if layer.after is not None)
+    faileds = tuple(layer.failed for layer in reversed(layers) if layer.failed is not None)
+
+    async def run(request: Any, context: Context) -> Any:
+        context = scoped(context, call)
+        try:
+            for before in befores:
+                await before(request, context)
+            response = await behavior(request, context)
+        except BaseException as exc:
+            for failed in faileds:
+                await failed(request, context, exc)
+            raise
+        for after in afters:
+            await after(request, response, context)
+        return response
+
+    return run
+
+
+class WrappingInterceptor(aio.ServerInterceptor):
+    """Subclasses give their unary work as a `Layer` (preferred: `Chain` then runs every layer of a
+    call in one frame) or override `wrap_unary`, and may override `wrap_stream`; by default none.
+
+    A wrap or a layer must depend only on the method and this interceptor's configuration, never
+    on the call: `Chain` builds each method's wrapped handler once and reuses it for every call.
+    """
+
+    def layer(self, call: CallInfo) -> Layer | None:
+        """This interceptor's hooks for unary calls of `call`'s method, or None to stay out of them."""
+        return None
+
     def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        return behavior
+        layer = self.layer(call)
+        return behavior if layer is None else layered((layer,), behavior, call)
 
     def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
         """Wraps server-streaming behaviors (unary-stream and stream-stream)."""
@@ -105,9 +246,29 @@ class Chain(aio.ServerInterceptor):
         self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
 
     def wrap(self, handler: Handler | None, method: str) -> Handler | None:
+        h: Any = handler
+        unary = h is not None and (h.unary_unary is not None or h.stream_unary is not None)
+        if not unary:
+            for interceptor in reversed(self.interceptors):
+                handler = interceptor.wrap(handler, method)
+            return handler
+        # Unary: consecutive interceptors that give layers share one wrapper (one frame).
+        call = CallInfo.of(method, h)
+        field = "unary_unary" if h.unary_unary is not None else "stream_unary"
+        behavior: UnaryBehavior = getattr(h, field)
+        group: list[Layer] = []
         for interceptor in reversed(self.interceptors):
-            handler = interceptor.wrap(handler, method)
-        return handler
+            if type(interceptor).wrap_unary is WrappingInterceptor.wrap_unary:
+                layer = interceptor.layer(call)
+                if layer is not None:
+                    group.insert(0, layer)
+                continue
+            if group:
+                behavior, group = layered(group, behavior, call), []
+            behavior = interceptor.wrap_unary(behavior, call)
+        if group:
+            behavior = layered(group, behavior, call)
+        return h._replace(**{field: behavior})  # type: ignore[no-any-return]
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails

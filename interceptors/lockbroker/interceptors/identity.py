@@ -2,7 +2,7 @@
 
 The tenant comes only from a credential the broker verified; nothing a client writes in metadata
 (`x-tenant` or anything else) names its tenant. Without a tenants registry this interceptor is not
-installed and every call acts for the anonymous `default` tenant (see `tenancy`).
+installed and every call acts for the anonymous `default` tenant (see `principal`).
 
 Rules, for every call outside health and reflection:
 
@@ -22,17 +22,23 @@ server-only TLS connections have none of these keys.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from lockbroker.interceptors.base import CallInfo, Context, StreamBehavior, UnaryBehavior, WrappingInterceptor
+from lockbroker.interceptors.base import (
+    CallInfo,
+    Context,
+    Layer,
+    StreamBehavior,
+    WrappingInterceptor,
+    scoped,
+    state_of,
+)
+from lockbroker.interceptors.principal import Principal
 from lockbroker.interceptors.rpcstatus import trailers
-from lockbroker.interceptors.tenancy import Principal, current_principal
-from lockbroker.interceptors.tenants import TenantRegistry, parse_key
 from lockbroker.v1.reasons import ErrorReason
 
 log = logging.getLogger("lockbroker.auth")
@@ -45,6 +51,21 @@ _UNAUTHENTICATED = trailers(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MES
 _PERMISSION_DENIED = trailers(
     grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, ErrorReason.PERMISSION_DENIED
 )
+
+
+class Registry(Protocol):
+    """What identity needs from the tenants registry (`lockbroker.server.auth.tenants.TenantRegistry`)."""
+
+    def __len__(self) -> int: ...
+
+    async def authenticate_key(self, key: str) -> Principal | None:
+        """The principal of a valid API key, or None."""
+
+    def for_identity(self, identity: str) -> Principal | None:
+        """The principal an mTLS identity ("spiffe://..." or "CN=...") maps to, or None."""
+
+    def key_id(self, key: str) -> str:
+        """The public part of a key, safe to log."""
 
 
 def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
@@ -65,13 +86,13 @@ def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | N
 
 
 class IdentityInterceptor(WrappingInterceptor):
-    """Sets `current_principal` around every non-open call, or ends it UNAUTHENTICATED."""
+    """Writes the caller's principal on every non-open call's state, or ends the call UNAUTHENTICATED."""
 
-    def __init__(self, registry: TenantRegistry) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
     @classmethod
-    def from_registry(cls, registry: TenantRegistry | None) -> IdentityInterceptor | None:
+    def from_registry(cls, registry: Registry | None) -> IdentityInterceptor | None:
         """None when no authentication is configured (no registry, or one without tenants): install nothing."""
         if registry is None or len(registry) == 0:
             return None
@@ -88,7 +109,9 @@ class IdentityInterceptor(WrappingInterceptor):
             by_key = await self.registry.authenticate_key(key)
             if by_key is None:
                 # The id is not secret and helps an operator find the client; the key itself is never logged.
-                log.debug("rejected: invalid api key", extra={"peer": context.peer(), "key_id": _key_id(key)})
+                log.debug(
+                    "rejected: invalid api key", extra={"peer": context.peer(), "key_id": self.registry.key_id(key)}
+                )
                 return None
         identity = certificate_identity(context.auth_context())
         by_cert = self.registry.for_identity(identity) if identity else None
@@ -103,31 +126,27 @@ class IdentityInterceptor(WrappingInterceptor):
             log.debug("rejected: no known credential", extra={"peer": context.peer(), "identity": identity})
         return principal
 
-    async def _principal_or_abort(self, context: Context) -> Principal:
-        principal = await self.authenticate(context)
-        if principal is None:
+    async def _admit(self, context: Context) -> None:
+        state = state_of(context)
+        state.principal = await self.authenticate(context)
+        if state.principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, _UNAUTHENTICATED)
-        return principal
 
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
+    def layer(self, call: CallInfo) -> Layer | None:
         if call.open:
-            return behavior
+            return None
+        return Layer(before=self._before)
 
-        async def authenticated(request: Any, context: Context) -> Any:
-            token = current_principal.set(await self._principal_or_abort(context))
-            try:
-                return await behavior(request, context)
-            finally:
-                current_principal.reset(token)
-
-        return authenticated
+    async def _before(self, request: Any, context: Context) -> None:
+        await self._admit(context)
 
     def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
         if call.open:
             return behavior
 
         async def authenticated(request: Any, context: Context) -> AsyncIterator[Any]:
-            token = current_principal.set(await self._principal_or_abort(context))
+            context = scoped(context, call)
+            await self._admit(context)
             responses: Any = behavior(request, context)
             try:
                 if hasattr(responses, "__aiter__"):
@@ -138,28 +157,20 @@ class IdentityInterceptor(WrappingInterceptor):
                     await responses
             finally:
                 # `async for` leaves the inner generator suspended when the call ends early (client
-                # gone, cancelled); close it here so its cleanup runs now and in this call's context.
+                # gone, cancelled); close it here so its cleanup runs now.
                 if hasattr(responses, "aclose"):
                     await responses.aclose()
-                # An abandoned stream may be finalised later from another task, whose context never
-                # saw this token; there is nothing to undo there.
-                with contextlib.suppress(ValueError):
-                    current_principal.reset(token)
 
         return authenticated
 
 
-def _key_id(key: str) -> str:
-    parsed = parse_key(key)
-    return parsed[0] if parsed else "(malformed)"
-
-
 async def require_admin(context: Context) -> Principal:
-    """The current principal if it has the admin role; otherwise ends the call PERMISSION_DENIED.
+    """The call's principal if it has the admin role; otherwise ends the call PERMISSION_DENIED.
 
-    With no authentication configured the caller is the anonymous principal, which is not an admin.
+    Kept for the admin RPCs to come (issue 15). With no authentication configured the caller is
+    the anonymous principal, which is not an admin.
     """
-    principal = current_principal.get()
-    if not principal.admin:
+    principal = state_of(context).principal
+    if principal is None or not principal.admin:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE, _PERMISSION_DENIED)
     return principal

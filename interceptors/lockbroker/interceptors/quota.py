@@ -5,8 +5,9 @@ the lock core, so they hold across replicas. A rate is a limit on flow: counting
 cost a write per call to protect against too many calls, so it is counted here, per replica, and
 documented so (N replicas behind a balancer admit up to N times the rate).
 
-It sits after identity (the bucket is the caller's tenant's) and before retry (a retried call
-spends one token, not one per attempt). A refused call reaches no handler and changes nothing.
+It sits after identity (the bucket is the caller's tenant's) and outside the service edge, whose
+retries therefore spend one token per call, not one per attempt. A refused call reaches no
+handler and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from typing import Any
 
 import grpc
 
-from lockbroker.interceptors.base import CallInfo, Context, UnaryBehavior, WrappingInterceptor
+from lockbroker.interceptors.base import CallInfo, Context, Layer, WrappingInterceptor, state_of
 from lockbroker.interceptors.rpcstatus import quota_details, trailers
-from lockbroker.interceptors.tenancy import current_principal
 from lockbroker.v1.reasons import ErrorReason
 
 RATE_LIMITED = ErrorReason.RATE_LIMITED
@@ -76,23 +76,19 @@ class RateLimitInterceptor(WrappingInterceptor):
             bucket = self._buckets[tenant] = TokenBucket(rate, now)
         return bucket.take(now)
 
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        if call.method not in LIMITED_METHODS:
-            return behavior
+    def layer(self, call: CallInfo) -> Layer | None:
+        return Layer(before=self._limit) if call.method in LIMITED_METHODS else None
 
-        async def limited(request: Any, context: Context) -> Any:
-            tenant = current_principal.get().tenant
-            wait = self.check(tenant)
-            if wait > 0:
-                rate = self._rate_of(tenant)
-                message = (
-                    f"tenant {tenant!r} is over its acquire rate of {rate.per_second:g}/s "
-                    f"(burst {rate.burst}) on this replica; retry in {wait:.3f}s"
-                )
-                details = quota_details(tenant, "acquire_rate", rate.per_second, message, math.ceil(wait * 1000) / 1000)
-                meta = {"tenant": tenant, "limit": "acquire_rate", "value": f"{rate.per_second:g}"}
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                await context.abort(code, message, trailers(code, message, RATE_LIMITED, meta, details))
-            return await behavior(request, context)
-
-        return limited
+    async def _limit(self, request: Any, context: Context) -> None:
+        tenant = state_of(context).tenant
+        wait = self.check(tenant)
+        if wait > 0:
+            rate = self._rate_of(tenant)
+            message = (
+                f"tenant {tenant!r} is over its acquire rate of {rate.per_second:g}/s "
+                f"(burst {rate.burst}) on this replica; retry in {wait:.3f}s"
+            )
+            details = quota_details(tenant, "acquire_rate", rate.per_second, message, math.ceil(wait * 1000) / 1000)
+            meta = {"tenant": tenant, "limit": "acquire_rate", "value": f"{rate.per_second:g}"}
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, message, trailers(code, message, RATE_LIMITED, meta, details))

@@ -17,7 +17,24 @@ from google.rpc import error_details_pb2, status_pb2
 DOMAIN = "lockbroker"
 DETAILS_KEY = "grpc-status-details-bin"
 
-Trailers = tuple[tuple[str, str | bytes], ...]
+
+class Trailers(tuple[tuple[str, str | bytes], ...]):
+    """Trailing metadata that also remembers the ErrorInfo reason it carries.
+
+    `CallContext.abort` reads `.reason` to record the call's outcome, so the serialized
+    google.rpc.Status is built once and never parsed back on the server. grpc's own Cython
+    `context.abort` accepts only an exact tuple: `CallContext.abort` converts, and every handler
+    and layer of ours is handed a CallContext (the service edge makes one when no chain did);
+    code aborting on a bare grpc context must pass `tuple(trailers)`.
+    """
+
+    reason: str | None = None
+
+    @staticmethod
+    def of(items: tuple[tuple[str, str | bytes], ...], reason: str | None) -> Trailers:
+        t = Trailers(items)
+        t.reason = reason
+        return t
 
 
 def pack(msg: message.Message) -> any_pb2.Any:
@@ -38,7 +55,7 @@ def trailers(
     status = status_pb2.Status(
         code=code.value[0], message=message_text, details=[pack(info), *(pack(d) for d in details)]
     )
-    return ((DETAILS_KEY, status.SerializeToString()),)
+    return Trailers.of(((DETAILS_KEY, status.SerializeToString()),), reason)
 
 
 def quota_details(

@@ -1,188 +1,30 @@
-"""Tracing: OpenTelemetry from the standard OTEL_* variables, and lock attributes on server spans.
+"""Lock attributes on the server span: what a lock operation means, for the trace.
 
-`configure_tracing()` reads OTEL_TRACES_EXPORTER (otlp, console, none; a comma-separated list is
-allowed). Unlike the OTel default, "none" is the default here: then no SDK provider is installed
-and no interceptor returned, so tracing costs nothing and spans from libraries stay no-ops.
-Otherwise it returns the aio server interceptor of opentelemetry-instrumentation-grpc (it reads
-W3C `traceparent` from the caller's metadata and makes the server span current for everything
-inside it), a tracer with which the broker's etcd client makes a CLIENT span per etcd call (so
-etcd calls become children of the RPC that made them), and OTel's aio client interceptors for
-callers' own channels.
-
-`LockSpanInterceptor` adds what a lock operation means to the current server span: tenant, lock
-name, fencing token, how long an Acquire waited and its queue position, the request id, and how
-often the handler was retried (the retry interceptor adds one span event per retry).
+`LockSpanInterceptor` adds the tenant, lock name, fencing token, how long an Acquire waited and its
+queue position, the request id, the error reason and how often the call was retried (the service
+edge adds one span event per retry), all read from the request, the response and the call's
+`CallState` when the call ends. The OTel SDK and the server span itself are set up by
+`lockbroker.server.telemetry`.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
 from google.protobuf.message import Message
-from grpc import aio
 from opentelemetry import trace
-from opentelemetry.instrumentation import grpc as _otel_grpc
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from lockbroker.interceptors.base import (
-    OPEN_SERVICES,
     CallInfo,
     Context,
+    Layer,
     StreamBehavior,
-    UnaryBehavior,
     WrappingInterceptor,
+    scoped,
+    state_of,
 )
-from lockbroker.interceptors.retry import retry_attempts
-from lockbroker.interceptors.rpcstatus import error_reason
-from lockbroker.interceptors.tenancy import current_principal
-
-DEFAULT_SERVICE_NAME: Final = "lockbroker"
-EXPORTERS: Final = frozenset({"otlp", "console", "none"})
-
-# The OTLP exporters are optional packages; named here so the error can say which to install.
-_OTLP: Final[Mapping[str, tuple[str, str]]] = {
-    "grpc": ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "opentelemetry-exporter-otlp-proto-grpc"),
-    "http/protobuf": (
-        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-        "opentelemetry-exporter-otlp-proto-http",
-    ),
-}
-
-
-# The instrumentation package ships no type hints.
-otel_grpc: Any = _otel_grpc
-
-
-class TracingConfigError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Tracing:
-    """What `configure_tracing` set up; everything empty when tracing is off."""
-
-    provider: TracerProvider | None
-    exporters: tuple[str, ...]
-    server_interceptor: aio.ServerInterceptor | None
-    client_interceptors: tuple[aio.ClientInterceptor, ...]
-    # For spans the broker makes itself around its outbound (etcd) calls; see EtcdClient.
-    backend_tracer: trace.Tracer | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.provider is not None
-
-    def server_interceptors(self) -> list[aio.ServerInterceptor]:
-        """The head of the server chain: the OTel interceptor, then LockSpanInterceptor goes after identity."""
-        return [self.server_interceptor] if self.server_interceptor is not None else []
-
-    def shutdown(self) -> None:
-        """Flush and stop the exporters (BatchSpanProcessor holds spans for a few seconds)."""
-        if self.provider is not None:
-            self.provider.shutdown()
-
-
-DISABLED: Final = Tracing(None, (), None, ())
-
-
-def _exporter_names(env: Mapping[str, str]) -> tuple[str, ...]:
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return ()
-    raw = env.get("OTEL_TRACES_EXPORTER", "none")
-    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
-    unknown = [n for n in names if n not in EXPORTERS]
-    if unknown:
-        # A typo must not silently switch tracing off.
-        raise TracingConfigError(f"OTEL_TRACES_EXPORTER: unsupported exporter(s) {unknown}; use otlp, console or none")
-    return tuple(n for n in names if n != "none")
-
-
-def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
-    if name == "console":
-        # stdout carries the audit log's JSON lines; spans must not interleave with them.
-        return ConsoleSpanExporter(out=sys.stderr)
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    protocol = protocol.strip()
-    if protocol not in _OTLP:
-        raise TracingConfigError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
-    module, package = _OTLP[protocol]
-    try:
-        exporter_cls: Any = importlib.import_module(module).OTLPSpanExporter
-    except ImportError:
-        raise TracingConfigError(
-            f"OTEL_TRACES_EXPORTER=otlp over {protocol} needs the {package} package (pip install {package})"
-        ) from None
-    # The exporter reads OTEL_EXPORTER_OTLP_* (endpoint, headers, certificates) itself.
-    exporter: SpanExporter = exporter_cls()
-    return exporter
-
-
-def _resource(env: Mapping[str, str]) -> Resource:
-    named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME from the process env.
-    return Resource.create({} if named else {"service.name": DEFAULT_SERVICE_NAME})
-
-
-def _server_filter(env: Mapping[str, str]) -> Callable[[grpc.HandlerCallDetails], bool]:
-    # Health checks every second would drown the traces that matter.
-    excluded = set(OPEN_SERVICES)
-    excluded.update(s.strip() for s in env.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if s.strip())
-
-    def traced(details: grpc.HandlerCallDetails) -> bool:
-        return details.method.lstrip("/").split("/", 1)[0] not in excluded
-
-    return traced
-
-
-def tracing_for(
-    provider: TracerProvider, env: Mapping[str, str] | None = None, exporters: Sequence[str] = ()
-) -> Tracing:
-    """Interceptors bound to an existing provider (tests pass one with an InMemorySpanExporter)."""
-    env = os.environ if env is None else env
-    return Tracing(
-        provider=provider,
-        exporters=tuple(exporters),
-        server_interceptor=otel_grpc.aio_server_interceptor(tracer_provider=provider, filter_=_server_filter(env)),
-        client_interceptors=tuple(otel_grpc.aio_client_interceptors(tracer_provider=provider)),
-        backend_tracer=provider.get_tracer("lockbroker.etcd"),
-    )
-
-
-def configure_tracing(
-    env: Mapping[str, str] | None = None,
-    *,
-    set_global: bool = True,
-    span_processors: Sequence[SpanProcessor] = (),
-) -> Tracing:
-    """Tracing as the OTEL_* environment asks; `DISABLED` (no provider, no interceptors) by default.
-
-    `set_global` installs the provider for `trace.get_tracer()` users; OTel allows that once per
-    process, so tests pass False. `span_processors` are added to the configured exporters (and
-    turn tracing on by themselves).
-    """
-    env = os.environ if env is None else env
-    names = _exporter_names(env)
-    if not names and not span_processors:
-        return DISABLED
-    exporters = [_exporter(n, env) for n in names]  # all resolved before anything is installed
-    provider = TracerProvider(resource=_resource(env))
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    for processor in span_processors:
-        provider.add_span_processor(processor)
-    if set_global:
-        trace.set_tracer_provider(provider)
-    return tracing_for(provider, env, names)
-
 
 # --- lock attributes ----------------------------------------------------------------------------
 
@@ -235,35 +77,48 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         yield response
 
 
-class LockSpanInterceptor(WrappingInterceptor):
-    """Lock attributes on the current (server) span. Place it after identity, before retry.
+async def _annotate_request(request: Any, context: Context) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(_request_attributes(request))
 
-    A no-op when the span is not recording, so it may stay in the chain with tracing off.
+
+def _annotate_state(span: trace.Span, context: Context) -> None:
+    state = state_of(context)
+    if state.principal is not None:  # None: authentication failed, the call acts for nobody
+        span.set_attribute("lockbroker.tenant", state.tenant)
+    if state.attempts:
+        span.set_attribute("lockbroker.retry_attempts", state.attempts)
+
+
+async def _annotate_response(request: Any, response: Any, context: Context) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        _annotate_state(span, context)
+        span.set_attributes(_response_attributes(response))
+
+
+async def _annotate_failure(request: Any, context: Context, exc: BaseException) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        _annotate_state(span, context)
+        if reason := state_of(context).reason:
+            span.set_attribute("lockbroker.error.reason", reason)
+
+
+_LOCK_SPAN = Layer(before=_annotate_request, after=_annotate_response, failed=_annotate_failure)
+
+
+class LockSpanInterceptor(WrappingInterceptor):
+    """Lock attributes on the current (server) span, from the request, the response and the call's state.
+
+    The tenant, the error reason and the retry attempts are read from the `CallState` when the
+    call ends, so this layer may sit anywhere inside the OTel interceptor. A no-op when the span
+    is not recording, so it may stay in the chain with tracing off.
     """
 
-    def wrap_unary(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-        if call.open:
-            return behavior
-
-        async def annotated(request: Any, context: Context) -> Any:
-            span = trace.get_current_span()
-            if not span.is_recording():
-                return await behavior(request, context)
-            span.set_attribute("lockbroker.tenant", current_principal.get().tenant)
-            span.set_attributes(_request_attributes(request))
-            try:
-                response = await behavior(request, context)
-            except BaseException:
-                if reason := error_reason(context.trailing_metadata()):
-                    span.set_attribute("lockbroker.error.reason", reason)
-                raise
-            finally:
-                if attempts := retry_attempts.get():
-                    span.set_attribute("lockbroker.retry_attempts", attempts)
-            span.set_attributes(_response_attributes(response))
-            return response
-
-        return annotated
+    def layer(self, call: CallInfo) -> Layer | None:
+        return None if call.open else _LOCK_SPAN
 
     def wrap_stream(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
         if call.open:
@@ -275,23 +130,18 @@ class LockSpanInterceptor(WrappingInterceptor):
                 async for response in _responses(behavior(request, context)):
                     yield response
                 return
-            span.set_attribute("lockbroker.tenant", current_principal.get().tenant)
+            context = scoped(context, call)
+            state = state_of(context)
             sent = 0
             try:
                 async for response in _responses(behavior(request, context)):
                     sent += 1
                     yield response
             finally:
+                span.set_attribute("lockbroker.tenant", state.tenant)
                 span.set_attribute("lockbroker.messages_sent", sent)
 
         return annotated
 
 
-__all__ = [
-    "DISABLED",
-    "LockSpanInterceptor",
-    "Tracing",
-    "TracingConfigError",
-    "configure_tracing",
-    "tracing_for",
-]
+__all__ = ["LockSpanInterceptor"]

@@ -8,33 +8,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
 from pathlib import Path
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from lockbroker.interceptors import tenants, tls
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
+from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsInterceptor
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
-from lockbroker.interceptors.retry import ServerRetryInterceptor
-from lockbroker.interceptors.tenants import TenantsFileError
-from lockbroker.interceptors.tls import TlsFileError
-from lockbroker.interceptors.tracing import (
-    DISABLED,
-    LockSpanInterceptor,
-    Tracing,
-    TracingConfigError,
-    configure_tracing,
-)
+from lockbroker.interceptors.tracing import LockSpanInterceptor
+from lockbroker.server import auth
+from lockbroker.server.auth.tenants import TenantRegistry
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
@@ -42,7 +34,9 @@ from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
-from lockbroker.server.service import LockService, add_to_server
+from lockbroker.server.metrics import Metrics
+from lockbroker.server.service import LockService, RetryPolicy, add_to_server
+from lockbroker.server.telemetry import DISABLED, Tracing, TracingConfigError, configure_tracing
 from lockbroker.v1 import lock_pb2
 
 log = logging.getLogger("lockbroker.server")
@@ -77,14 +71,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
 
 
 def default_state_dir() -> Path:
@@ -109,9 +96,11 @@ class Broker:
         self.server: aio.Server | None = None
         self.port = 0
         self.identity: IdentityInterceptor | None = None
+        self.registry: TenantRegistry | None = None
         self.quotas = Quotas(config.quota)
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+        self.metrics = Metrics() if config.server.metrics_listen else None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -119,7 +108,8 @@ class Broker:
 
     async def start(self) -> None:
         cfg = self.config
-        self.identity, credentials = self._security()
+        security = auth.security(cfg)
+        self.registry, self.identity, credentials = security.registry, security.identity, security.credentials
         self.quotas = self._quotas()
         if self._own_tracing:
             try:
@@ -145,10 +135,12 @@ class Broker:
             log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
         self.client_config = etcd_cfg
         # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
-        self.client = EtcdClient(etcd_cfg, tracer=self.tracing.backend_tracer)
+        self.client = EtcdClient(
+            etcd_cfg, tracer=self.tracing.backend_tracer, observer=self.metrics.etcd.observe if self.metrics else None
+        )
         self.backend = EtcdLockBackend(self.client)
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
-        self.service = LockService(self.core, cfg.limits)
+        self.service = LockService(self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts))
 
         self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
         add_to_server(self.service, self.server)
@@ -164,6 +156,13 @@ class Broker:
                 self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
+        if self.metrics is not None and cfg.server.metrics_listen:
+            self.metrics.watch_state(self.client, etcd_cfg.key_root)
+            try:
+                self.metrics.serve(cfg.server.metrics_listen)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot serve metrics on {cfg.server.metrics_listen}: {e}") from None
+            log.info("metrics on /metrics", extra={"metrics_listen": cfg.server.metrics_listen})
         await self._probe()  # health is right from the first check
         await self.server.start()
         self._monitor = asyncio.create_task(self._watch_health())
@@ -172,49 +171,11 @@ class Broker:
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
 
-    def _security(self) -> tuple[IdentityInterceptor | None, grpc.ServerCredentials | None]:
-        """Who may call, and over what; refuses setups that would expose locks or keys."""
-        cfg = self.config
-        registry = None
-        if cfg.auth.tenants_file:
-            try:
-                registry = tenants.load(cfg.auth.tenants_file)
-            except TenantsFileError as e:
-                raise ConfigError(str(e)) from None
-            if len(registry) == 0:
-                log.warning("the tenants file lists no tenants: authentication is off")
-        identity = IdentityInterceptor.from_registry(registry)
-        credentials = None
-        if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
-            raise ConfigError("tls: --tls-cert-file and --tls-key-file go together")
-        if cfg.tls.client_ca_file is not None and cfg.tls.cert_file is None:
-            raise ConfigError("tls: --tls-client-ca-file needs --tls-cert-file and --tls-key-file")
-        if cfg.tls.cert_file and cfg.tls.key_file:
-            try:
-                credentials = tls.server_credentials(
-                    cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.client_ca_file, cfg.tls.client_ca_file is not None
-                )
-            except TlsFileError as e:
-                raise ConfigError(str(e)) from None
-        if not is_loopback(cfg.server.listen) and not cfg.server.insecure_remote:
-            if identity is None:
-                raise ConfigError(
-                    f"refusing to listen on {cfg.server.listen} without authentication: anyone who can reach "
-                    "it could take and release every lock. Listen on 127.0.0.1 or ::1, configure "
-                    "--auth-tenants-file, or pass --insecure-remote if the network itself is trusted."
-                )
-            if credentials is None:
-                raise ConfigError(
-                    f"refusing to listen on {cfg.server.listen} without TLS: API keys would cross the network "
-                    "in clear. Configure --tls-cert-file and --tls-key-file, or pass --insecure-remote."
-                )
-        return identity, credentials
-
     def _quotas(self) -> Quotas:
         """The default quota, and each tenant's own from the tenants file (checked here: a typo
         in a limit's name must stop the broker, not silently leave a tenant unlimited)."""
         overrides = {}
-        for tenant in self.identity.registry if self.identity is not None else ():
+        for tenant in self.registry if self.identity is not None and self.registry is not None else ():
             if tenant.quota:
                 try:
                     overrides[tenant.name] = self.config.quota.with_overrides(
@@ -229,38 +190,48 @@ class Broker:
         return Rate(q.acquire_rate, q.acquire_burst)
 
     def _interceptors(self) -> list[aio.ServerInterceptor]:
-        """The chain, outermost first.
+        """The chain, outermost first; every layer shares one `CallState` per call.
 
-        tracing   first, so every other layer (and each etcd call) is inside the server span;
-        audit     next, so rejections by identity, quota or retry exhaustion are recorded too;
-        identity  then the tenant is known; audit.capture() hands it to the audit record;
-        lock span attributes from the request and the grant, once the tenant is known;
-        quota     the tenant's acquire rate (per replica); a refusal is audited with its lock name
-                  (limits on held state are the lock core's, in etcd);
-        retry     innermost, around the handler alone, so a retry re-runs only the handler and
-                  is audited and traced as one call with N attempts.
+        tracing   OTel's server span, so every other layer (and each etcd call) is inside it;
+        audit     one record per call, written from the call's state when it ends (principal,
+                  attempts, outcome); refuses mutating calls early when its sink is failing;
+        identity  writes the caller's principal (hence the tenant) on the state, or UNAUTHENTICATED;
+        lock span lock attributes on the server span, from the request, the response and the state;
+        quota     the tenant's acquire rate (per replica); limits on held state are the core's;
+        service   the edge: deadline, retry of transient backend failures (one call, N attempts,
+                  so identity and quota are charged once), and the one mapping of errors to statuses;
+        core      the lock semantics; backend: etcd transactions.
+
+        For unary calls the four lockbroker layers run in one frame (`interceptors.base.layered`):
+        their `before` hooks in this order, then the handler, then `after` (or, on any failure,
+        every layer's `failed`, which is how audit records a rejection by identity or quota).
+        Streams (KeepAlive) nest the same layers in this order, which is why audit sits before
+        identity: only a layer outside another sees its rejection in a nested chain.
         """
         chain: list[aio.ServerInterceptor] = [*self.tracing.server_interceptors()]
+        if self.metrics is not None:  # outermost of ours: every call counted, rejections too
+            chain.append(GrpcMetricsInterceptor(self.metrics.grpc))
         if self.audit is not None:
             chain.append(self.audit)
         if self.identity is not None:
             chain.append(self.identity)
-        if self.audit is not None:
-            chain.append(self.audit.capture())
+        if self.metrics is not None:  # needs the tenant; before quota, so rate refusals count
+            chain.append(LockMetricsInterceptor(self.metrics.locks))
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
         if self.quotas.any(lambda q: q.acquire_rate > 0):
             chain.append(RateLimitInterceptor(self._rate))
-        if self.config.retry.max_attempts > 1:
-            chain.append(ServerRetryInterceptor(max_attempts=self.config.retry.max_attempts))
         return interceptor_chain(chain)
 
     async def _probe(self) -> None:
         assert self.backend is not None
         try:
-            await self.backend.ping(
-                self.client_config.key_root.encode(), timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval))
-            )
+            # Not traced: a root trace per probe (every second) would bury the traces of calls.
+            with suppress_instrumentation():
+                await self.backend.ping(
+                    self.client_config.key_root.encode(),
+                    timeout=max(0.5, min(2.0, 2 * self.config.server.health_interval)),
+                )
             ok = True
         except Unavailable as e:
             ok = False
@@ -305,6 +276,8 @@ class Broker:
             await self.client.close()
         if self._own_tracing:
             self.tracing.shutdown()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         if self.embedded is not None:
             await self.embedded.stop()
 

@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tenants(args: argparse.Namespace) -> int:
-    from lockbroker.interceptors import tenants  # noqa: PLC0415
+    from lockbroker.server.auth import tenants  # noqa: PLC0415
 
     path = args.file or os.environ.get("LOCKBROKER_AUTH_TENANTS_FILE")
     if not path:

@@ -38,6 +38,11 @@ class ServerConfig:
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     health_interval: float = field(default=1.0, metadata={"help": "seconds between etcd health probes"})
+    # Unauthenticated like every Prometheus endpoint; it shows tenant names and counts, never lock
+    # names or keys, and cannot change anything: so any address is allowed (docs/operating.md).
+    metrics_listen: str | None = field(
+        default=None, metadata={"help": "host:port to serve Prometheus /metrics on (unset: no metrics)"}
+    )
 
     def __post_init__(self) -> None:
         if self.grace_period < 0 or self.health_interval <= 0:

@@ -1,22 +1,39 @@
-"""The gRPC edge: a few lines per RPC over the lock core, like etcd's v3lock service."""
+"""The gRPC edge: a few lines per RPC over the lock core, like etcd's v3lock service.
+
+The edge owns a failed call: `rpc` retries an idempotent call whose backend failed transiently
+(`Unavailable`, but not `ShuttingDown`), records the attempts on the call's state, and maps the
+final exception to a status once. The interceptors around it see one call, so audit and tracing
+show one call with N attempts and identity and quota are charged once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
 from grpc import aio
+from opentelemetry import trace
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
 
-from lockbroker.interceptors.retry import DeferredAbort, abort_or_defer
-from lockbroker.interceptors.tenancy import tenant_of
+from lockbroker.interceptors.base import CallInfo, CallState, scoped, state_of
 from lockbroker.server import convert, status, validation
 from lockbroker.server.core.backend import call_deadline
 from lockbroker.server.core.errors import (
@@ -25,9 +42,12 @@ from lockbroker.server.core.errors import (
     LockBrokerError,
     SessionNotFound,
     ShuttingDown,
+    Unavailable,
 )
 from lockbroker.server.core.names import parse_session_id, session_id_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+
+_SERVICE_DESC = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
 
 if TYPE_CHECKING:
     from lockbroker.server.config import LockLimits
@@ -41,6 +61,11 @@ Resp = TypeVar("Resp")
 Ctx = aio.ServicerContext[object, object]
 
 
+def tenant_of(context: Ctx) -> str:
+    """The tenant the call acts for, as identity wrote it on the call's state."""
+    return state_of(context).tenant
+
+
 def _deadline(context: Ctx) -> None:
     left = context.time_remaining()
     call_deadline.set(None if left is None else time.monotonic() + left)
@@ -49,13 +74,12 @@ def _deadline(context: Ctx) -> None:
 async def _fail(context: Ctx, exc: Exception, method: str) -> None:
     """End a call with the status of `exc`.
 
-    Domain errors become their documented status (under the retry interceptor this raises
-    DeferredAbort instead of aborting, so the call can run again); anything else is a bug, logged
-    with its stack under an incident id, and the caller gets INTERNAL with that id and nothing more.
+    Domain errors become their documented status; anything else is a bug, logged with its stack
+    under an incident id, and the caller gets INTERNAL with that id and nothing more. (The
+    context's `abort` records code and reason on the call's state from the trailers object.)
     """
     if isinstance(exc, LockBrokerError):
-        await abort_or_defer(context, *status.to_status(exc))
-        return
+        await context.abort(*status.to_status(exc))
     incident = uuid.uuid4().hex[:12]
     log.exception("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
     await context.abort(*status.internal(incident))
@@ -113,36 +137,169 @@ def add_to_server(service: LockService, server: aio.Server) -> None:
     server.add_registered_method_handlers(desc.full_name, handlers)
 
 
-def rpc(
-    handler: Callable[[LockService, Req, Ctx], Awaitable[Resp]],
-) -> Callable[[LockService, Req, Ctx], Coroutine[Any, Any, Resp]]:
-    """Give a unary handler its deadline, and turn every error into a status with details."""
+class Idempotency(enum.Enum):
+    """Whether repeating a call with the same request cannot change its outcome."""
 
-    @functools.wraps(handler)
-    async def wrapped(self: LockService, request: Req, context: Ctx) -> Resp:
-        _deadline(context)
-        try:
-            if self.draining:
-                raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
-            if isinstance(request, Malformed):
-                raise InvalidArgument([FieldViolation("request", f"is not a valid request message: {request.error}")])
-            return await handler(self, request, context)
-        except (aio.AbortError, asyncio.CancelledError, DeferredAbort):
-            raise
-        except Exception as exc:
-            await _fail(context, exc, handler.__name__)
-        raise AssertionError("abort returned")
+    NEVER = "never"
+    ALWAYS = "always"  # Refresh, Describe, List, CloseSession
+    # Acquire, Release, CreateSession: the broker remembers the request_id; without one a repeat
+    # could take a second lock entry or a second session.
+    WITH_REQUEST_ID = "with_request_id"
 
-    return wrapped
+    def holds_for(self, request: object) -> bool:
+        if self is Idempotency.ALWAYS:
+            return True
+        return self is Idempotency.WITH_REQUEST_ID and bool(getattr(request, "request_id", ""))
+
+    @staticmethod
+    def of(method: str) -> Idempotency:
+        """What lock.proto declares for `method`: its `idempotency_level` (NO_SIDE_EFFECTS or
+        IDEMPOTENT: always), else a unary request with a `request_id` field (only with one), else
+        never. Read from the descriptor so the proto stays the one place that says it."""
+        desc = _SERVICE_DESC.methods_by_name[method]
+        if desc.GetOptions().idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN:
+            return Idempotency.ALWAYS
+        if not desc.client_streaming and "request_id" in desc.input_type.fields_by_name:
+            return Idempotency.WITH_REQUEST_ID
+        return Idempotency.NEVER
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """The edge's retry of transient backend failures: full-jitter backoff, at most `max_attempts`
+    attempts, never past the RPC's deadline minus `min_attempt` (the time an attempt needs to be
+    worth starting), and `max_elapsed` seconds after the first failure when the caller set no
+    deadline."""
+
+    max_attempts: int = 3
+    multiplier: float = 0.05
+    max_backoff: float = 0.5
+    max_elapsed: float = 2.0
+    min_attempt: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def _transient(exc: BaseException) -> bool:
+    # Only "the backend did not answer": SHUTTING_DOWN is Unavailable too but means "go to another
+    # replica", which a retry on this one cannot achieve.
+    return isinstance(exc, Unavailable) and not isinstance(exc, ShuttingDown)
+
+
+async def _retried(
+    attempt: Callable[[], Awaitable[Resp]], first: Unavailable, policy: RetryPolicy, state: CallState, context: Ctx
+) -> Resp:
+    """Attempts after a first one failed with `first`; the last failure is raised as it is."""
+    left = context.time_remaining()
+    budget = policy.max_elapsed if left is None else left - policy.min_attempt
+    if budget <= 0:
+        raise first
+    started = time.monotonic()
+    async for retry in AsyncRetrying(
+        retry=retry_if_exception(_transient),
+        wait=wait_random_exponential(multiplier=policy.multiplier, max=policy.max_backoff),
+        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(budget - (time.monotonic() - started)),
+        before_sleep=functools.partial(_before_sleep, state),
+        reraise=True,
+    ):
+        with retry:
+            number = retry.retry_state.attempt_number
+            if number == 1:
+                raise first  # the attempt already made: tenacity counts it and backs off from it
+            state.attempts = number - 1
+            return await attempt()
+    raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+
+def _before_sleep(state: CallState, retry: RetryCallState) -> None:
+    exc = retry.outcome.exception() if retry.outcome is not None else None
+    reason = exc.reason if isinstance(exc, LockBrokerError) else ""
+    sleep = retry.upcoming_sleep
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "lockbroker.retry",
+            {"attempt": retry.attempt_number, "reason": reason, "sleep_ms": round(sleep * 1000, 3)},
+        )
+    log.info(
+        "retrying %s after %s (attempt %d, sleeping %.3fs)",
+        state.info.name,
+        reason,
+        retry.attempt_number,
+        sleep,
+        extra={"method": state.info.method, "attempt": retry.attempt_number},
+    )
+
+
+Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
+SERVICE = _SERVICE_DESC.full_name
+
+
+def _call_info(name: str, *, streaming: bool) -> CallInfo:
+    return CallInfo(f"/{SERVICE}/{name}", SERVICE, name, streaming, streaming)
+
+
+def rpc() -> Callable[[Handler[Req, Resp]], Callable[[Any, Req, Ctx], Coroutine[Any, Any, Resp]]]:
+    """Give a unary handler its deadline, retry it per its method's idempotency in lock.proto
+    (`Idempotency.of`) and the servicer's `retry` policy, and turn its final error into a status
+    with details.
+
+    The servicer provides `draining: bool` and `retry: RetryPolicy`. The first attempt runs bare:
+    tenacity's bookkeeping costs about as much as the rest of the chain, and almost every call
+    succeeds at once.
+    """
+
+    def decorate(handler: Handler[Req, Resp]) -> Callable[[Any, Req, Ctx], Coroutine[Any, Any, Resp]]:
+        info = _call_info(handler.__name__, streaming=False)
+        idempotency = Idempotency.of(handler.__name__)
+
+        @functools.wraps(handler)
+        async def wrapped(self: Any, request: Req, context: Ctx) -> Resp:
+            context = scoped(context, info)  # the chain's state, or this call's own without a chain
+            _deadline(context)
+            try:
+                if self.draining:
+                    raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+                if isinstance(request, Malformed):
+                    raise InvalidArgument(
+                        [FieldViolation("request", f"is not a valid request message: {request.error}")]
+                    )
+                try:
+                    return await handler(self, request, context)
+                except Unavailable as first:
+                    policy: RetryPolicy = self.retry
+                    if policy.max_attempts == 1 or not _transient(first) or not idempotency.holds_for(request):
+                        raise
+                    return await _retried(
+                        lambda: handler(self, request, context), first, policy, state_of(context), context
+                    )
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _fail(context, exc, handler.__name__)
+            raise AssertionError("abort returned")
+
+        return wrapped
+
+    return decorate
+
+
+_KEEPALIVE = _call_info("KeepAlive", streaming=True)
 
 
 class LockService(lock_pb2_grpc.LockServiceServicer):
-    def __init__(self, core: LockCore, limits: LockLimits) -> None:
+    def __init__(self, core: LockCore, limits: LockLimits, retry: RetryPolicy = NO_RETRY) -> None:
         self.core = core
         self.limits = limits
+        self.retry = retry
         self.draining = False
 
-    @rpc
+    @rpc()
     async def CreateSession(
         self, request: lock_pb2.CreateSessionRequest, context: Ctx
     ) -> lock_pb2.CreateSessionResponse:
@@ -151,30 +308,30 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         ttl_pb, expires = convert.session(s)
         return lock_pb2.CreateSessionResponse(session_id=s.session_id, ttl=ttl_pb, expires_at=expires)
 
-    @rpc
+    @rpc()
     async def Refresh(self, request: lock_pb2.RefreshRequest, context: Ctx) -> lock_pb2.RefreshResponse:
         s = await self.core.refresh(tenant_of(context), validation.session_id(request.session_id))
         ttl_pb, expires = convert.session(s)
         return lock_pb2.RefreshResponse(ttl=ttl_pb, expires_at=expires)
 
-    @rpc
+    @rpc()
     async def CloseSession(self, request: lock_pb2.CloseSessionRequest, context: Ctx) -> lock_pb2.CloseSessionResponse:
         closed = await self.core.close_session(tenant_of(context), validation.session_id(request.session_id))
         return lock_pb2.CloseSessionResponse(closed=closed)
 
-    @rpc
+    @rpc()
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Ctx) -> lock_pb2.AcquireResponse:
         g = await self.core.acquire(tenant_of(context), validation.acquire(request, self.limits))
         return lock_pb2.AcquireResponse(
             grant=convert.grant(g), waited=convert.dur(g.waited), queue_position=g.queue_position
         )
 
-    @rpc
+    @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
         name, token, lease = validation.release(request)
         return lock_pb2.ReleaseResponse(released=await self.core.release(tenant_of(context), name, token, lease))
 
-    @rpc
+    @rpc()
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> lock_pb2.DescribeResponse:
         state = await self.core.describe(tenant_of(context), validation.describe(request))
         now = time.time()
@@ -195,7 +352,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             resp.holder.CopyFrom(convert.holder(state.holder, state.holder_expires_at))
         return resp
 
-    @rpc
+    @rpc()
     async def List(self, request: lock_pb2.ListRequest, context: Ctx) -> lock_pb2.ListResponse:
         prefix, size, after = validation.list_locks(request)
         page = await self.core.list(tenant_of(context), prefix, size, after)
@@ -238,6 +395,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     async def KeepAlive(
         self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
     ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
+        context = scoped(context, _KEEPALIVE)
         tenant = tenant_of(context)
         owned: set[int] = set()  # sessions of this tenant already seen on this stream
         try:

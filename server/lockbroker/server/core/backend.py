@@ -17,6 +17,10 @@ from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position, 
 
 # The monotonic time by which the current RPC must have answered. Set by the gRPC edge from
 # context.time_remaining(); every backend call uses what remains of it as its own timeout.
+# The one ContextVar in the broker: the layers above the edge share a CallState through the
+# call's context (lockbroker.interceptors.base), but the core and the backend take no grpc
+# context, and threading a deadline argument through every core and backend method would
+# touch every signature for a value only the innermost etcd call reads.
 call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
 
 

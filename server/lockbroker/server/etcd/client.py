@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from lockbroker.server.core.backend import BackendError, LeaseExists, remaining
 from lockbroker.server.core.errors import Unavailable
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockbroker.etcd")
 
 T = TypeVar("T")
+
+# (etcd method, seconds, None or the failure's grpc code / error class name)
+CallObserver = Callable[[str, float, "str | None"], None]
 
 # etcd answers these when it cannot serve right now; all are worth retrying later.
 _TRANSIENT = {
@@ -117,13 +122,20 @@ class EtcdClient:
     """`tracer`: one CLIENT span per unary etcd call, child of the current span. Made here rather
     than by OTel's grpc.aio client interceptors: any client interceptor puts every call of the
     channel on grpc's intercepted path (an extra task and call object per call), which cost the
-    broker more than the spans themselves."""
+    broker more than the spans themselves.
 
-    def __init__(self, config: EtcdConfig, *, tracer: trace.Tracer | None = None) -> None:
+    `observer(method, seconds, code)`: told of every unary call once it ends, for metrics. `code`
+    is None on success, UNAVAILABLE for a transient failure, CANCELLED, or the error's class name
+    (e.g. LeaseNotFound, BackendError)."""
+
+    def __init__(
+        self, config: EtcdConfig, *, tracer: trace.Tracer | None = None, observer: CallObserver | None = None
+    ) -> None:
         if not config.endpoints:
             raise ValueError("no etcd endpoints")
         self._config = config
         self._tracer = tracer
+        self._observer = observer
         tls_default = config.ca_file is not None or config.cert_file is not None
         self._endpoints = [Endpoint.parse(u, tls_default) for u in config.endpoints]
         self._stubs: dict[int, Stubs] = {}
@@ -240,7 +252,32 @@ class EtcdClient:
         budget = remaining(timeout or self._config.request_timeout)
         if budget <= 0:
             raise Unavailable("the request's deadline passed before etcd was called", retry_after=0.0)
-        if self._tracer is None:
+        if self._observer is not None:
+            return await self._observed(method, request, write, budget)
+        return await self._traced(method, request, write, budget)
+
+    async def _observed(
+        self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
+    ) -> T:
+        assert self._observer is not None
+        t0 = time.perf_counter()
+        code: str | None = None
+        try:
+            return await self._traced(method, request, write, budget)
+        except Unavailable:
+            code = "UNAVAILABLE"  # transient: etcd unreachable, overloaded, timed out or leaderless
+            raise
+        except BaseException as e:
+            code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else type(e).__name__
+            raise
+        finally:
+            name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("", "unknown"))[1]
+            self._observer(name, time.perf_counter() - t0, code)
+
+    async def _traced(
+        self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
+    ) -> T:
+        if self._tracer is None or not is_instrumentation_enabled():
             return await self._call(method, request, write, budget, None)
         service, name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("etcdserverpb", "unknown"))
         with self._tracer.start_as_current_span(

@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lockbroker.interceptors.tenancy import Principal, tenant_problem
+from lockbroker.interceptors.principal import Principal, tenant_problem
 
 KEY_PREFIX = "lbk_"
 _KEY_ID = re.compile(r"[a-z0-9]{4,32}")
@@ -304,6 +304,11 @@ class TenantRegistry:
 
     def __iter__(self) -> Iterator[Tenant]:
         return iter(self.tenants.values())
+
+    def key_id(self, key: str) -> str:
+        """The public id of an API key, for logs (the key itself is never logged)."""
+        parsed = parse_key(key)
+        return parsed[0] if parsed else "(malformed)"
 
     def for_identity(self, identity: str) -> Principal | None:
         """The principal of an mTLS identity ("spiffe://..." or "CN=...") if the file maps it."""

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lockbroker.interceptors import tenants as t
-from lockbroker.interceptors.tenancy import Principal
-from lockbroker.interceptors.tenants import (
+from lockbroker.interceptors.principal import Principal
+from lockbroker.server.auth import tenants as t
+from lockbroker.server.auth.tenants import (
     ApiKeyRecord,
     Tenant,
     TenantRegistry,

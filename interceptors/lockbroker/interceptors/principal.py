@@ -1,13 +1,13 @@
-"""Who the current call acts for.
+"""Who a call acts for.
 
-The identity interceptor sets `current_principal` around each handler; with no authentication
-configured nobody sets it and every call acts for the single `default` tenant (the broker then
+The identity interceptor writes the caller's principal on the call's state (see
+`lockbroker.interceptors.base.CallState`); with no authentication configured nobody writes it and
+every call acts for the anonymous principal of the single `default` tenant (the broker then
 listens on loopback only, see `lockbroker.server.app`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import re
 from dataclasses import dataclass
 
@@ -32,9 +32,3 @@ class Principal:
 
 
 ANONYMOUS = Principal(DEFAULT_TENANT, "anonymous", "")
-
-current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("current_principal", default=ANONYMOUS)
-
-
-def tenant_of(_context: object) -> str:
-    return current_principal.get().tenant

@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lockbroker.interceptors.tls import TlsFileError, channel_credentials, server_credentials
+from lockbroker.server.auth.tls import TlsFileError, channel_credentials, server_credentials
 from tests.interceptors.certs import CA
 
 

@@ -1,0 +1,207 @@
+"""Where records go: a stream (stdout by default) or an append-only file with an fsync policy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+from lockbroker.interceptors.audit._pipeline import (
+    DEFAULT_PROCESSORS,
+    AuditLog,
+    FsyncPolicy,
+    Processor,
+    Sink,
+    log,
+)
+
+
+class StreamSink:
+    """Lines to a binary stream; by default the process's stdout (resolved at each write)."""
+
+    def __init__(self, stream: IO[bytes] | None = None, name: str = "stdout") -> None:
+        self.name = name
+        self._stream = stream
+        self._failed = False
+
+    def _target(self) -> IO[bytes]:
+        return self._stream if self._stream is not None else sys.stdout.buffer
+
+    def _write_sync(self, data: bytes) -> None:
+        target = self._target()
+        target.write(data)
+        target.flush()
+
+    async def write(self, lines: Sequence[bytes]) -> None:
+        try:
+            # A pipe whose reader stalls blocks the writer: never on the event loop.
+            await asyncio.to_thread(self._write_sync, b"".join(lines))
+        except (OSError, ValueError):
+            self._failed = True
+            raise
+        self._failed = False
+
+    async def ready(self) -> bool:
+        return not self._failed and not self._target().closed
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            await asyncio.to_thread(self._target().flush)
+
+
+_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+class FileSink:
+    """An append-only JSON-lines file.
+
+    fsync "always": each batch of records is on disk before any of their RPCs answers (records
+    arriving together share one fdatasync). "interval": at most `fsync_interval` seconds of
+    records can be lost in a power failure. "never": the OS decides. After a failed write the
+    file is cut back to its last whole record and `ready()` answers False for `retry_after`
+    seconds, then lets calls try again if the file system is writable and has `min_free_bytes`.
+    One writer per file: two brokers must not share one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy = "always",
+        fsync_interval: float = 1.0,
+        min_free_bytes: int = 1 << 20,
+        retry_after: float = 1.0,
+        mode: int = 0o600,
+    ) -> None:
+        if fsync not in ("always", "interval", "never"):
+            raise ValueError(f"fsync must be always, interval or never, not {fsync!r}")
+        self.path = Path(path)
+        self.name = f"file:{self.path}"
+        self.fsync: FsyncPolicy = fsync
+        self.fsync_interval = fsync_interval
+        self.min_free_bytes = min_free_bytes
+        self.retry_after = retry_after
+        self.mode = mode
+        self._fd: int | None = None
+        self._lock = threading.Lock()  # writes, timed syncs and close run on worker threads
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._failed_at: float | None = None
+        self._syncer: asyncio.Task[None] | None = None
+
+    def _open_locked(self) -> int:
+        if self._fd is None:
+            existed = self.path.exists()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
+            if not existed and self.fsync != "never":
+                # The new file's directory entry must survive a crash too, or its records vanish with it.
+                dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        return self._fd
+
+    def _write_sync(self, data: bytes) -> None:
+        with self._lock:
+            fd = self._open_locked()
+            whole = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync == "always" or (
+                    self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval
+                ):
+                    _datasync(fd)
+                    self._last_sync = time.monotonic()
+                    self._dirty = False
+                else:
+                    self._dirty = True
+            except OSError:
+                # A torn last line would make the whole file unparseable for strict readers.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, whole)
+                raise
+
+    def _sync_sync(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._dirty:
+                _datasync(self._fd)
+                self._last_sync = time.monotonic()
+                self._dirty = False
+
+    async def _sync_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.fsync_interval)
+            try:
+                await asyncio.to_thread(self._sync_sync)
+            except OSError:
+                log.exception("audit file %s: fsync failed", self.path)
+                self._failed_at = time.monotonic()
+
+    async def write(self, lines: Sequence[bytes]) -> None:
+        try:
+            await asyncio.to_thread(self._write_sync, b"".join(lines))
+        except OSError:
+            self._failed_at = time.monotonic()
+            raise
+        self._failed_at = None
+        if self.fsync == "interval" and self._syncer is None:
+            self._syncer = asyncio.get_running_loop().create_task(self._sync_periodically())
+
+    def _probe_sync(self) -> bool:
+        try:
+            with self._lock:
+                fd = self._open_locked()
+                st = os.fstatvfs(fd)
+        except OSError:
+            return False
+        return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= self.min_free_bytes
+
+    async def ready(self) -> bool:
+        if self._fd is not None and self._failed_at is None:
+            return True  # the hot path costs no system call; a failing write is caught after
+        if self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_after:
+            return False
+        return await asyncio.to_thread(self._probe_sync)
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                try:
+                    if self.fsync != "never":
+                        _datasync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._fd = None
+
+    async def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncer
+            self._syncer = None
+        await asyncio.to_thread(self._close_sync)
+
+
+def audit_log(
+    *,
+    stdout: bool = False,
+    path: str | os.PathLike[str] | None = None,
+    fsync: FsyncPolicy = "always",
+    fsync_interval: float = 1.0,
+    processors: Sequence[Processor] = DEFAULT_PROCESSORS,
+) -> AuditLog:
+    sinks: list[Sink] = []
+    if stdout:
+        sinks.append(StreamSink())
+    if path is not None:
+        sinks.append(FileSink(path, fsync=fsync, fsync_interval=fsync_interval))
+    return AuditLog(sinks, processors)
