@@ -251,6 +251,15 @@ async def test_the_name_limit_is_the_configured_one(etcd: EmbeddedEtcd, key_root
             assert r.bad_request.field_violations[0].description == (
                 "is 301 bytes long in UTF-8; the limit is 300 bytes"
             )
+            # Release, Describe and List apply the same limit.
+            for call in (
+                stub.Release(lock_pb2.ReleaseRequest(name="x" * 301, fencing_token=1)),
+                stub.Describe(lock_pb2.DescribeRequest(name="x" * 301)),
+                stub.List(lock_pb2.ListRequest(prefix="x" * 301)),
+            ):
+                with pytest.raises(aio.AioRpcError) as ei:
+                    await call
+                assert rich(ei.value).code == grpc.StatusCode.INVALID_ARGUMENT
             got = await stub.Acquire(lock_pb2.AcquireRequest(name="é" * 150, ttl=dur(10)))
             assert got.grant.name == "é" * 150
             await stub.Release(lock_pb2.ReleaseRequest(name="é" * 150, fencing_token=got.grant.fencing_token))

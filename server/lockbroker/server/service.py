@@ -328,12 +328,12 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
 
     @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
-        name, token, lease = validation.release(request)
+        name, token, lease = validation.release(request, self.limits)
         return lock_pb2.ReleaseResponse(released=await self.core.release(tenant_of(context), name, token, lease))
 
     @rpc()
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> lock_pb2.DescribeResponse:
-        state = await self.core.describe(tenant_of(context), validation.describe(request))
+        state = await self.core.describe(tenant_of(context), validation.describe(request, self.limits))
         now = time.time()
         resp = lock_pb2.DescribeResponse(
             name=state.name,
@@ -354,7 +354,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
 
     @rpc()
     async def List(self, request: lock_pb2.ListRequest, context: Ctx) -> lock_pb2.ListResponse:
-        prefix, size, after = validation.list_locks(request)
+        prefix, size, after = validation.list_locks(request, self.limits)
         page = await self.core.list(tenant_of(context), prefix, size, after)
         token = base64.urlsafe_b64encode(page.next_page_token.encode()).decode() if page.next_page_token else ""
         return lock_pb2.ListResponse(
