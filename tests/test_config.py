@@ -158,7 +158,10 @@ def test_optional_strings_stay_none_unless_given() -> None:
 
 
 # Fields that accept only some strings.
-_CHOICES = {("audit", "fsync"): ("interval", '"interval"', "interval")}
+_CHOICES = {
+    ("audit", "fsync"): ("interval", '"interval"', "interval"),
+    ("server", "backend"): ("memory", '"memory"', "memory"),
+}
 
 
 def _sample(tp: object) -> tuple[str, str, object]:

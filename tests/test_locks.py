@@ -1,4 +1,7 @@
-"""Lock semantics against a real etcd: exclusion, fencing, FIFO, no herd, try-lock, waits, idempotency, List."""
+"""Lock semantics through the gRPC edge on a real etcd: FIFO, no herd, try-lock, waits, idempotency, List.
+
+The checks of the core alone (exclusion and fencing under contention, retries, exact release, name
+prefixes, List order) moved to tests/core/test_queue.py, which runs them on every backend."""
 
 from __future__ import annotations
 
@@ -76,44 +79,6 @@ async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
 
 def strictly_increasing(xs: list[int]) -> bool:
     return all(a < b for a, b in itertools.pairwise(xs))
-
-
-# -- 1. mutual exclusion and fencing --------------------------------------------------------------
-
-
-async def test_mutual_exclusion_and_fencing_under_contention(stub: Any, track: Tracker, probe: EtcdProbe) -> None:
-    name = "contended/resource"
-    clients, rounds = 20, 4
-    sessions = [await track.session(ttl=30, owner=f"c{i}") for i in range(clients)]
-    records: list[tuple[float, float, int, int]] = []  # (start, end, token, client)
-    inside = 0
-
-    async def client(i: int) -> None:
-        nonlocal inside
-        for r in range(rounds):
-            resp = await acquire(stub, name, sessions[i], wait=30, owner=f"c{i}", request_id=f"c{i}-r{r}")
-            start = time.monotonic()
-            assert inside == 0, f"client {i} was granted the lock while another client held it"
-            inside += 1
-            assert resp.grant.session_id == sessions[i]
-            assert resp.grant.name == name
-            await asyncio.sleep(0.002)  # hold it across a few event-loop turns
-            inside -= 1
-            end = time.monotonic()
-            records.append((start, end, resp.grant.fencing_token, i))
-            assert await release(stub, name, resp.grant.fencing_token, sessions[i])
-
-    async with asyncio.timeout(40):
-        await asyncio.gather(*(client(i) for i in range(clients)))
-
-    assert len(records) == clients * rounds
-    records.sort()
-    for a, b in itertools.pairwise(records):
-        assert a[1] <= b[0], f"hold intervals overlap: client {a[3]} {a[:2]} and client {b[3]} {b[:2]}"
-    tokens = [r[2] for r in records]
-    assert strictly_increasing(tokens), "fencing tokens do not increase in grant order"
-    assert len(set(tokens)) == len(tokens)
-    assert await lock_keys(probe, name) == []
 
 
 # -- 2. FIFO ------------------------------------------------------------------------------------
@@ -382,50 +347,6 @@ def same_grant(a: lock_pb2.Grant, b: lock_pb2.Grant) -> None:
     assert a.queued_at == b.queued_at
 
 
-async def test_retry_of_granted_acquire_returns_same_grant(stub: Any, track: Tracker, probe: EtcdProbe) -> None:
-    name = "idem/granted"
-    s = await track.session()
-    first = await acquire(stub, name, s, owner="o", request_id="rid-a")
-    for wait in (None, 5.0):
-        again = await acquire(stub, name, s, owner="o", request_id="rid-a", wait=wait)
-        same_grant(first.grant, again.grant)
-        assert again.grant.request_id == "rid-a"
-        # etcd's range count ignores create-revision filters: the retry must count entries ahead itself.
-        assert again.queue_position == 0, again
-    assert len(await lock_keys(probe, name)) == 1
-
-
-async def test_concurrent_retry_of_waiting_acquire_shares_one_place(
-    broker: Any, stub: Any, track: Tracker, probe: EtcdProbe
-) -> None:
-    name = "idem/waiting"
-    holder = await track.session()
-    held = await acquire(stub, name, holder)
-    s = await track.session()
-    first = asyncio.create_task(acquire(stub, name, s, wait=20, owner="o", request_id="rid-b"))
-    second: asyncio.Task[lock_pb2.AcquireResponse] | None = None
-    try:
-        await wait_waiters(stub, name, 1)
-        second = asyncio.create_task(acquire(stub, name, s, wait=20, owner="o", request_id="rid-b"))
-
-        async def both_watching() -> bool:
-            return active_watches(broker) == 2
-
-        await eventually(both_watching, 3.0, "both calls wait in the queue")
-        d = await describe(stub, name)
-        assert [w.session_id for w in d.waiters] == [s], "the retry took a second place in the queue"
-        assert len(await lock_keys(probe, name)) == 2
-
-        assert await release(stub, name, held.grant.fencing_token)
-        async with asyncio.timeout(5):
-            a, b = await asyncio.gather(first, second)
-    finally:
-        await cancel_all([t for t in (first, second) if t is not None])
-    same_grant(a.grant, b.grant)
-    assert a.grant.fencing_token > held.grant.fencing_token
-    assert len(await lock_keys(probe, name)) == 1
-
-
 async def test_retry_on_second_replica_returns_same_grant(
     etcd: EmbeddedEtcd, key_root: str, stub: Any, track: Tracker, probe: EtcdProbe
 ) -> None:
@@ -510,22 +431,6 @@ async def test_retry_keeps_its_place_when_the_original_call_is_cancelled(
     assert got.grant.fencing_token == queued[0].create_revision
 
 
-async def test_sessionless_retry_returns_same_session_and_one_lease(
-    stub: Any, track: Tracker, probe: EtcdProbe
-) -> None:
-    name = "idem/implicit"
-    leases = await probe.leases()
-    first = await acquire(stub, name, ttl=10, owner="o", request_id="rid-d")
-    track.adopt(first.grant.session_id)
-    again = await acquire(stub, name, ttl=10, owner="o", request_id="rid-d")
-    same_grant(first.grant, again.grant)
-    assert first.grant.session_id != ""
-    assert await probe.leases() - leases == {lease_of(first.grant.session_id)}
-    assert len(await lock_keys(probe, name)) == 1
-    assert await probe.keys(SESSIONS) == [probe.root + f"{SESSIONS}{first.grant.session_id}".encode()]
-    assert 0 < await probe.lease_ttl(lease_of(first.grant.session_id)) <= 10
-
-
 async def test_sessionless_request_id_reused_for_other_lock_keeps_first_grant(
     stub: Any, track: Tracker, probe: EtcdProbe
 ) -> None:
@@ -541,35 +446,6 @@ async def test_sessionless_request_id_reused_for_other_lock_keeps_first_grant(
     assert await probe.lease_ttl(lease_of(first.grant.session_id)) > 0
     assert (await describe(stub, "idem/reuse-y")).HasField("holder") is False
     await assert_untouched(probe, before)
-
-
-async def test_release_is_exact_and_idempotent(stub: Any, track: Tracker, probe: EtcdProbe) -> None:
-    name = "idem/release"
-    a = await track.session()
-    ra = await acquire(stub, name, a)
-    assert await release(stub, name, ra.grant.fencing_token) is True
-    assert await release(stub, name, ra.grant.fencing_token) is False
-    assert await release(stub, name, ra.grant.fencing_token, a) is False
-
-    b = await track.session()
-    rb = await acquire(stub, name, b)
-    assert rb.grant.fencing_token > ra.grant.fencing_token
-    before = await snapshot(probe)
-    # A stale token never releases the current grant, whichever session it names.
-    assert await release(stub, name, ra.grant.fencing_token) is False
-    assert await release(stub, name, ra.grant.fencing_token, a) is False
-    assert await release(stub, name, ra.grant.fencing_token, b) is False
-    await assert_untouched(probe, before)
-    assert (await describe(stub, name)).holder.fencing_token == rb.grant.fencing_token
-
-    # Same session again: its new entry has the same key as its old one, but a new token.
-    assert await release(stub, name, rb.grant.fencing_token, b) is True
-    ra2 = await acquire(stub, name, a)
-    assert ra2.grant.fencing_token > rb.grant.fencing_token
-    assert await release(stub, name, ra.grant.fencing_token, a) is False
-    assert (await describe(stub, name)).holder.fencing_token == ra2.grant.fencing_token
-    assert await release(stub, name, ra2.grant.fencing_token) is True
-    assert await lock_keys(probe, name) == []
 
 
 # -- 7. not reentrant ---------------------------------------------------------------------------
@@ -701,50 +577,3 @@ async def test_list_pages_and_prefix(stub: Any, track: Tracker) -> None:
         assert await list_names(stub, "page/") == names[1:]
     finally:
         await cancel_all([waiting])
-
-
-async def test_lock_names_sharing_a_prefix_do_not_mix(stub: Any, track: Tracker, probe: EtcdProbe) -> None:
-    names = ["a", "a/b", "a-b"]
-    sids = {n: await track.session(owner=n) for n in names}
-    tokens = {n: (await acquire(stub, n, sids[n], owner=n)).grant.fencing_token for n in names}
-    for n in names:
-        d = await describe(stub, n)
-        assert d.holder.fencing_token == tokens[n]
-        assert d.holder.session_id == sids[n]
-        assert list(d.waiters) == [], f"{n!r} sees another lock's entry as a waiter"
-        assert len(await lock_keys(probe, n)) == 1
-
-    assert await list_names(stub, "a") == ["a", "a-b", "a/b"]
-    assert await list_names(stub, "a/") == ["a/b"]
-    assert await list_names(stub, "a-") == ["a-b"]
-
-    assert await release(stub, "a", tokens["a"])
-    assert not (await describe(stub, "a")).HasField("holder")
-    assert (await describe(stub, "a/b")).holder.fencing_token == tokens["a/b"]
-    assert (await describe(stub, "a-b")).holder.fencing_token == tokens["a-b"]
-    # "a" is free although "a/b" and "a-b" are held: a try-lock gets it at once.
-    fresh = await track.session()
-    got = await acquire(stub, "a", fresh)
-    assert got.queue_position == 0
-    # A stale "a" token does not reach into "a/b".
-    assert await release(stub, "a/b", tokens["a"]) is False
-    assert (await describe(stub, "a/b")).holder.fencing_token == tokens["a/b"]
-
-
-async def test_list_is_ordered_by_name(stub: Any, track: Tracker) -> None:
-    # Every name character sorts above the "#" that ends a lock's key prefix ("!" was once allowed
-    # and sorted below it, listing "a!" before "a").
-    names = ["a", "a%", "a%b", "a-b", "a/b", "b"]
-    s = await track.session()
-    for n in reversed(names):
-        await acquire(stub, n, s)
-    assert await list_names(stub) == sorted(names)
-    paged: list[str] = []
-    token = ""
-    for _ in range(10):
-        resp = await stub.List(lock_pb2.ListRequest(page_size=2, page_token=token))
-        paged += [lk.name for lk in resp.locks]
-        token = resp.next_page_token
-        if not token:
-            break
-    assert paged == sorted(names)

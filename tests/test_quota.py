@@ -22,9 +22,9 @@ from lockbroker.interceptors.quota import Rate, TokenBucket
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, Config, ConfigError, load
-from lockbroker.server.core.locks import _free_slot
 from lockbroker.server.core.names import Keyspace
 from lockbroker.server.core.quota import UNLIMITED, Pool, TenantQuota
+from lockbroker.server.core.slots import free_slot as _free_slot
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc

@@ -167,26 +167,7 @@ async def test_close_session_releases_all_its_locks_and_is_idempotent(
 # -- expiry -------------------------------------------------------------------------------------
 
 
-async def test_locks_free_themselves_when_the_session_lapses(stub: Any, track: Tracker, probe: EtcdProbe) -> None:
-    ttl = 2
-    s = await track.session(ttl=ttl)
-    held = await acquire(stub, "lapse/a", s)
-    await acquire(stub, "lapse/b", s)
-    w = await track.session(ttl=20)
-    t0 = time.monotonic()
-    # A waiter is granted when the holder's lease runs out, well within TTL + 3 s.
-    got = await acquire(stub, "lapse/a", w, wait=ttl + 3)
-    assert time.monotonic() - t0 <= ttl + 3
-    assert got.grant.session_id == w
-    assert got.grant.fencing_token > held.grant.fencing_token
-    assert got.queue_position == 1
-
-    async def b_free() -> bool:
-        return await lock_keys(probe, "lapse/b") == []
-
-    await eventually(b_free, 3.0, "lapse/b is freed")
-    assert session_key(probe, s) not in await probe.keys(SESSIONS)
-    await expect_error(refresh(stub, s), NOT_FOUND, "SESSION_NOT_FOUND")
+# Locks freeing themselves when the session lapses: tests/core/test_sessions.py (every backend).
 
 
 # -- KeepAlive ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from lockbroker.server.auth.tenants import TenantRegistry
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
+from lockbroker.server.core.memory import MemoryLockBackend
 from lockbroker.server.core.quota import Quotas
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
@@ -89,7 +90,7 @@ class Broker:
         self.audit: AuditInterceptor | None = None
         self.embedded: EmbeddedEtcd | None = None
         self.client: EtcdClient | None = None
-        self.backend: EtcdLockBackend | None = None
+        self.backend: EtcdLockBackend | MemoryLockBackend | None = None
         self.core: LockCore | None = None
         self.service: LockService | None = None
         self.health = health_aio.HealthServicer()
@@ -126,19 +127,8 @@ class Broker:
             if not await self.audit_log.ready():
                 raise ConfigError(f"the audit log cannot be written ({cfg.audit.file or 'stdout'})")
             self.audit = AuditInterceptor(self.audit_log, fail_open=cfg.audit.fail_open)
-        etcd_cfg = cfg.etcd
-        if not etcd_cfg.endpoints:
-            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
-            self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
-            await self.embedded.start()
-            etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
-            log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
-        self.client_config = etcd_cfg
-        # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
-        self.client = EtcdClient(
-            etcd_cfg, tracer=self.tracing.backend_tracer, observer=self.metrics.etcd.observe if self.metrics else None
-        )
-        self.backend = EtcdLockBackend(self.client)
+        self.backend = await self._open_backend()
+        etcd_cfg = self.client_config
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
         self.service = LockService(self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts))
 
@@ -157,7 +147,8 @@ class Broker:
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
         if self.metrics is not None and cfg.server.metrics_listen:
-            self.metrics.watch_state(self.client, etcd_cfg.key_root)
+            if self.client is not None:  # the state gauges read etcd; the memory backend has none
+                self.metrics.watch_state(self.client, etcd_cfg.key_root)
             try:
                 self.metrics.serve(cfg.server.metrics_listen)
             except (OSError, ValueError) as e:
@@ -170,6 +161,31 @@ class Broker:
             "lockbroker serving",
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
+
+    async def _open_backend(self) -> EtcdLockBackend | MemoryLockBackend:
+        """Where locks live: etcd (an embedded one when no endpoints are configured), or memory."""
+        cfg = self.config
+        etcd_cfg = cfg.etcd
+        self.client_config = etcd_cfg
+        if cfg.server.backend == "memory":
+            log.warning(
+                "--backend memory: locks, sessions and fencing tokens live in this process only. Nothing is "
+                "durable (a restart forgets every lock and starts tokens over), and several replicas would "
+                "each grant the same lock. For development and tests only; never run it behind a load balancer."
+            )
+            return MemoryLockBackend()
+        if not etcd_cfg.endpoints:
+            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
+            self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
+            await self.embedded.start()
+            etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
+            log.info("started embedded etcd", extra={"endpoint": self.embedded.endpoint, "data_dir": str(state)})
+        self.client_config = etcd_cfg
+        # The broker's own etcd calls join the caller's trace: client -> broker -> each etcd call.
+        self.client = EtcdClient(
+            etcd_cfg, tracer=self.tracing.backend_tracer, observer=self.metrics.etcd.observe if self.metrics else None
+        )
+        return EtcdLockBackend(self.client)
 
     def _quotas(self) -> Quotas:
         """The default quota, and each tenant's own from the tenants file (checked here: a typo

@@ -43,10 +43,19 @@ class ServerConfig:
     metrics_listen: str | None = field(
         default=None, metadata={"help": "host:port to serve Prometheus /metrics on (unset: no metrics)"}
     )
+    backend: str = field(
+        default="etcd",
+        metadata={
+            "help": "where locks live: etcd, or memory (a single-process dev mode: nothing is durable, "
+            "and several replicas would each have their own locks)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.grace_period < 0 or self.health_interval <= 0:
             raise ConfigError("server: grace_period must be >= 0 and health_interval > 0")
+        if self.backend not in ("etcd", "memory"):
+            raise ConfigError(f"server: backend must be etcd or memory, not {self.backend!r}")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The interface the lock core needs from a store, and the per-call deadline it honours.
 
-It speaks in queue entries, not in etcd requests: `lockbroker.server.etcd.backend` implements it
-with etcd transactions (each method one round trip unless it says otherwise), and unit tests of
-the core can implement it in memory. Implementations raise only `Unavailable` (and the
-subclasses of `BackendError` below) so the core never sees a transport's exceptions.
+It speaks in queue entries, not in etcd requests. Two implementations: `lockbroker.server.etcd.backend`
+with etcd transactions (each method one round trip unless it says otherwise), and
+`lockbroker.server.core.memory`, a faithful in-process model of the same semantics (tests/core runs one
+contract suite over both). Implementations raise only `Unavailable` (and the subclasses of
+`BackendError` below) so the core never sees a transport's exceptions. Entry values cross this seam
+as `EntryValue`; only the implementation encodes them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from lockbroker.server.core.model import Enqueued, Entry, LeaseGrant, Position, ReleaseMark
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark
 
 # The monotonic time by which the current RPC must have answered. Set by the gRPC edge from
 # context.time_remaining(); every backend call uses what remains of it as its own timeout.
@@ -101,7 +103,7 @@ class LockBackend(Protocol):
         self,
         prefix: bytes,
         key: bytes,
-        value: bytes,
+        value: EntryValue,
         lease_id: int,
         *,
         session_key: bytes,
@@ -175,8 +177,6 @@ class LockBackend(Protocol):
     async def taken_among(self, slots: Sequence[bytes]) -> set[bytes]:
         """Which of `slots` are taken, read at one revision."""
         ...
-
-    async def get_entry(self, key: bytes) -> Entry | None: ...
 
     async def find_entry(self, prefix: bytes, create_revision: int) -> Entry | None: ...
 

@@ -154,7 +154,7 @@ class EtcdLockBackend:
         self,
         prefix: bytes,
         key: bytes,
-        value: bytes,
+        value: EntryValue,
         lease_id: int,
         *,
         session_key: bytes,
@@ -163,6 +163,7 @@ class EtcdLockBackend:
         slots: Sequence[bytes] = (),
         mark: bytes = b"",
     ) -> Enqueued:
+        raw = value.encode()
         compare = [_created(key, pb.Compare.EQUAL, 0), *(_created(s, pb.Compare.EQUAL, 0) for s in slots)]
         success: list[pb.RequestOp] = []
         if new_session_value is None:
@@ -179,7 +180,7 @@ class EtcdLockBackend:
             compare.append(_created(prefix, pb.Compare.EQUAL, 0, range_end=prefix_end(prefix)))
         success += [
             *(_put(s, key, lease_id) for s in slots),
-            _put(key, value, lease_id),
+            _put(key, raw, lease_id),
             _holder(prefix),
             _range(prefix, descending=True, limit=2),  # mine and the one before
         ]
@@ -214,14 +215,15 @@ class EtcdLockBackend:
         if resp.succeeded:
             holder_r = resp.responses[-2].response_range
             tail = resp.responses[-1].response_range.kvs
-            mine = Entry(key, rev, lease_id, EntryValue.decode(value), rev)
+            # Decoded from what was stored (queued_at rounded), so a retry that reads it back sees the same.
+            mine = Entry(key, rev, lease_id, EntryValue.decode(raw), rev)
             pred = _entry(tail[1]) if len(tail) > 1 else None
             return Enqueued(
                 True, Position(rev, mine, pred, _first(holder_r) or mine, holder_r.count, holder_r.count - 1)
             )
         existing = _first(resp.responses[0].response_range)
         if existing is not None:
-            if existing.request_id != EntryValue.decode(value).request_id:
+            if existing.request_id != value.request_id:
                 raise EntryConflict(existing)
             return Enqueued(False, await self._adopt(prefix, existing))
         session_count = resp.responses[1].response_range.count
@@ -344,9 +346,6 @@ class EtcdLockBackend:
     async def taken_among(self, slots: Sequence[bytes]) -> set[bytes]:
         resp = await self.client.txn(pb.TxnRequest(success=[_get(s, count_only=True) for s in slots]), write=False)
         return {s for s, r in zip(slots, resp.responses, strict=True) if r.response_range.count}
-
-    async def get_entry(self, key: bytes) -> Entry | None:
-        return _first(await self.client.range(pb.RangeRequest(key=key)))
 
     async def find_entry(self, prefix: bytes, create_revision: int) -> Entry | None:
         resp = await self.client.range(

@@ -87,10 +87,6 @@ class LeaseNotFound(BackendError):
     pass
 
 
-class AuthFailed(BackendError):
-    pass
-
-
 @dataclass(frozen=True)
 class Endpoint:
     target: str  # host:port

@@ -1,0 +1,390 @@
+"""Acquire and Release: the FIFO queue of one lock, fencing tokens, idempotent retries.
+
+Modelled on etcd's own v3lock service and client/v3/concurrency.Mutex, with three differences:
+- a waiter watches its predecessor from the revision it read + 1 (served at once by etcd, where
+  etcd's recipe watches from the current revision and is served in 100 ms batches);
+- try-lock is one conditional transaction that puts nothing when the lock is held;
+- the request id is stored with the entry (and turned into the lease id of sessions a request
+  creates), so a retry on any replica finds what the first attempt made.
+
+Every path that does not end in a grant removes what it queued, even when cancelled.
+
+The uncontended path is kept flat on purpose: LockCore.acquire -> Acquirer.acquire -> the backend
+call (tests/core/test_frames.py counts it); only a slot collision or a wait goes one level deeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from lockbroker.server.core.backend import (
+    ANSWER_MARGIN,
+    BackendError,
+    EntryConflict,
+    LockBackend,
+    SessionMissing,
+    SessionTaken,
+    SlotsTaken,
+    WatchInterrupted,
+    call_deadline,
+)
+from lockbroker.server.core.cleanup import Cleanups
+from lockbroker.server.core.errors import (
+    AlreadyQueued,
+    DeadlineExceeded,
+    LockBrokerError,
+    LockHeld,
+    NotAcquiredInfo,
+    QuotaExceeded,
+    RequestIdReused,
+    SessionLost,
+    SessionNotFound,
+    ShuttingDown,
+    Unavailable,
+    WaitExpired,
+)
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
+from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
+from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
+from lockbroker.server.core.sessions import LeaseClock, check_ttl, session_record
+from lockbroker.server.core.slots import QUOTA_RETRY_AFTER, SlotClaimer
+
+log = logging.getLogger("lockbroker.core")
+
+Claim = tuple[Pool, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireParams:
+    name: str
+    lease_id: int | None  # None: create a session for this one lock
+    ttl: int  # for the created session
+    wait: float  # seconds; 0 = try once
+    owner: str
+    request_id: str  # "" = not retryable
+
+
+def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
+    claims: list[Claim] = []
+    if p.lease_id is None and quota.max_sessions:
+        claims.append((ks.session_pool(quota.max_sessions), session_key))
+    if quota.max_locks:
+        claims.append((ks.entry_pool(quota.max_locks), key))
+    if quota.max_waiters_per_lock:
+        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters.
+        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + 1), key))
+    return claims
+
+
+def _refusal(e: BackendError, p: AcquireParams, lease_id: int, request_id: str) -> LockBrokerError:
+    """What the caller is told when the backend refused an enqueue for the session or the entry."""
+    if isinstance(e, SessionMissing):
+        return SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired")
+    reused = RequestIdReused(f"request_id {request_id!r} was already used to acquire another lock")
+    if isinstance(e, SessionTaken):
+        return reused
+    assert isinstance(e, EntryConflict)
+    if p.lease_id is None:  # the same session and lock under another request id: only a reused id gets here
+        return reused
+    return AlreadyQueued(
+        f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
+        f"(request_id {e.existing.request_id!r}); locks are not reentrant",
+        {"lock": p.name, "request_id": e.existing.request_id, "fencing_token": str(e.existing.create_revision)},
+    )
+
+
+class Acquirer:
+    def __init__(
+        self,
+        backend: LockBackend,
+        *,
+        keyspace: Callable[[str], Keyspace],
+        quotas: QuotaLookup,
+        leases: LeaseClock,
+        claimer: SlotClaimer,
+        cleanups: Cleanups,
+        closing: Callable[[], asyncio.Future[None]],
+    ) -> None:
+        self._backend = backend
+        self._keyspace = keyspace
+        self._quotas = quotas
+        self._leases = leases
+        self._claimer = claimer
+        self._cleanups = cleanups
+        self._closing = closing
+        self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
+
+    @contextlib.contextmanager
+    def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> Iterator[None]:
+        """Count a blocking Acquire against the tenant's max_waiters on this replica."""
+        if quota.max_wait and p.wait > quota.max_wait:
+            raise QuotaExceeded(
+                tenant,
+                "max_wait",
+                quota.max_wait,
+                f"wait_timeout {p.wait:g}s is above tenant {tenant!r}'s max_wait of {quota.max_wait:g}s",
+                None,
+            )
+        if p.wait <= 0:
+            yield
+            return
+        if quota.max_waiters and self._waiting[tenant] >= quota.max_waiters:
+            raise QuotaExceeded(
+                tenant,
+                "max_waiters",
+                quota.max_waiters,
+                f"tenant {tenant!r} already has {quota.max_waiters} blocking Acquire calls waiting on this replica",
+                QUOTA_RETRY_AFTER,
+            )
+        self._waiting[tenant] += 1
+        try:
+            yield
+        finally:
+            self._waiting[tenant] -= 1
+            if not self._waiting[tenant]:
+                del self._waiting[tenant]
+
+    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
+        quota = self._quotas(tenant)
+        if p.lease_id is None:
+            check_ttl(tenant, quota, p.ttl)
+        with self._admitted(tenant, quota, p):
+            ks = self._keyspace(tenant)
+            started = time.monotonic()
+            request_id = p.request_id or uuid.uuid4().hex
+            attempt = uuid.uuid4().hex[:12]
+            # The session: the caller's, or one made for this lock (a retry finds the first attempt's).
+            lease_id, created_lease, expires_at = p.lease_id, None, None
+            if lease_id is None:
+                before = time.time()
+                lease = await self._backend.grant_lease(
+                    p.ttl, derived_lease_id(tenant, "acquire", p.request_id) if p.request_id else 0
+                )
+                lease_id = lease.lease_id
+                if lease.created:
+                    self._leases.note(lease_id, before + lease.ttl)
+                    created_lease, expires_at = lease_id, before + lease.ttl
+            key = ks.entry_key(p.name, lease_id)
+            claims = _claims(ks, quota, p, key, ks.session_key(lease_id))
+            put = self._putter(ks, p, lease_id, request_id, attempt)
+            mine: Entry | None = None
+            try:
+                slots = self._claimer.first(claims)
+                try:
+                    try:
+                        enq = await put(slots)
+                    except SlotsTaken as e:
+                        enq = await self._claimer.again(tenant, claims, slots, e, put)
+                except (SessionMissing, SessionTaken, EntryConflict) as e:
+                    raise _refusal(e, p, lease_id, request_id) from None
+                pos = enq.position
+                if pos.mine is None:
+                    if not enq.created and p.wait > 0:
+                        raise SessionLost(
+                            f"the queue entry of request {request_id!r} was removed (session ended or released)"
+                        )
+                    raise await self._not_acquired(LockHeld, p.name, pos, started)
+                mine = pos.mine
+                if mine.value.slots:
+                    self._claimer.remember(mine)
+                queue_position = pos.ahead
+                if pos.predecessor is not None:
+                    await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                expires_at = expires_at or self._leases.get(lease_id)
+                if expires_at is None:
+                    # Ask how long a session has left (one this replica has not seen refreshed).
+                    left = await self._backend.lease_ttl(lease_id)
+                    if left < 0:
+                        raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
+                    expires_at = time.time() + left
+            except BaseException as exc:
+                # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
+                # have; only a definite answer (refused, not acquired, a write never sent) says not.
+                unknown = mine is None and (
+                    isinstance(exc, asyncio.CancelledError)
+                    or (isinstance(exc, Unavailable) and exc.outcome_unknown)
+                    or not isinstance(exc, LockBrokerError)
+                )
+                await self._cleanups.run(
+                    self._abandon(key, mine, created_lease, attempt if unknown else None, ks.mark(lease_id))
+                )
+                raise
+            return Grant(
+                p.name,
+                mine.create_revision,
+                session_id_of(lease_id),
+                expires_at,
+                p.owner,
+                mine.value.queued_at,
+                request_id,
+                time.monotonic() - started,
+                queue_position,
+            )
+
+    def _putter(
+        self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, attempt: str
+    ) -> Callable[[Sequence[bytes]], Awaitable[Enqueued]]:
+        """The enqueue of this call's entry, given the quota slots to claim with it."""
+        implicit = p.lease_id is None
+        queued_at = time.time()
+        session_value = session_record(p.ttl, p.owner, p.name) if implicit else None
+
+        def put(slots: Sequence[bytes]) -> Awaitable[Enqueued]:
+            # Not async: it hands back the backend's coroutine, so it is no frame of its own.
+            # The session's slot is put with (and owned by) the session record, not the entry.
+            entry_slots = tuple(s for s in slots if not s.startswith(ks.quota_root + b"s/"))
+            return self._backend.enqueue(
+                ks.lock_prefix(p.name),
+                ks.entry_key(p.name, lease_id),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt),
+                lease_id,
+                session_key=ks.session_key(lease_id),
+                new_session_value=session_value,
+                only_if_free=p.wait <= 0,
+                slots=slots,
+                mark=ks.mark(lease_id).key,
+            )
+
+        return put
+
+    async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position, started: float) -> Position:
+        """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
+        wait_until = started + p.wait
+        rpc_deadline = call_deadline.get()
+        while pos.predecessor is not None:
+            if p.wait <= 0:
+                raise await self._not_acquired(LockHeld, p.name, pos, started)
+            until = wait_until if rpc_deadline is None else min(wait_until, rpc_deadline - ANSWER_MARGIN)
+            left = until - time.monotonic()
+            if left <= 0:
+                if until < wait_until:
+                    raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
+                raise await self._not_acquired(WaitExpired, p.name, pos, started)
+            try:
+                await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left)
+            except WatchInterrupted as e:
+                log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                await asyncio.sleep(0.05)
+            except TimeoutError:
+                continue
+            pos = await self._backend.position(prefix, mine.key, mine.create_revision)
+            if pos.mine is None:
+                raise SessionLost(f"session {session_id_of(mine.lease)} ended while waiting for {p.name!r}")
+        # The read that found no predecessor also found our own key, and a key lives only as long
+        # as its lease: the session was alive when we became holder (etcd's Jepsen fix).
+        return pos
+
+    async def _until_deleted(self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float) -> None:
+        """Return when any of `keys` is deleted after `revision` (or the watch asks for a re-read):
+        the predecessor (our turn may have come) or our own entry (our session ended: tell the
+        caller now, not at the timeout)."""
+        closing = self._closing()
+        if closing.done():
+            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
+        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision))
+        try:
+            done, _ = await asyncio.wait({watch, closing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not watch.done():
+                watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if watch in done:
+            watch.result()  # raises WatchInterrupted
+            return
+        if closing in done:
+            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
+        raise TimeoutError
+
+    async def _not_acquired(
+        self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position, started: float
+    ) -> LockHeld | WaitExpired:
+        holder = pos.holder if pos.holder is not None and pos.holder != pos.mine else None
+        expires: float | None = None
+        if holder is not None:
+            with contextlib.suppress(Unavailable):
+                left = await self._backend.lease_ttl(holder.lease)
+                expires = time.time() + left if left >= 0 else None
+        waiters = max(0, pos.count - 1 - (1 if pos.mine is not None else 0))
+        info = NotAcquiredInfo(name, holder, expires, waiters, time.monotonic() - started)
+        if kind is LockHeld:
+            return LockHeld(
+                f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""), info
+            )
+        return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
+
+    def _abandon(
+        self,
+        key: bytes,
+        mine: Entry | None,
+        created_lease: int | None,
+        unknown_attempt: str | None,
+        mark: ReleaseMark,
+    ) -> Callable[[], Awaitable[None]]:
+        """The clean-up that removes what a failed Acquire queued: its entry, or the whole session
+        it created.
+
+        Only what this call made or adopted: a retry of the same request that has since adopted
+        the entry (see LockBackend.enqueue) keeps it, and a session this call did not create is
+        left to its owner.
+        """
+
+        async def abandon() -> None:
+            if created_lease is not None:
+                await self._backend.revoke_lease(created_lease)
+                return
+            entry = mine
+            if entry is None and unknown_attempt is not None:
+                entry = await self._late_entry(key, unknown_attempt, mark)
+            if entry is not None:
+                rev, mod = entry.create_revision, entry.mod_revision
+                await self._backend.delete_entry(key, rev, mod, entry.value.slots, mark)
+
+        return abandon
+
+    async def _late_entry(self, key: bytes, attempt: str, mark: ReleaseMark) -> Entry | None:
+        """The entry an enqueue of unknown outcome made, if it landed; and if it has not, make sure
+        it never will.
+
+        A transaction that was in flight when its caller gave up can still be applied: one
+        forwarded to a frozen leader commits when the leader wakes, one stuck behind a partition
+        arrives when it heals, and the entry would become a holder nobody knows of. Reading once
+        cannot rule that out; moving the session's release mark does, since the enqueue carries
+        the mark's revision as of its sending (see LockBackend.enqueue).
+        """
+        found = await self._backend.seal_entry(key, mark)
+        # Ours only if this call made it and nobody has re-put it since: a retry of the request
+        # adopts the entry (a new mod revision) and then owns its clean-up, and a retry that
+        # found nothing made a fresh entry with its own attempt id.
+        if found is not None and found.value.attempt == attempt and found.mod_revision == found.create_revision:
+            return found
+        return None
+
+    async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> bool:
+        ks = self._keyspace(tenant)
+        if lease_id is not None:
+            key = ks.entry_key(name, lease_id)
+        else:
+            found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+            if found is None:
+                return False
+            key, lease_id = found.key, found.lease
+        # Compare on the create revision: a stale token can never delete a newer grant.
+        slots = self._claimer.take(key, fencing_token)
+        deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or (), mark=ks.mark(lease_id))
+        if deleted is None:
+            return False
+        if slots is None and deleted.value.slots and not deleted.value.implicit_session:
+            # Granted by another replica (or forgotten here): the entry named its slots.
+            left = deleted.value.slots
+            await self._cleanups.run(lambda: self._backend.delete_slots(left, fencing_token))
+        if deleted.value.implicit_session:
+            # The session existed only for this lock; end it now rather than at its TTL.
+            await self._cleanups.run(lambda: self._backend.revoke_lease(deleted.lease))
+        return True

@@ -1,0 +1,77 @@
+"""Clean-up that outlives its caller: removing what a failed call queued, even when cancelled or
+while the backend is briefly away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from lockbroker.server.core.backend import ANSWER_MARGIN, call_deadline
+from lockbroker.server.core.errors import Unavailable
+
+log = logging.getLogger("lockbroker.core")
+
+# How long a caller waits for the clean-up of its abandoned call, and how long clean-up keeps
+# retrying in the background while the backend is unreachable.
+CLEANUP_TIMEOUT = 3.0
+CLEANUP_WINDOW = 60.0
+
+
+class Cleanups:
+    """The clean-ups running in the background, so shutdown can give them time to finish."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, work: Callable[[], Awaitable[object]]) -> None:
+        """Run clean-up to the end even if the caller is cancelled or the backend is briefly away.
+
+        The caller waits at most CLEANUP_TIMEOUT; past that the clean-up goes on in the background,
+        retrying for up to CLEANUP_WINDOW, so a waiter cut off by an etcd outage is still removed
+        from the queue once etcd is back (else the next release would hand the lock to a caller
+        that was told it did not get it). The session's lease remains the last resort.
+        """
+
+        async def retrying() -> None:
+            give_up = time.monotonic() + CLEANUP_WINDOW
+            delay = 0.2
+            while True:
+                call_deadline.set(min(time.monotonic() + CLEANUP_TIMEOUT, give_up))
+                try:
+                    await work()
+                    return
+                except Unavailable as e:
+                    if time.monotonic() + delay >= give_up:
+                        log.warning("clean-up gave up; the session's lease will remove it: %s", e)
+                        return
+                except Exception as e:
+                    log.warning("clean-up failed; the session's lease will remove it: %s", e)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+        deadline = call_deadline.get()
+        task = asyncio.ensure_future(retrying())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # The caller's answer must not wait past its own deadline: the clean-up goes on without it.
+        wait = CLEANUP_TIMEOUT
+        if deadline is not None:
+            wait = min(wait, deadline - ANSWER_MARGIN - time.monotonic())
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=max(0.0, wait))
+
+    async def drain(self, timeout: float) -> None:
+        """Give pending clean-ups `timeout` to finish on shutdown; leases remove the rest."""
+        if self._tasks:
+            pending = list(self._tasks)
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                task.cancel()
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)

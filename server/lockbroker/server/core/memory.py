@@ -1,0 +1,499 @@
+"""`LockBackend` in memory: a faithful model of the etcd adapter, for tests and a dev server.
+
+The model is etcd's, reduced to what lockbroker uses:
+- a keyspace of key -> (value, create revision, mod revision, lease);
+- one revision per write transaction: every key a transaction puts gets that revision as its mod
+  revision (and as its create revision if it is new); a transaction that changes nothing (all its
+  compares failed, or it deletes keys that are not there) does not move the revision;
+- leases with a TTL on a clock (injectable: tests move a `ManualClock` instead of sleeping); a lease
+  that expires or is revoked deletes its keys in one transaction (one revision);
+- a put bound to a lease that is gone fails the whole transaction (etcd's "lease not found");
+- deletions are kept as events (the last HISTORY of them), so `wait_deleted` is served from the
+  revision the caller read, like an etcd watch; older revisions are "compacted" (WatchInterrupted).
+
+Every method applies its transaction at once, so each is atomic, and state changes only through
+the methods of `LockBackend`. Faults can be injected per method (`fail`): the write applied and
+then Unavailable(outcome_unknown=True), not applied, or applied later (a write held in the network
+that lands after its caller gave up), to test the core's paths for writes of unknown outcome.
+
+Nothing here is durable, and two processes never share it: `lockbroker serve --backend memory` is
+a single-process dev mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import heapq
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from lockbroker.server.core.backend import (
+    BackendError,
+    EntryConflict,
+    SessionMissing,
+    SessionTaken,
+    SlotsTaken,
+    WatchInterrupted,
+)
+from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark
+from lockbroker.server.core.names import prefix_end
+
+_T = TypeVar("_T")
+
+MIN_TTL = 2  # etcd raises a smaller TTL to its minimum (about 2 s with default election settings)
+HISTORY = 10_000  # deletion events kept for watches
+
+
+class ManualClock:
+    """Seconds that pass only when a test says so; leases due by then expire at once."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self._now = start
+        self._listeners: list[Callable[[], None]] = []
+
+    def __call__(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+        for listener in list(self._listeners):
+            listener()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+
+class _LeaseGone(BackendError):
+    """A put named a lease that does not exist: the transaction was not applied."""
+
+
+@dataclass(slots=True)
+class _KV:
+    value: bytes
+    create: int
+    mod: int
+    lease: int
+
+
+@dataclass(slots=True)
+class _Lease:
+    ttl: int
+    deadline: float
+    keys: set[bytes] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Fault:
+    applied: bool
+    gate: asyncio.Event | None
+    count: int
+
+
+class MemoryLockBackend:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock: Callable[[], float] = clock or time.monotonic
+        self._kv: dict[bytes, _KV] = {}
+        self._sorted: list[bytes] = []
+        self._leases: dict[int, _Lease] = {}
+        self._due: list[tuple[float, int]] = []  # heap of (deadline, lease); stale rows skipped
+        self._rev = 1  # etcd's first revision; the first write makes 2
+        self._deleted: deque[tuple[int, bytes]] = deque()
+        self._forgotten = 0  # deletion events at or below this revision are no longer kept
+        self._waits: dict[bytes, set[asyncio.Future[None]]] = {}
+        self._faults: dict[str, _Fault] = {}
+        self._late: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._manual = isinstance(clock, ManualClock)
+        if isinstance(clock, ManualClock):
+            clock.subscribe(self._expire)
+
+    # -- test hooks -------------------------------------------------------------------------
+
+    def fail(self, method: str, *, applied: bool, gate: asyncio.Event | None = None, count: int = 1) -> None:
+        """Make the next `count` calls of `method` raise Unavailable(outcome_unknown=True).
+
+        applied: the write is applied first (the answer was lost), else it is never applied;
+        gate: with applied, the write is applied only once `gate` is set (held in the network)."""
+        if not hasattr(self, method):
+            raise AttributeError(method)
+        self._faults[method] = _Fault(applied, gate, count)
+
+    @property
+    def revision(self) -> int:
+        return self._rev
+
+    def keys(self, prefix: bytes = b"") -> list[bytes]:
+        """Every key under `prefix`, in key order (a read for tests; changes nothing)."""
+        return list(self._range(prefix, _end(prefix)))
+
+    def kv(self, key: bytes) -> tuple[bytes, int, int, int] | None:
+        """(value, create revision, mod revision, lease) of `key`, or None."""
+        kv = self._kv.get(key)
+        return None if kv is None else (kv.value, kv.create, kv.mod, kv.lease)
+
+    def lease_ids(self) -> set[int]:
+        self._expire()
+        return set(self._leases)
+
+    @property
+    def watches(self) -> int:
+        """Calls waiting in wait_deleted (read by tests)."""
+        return len({f for fs in self._waits.values() for f in fs})
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._late):
+            task.cancel()
+        await asyncio.gather(*self._late, return_exceptions=True)
+
+    async def ping(self, key: bytes, timeout: float) -> None:
+        """Always reachable: it is this process."""
+
+    # -- the store --------------------------------------------------------------------------
+
+    def _range(self, start: bytes, end: bytes) -> list[bytes]:
+        lo = bisect.bisect_left(self._sorted, start)
+        hi = bisect.bisect_left(self._sorted, end) if end else len(self._sorted)
+        return self._sorted[lo:hi]
+
+    def _entries(self, prefix: bytes) -> list[Entry]:
+        """The entries under `prefix`, oldest (smallest create revision) first."""
+        return sorted((self._entry(k) for k in self._range(prefix, _end(prefix))), key=lambda e: e.create_revision)
+
+    def _entry(self, key: bytes) -> Entry:
+        kv = self._kv[key]
+        return Entry(key, kv.create, kv.lease, EntryValue.decode(kv.value), kv.mod)
+
+    def _get(self, key: bytes) -> Entry | None:
+        return self._entry(key) if key in self._kv else None
+
+    def _commit(self, puts: Iterable[tuple[bytes, bytes, int]] = (), deletes: Iterable[bytes] = ()) -> int:
+        """Apply one write transaction; its revision. Raises _LeaseGone (and applies nothing) if a
+        put names a lease that is gone."""
+        puts = list(puts)
+        gone = [k for k in deletes if k in self._kv]
+        if any(lease and lease not in self._leases for _, _, lease in puts):
+            raise _LeaseGone
+        if not puts and not gone:
+            return self._rev
+        self._rev += 1
+        rev = self._rev
+        for key in gone:
+            self._drop(key, rev)
+        for key, value, lease in puts:
+            old = self._kv.get(key)
+            if old is None:
+                bisect.insort(self._sorted, key)
+            elif old.lease and old.lease in self._leases:
+                self._leases[old.lease].keys.discard(key)
+            self._kv[key] = _KV(value, old.create if old is not None else rev, rev, lease)
+            if lease:
+                self._leases[lease].keys.add(key)
+        return rev
+
+    def _drop(self, key: bytes, rev: int) -> None:
+        kv = self._kv.pop(key)
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
+        if kv.lease in self._leases:
+            self._leases[kv.lease].keys.discard(key)
+        self._deleted.append((rev, key))
+        if len(self._deleted) > HISTORY:
+            self._forgotten = self._deleted.popleft()[0]
+        for waiter in self._waits.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _expire(self) -> None:
+        """Revoke every lease whose deadline has passed, each in its own transaction (as etcd's
+        leader does)."""
+        now = self._clock()
+        while self._due and self._due[0][0] <= now:
+            deadline, lease_id = heapq.heappop(self._due)
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.deadline == deadline:
+                self._revoke(lease_id)
+        if not self._manual:
+            self._schedule()
+
+    def _revoke(self, lease_id: int) -> None:
+        lease = self._leases.pop(lease_id)
+        self._commit(deletes=sorted(lease.keys))
+
+    def _schedule(self) -> None:
+        """With a real clock, wake up when the next lease is due (nobody else would notice)."""
+        while self._due and self._leases.get(self._due[0][1], _NO_LEASE).deadline != self._due[0][0]:
+            heapq.heappop(self._due)
+        at = self._due[0][0] if self._due else None
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, None
+        if at is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next call expires it
+                self._timer = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()), self._fire)
+                self._timer_at = at
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, None
+        self._expire()
+
+    def _set_deadline(self, lease_id: int, lease: _Lease) -> None:
+        lease.deadline = self._clock() + lease.ttl
+        heapq.heappush(self._due, (lease.deadline, lease_id))
+        if not self._manual:
+            self._schedule()
+
+    async def _call(self, method: str, apply: Callable[[], _T]) -> _T:
+        """Run one method's transaction, or the fault injected for it."""
+        self._expire()
+        fault = self._faults.get(method)
+        if fault is None:
+            return apply()
+        fault.count -= 1
+        if fault.count <= 0:
+            del self._faults[method]
+        if fault.applied and fault.gate is None:
+            with contextlib.suppress(BackendError):
+                apply()
+        elif fault.applied and fault.gate is not None:
+            gate = fault.gate
+
+            async def late() -> None:
+                await gate.wait()
+                self._expire()
+                with contextlib.suppress(BackendError):
+                    apply()
+
+            task = asyncio.get_running_loop().create_task(late())
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+        raise Unavailable(f"injected fault in {method}: outcome unknown", retry_after=0.1, outcome_unknown=True)
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int, lease_id: int = 0) -> LeaseGrant:
+        def apply() -> LeaseGrant:
+            if lease_id in self._leases:
+                return LeaseGrant(lease_id, ttl, created=False)
+            new_id = lease_id
+            while not new_id or new_id in self._leases:
+                new_id = random.getrandbits(63) or 1
+            lease = self._leases[new_id] = _Lease(max(ttl, MIN_TTL), 0.0)
+            self._set_deadline(new_id, lease)
+            return LeaseGrant(new_id, lease.ttl, created=True)
+
+        return await self._call("grant_lease", apply)
+
+    async def revoke_lease(self, lease_id: int) -> bool:
+        def apply() -> bool:
+            if lease_id not in self._leases:
+                return False
+            self._revoke(lease_id)
+            return True
+
+        return await self._call("revoke_lease", apply)
+
+    async def keepalive(self, lease_id: int) -> int:
+        def apply() -> int:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                return 0
+            self._set_deadline(lease_id, lease)
+            return lease.ttl
+
+        return await self._call("keepalive", apply)
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        def apply() -> int:
+            lease = self._leases.get(lease_id)
+            return -1 if lease is None else int(max(0.0, lease.deadline - self._clock()))
+
+        return await self._call("lease_ttl", apply)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def put_session(self, session_key: bytes, value: bytes, lease_id: int, slots: Sequence[bytes] = ()) -> None:
+        def apply() -> None:
+            taken = [s for s in slots if s in self._kv]
+            if taken:
+                raise SlotsTaken(taken)
+            try:
+                self._commit([(session_key, value, lease_id), *((s, session_key, lease_id) for s in slots)])
+            except _LeaseGone:
+                raise SessionMissing(session_key.decode()) from None
+
+        await self._call("put_session", apply)
+
+    async def session_exists(self, session_key: bytes) -> bool:
+        return await self._call("session_exists", lambda: session_key in self._kv)
+
+    # -- queues -----------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        prefix: bytes,
+        key: bytes,
+        value: EntryValue,
+        lease_id: int,
+        *,
+        session_key: bytes,
+        new_session_value: bytes | None,
+        only_if_free: bool,
+        slots: Sequence[bytes] = (),
+        mark: bytes = b"",
+    ) -> Enqueued:
+        # The revision this call was sent at: a write applied later (see `fail`) is refused if the
+        # session's release mark moved since, as the etcd adapter's guard does.
+        seen = self._rev
+        raw = value.encode()
+
+        def apply() -> Enqueued:
+            queue = self._entries(prefix)
+            session_ok = (session_key in self._kv) == (new_session_value is None)
+            free = not queue or not only_if_free
+            mark_kv = self._kv.get(mark) if mark else None
+            unmarked = mark_kv is None or mark_kv.mod <= seen
+            if key not in self._kv and session_ok and free and unmarked and not any(s in self._kv for s in slots):
+                puts = [] if new_session_value is None else [(session_key, new_session_value, lease_id)]
+                puts += [*((s, key, lease_id) for s in slots), (key, raw, lease_id)]
+                try:
+                    rev = self._commit(puts)
+                except _LeaseGone:
+                    raise SessionMissing(session_key.decode()) from None
+                queue = self._entries(prefix)
+                mine = Entry(key, rev, lease_id, EntryValue.decode(raw), rev)
+                pred = queue[-2] if len(queue) > 1 else None
+                return Enqueued(True, Position(rev, mine, pred, queue[0], len(queue), len(queue) - 1))
+            existing = self._get(key)
+            if existing is not None:
+                if existing.request_id != value.request_id:
+                    raise EntryConflict(existing)
+                return Enqueued(False, self._adopt(prefix, existing))
+            if new_session_value is None and session_key not in self._kv:
+                raise SessionMissing(session_key.decode())
+            if new_session_value is not None and session_key in self._kv:
+                raise SessionTaken(session_key.decode())
+            if not (only_if_free and queue):
+                taken = [s for s in slots if s in self._kv]
+                if taken:
+                    raise SlotsTaken(taken)
+            holder = queue[0] if queue else None
+            return Enqueued(False, Position(self._rev, None, None, holder, len(queue), len(queue)))
+
+        return await self._call("enqueue", apply)
+
+    def _adopt(self, prefix: bytes, existing: Entry) -> Position:
+        """Take over an entry a previous attempt of the same request made: put it again unchanged."""
+        rev = existing.create_revision
+        kv = self._kv[existing.key]
+        self._commit([(existing.key, kv.value, kv.lease)])
+        ahead = sum(1 for e in self._entries(prefix) if e.create_revision < rev)
+        return self._position(prefix, existing.key, rev, ahead)
+
+    def _position(self, prefix: bytes, key: bytes, create_revision: int, ahead: int = -1) -> Position:
+        queue = self._entries(prefix)
+        mine = self._get(key)
+        if mine is not None and mine.create_revision != create_revision:
+            mine = None  # a newer entry of the same session: ours is gone
+        before = [e for e in queue if e.create_revision < create_revision]
+        return Position(self._rev, mine, before[-1] if before else None, queue[0] if queue else None, len(queue), ahead)
+
+    async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
+        return await self._call("position", lambda: self._position(prefix, key, create_revision))
+
+    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
+        self._expire()
+        if after_revision < self._forgotten:
+            raise WatchInterrupted(f"revision {after_revision} has been compacted")
+        if any(rev > after_revision and key in keys for rev, key in reversed(self._deleted)):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for key in keys:
+            self._waits.setdefault(key, set()).add(waiter)
+        try:
+            await waiter
+        finally:
+            for key in keys:
+                waiters = self._waits.get(key)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waits[key]
+
+    async def delete_entry(
+        self,
+        key: bytes,
+        create_revision: int,
+        mod_revision: int = 0,
+        slots: Sequence[bytes] = (),
+        mark: ReleaseMark | None = None,
+    ) -> Entry | None:
+        def apply() -> Entry | None:
+            kv = self._kv.get(key)
+            if kv is None or kv.create != create_revision or (mod_revision and kv.mod != mod_revision):
+                return None
+            entry = self._entry(key)
+            self._commit([(mark.key, b"", mark.lease)] if mark is not None else [], [key, *slots])
+            return entry
+
+        return await self._call("delete_entry", apply)
+
+    async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
+        def apply() -> Entry | None:
+            if key in self._kv:
+                return self._entry(key)
+            with contextlib.suppress(_LeaseGone):  # the session has ended: nothing can land
+                self._commit([(mark.key, b"", mark.lease)])
+            return None
+
+        return await self._call("seal_entry", apply)
+
+    async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:
+        def apply() -> None:
+            if slots and all(s in self._kv and self._kv[s].create == create_revision for s in slots):
+                self._commit(deletes=slots)
+
+        await self._call("delete_slots", apply)
+
+    async def taken_slots(self, pool_prefix: bytes) -> set[bytes]:
+        return await self._call("taken_slots", lambda: set(self._range(pool_prefix, _end(pool_prefix))))
+
+    async def taken_among(self, slots: Sequence[bytes]) -> set[bytes]:
+        return await self._call("taken_among", lambda: {s for s in slots if s in self._kv})
+
+    async def find_entry(self, prefix: bytes, create_revision: int) -> Entry | None:
+        def apply() -> Entry | None:
+            return next((e for e in self._entries(prefix) if e.create_revision == create_revision), None)
+
+        return await self._call("find_entry", apply)
+
+    async def queue(self, prefix: bytes) -> list[Entry]:
+        return await self._call("queue", lambda: self._entries(prefix))
+
+    async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
+        def apply() -> tuple[list[Entry], bool]:
+            keys = self._range(start, end)
+            if limit <= 0:  # etcd: no limit
+                return [self._entry(k) for k in keys], False
+            return [self._entry(k) for k in keys[:limit]], len(keys) > limit
+
+        return await self._call("scan", apply)
+
+
+_NO_LEASE = _Lease(0, -1.0)
+
+
+def _end(prefix: bytes) -> bytes:
+    """The end of the range of keys starting with `prefix` (b"" : no end)."""
+    end = prefix_end(prefix) if prefix else b""
+    return b"" if end == b"\0" else end

@@ -1,0 +1,44 @@
+"""Read-only views of the queues: Describe (one lock) and List (the held locks, paged)."""
+
+from __future__ import annotations
+
+import time
+
+from lockbroker.server.core.backend import LockBackend
+from lockbroker.server.core.model import Entry, HeldLock, LockState, Page
+from lockbroker.server.core.names import Keyspace, prefix_end
+
+
+async def describe(backend: LockBackend, ks: Keyspace, name: str) -> LockState:
+    entries = await backend.queue(ks.lock_prefix(name))
+    if not entries:
+        return LockState(name, None, None, [])
+    holder = entries[0]
+    left = await backend.lease_ttl(holder.lease)
+    return LockState(name, holder, time.time() + left if left >= 0 else None, entries[1:])
+
+
+async def list_locks(backend: LockBackend, ks: Keyspace, prefix: str, page_size: int, after: str | None) -> Page:
+    # Key order is name order (see core.names), so the page after `after` starts past its entries.
+    start = ks.after_lock(after) if after is not None else ks.names_prefix(prefix)
+    end = prefix_end(ks.names_prefix(prefix))
+    order: list[str] = []
+    found: dict[str, tuple[Entry, int]] = {}
+    more = True
+    # Entries of one lock are contiguous in key order; stop once a page+1st name appears,
+    # which proves every name before it is complete.
+    while more and len(order) <= page_size:
+        batch, more = await backend.scan(start, end, max(64, page_size * 4))
+        for e in batch:
+            name = ks.name_of(e.key)
+            if name not in found:
+                order.append(name)
+                found[name] = (e, 1)
+            else:
+                best, n = found[name]
+                found[name] = (e if e.create_revision < best.create_revision else best, n + 1)
+        if batch:
+            start = batch[-1].key + b"\0"
+    page = order[:page_size]
+    token = page[-1] if len(order) > page_size else ""
+    return Page([HeldLock(n, found[n][0], found[n][1] - 1) for n in page], token)

@@ -1,0 +1,118 @@
+"""Writes of unknown outcome on every backend: whatever the enqueue did, a failed Acquire leaves nothing.
+
+The backend fails an enqueue as Unavailable(outcome_unknown=True) after applying it (the answer was
+lost) or without applying it (the request was lost); the core must find out which by reading, and
+remove what landed (core/acquire.py: _abandon, _late_entry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lockbroker.server.core.errors import Unavailable, WaitExpired
+from lockbroker.server.core.locks import AcquireParams, LockCore
+from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
+from lockbroker.server.core.model import EntryValue
+from tests.core.conftest import TENANT, Env, sid
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "lost"])
+@pytest.mark.parametrize("wait", [0.0, 5.0], ids=["try", "wait"])
+async def test_unknown_enqueue_leaves_nothing_and_the_lock_free(env: Env, applied: bool, wait: float) -> None:
+    name = "unknown/enqueue"
+    s = await env.session()
+    env.fail("enqueue", applied=applied)
+    with pytest.raises(Unavailable) as ei:
+        await env.acquire(name, s, wait=wait, request_id="u-1")
+    assert ei.value.outcome_unknown
+    await env.core.drain_cleanups(3.0)
+    assert await env.lock_keys(name) == []
+    # The session's release mark moved (sealed) or the entry was deleted (which moves it too).
+    assert env.root + f"/t/{TENANT}/m/{sid(s)}".encode() in await env.keys(f"/t/{TENANT}/m/")
+    # The same request, retried, is granted: nothing of the first attempt is in its way.
+    got = await env.acquire(name, s, wait=wait, request_id="u-1")
+    assert got.session_id == sid(s)
+    assert got.queue_position == 0
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "lost"])
+async def test_unknown_sessionless_enqueue_leaves_no_session(env: Env, applied: bool) -> None:
+    leases = await env.leases()
+    env.fail("enqueue", applied=applied)
+    with pytest.raises(Unavailable):
+        await env.acquire("unknown/implicit", None, ttl=10, request_id="u-2")
+    await env.core.drain_cleanups(3.0)
+    assert await env.leases() - leases == set()
+    assert await env.keys() == []
+
+
+async def test_unknown_enqueue_behind_a_holder_does_not_become_a_holder(env: Env) -> None:
+    name = "unknown/behind"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+    env.fail("enqueue", applied=True)
+    with pytest.raises(Unavailable):
+        await env.acquire(name, w, wait=5, request_id="u-3")
+    await env.core.drain_cleanups(3.0)
+    assert (await env.describe(name)).waiters == []
+    assert await env.release(name, held.fencing_token)
+    assert (await env.describe(name)).holder is None
+
+
+async def test_a_late_enqueue_is_refused_after_the_seal() -> None:
+    """An enqueue held in the network lands after its caller gave up and sealed the session's
+    release mark: it must not queue the entry. The memory model delays the write itself; on etcd
+    the same is tests/test_late_write.py, which holds up a real transaction and delivers it later."""
+    mem = MemoryLockBackend(ManualClock())
+    core = LockCore(mem, "/late")
+    ks = core.keyspace(TENANT)
+    name = "unknown/late"
+    s = int((await core.create_session(TENANT, 30, "", "")).session_id, 16)
+    gate = asyncio.Event()
+    mem.fail("enqueue", applied=True, gate=gate)
+    with pytest.raises(Unavailable):
+        await core.acquire(TENANT, AcquireParams(name, s, 30, 5.0, "", "late-1"))
+    await core.drain_cleanups(3.0)
+    gate.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert mem.keys(ks.lock_prefix(name)) == []
+    # A write held up the same way but sent after the seal is applied when it lands: the mark that
+    # moved while it was in flight is what refused the first one.
+    gate2 = asyncio.Event()
+    mem.fail("enqueue", applied=True, gate=gate2)
+    with pytest.raises(Unavailable):
+        await mem.enqueue(
+            ks.lock_prefix(name),
+            ks.entry_key(name, s),
+            EntryValue("o", "late-2", 0.0),
+            s,
+            session_key=ks.session_key(s),
+            new_session_value=None,
+            only_if_free=False,
+            mark=ks.mark(s).key,
+        )
+    gate2.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(mem.keys(ks.lock_prefix(name))) == 1
+    await mem.close()
+
+
+async def test_clean_up_retries_while_the_backend_is_away(env: Env) -> None:
+    """A waiter that gives up while its delete fails is still removed once the backend answers
+    (core/cleanup.py), else the next release would hand the lock to a caller told it did not get it."""
+    name = "unknown/cleanup"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+    env.fail("delete_entry", applied=False)
+    with pytest.raises(WaitExpired):
+        await env.acquire(name, w, wait=0.2)
+    await env.core.drain_cleanups(3.0)
+    assert (await env.describe(name)).waiters == []
+    assert await env.release(name, held.fencing_token)
+    assert (await env.describe(name)).holder is None
