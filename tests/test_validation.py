@@ -154,6 +154,16 @@ def _cases() -> list[Any]:
         add(k, Case("CreateSession", lock_pb2.CreateSessionRequest(owner=owner), "owner"))
         add(k, Case("Acquire", _acq(owner=owner, ttl=d(10)), "owner"))
 
+    # Claims and reentrancy (issue 19) need a session, and a reentrant acquire needs its owner.
+    add("sessionless", Case("Acquire", _acq(ttl=d(10), new_claim=True), "new_claim"))
+    add("sessionless", Case("Acquire", _acq(ttl=d(10), reentrant=True, reentrant_owner="t1"), "reentrant"))
+    add("missing", Case("Acquire", _acq(session_id=SID, reentrant=True), "reentrant_owner"))
+    add("without-reentrant", Case("Acquire", _acq(session_id=SID, reentrant_owner="t1"), "reentrant_owner"))
+    add("control", Case("Acquire", _acq(session_id=SID, reentrant=True, reentrant_owner="t\n1"), "reentrant_owner"))
+    add(
+        "129-bytes", Case("Acquire", _acq(session_id=SID, reentrant=True, reentrant_owner="o" * 129), "reentrant_owner")
+    )
+
     for token in (0, -1, -(2**63)):
         add(str(token), Case("Release", _rel(fencing_token=token), "fencing_token"))
 

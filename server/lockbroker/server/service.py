@@ -329,7 +329,8 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
         name, token, lease = validation.release(request, self.limits)
-        return lock_pb2.ReleaseResponse(released=await self.core.release(tenant_of(context), name, token, lease))
+        released, holds_left = await self.core.release_claim(tenant_of(context), name, token, lease)
+        return lock_pb2.ReleaseResponse(released=released, holds_left=holds_left)
 
     @rpc()
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> lock_pb2.DescribeResponse:
@@ -344,6 +345,8 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                     session_id=session_id_of(w.lease),
                     since=convert.ts(w.value.queued_at),
                     waited=convert.dur(max(0.0, now - w.value.queued_at)),
+                    fencing_token=w.create_revision,
+                    request_id=w.request_id,
                 )
                 for i, w in enumerate(state.waiters, start=1)
             ],

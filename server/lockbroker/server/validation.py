@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from typing import TYPE_CHECKING
 
 from google.protobuf import duration_pb2
 
+from lockbroker.server.core.acquire import AcquireParams
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument
-from lockbroker.server.core.locks import AcquireParams
 from lockbroker.server.core.names import (
     MAX_NAME_BYTES,
     name_problem,
+    new_claim_id,
     owner_problem,
     parse_session_id,
+    reentrant_claim_id,
     request_id_problem,
 )
 from lockbroker.v1 import lock_pb2
@@ -128,8 +131,27 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits) -> AcquireParams:
     wait = c.wait("wait_timeout", req.HasField("wait_timeout"), req.wait_timeout, limits)
     c.check("owner", owner_problem(req.owner))
     c.check("request_id", request_id_problem(req.request_id))
+    request_id, claim = req.request_id, ""
+    if req.reentrant:
+        if not req.session_id:
+            c.bad("reentrant", "needs session_id: a session made for one Acquire cannot be re-entered")
+        if not req.reentrant_owner:
+            c.bad("reentrant_owner", "is required with reentrant (a thread or task identity)")
+        else:
+            c.check("reentrant_owner", owner_problem(req.reentrant_owner))
+        claim = reentrant_claim_id(req.reentrant_owner)
+    elif req.reentrant_owner:
+        c.bad("reentrant_owner", "must be unset without reentrant")
+    elif req.new_claim:
+        if not req.session_id:
+            c.bad("new_claim", "needs session_id: a session made for one Acquire has one claim")
+        # The claim is named after its request id, so the server picks one if the caller did not.
+        request_id = request_id or uuid.uuid4().hex
+        claim = new_claim_id(request_id)
     c.done()
-    return AcquireParams(req.name, lease, ttl, wait, req.owner, req.request_id)
+    return AcquireParams(
+        req.name, lease, ttl, wait, req.owner, request_id, claim, req.reentrant_owner if req.reentrant else ""
+    )
 
 
 def release(req: lock_pb2.ReleaseRequest, limits: LockLimits | None = None) -> tuple[str, int, int | None]:

@@ -68,6 +68,10 @@ class LockCore:
         return await self._acquirer.acquire(tenant, p)
 
     async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> bool:
+        return (await self._acquirer.release(tenant, name, fencing_token, lease_id))[0]
+
+    async def release_claim(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> tuple[bool, int]:
+        """(released, holds left): a reentrant grant held more than once loses one hold."""
         return await self._acquirer.release(tenant, name, fencing_token, lease_id)
 
     async def describe(self, tenant: str, name: str) -> LockState:

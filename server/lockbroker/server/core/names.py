@@ -3,8 +3,11 @@
 Key layout, under a configurable root (default "/lockbroker/v1"):
 
     <root>/t/<tenant>/s/<lease hex>          a session record, bound to the session's lease
-    <root>/t/<tenant>/l/<key name>#<lease hex>
-                                             one queue entry of lock <name>, bound to its session's lease
+    <root>/t/<tenant>/l/<key name>#<lease hex>[.<claim>]
+                                             one queue entry (claim) of lock <name>, bound to its
+                                             session's lease; ".<claim>" only on claims made with
+                                             new_claim ("c<request id>") or reentrant
+                                             ("r<owner digest>"), see core.acquire
     <root>/t/<tenant>/m/<lease hex>          the session's release mark: rewritten whenever the broker
                                              deletes one of the session's entries (see LockBackend.enqueue)
     <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
@@ -177,12 +180,31 @@ class Keyspace:
         """The first key past every entry of lock `name`: where List resumes after it."""
         return prefix_end(self.lock_prefix(name))
 
-    def entry_key(self, name: str, lease_id: int) -> bytes:
-        return self.lock_prefix(name) + session_id_of(lease_id).encode()
+    def entry_key(self, name: str, lease_id: int, claim: str = "") -> bytes:
+        """The key of one claim of session `lease_id` on lock `name`: the session's one plain
+        claim (no suffix, the only key before claims existed), or ".<claim>" after the session."""
+        key = self.lock_prefix(name) + session_id_of(lease_id).encode()
+        return key + b"." + claim.encode() if claim else key
 
     def name_of(self, key: bytes) -> str:
         return name_of_key(key[len(self.locks_root) : key.rindex(b"#")])
 
     @staticmethod
     def lease_of(key: bytes) -> int:
-        return int(key[key.rindex(b"#") + 1 :], 16)
+        at = key.rindex(b"#") + 1
+        return int(key[at : at + 16], 16)
+
+
+def new_claim_id(request_id: str) -> str:
+    """The claim of an Acquire with new_claim: one per request id, so a retry finds its own."""
+    return "c" + request_id
+
+
+def reentrant_claim_id(owner: str) -> str:
+    """The claim of a reentrant owner: one per (session, owner), so re-acquiring finds it."""
+    return "r" + hashlib.sha256(owner.encode()).hexdigest()[:24]
+
+
+def is_reentrant_key(key: bytes) -> bool:
+    at = key.rindex(b"#") + 17
+    return key[at : at + 2] == b".r"
