@@ -161,6 +161,10 @@ def test_optional_strings_stay_none_unless_given() -> None:
 _CHOICES = {
     ("audit", "fsync"): ("interval", '"interval"', "interval"),
     ("server", "backend"): ("memory", '"memory"', "memory"),
+    ("server", "listen"): ("127.0.0.1:7", '"127.0.0.1:7"', "127.0.0.1:7"),
+    ("server", "log_level"): ("debug", '"debug"', "debug"),
+    ("server", "health_listen"): ("0.0.0.0:8081", '"0.0.0.0:8081"', "0.0.0.0:8081"),
+    ("server", "metrics_listen"): ("127.0.0.1:9464", '"127.0.0.1:9464"', "127.0.0.1:9464"),
 }
 
 
@@ -185,8 +189,7 @@ def test_every_field_is_reachable_by_flag_env_and_toml(tmp_path: Path) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             raw, literal, value = _CHOICES.get((section, f.name)) or _sample(hints[f.name])
-            stem = f.name if section == "server" else f"{section}_{f.name}"
-            flag, env = "--" + stem.replace("_", "-"), "LOCKBROKER_" + stem.upper()
+            flag, env = config._names(section, f.name)  # derived, but [embedded] binary's env is its own
             argv = [flag] if value is True else [flag, raw]
             assert getattr(getattr(config.load(flags(*argv), {}), section), f.name) == value, flag
             assert getattr(getattr(config.load(flags(), {env: raw}), section), f.name) == value, env
@@ -292,3 +295,85 @@ def test_empty_env_is_unset_and_timings_must_be_positive(tmp_path: Path) -> None
     for argv in (["--health-interval", "0"], ["--grace-period", "-1"], ["--etcd-request-timeout", "0"]):
         with pytest.raises(config.ConfigError):
             config.load(flags(*argv), {})
+
+
+# -- issue 16: durations, forms named in errors, one env name per setting, the state dir -------
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [("10s", 10.0), ("250ms", 0.25), ("5m", 300.0), ("1h", 3600.0), ("2.5", 2.5), ("3", 3.0), (" 1.5s ", 1.5)],
+)
+def test_durations_accept_units_and_plain_seconds(raw: str, seconds: float) -> None:
+    assert config.parse_duration(raw) == seconds
+    assert config.load(flags("--grace-period", raw), {}).server.grace_period == seconds
+    assert config.load(flags(), {"LOCKBROKER_ETCD_REQUEST_TIMEOUT": raw}).etcd.request_timeout == seconds
+
+
+def test_durations_in_toml_and_whole_second_ttls(tmp_path: Path) -> None:
+    path = toml(tmp_path, '[limits]\nmax_ttl = "10m"\nmax_wait = "90s"\n[audit]\nfsync_interval = "250ms"\n')
+    c = config.load(flags("--config", path), {})
+    assert (c.limits.max_ttl, c.limits.max_wait, c.audit.fsync_interval) == (600, 90.0, 0.25)
+    assert config.load(flags("--quota-max-wait", "2m"), {}).quota.max_wait == 120.0
+    with pytest.raises(ConfigError, match=r"--limits-max-ttl: '1500ms' .*whole seconds"):
+        config.load(flags("--limits-max-ttl", "1500ms"), {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "toml_text", "named_form"),
+    [
+        (["--grace-period", "10x"], {}, "", ("--grace-period", "250ms, 10s, 5m, 1h")),
+        (["--listen", "nonsense"], {}, "", ("--listen", "HOST:PORT")),
+        (["--listen", "127.0.0.1:99999"], {}, "", ("--listen", "HOST:PORT")),
+        ([], {"LOCKBROKER_LISTEN": "::1:50051"}, "", ("LOCKBROKER_LISTEN", "[::1]:50051")),
+        ([], {}, "[server]\nlisten = 50081\n", ("[server] listen", "HOST:PORT")),
+        (["--log-level", "verbose"], {}, "", ("--log-level", "debug, info, warning, error")),
+        ([], {"LOCKBROKER_AUDIT_FSYNC": "sometimes"}, "", ("LOCKBROKER_AUDIT_FSYNC", "always, interval, never")),
+        ([], {}, '[server]\nhealth_interval = "often"\n', ("[server] health_interval", "a duration")),
+        ([], {}, "[etcd]\nkey_root = 5\n", ("[etcd] key_root", "a string")),
+    ],
+)
+def test_bad_values_name_the_setting_and_the_accepted_form(
+    tmp_path: Path, argv: list[str], env: dict[str, str], toml_text: str, named_form: tuple[str, str]
+) -> None:
+    named, form = named_form
+    if toml_text:
+        argv = [*argv, "--config", toml(tmp_path, toml_text)]
+    with pytest.raises(ConfigError) as ei:
+        config.load(flags(*argv), env)
+    assert named in str(ei.value) and form in str(ei.value), str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:50051", "[::1]:0", "localhost:1", "0.0.0.0:50051", "broker-1.local:80"])
+def test_good_listen_addresses(listen: str) -> None:
+    assert config.load(flags("--listen", listen), {}).server.listen == listen
+
+
+def test_etcd_binary_has_one_env_name() -> None:
+    assert config._names("embedded", "binary") == ("--embedded-binary", "LOCKBROKER_ETCD_BINARY")
+    assert config.load(flags(), {"LOCKBROKER_ETCD_BINARY": "/opt/etcd"}).embedded.binary == "/opt/etcd"
+    assert config.load(flags(), {"LOCKBROKER_EMBEDDED_BINARY": "/opt/etcd"}).embedded.binary is None
+
+
+def test_state_dir_is_xdg_unless_set_and_never_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Config().embedded.state_dir is None
+    assert Config().embedded.resolved_state_dir({"XDG_STATE_HOME": "/xdg"}) == Path("/xdg/lockbroker")
+    assert Config().embedded.resolved_state_dir({}) == Path.home() / ".local" / "state" / "lockbroker"
+    rel = config.load(flags("--embedded-state-dir", "here"), {}).embedded.resolved_state_dir({})
+    assert rel == tmp_path / "here" and rel.is_absolute()
+
+
+def test_missing_files_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    ok = tmp_path / "ok.pem"
+    ok.write_text("x")
+    config.check_files(config.load(flags("--etcd-ca-file", str(ok)), {}))
+    for argv, named in (
+        (["--etcd-ca-file", str(tmp_path / "nope.pem")], "--etcd-ca-file / LOCKBROKER_ETCD_CA_FILE / [etcd] ca_file"),
+        (["--tls-cert-file", str(tmp_path / "c.pem"), "--tls-key-file", str(ok)], "--tls-cert-file"),
+        (["--auth-tenants-file", str(tmp_path / "t.toml")], "--auth-tenants-file"),
+    ):
+        with pytest.raises(ConfigError) as ei:
+            config.check_files(config.load(flags(*argv), {}))
+        assert named in str(ei.value) and "No such file" in str(ei.value), str(ei.value)

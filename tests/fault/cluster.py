@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import random
 import secrets
 import shutil
 import signal
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -486,6 +488,52 @@ class EtcdCluster:
                 return await self.wait_leader(max(1.0, deadline - time.monotonic()))
             if time.monotonic() > deadline:
                 raise ClusterError(f"cluster not ready within {timeout:g}s (statuses: {sts})")
+            await asyncio.sleep(0.1)
+
+    async def open_streams(self, index: int, method: str = "LeaseKeepAlive") -> int:
+        """How many `method` streams are open on member `index`, from its /metrics (started minus
+        handled); 0 if it does not answer. The brokers' shared streams are the only ones."""
+        m = self.members[index]
+        if not m.running or m.paused:
+            return 0
+
+        def read() -> str:
+            with urllib.request.urlopen(f"{m.client_url}/metrics", timeout=STATUS_TIMEOUT * 2) as r:
+                return str(r.read().decode())
+
+        try:
+            text = await asyncio.to_thread(read)
+        except OSError:
+            return 0
+        started = handled = 0.0
+        for line in text.splitlines():
+            if f'grpc_method="{method}"' not in line or line.startswith("#"):
+                continue
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith("grpc_server_started_total"):
+                started += value
+            elif line.startswith("grpc_server_handled_total"):
+                handled += value
+        return int(started - handled)
+
+    async def move_leader(self, target: int, timeout: float = 10.0) -> None:
+        """Hand leadership to member `target` (etcd's MoveLeader, through its JSON gateway)."""
+        leader = await self.wait_leader()
+        if leader == target:
+            return
+        url = f"{self.members[leader].client_url}/v3/maintenance/transfer-leadership"
+        body = json.dumps({"targetID": str(self.members[target].member_id)}).encode()
+
+        def post() -> None:
+            request = urllib.request.Request(url, data=body, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                r.read()
+
+        await asyncio.to_thread(post)
+        deadline = time.monotonic() + timeout
+        while await self.leader() != target:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"leadership did not move to m{target} within {timeout:g}s")
             await asyncio.sleep(0.1)
 
     # -- faults ----------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ async def run_scenario(
     print(report.summary())
     report.assert_valid()
     assert harness.incidents() == [], "a broker answered INTERNAL"
+    unretrieved = [r for r in harness.broker_errors() if "never retrieved" in str(r.get("msg", ""))]
+    assert unretrieved == [], f"a broker logged an unretrieved exception: {unretrieved}"
     return report
 
 
@@ -95,6 +97,35 @@ async def test_leader_paused(harness: Harness) -> None:
 
     report = await run_scenario(harness, fault, ttl=6)
     assert_exercised(report)
+
+
+async def test_member_the_brokers_streams_use_frozen(harness: Harness) -> None:
+    """Issue 18 item 2: SIGSTOP the member the brokers' KeepAlive streams are on, for two TTLs,
+    while the other two keep a leader (leadership is moved off it first if need be). A frozen
+    member returns no error; the brokers must leave it anyway, so no session is lost and grants
+    continue during the freeze."""
+    ttl = 4  # the shortest TTL docs/security.md promises to carry through a freeze
+
+    async def fault() -> None:
+        counts = [await harness.cluster.open_streams(i) for i in range(3)]
+        member = max(range(3), key=lambda i: counts[i])
+        assert counts[member] > 0, f"no broker KeepAlive stream on any member: {counts}"
+        if await harness.leader() == member:
+            await harness.cluster.move_leader((member + 1) % 3)
+        harness.pause_member(member)
+        await asyncio.sleep(2 * ttl)
+        harness.resume_member(member)
+        await harness.settle()
+
+    report = await run_scenario(harness, fault, ttl=ttl)
+    assert_exercised(report)
+    frozen = next(e for e in report.nemesis if e["op"] == "member_paused")
+    woken = next(e for e in report.nemesis if e["op"] == "member_resumed")
+    sessions = [o for o in report.ops if o.op == "create_session" and o.outcome == "ok"]
+    assert len(sessions) == len(harness.clients), "a session was lost and made again"
+    grants = [o for o in report.ops if o.op == "acquire" and o.outcome == "ok" and o.get("token") is not None]
+    during = [g for g in grants if frozen["time"] < g.invoke and g.end < woken["time"]]
+    assert during, "no grant while the member was frozen"
 
 
 @pytest.mark.parametrize("who", ["follower", "leader"])

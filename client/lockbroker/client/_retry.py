@@ -9,6 +9,7 @@ for another reason, or the deadline leaves no room for another attempt".
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -18,8 +19,11 @@ from typing import TypeVar
 from grpc import aio
 
 from lockbroker.client.errors import LockBrokerError, QuotaExceeded, Unavailable, from_rpc_error
+from lockbroker.v1.reasons import ErrorReason
 
 T = TypeVar("T")
+
+log = logging.getLogger("lockbroker.client.retry")
 
 # Jitter only spreads retries out; it need not be unpredictable, but SystemRandom keeps
 # forked workers from sharing one seed and retrying in lockstep.
@@ -43,10 +47,13 @@ class Backoff:
 
 
 def retryable(err: LockBrokerError) -> bool:
-    # A quota refusal is worth retrying only when the broker says waiting helps (RetryInfo: a
-    # rate limit, or held state that frees as locks are released); a TTL over the tenant's
-    # maximum carries none and fails at once.
-    return isinstance(err, Unavailable) or (isinstance(err, QuotaExceeded) and err.retry_after is not None)
+    # A quota refusal is final: only a rate limit (RATE_LIMITED with RetryInfo) says when a retry
+    # will pass. QUOTA_EXCEEDED on held state (max_locks, ...) carries RetryInfo as a hint for the
+    # caller, but nothing frees that state by waiting inside one call: retrying it silently ran the
+    # whole deadline out and hid the QuotaFailure behind a timeout.
+    if isinstance(err, QuotaExceeded):
+        return err.reason == ErrorReason.RATE_LIMITED and err.retry_after is not None
+    return isinstance(err, Unavailable)
 
 
 async def call_with_retry(
@@ -77,6 +84,8 @@ async def call_with_retry(
             # the real cause (UNAVAILABLE) rather than a DEADLINE_EXCEEDED of our own making.
             if time.monotonic() + pause + _MIN_ATTEMPT >= deadline:
                 raise err from exc
+            # One INFO line per retry: `lockbroker -v` shows them, a library user's logging decides.
+            log.info("retry %d in %.2fs after %s", n, pause, err)
             if on_retry is not None:
                 on_retry(n, err, pause)
             await asyncio.sleep(pause)

@@ -242,6 +242,7 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.RATE_LIMITED: QuotaExceeded,
     ErrorReason.BACKEND_UNAVAILABLE: Unavailable,
     ErrorReason.SHUTTING_DOWN: Unavailable,
+    ErrorReason.BACKEND_NO_SPACE: Unavailable,
     ErrorReason.AUDIT_UNAVAILABLE: Unavailable,
     ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
 }

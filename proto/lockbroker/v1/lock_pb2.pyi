@@ -127,6 +127,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Code INTERNAL: a bug in the broker. Not retryable. Metadata: "incident",
     an id that points into the broker's log; never a stack trace.
     """
+    ERROR_REASON_BACKEND_NO_SPACE: _ErrorReason.ValueType  # 17
+    """Code UNAVAILABLE: etcd refused a write because its database reached its
+    space quota (etcd's NOSPACE alarm). Nothing was written. Retryable only
+    after an operator compacts and defragments etcd and disarms the alarm.
+    Details: google.rpc.RetryInfo (a long hint).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is every google.rpc.ErrorInfo.reason the broker sends, in
@@ -225,6 +231,12 @@ google.rpc.RetryInfo.
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 16
 """Code INTERNAL: a bug in the broker. Not retryable. Metadata: "incident",
 an id that points into the broker's log; never a stack trace.
+"""
+ERROR_REASON_BACKEND_NO_SPACE: ErrorReason.ValueType  # 17
+"""Code UNAVAILABLE: etcd refused a write because its database reached its
+space quota (etcd's NOSPACE alarm). Nothing was written. Retryable only
+after an operator compacts and defragments etcd and disarms the alarm.
+Details: google.rpc.RetryInfo (a long hint).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -40,6 +40,7 @@ class ErrorReason(StrEnum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    BACKEND_NO_SPACE = "BACKEND_NO_SPACE"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

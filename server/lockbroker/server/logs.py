@@ -56,3 +56,8 @@ def setup(level: str) -> None:
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+
+
+def set_level(level: str) -> None:
+    """Change the level of the running broker (SIGHUP)."""
+    logging.getLogger().setLevel(level.upper())

@@ -175,7 +175,8 @@ def _setup_logging(verbose: int) -> None:
     handler.setFormatter(logging.Formatter("lockbroker: %(message)s"))
     log.addHandler(handler)
     log.propagate = False
-    log.setLevel(logging.DEBUG if verbose > 1 else logging.WARNING if verbose else logging.CRITICAL)
+    # -v: warnings and one line per retry (INFO); -vv: debug.
+    log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.CRITICAL)
 
 
 # -- registering commands ----------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def common_parser() -> argparse.ArgumentParser:
     )
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", choices=("human", "json"), default="human", help="json: one object for scripts")
-    o.add_argument("-v", "--verbose", action="count", default=0, help="log the client's warnings (-vv: debug)")
+    o.add_argument("-v", "--verbose", action="count", default=0, help="log warnings and retries (-vv: debug)")
     return p
 
 

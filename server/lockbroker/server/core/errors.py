@@ -128,3 +128,20 @@ class Unavailable(LockBrokerError):
 
 class ShuttingDown(Unavailable):
     reason = ErrorReason.SHUTTING_DOWN
+
+
+class BackendNoSpace(Unavailable):
+    """etcd refused a write because its database reached its space quota (etcd's NOSPACE alarm,
+    "mvcc: database space exceeded"). Nothing was written. Writes keep failing until an operator
+    frees space (compact, defragment, disarm the alarm: docs/security.md), so the hint is long.
+    UNAVAILABLE like AUDIT_UNAVAILABLE, not RESOURCE_EXHAUSTED: the caller exceeded nothing of
+    its own, and clients read RESOURCE_EXHAUSTED as their tenant's quota."""
+
+    reason = ErrorReason.BACKEND_NO_SPACE
+
+    def __init__(self, retry_after: float = 30.0) -> None:
+        super().__init__(
+            "etcd is out of space (its NOSPACE alarm is raised): the broker cannot write until an "
+            "operator compacts and defragments etcd and disarms the alarm",
+            retry_after=retry_after,
+        )

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -27,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from lockbroker.server.core.backend import BackendError, LeaseExists, remaining
-from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.errors import BackendNoSpace, Unavailable
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd import rpc_pb2_grpc as pb_grpc
 
@@ -79,8 +80,28 @@ _RPC_NAMES: Final[dict[str, tuple[str, str]]] = {
     if not (m.client_streaming or m.server_streaming)
 }
 
+# Seconds a member may leave a read unanswered before the read is sent to the next endpoint
+# (once per call, and only with time left for it): see EtcdClient._call. A healthy member answers
+# a linearizable read in milliseconds; one without a leader fails it rather than waiting.
+READ_ATTEMPT = 1.0
+
 # Streams carry this so an etcd member that loses its leader closes them instead of going quiet.
 REQUIRE_LEADER = (("hasleader", "true"),)
+
+
+# etcd's ErrNoSpace: a write refused by the space quota, or any write while the NOSPACE alarm is on.
+_NO_SPACE = "database space exceeded"
+
+# etcd's own fixed messages that say why it could not serve: safe to show callers, unlike grpc's
+# transport details. Anything else is just "unavailable".
+_REASONS = ("leader changed", "no leader", "too many requests", "timed out")
+
+
+def _unavailable_message(code: grpc.StatusCode, details: str) -> str:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "etcd did not answer in time; retry"
+    why = next((r for r in _REASONS if r in details), None)
+    return f"etcd is unavailable ({why}); retry" if why else "etcd is unavailable; retry"
 
 
 class LeaseNotFound(BackendError):
@@ -114,6 +135,11 @@ class Stubs:
         self.auth = pb_grpc.AuthStub(channel)
 
 
+def _span_failed(span: trace.Span, e: aio.AioRpcError) -> None:
+    span.set_attribute("rpc.grpc.status_code", e.code().value[0])
+    span.set_status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
+
+
 class EtcdClient:
     """`tracer`: one CLIENT span per unary etcd call, child of the current span. Made here rather
     than by OTel's grpc.aio client interceptors: any client interceptor puts every call of the
@@ -141,6 +167,12 @@ class EtcdClient:
         # The newest etcd revision any answer has shown this client: every write it sends later is
         # ordered after that revision (see EtcdLockBackend.enqueue).
         self.revision = 0
+        self._no_space_logged = -1e9
+        self._failures: dict[tuple[int, str], tuple[float, int]] = {}  # last line, calls not logged
+        # Counts moves between endpoints; _left[i] is the count when the calls last left endpoint
+        # i, so a shared stream opened on i at an earlier count knows to follow them.
+        self.generation = 0
+        self._left: dict[int, int] = {}
 
     # -- channels ---------------------------------------------------------------------------
 
@@ -170,6 +202,8 @@ class EtcdClient:
         """Move to the next endpoint, unless another call already moved away from `idx`."""
         if len(self._endpoints) > 1 and self._index == idx:
             self._index = (idx + 1) % len(self._endpoints)
+            self.generation += 1
+            self._left[idx] = self.generation
             log.warning(
                 "etcd endpoint %s unreachable, trying %s",
                 self._endpoints[idx].target,
@@ -183,6 +217,14 @@ class EtcdClient:
     @property
     def endpoint(self) -> str:
         return self._endpoints[self._index].target
+
+    def left_since(self, idx: int, generation: int) -> bool:
+        """Whether the calls moved away from endpoint `idx` after `generation`."""
+        return self._left.get(idx, 0) > generation
+
+    def target_of(self, idx: int) -> str:
+        """host:port of endpoint `idx`, for the broker's log (never for callers)."""
+        return self._endpoints[idx].target if 0 <= idx < len(self._endpoints) else "(none)"
 
     async def close(self) -> None:
         stubs, self._stubs = list(self._stubs.values()), {}
@@ -237,7 +279,7 @@ class EtcdClient:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(
+    async def call(  # noqa: PLR0915 - one frame on purpose: see the docstring
         self,
         method: Callable[[Stubs], Callable[..., Awaitable[T]]],
         request: Message,
@@ -245,81 +287,101 @@ class EtcdClient:
         write: bool,
         timeout: float | None = None,
     ) -> T:
+        """One etcd call within what is left of the RPC's deadline: token renewal, one retry of a
+        read off a silent member, the CLIENT span and the metrics observation, all in this one
+        frame (issue 13 counts the frames between grpc's handler and the etcd stub; each helper
+        coroutine here used to add one on every call). Every response header's revision is noted
+        in `revision` (the release-mark compare of enqueues reads it)."""
         budget = remaining(timeout or self._config.request_timeout)
         if budget <= 0:
             raise Unavailable("the request's deadline passed before etcd was called", retry_after=0.0)
-        if self._observer is not None:
-            return await self._observed(method, request, write, budget)
-        return await self._traced(method, request, write, budget)
-
-    async def _observed(
-        self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
-    ) -> T:
-        assert self._observer is not None
+        scope = self._span_scope(request)
+        span = scope.__enter__() if scope is not None else None
         t0 = time.perf_counter()
-        code: str | None = None
+        failure: str | None = None
         try:
-            return await self._traced(method, request, write, budget)
+            if self._config.username is not None and self._token is None:
+                await self.authenticate()
+            deadline = time.monotonic() + budget
+            renewed = moved = False
+            while True:  # at most three attempts: one after a token renewal, one off a silent member
+                idx, stubs = self.current()
+                token = self._token
+                left = deadline - time.monotonic()
+                # A frozen member (SIGSTOP) answers nothing and returns no error, so a read it leaves
+                # unanswered for READ_ATTEMPT moves on to the next endpoint once, within the budget.
+                # Only reads: a write's outcome would be unknown, and its caller resolves that.
+                bounded = not write and not moved and len(self._endpoints) > 1 and left > READ_ATTEMPT + 0.1
+                try:
+                    resp = await method(stubs)(
+                        request, timeout=min(left, READ_ATTEMPT) if bounded else left, metadata=self.metadata()
+                    )
+                except aio.AioRpcError as e:
+                    if not renewed and self._bad_token(e):
+                        renewed = True
+                        await self.authenticate(stale=token)
+                        continue
+                    if bounded and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        moved = True
+                        log.info("etcd at %s left a read unanswered for %.1fs", self.target_of(idx), READ_ATTEMPT)
+                        self.failover(idx)
+                        continue
+                    if span is not None:
+                        _span_failed(span, e)
+                    raise self._translate(e, idx, write) from None
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", 0)
+                header = getattr(resp, "header", None)
+                if header is not None and header.revision > self.revision:
+                    self.revision = header.revision
+                return resp
         except Unavailable:
-            code = "UNAVAILABLE"  # transient: etcd unreachable, overloaded, timed out or leaderless
+            failure = "UNAVAILABLE"  # transient: etcd unreachable, overloaded, timed out or leaderless
             raise
         except BaseException as e:
-            code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else type(e).__name__
+            failure = "CANCELLED" if isinstance(e, asyncio.CancelledError) else type(e).__name__
             raise
         finally:
-            name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("", "unknown"))[1]
-            self._observer(name, time.perf_counter() - t0, code)
+            if scope is not None:
+                # The span records no exception (record_exception=False): ending it is all that is left.
+                scope.__exit__(None, None, None)
+            if self._observer is not None:
+                self._observe(request, time.perf_counter() - t0, failure)
 
-    async def _traced(
-        self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
-    ) -> T:
+    def _span_scope(self, request: Message) -> AbstractContextManager[trace.Span] | None:
+        """The CLIENT span of one etcd call (named like grpc's own), or None when not tracing."""
         if self._tracer is None or not is_instrumentation_enabled():
-            return await self._call(method, request, write, budget, None)
+            return None
         service, name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("etcdserverpb", "unknown"))
-        with self._tracer.start_as_current_span(
+        return self._tracer.start_as_current_span(
             f"/{service}/{name}",
             kind=trace.SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            return await self._call(method, request, write, budget, span)
+        )
 
-    async def _call(
-        self,
-        method: Callable[[Stubs], Callable[..., Awaitable[T]]],
-        request: Message,
-        write: bool,
-        budget: float,
-        span: trace.Span | None,
-    ) -> T:
-        if self._config.username is not None and self._token is None:
-            await self.authenticate()
-        for attempt in (0, 1):
-            idx, stubs = self.current()
-            token = self._token
-            try:
-                resp = await method(stubs)(request, timeout=budget, metadata=self.metadata())
-            except aio.AioRpcError as e:
-                if attempt == 0 and self._bad_token(e):
-                    await self.authenticate(stale=token)
-                    continue
-                if span is not None:
-                    span.set_attribute("rpc.grpc.status_code", e.code().value[0])
-                    span.set_status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
-                raise self._translate(e, idx, write) from None
-            if span is not None:
-                span.set_attribute("rpc.grpc.status_code", 0)
-            return resp
-        raise AssertionError("unreachable")
+    def _observe(self, request: Message, seconds: float, failure: str | None) -> None:
+        assert self._observer is not None
+        self._observer(_RPC_NAMES.get(request.DESCRIPTOR.full_name, ("", "unknown"))[1], seconds, failure)
 
     def _translate(self, e: aio.AioRpcError, idx: int, write: bool) -> Exception:
         code, details = e.code(), e.details() or ""
+        if _NO_SPACE in details:
+            # RESOURCE_EXHAUSTED like "too many requests", but no retry soon will help: say so.
+            now = time.monotonic()
+            if now - self._no_space_logged > 10.0:  # at most one line per 10 s however many calls
+                self._no_space_logged = now
+                log.error("etcd at %s is out of space (NOSPACE alarm): %s", self.target_of(idx), details)
+            return BackendNoSpace()
         if code in _TRANSIENT or any(m in details for m in _TRANSIENT_MESSAGES):
+            # The caller learns only what it can act on (retry); grpc's details name the endpoint
+            # and the OS error, so they stay in the broker's log (issue 18 item 13).
+            self._log_failure(idx, code, details)
             self._maybe_failover(code, idx)
             # Only a write that may have reached etcd has an unknown outcome.
             unknown = write and code != grpc.StatusCode.RESOURCE_EXHAUSTED
-            return Unavailable(f"etcd: {details or code.name}", retry_after=1.0, outcome_unknown=unknown)
+            return Unavailable(_unavailable_message(code, details), retry_after=1.0, outcome_unknown=unknown)
         if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
             return LeaseNotFound(details)
         if code == grpc.StatusCode.FAILED_PRECONDITION and "lease already exist" in details:
@@ -330,25 +392,31 @@ class EtcdClient:
             return Unavailable("the broker cannot authenticate to etcd", retry_after=5.0)
         return BackendError(f"etcd {code.name}: {details}")
 
+    def _log_failure(self, idx: int, code: grpc.StatusCode, details: str) -> None:
+        """One line per endpoint and code every 5 s at most: an outage fails every call."""
+        now = time.monotonic()
+        key = (idx, code.name)
+        last, quiet = self._failures.get(key, (-1e9, 0))
+        if now - last < 5.0:
+            self._failures[key] = (last, quiet + 1)
+            return
+        self._failures[key] = (now, 0)
+        more = f" (and {quiet} more since the last line)" if quiet else ""
+        log.info("etcd call to %s failed: %s %s%s", self.target_of(idx), code.name, details, more)
+
     # -- typed helpers ----------------------------------------------------------------------
 
-    def _saw(self, header: pb.ResponseHeader) -> None:
-        self.revision = max(self.revision, header.revision)
+    # The helpers below return `call`'s coroutine instead of awaiting it, so they cost no frame on
+    # the call path; `call` notes each response's revision itself.
 
-    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
-        resp: pb.RangeResponse = await self.call(lambda s: s.kv.Range, req, write=False)
-        self._saw(resp.header)
-        return resp
+    def range(self, req: pb.RangeRequest) -> Awaitable[pb.RangeResponse]:
+        return self.call(lambda s: s.kv.Range, req, write=False)
 
-    async def put(self, req: pb.PutRequest) -> pb.PutResponse:
-        resp: pb.PutResponse = await self.call(lambda s: s.kv.Put, req, write=True)
-        self._saw(resp.header)
-        return resp
+    def put(self, req: pb.PutRequest) -> Awaitable[pb.PutResponse]:
+        return self.call(lambda s: s.kv.Put, req, write=True)
 
-    async def txn(self, req: pb.TxnRequest, *, write: bool = True) -> pb.TxnResponse:
-        resp: pb.TxnResponse = await self.call(lambda s: s.kv.Txn, req, write=write)
-        self._saw(resp.header)
-        return resp
+    def txn(self, req: pb.TxnRequest, *, write: bool = True) -> Awaitable[pb.TxnResponse]:
+        return self.call(lambda s: s.kv.Txn, req, write=write)
 
     async def lease_grant(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantResponse:
         resp: pb.LeaseGrantResponse = await self.call(
@@ -358,11 +426,11 @@ class EtcdClient:
             raise BackendError(f"etcd LeaseGrant: {resp.error}")
         return resp
 
-    async def lease_revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
-        return await self.call(lambda s: s.lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease_id), write=True)
+    def lease_revoke(self, lease_id: int) -> Awaitable[pb.LeaseRevokeResponse]:
+        return self.call(lambda s: s.lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease_id), write=True)
 
-    async def lease_time_to_live(self, lease_id: int) -> pb.LeaseTimeToLiveResponse:
-        return await self.call(lambda s: s.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease_id), write=False)
+    def lease_time_to_live(self, lease_id: int) -> Awaitable[pb.LeaseTimeToLiveResponse]:
+        return self.call(lambda s: s.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease_id), write=False)
 
-    async def status(self, timeout: float | None = None) -> pb.StatusResponse:
-        return await self.call(lambda s: s.maintenance.Status, pb.StatusRequest(), write=False, timeout=timeout)
+    def status(self, timeout: float | None = None) -> Awaitable[pb.StatusResponse]:
+        return self.call(lambda s: s.maintenance.Status, pb.StatusRequest(), write=False, timeout=timeout)

@@ -5,17 +5,21 @@ every waiter and every refresh over them, instead of one stream per call; on the
 all waiters of one lock share one watch. Both carry etcd's
 "hasleader" metadata, so a member cut off from its leader ends them rather than going silent; a
 lost stream fails whatever was pending on it (waiters then re-read state and watch again).
+
+A frozen member (SIGSTOP, a stalled VM) ends nothing and answers nothing. So a watchdog drops a
+stream that owes an answer for `stall_after` seconds having received nothing; its next use opens
+it where the unary calls go (moved off the stuck member). The Watch stream, quiet for long, sends
+etcd's progress request when it has watches and has heard nothing. Refreshes caught on a lost
+stream are sent again (a keepalive is idempotent); waiters get WatchInterrupted and re-read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from grpc import aio
 
@@ -24,103 +28,7 @@ from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import REQUIRE_LEADER, EtcdClient
-
-log = logging.getLogger("lockbroker.etcd")
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-
-class _SharedStream(Generic[Req, Resp]):
-    """One bidirectional stream, opened on demand, with serialized writes and one reader task."""
-
-    def __init__(self, client: EtcdClient) -> None:
-        self._client = client
-        self._call: aio.StreamStreamCall[Req, Resp] | None = None
-        self._endpoint = -1
-        self._reader: asyncio.Task[None] | None = None
-        self._write_lock = asyncio.Lock()
-        self._closed = False
-
-    def _open(self) -> aio.StreamStreamCall[Req, Resp]:
-        raise NotImplementedError
-
-    def _on_response(self, resp: Resp) -> None:
-        raise NotImplementedError
-
-    def _on_lost(self, error: Exception) -> None:
-        raise NotImplementedError
-
-    async def write(
-        self,
-        req: Req,
-        *,
-        wanted: Callable[[], bool] | None = None,
-        sending: Callable[[], None] | None = None,
-    ) -> bool:
-        """Send `req` on the stream, opening it if need be.
-
-        `wanted` is asked again once this call holds the stream (after waiting for other writes
-        or for authentication): False sends nothing and returns False. `sending` runs just before
-        the write, in the stream's write order and before any answer can be read."""
-        async with self._write_lock:
-            if self._closed:
-                raise Unavailable("the broker is shutting down", retry_after=1.0)
-            if wanted is not None and not wanted():
-                return False
-            if self._call is None:
-                if self._client.needs_token():
-                    await self._client.authenticate()
-                    if wanted is not None and not wanted():
-                        return False
-                self._endpoint, _ = self._client.current()
-                self._call = self._open()
-                self._reader = asyncio.create_task(self._read(self._call))
-            call = self._call
-            if sending is not None:
-                sending()
-            try:
-                await call.write(req)
-            except (aio.AioRpcError, asyncio.InvalidStateError) as e:
-                lost = Unavailable(f"etcd stream lost: {e}", retry_after=1.0)
-                # Everything pending on the stream gets the domain error, never the transport's.
-                self._lose(call, lost)
-                raise lost from None
-            return True
-
-    async def _read(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
-        error: Exception = Unavailable("etcd closed the stream", retry_after=1.0)
-        try:
-            while True:
-                resp = await call.read()
-                if resp is aio.EOF:
-                    break
-                self._on_response(resp)  # type: ignore[arg-type]
-        except aio.AioRpcError as e:
-            if self._client.is_stale_token(e):
-                self._client.forget_token()
-            self._client.report_stream_error(e, self._endpoint)
-            error = Unavailable(f"etcd stream lost: {e.code().name} {e.details()}", retry_after=1.0)
-        except asyncio.CancelledError:
-            error = Unavailable("the broker is shutting down", retry_after=1.0)
-            raise
-        finally:
-            self._lose(call, error)
-
-    def _lose(self, call: aio.StreamStreamCall[Req, Resp], error: Exception) -> None:
-        if self._call is call:
-            self._call = None
-            call.cancel()
-            self._on_lost(error)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._call is not None:
-            self._lose(self._call, Unavailable("the broker is shutting down", retry_after=1.0))
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+from lockbroker.server.etcd.shared_stream import STALL_AFTER, SharedStream
 
 
 @dataclass(eq=False)
@@ -189,13 +97,15 @@ class _PrefixWatch:
                     wait.done.set_exception(error())
 
 
-class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
+class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
     """Waits for deletions of queue entries over one Watch stream, with one etcd watch per lock
     that has waiters here (not one per waiter): a handoff then costs no watch set-up or tear-down,
     and a deletion reaches this broker once however many of its calls wait on that lock."""
 
-    def __init__(self, client: EtcdClient) -> None:
-        super().__init__(client)
+    kind = "watch"
+
+    def __init__(self, client: EtcdClient, *, stall_after: float = STALL_AFTER) -> None:
+        super().__init__(client, stall_after=stall_after)
         self._next_id = 1
         self._by_prefix: dict[bytes, _PrefixWatch] = {}
         self._by_id: dict[int, _PrefixWatch] = {}
@@ -208,6 +118,17 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
     def _open(self) -> aio.StreamStreamCall[pb.WatchRequest, pb.WatchResponse]:
         _, stubs = self._client.current()
         return stubs.watch.Watch(metadata=self._client.metadata(REQUIRE_LEADER))
+
+    def _owes(self) -> bool:
+        return bool(self._creating)
+
+    def _probe(self) -> pb.WatchRequest | None:
+        # Only with watches: etcd 3.5 answers a progress request through one of the stream's
+        # watchers, so a stream without any would never answer it. Its answer carries watch id -1,
+        # which _on_response ignores.
+        if not self._by_id:
+            return None
+        return pb.WatchRequest(progress_request=pb.WatchProgressRequest())
 
     @property
     def active(self) -> int:
@@ -341,11 +262,14 @@ class WatchHub(_SharedStream[pb.WatchRequest, pb.WatchResponse]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]):
+class KeepAliveStream(SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]):
     """Refreshes leases; every refresh of this broker shares one LeaseKeepAlive stream."""
 
-    def __init__(self, client: EtcdClient) -> None:
-        super().__init__(client)
+    kind = "keepalive"
+    ATTEMPTS = 3
+
+    def __init__(self, client: EtcdClient, *, stall_after: float = STALL_AFTER) -> None:
+        super().__init__(client, stall_after=stall_after)
         self._pending: dict[int, deque[asyncio.Future[int]]] = {}
 
     def _open(self) -> aio.StreamStreamCall[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]:
@@ -353,19 +277,53 @@ class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveR
         return stubs.lease.LeaseKeepAlive(metadata=self._client.metadata(REQUIRE_LEADER))
 
     async def keepalive(self, lease_id: int, timeout: float) -> int:
+        """Refresh `lease_id` once: the TTL etcd answered (0: the lease is gone).
+
+        A stream lost, or dropped as stuck, under this refresh gave no answer: the refresh is sent
+        again on the next stream while `timeout` lasts (a keepalive is idempotent), at most
+        ATTEMPTS times in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lost: Unavailable | None = None
+        for _ in range(self.ATTEMPTS):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                return await asyncio.wait_for(self._once(lease_id), left)
+            except TimeoutError:
+                lost = None
+                break
+            except Unavailable as e:
+                if self._closed:
+                    raise
+                lost = e
+        if lost is not None:
+            raise lost
+        raise Unavailable("etcd did not answer the keepalive in time", retry_after=1.0)
+
+    async def _once(self, lease_id: int) -> int:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(lease_id, deque()).append(fut)
         try:
-            await self.write(pb.LeaseKeepAliveRequest(ID=lease_id))
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise Unavailable("etcd did not answer the keepalive in time", retry_after=1.0) from None
+            # Pending from the moment it is written, on the stream it is written to.
+            await self.write(
+                pb.LeaseKeepAliveRequest(ID=lease_id),
+                sending=lambda: self._pending.setdefault(lease_id, deque()).append(fut),
+            )
+            return await fut
         finally:
+            # A stream lost during the write fails `fut` (in _on_lost) as well as the write: the
+            # write's error is the one raised, and this retrieves the other (issue 18 item 3).
+            if fut.done() and not fut.cancelled():
+                fut.exception()
             queue = self._pending.get(lease_id)
             if queue is not None and fut in queue:
                 queue.remove(fut)
                 if not queue:
                     del self._pending[lease_id]
+
+    def _owes(self) -> bool:
+        return bool(self._pending)
 
     def _on_response(self, resp: pb.LeaseKeepAliveResponse) -> None:
         queue = self._pending.get(resp.ID)
@@ -383,3 +341,6 @@ class KeepAliveStream(_SharedStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveR
             for fut in queue:
                 if not fut.done():
                     fut.set_exception(error)
+
+
+__all__ = ["STALL_AFTER", "KeepAliveStream", "WatchHub"]
