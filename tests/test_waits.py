@@ -1,4 +1,5 @@
-"""Waits without a cap (issue 19 item 3): `[limits] max_wait = 0` means a wait_timeout of any length.
+"""Waits without a cap (issue 19 item 3): `[limits] max_wait = 0` means a wait_timeout of any length;
+and a waiter whose connection dropped keeps its place for a retry with its request id.
 
 Over a real etcd and broker. The cap is made small (1 s) so that "2x max_wait" stays short.
 """
@@ -14,11 +15,12 @@ import pytest
 from grpc import aio
 
 from lockbroker.server.app import Broker
+from lockbroker.server.core.resume import RESUME_WINDOW
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
-from tests.lockutil import LOCKS, dur, rich
+from tests.lockutil import LOCKS, Tracker, dur, rich, wait_waiters
 
 SMALL_CAP = 1.0
 
@@ -89,3 +91,103 @@ async def test_an_uncapped_wait_is_still_bounded_by_the_deadline(uncapped: Any, 
             break
         await asyncio.sleep(0.05)
     assert await probe.keys(LOCKS) == []
+
+
+# -- a waiter that comes back after a dropped connection keeps its place ---------------------------
+
+
+def _acquirer(broker: Broker) -> Any:
+    assert broker.core is not None
+    return broker.core._acquirer
+
+
+async def _waiting_calls(broker: Broker, n: int) -> None:
+    """Until the broker has exactly `n` blocking Acquire calls in progress (a dropped call has
+    been noticed and ended on the server's side)."""
+    for _ in range(200):
+        if sum(_acquirer(broker)._waiting.values()) == n:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the broker never had {n} waiting calls")
+
+
+async def _dropped_waiter(broker: Broker, session_id: str, request_id: str) -> None:
+    """Queue an Acquire on a connection of its own, then drop that connection."""
+    ch = aio.insecure_channel(f"127.0.0.1:{broker.port}")
+    call = lock_pb2_grpc.LockServiceStub(ch).Acquire(
+        lock_pb2.AcquireRequest(name="r", session_id=session_id, wait_timeout=dur(20), request_id=request_id)
+    )
+    for _ in range(200):
+        if sum(_acquirer(broker)._waiting.values()) >= 1:
+            break
+        await asyncio.sleep(0.02)
+    await ch.close()  # the connection goes; the server sees the call cancelled
+    with pytest.raises((aio.AioRpcError, asyncio.CancelledError)):
+        await call
+
+
+async def test_a_waiter_back_after_a_dropped_connection_keeps_its_place(
+    broker: Broker, stub: Any, track: Tracker, probe: EtcdProbe
+) -> None:
+    # Longer than the default, so a slow machine cannot make the retry late.
+    _acquirer(broker).resume_window = 5 * RESUME_WINDOW
+    h, a, b = await track.session(), await track.session(), await track.session()
+    held = await stub.Acquire(lock_pb2.AcquireRequest(name="r", session_id=h))
+    await _dropped_waiter(broker, a, "resume-a")
+    await _waiting_calls(broker, 0)  # the dropped call has ended on the broker
+    behind = asyncio.ensure_future(
+        stub.Acquire(lock_pb2.AcquireRequest(name="r", session_id=b, wait_timeout=dur(20), request_id="b"))
+    )
+    retry = None
+    try:
+        d = await wait_waiters(stub, "r", 2)
+        assert [w.session_id for w in d.waiters] == [a, b]  # a's entry outlived its call
+        a_token = d.waiters[0].fencing_token
+        retry = asyncio.ensure_future(
+            stub.Acquire(lock_pb2.AcquireRequest(name="r", session_id=a, wait_timeout=dur(20), request_id="resume-a"))
+        )
+        await _waiting_calls(broker, 2)
+        d = await stub.Describe(lock_pb2.DescribeRequest(name="r"))
+        assert [(w.session_id, w.fencing_token) for w in d.waiters] == [(a, a_token), (b, d.waiters[1].fencing_token)]
+        await stub.Release(lock_pb2.ReleaseRequest(name="r", fencing_token=held.grant.fencing_token))
+        # The abandoned call's clean-up sees its entry at the head, adopted: it leaves it to the retry.
+        got = await retry
+        assert (got.grant.session_id, got.grant.fencing_token) == (a, a_token)  # its old place and token
+        assert not behind.done()
+        await stub.Release(lock_pb2.ReleaseRequest(name="r", fencing_token=a_token))
+        assert (await behind).grant.session_id == b
+    finally:
+        behind.cancel()
+        if retry is not None:
+            retry.cancel()
+
+
+async def test_a_waiter_that_does_not_come_back_never_holds_and_is_removed(
+    broker: Broker, stub: Any, track: Tracker, probe: EtcdProbe
+) -> None:
+    # A long window: the lock must pass over the abandoned entry long before the window ends.
+    _acquirer(broker).resume_window = 60.0
+    h, a, b = await track.session(), await track.session(), await track.session()
+    held = await stub.Acquire(lock_pb2.AcquireRequest(name="r", session_id=h))
+    await _dropped_waiter(broker, a, "gone-a")
+    await _waiting_calls(broker, 0)
+    behind = asyncio.ensure_future(
+        stub.Acquire(lock_pb2.AcquireRequest(name="r", session_id=b, wait_timeout=dur(20), request_id="b"))
+    )
+    try:
+        await wait_waiters(stub, "r", 2)
+        await stub.Release(lock_pb2.ReleaseRequest(name="r", fencing_token=held.grant.fencing_token))
+        got = await behind  # a's entry reached the head unadopted: deleted, the lock passed on
+        assert got.grant.session_id == b
+    finally:
+        behind.cancel()
+    assert [k.decode().rsplit("#", 1)[1] for k in await probe.keys(LOCKS)] == [b]
+
+    # With a short window, an abandoned waiter is gone once it ends, though the lock stays held.
+    _acquirer(broker).resume_window = 0.3
+    await _dropped_waiter(broker, a, "gone-again")
+    for _ in range(200):
+        if len(await probe.keys(LOCKS)) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert [k.decode().rsplit("#", 1)[1] for k in await probe.keys(LOCKS)] == [b]

@@ -54,6 +54,7 @@ from lockbroker.server.core.errors import (
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
+from lockbroker.server.core.resume import RESUME_WINDOW, keep_place
 from lockbroker.server.core.sessions import LeaseClock, check_ttl, session_record
 from lockbroker.server.core.slots import QUOTA_RETRY_AFTER, SlotClaimer
 
@@ -126,6 +127,8 @@ class Acquirer:
         self._cleanups = cleanups
         self._closing = closing
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
+        # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).
+        self.resume_window = RESUME_WINDOW
 
     @contextlib.contextmanager
     def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> Iterator[None]:
@@ -213,16 +216,7 @@ class Acquirer:
                         raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
                     expires_at = time.time() + left
             except BaseException as exc:
-                # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
-                # have; only a definite answer (refused, not acquired, a write never sent) says not.
-                unknown = mine is None and (
-                    isinstance(exc, asyncio.CancelledError)
-                    or (isinstance(exc, Unavailable) and exc.outcome_unknown)
-                    or not isinstance(exc, LockBrokerError)
-                )
-                await self._cleanups.run(
-                    self._abandon(key, mine, created_lease, attempt if unknown else None, ks.mark(lease_id))
-                )
+                await self._give_up(exc, p, ks, key, mine, created_lease, attempt)
                 raise
             return Grant(
                 p.name,
@@ -331,6 +325,42 @@ class Acquirer:
                 f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""), info
             )
         return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
+
+    async def _give_up(  # noqa: PLR0917 - one call site, the failure path of acquire()
+        self,
+        exc: BaseException,
+        p: AcquireParams,
+        ks: Keyspace,
+        key: bytes,
+        mine: Entry | None,
+        created_lease: int | None,
+        attempt: str,
+    ) -> None:
+        """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window."""
+        mark = ks.mark(Keyspace.lease_of(key))
+        if (
+            mine is not None
+            and isinstance(exc, asyncio.CancelledError)
+            and p.lease_id is not None
+            and p.request_id
+            and self.resume_window > 0
+        ):
+            # The caller went away while waiting: a dropped connection looks exactly like this.
+            # Its retry (same request id) may adopt the entry and keep its place (core.resume).
+            closing = self._closing()
+            until = time.monotonic() + self.resume_window
+            self._cleanups.start(
+                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing)
+            )
+            return
+        # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
+        # have; only a definite answer (refused, not acquired, a write never sent) says not.
+        unknown = mine is None and (
+            isinstance(exc, asyncio.CancelledError)
+            or (isinstance(exc, Unavailable) and exc.outcome_unknown)
+            or not isinstance(exc, LockBrokerError)
+        )
+        await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
 
     def _abandon(
         self,
