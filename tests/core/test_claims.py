@@ -201,3 +201,18 @@ async def test_claim_tokens_strictly_increase_in_grant_order(env: Env) -> None:
     assert all(a < b for a, b in itertools.pairwise(tokens))
     assert len({g.request_id for g in granted}) == 8
     assert await env.lock_keys() == []
+
+
+async def test_a_retried_release_takes_one_hold_off(env: Env) -> None:
+    name = "claims/release-retry"
+    s = await env.session(ttl=30)
+    g = await reenter(env, name, s, "t", "a")
+    await reenter(env, name, s, "t", "b")
+    await reenter(env, name, s, "t", "c")
+    rel = env.core.release_claim
+    assert await rel(TENANT, name, g.fencing_token, s, "rel-1") == (True, 2)
+    assert await rel(TENANT, name, g.fencing_token, s, "rel-1") == (True, 2)  # a retry: answered again
+    assert await rel(TENANT, name, g.fencing_token, None, "rel-2") == (True, 1)
+    assert await rel(TENANT, name, g.fencing_token, s, "rel-3") == (True, 0)
+    assert await rel(TENANT, name, g.fencing_token, s, "rel-3") == (False, 0)  # gone, as for any lock
+    assert await env.lock_keys() == []

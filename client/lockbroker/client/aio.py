@@ -277,8 +277,13 @@ class Client:
         A retry after a lost answer also reports False: the first attempt released it.
         """
         check_utf8(name=name)
+        # One request id for every attempt: a retry of a release of a reentrant grant held more
+        # than once then takes no second hold off.
         req = lock_pb2.ReleaseRequest(
-            name=name, fencing_token=fencing_token, session_id=session_id or "", request_id=request_id or ""
+            name=name,
+            fencing_token=fencing_token,
+            session_id=session_id or "",
+            request_id=request_id or str(uuid.uuid4()),
         )
         resp = await self._unary(self._stub.Release, req, timeout)
         return resp.released

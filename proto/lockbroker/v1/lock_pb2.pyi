@@ -710,7 +710,10 @@ class ReleaseRequest(_message.Message):
     fencing_token: _builtins.int
     """The fencing token of the grant to release."""
     request_id: _builtins.str
-    """Optional idempotency key, recorded in the audit log."""
+    """Optional idempotency key, recorded in the audit log. For a reentrant
+    grant held more than once, a retry with the same request_id takes no
+    second hold off.
+    """
     session_id: _builtins.str
     """Optional: the session of the grant. Saves the broker one etcd read."""
     def __init__(

@@ -329,7 +329,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
         name, token, lease = validation.release(request, self.limits)
-        released, holds_left = await self.core.release_claim(tenant_of(context), name, token, lease)
+        released, holds_left = await self.core.release_claim(tenant_of(context), name, token, lease, request.request_id)
         return lock_pb2.ReleaseResponse(released=released, holds_left=holds_left)
 
     @rpc()

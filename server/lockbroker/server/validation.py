@@ -155,6 +155,7 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits) -> AcquireParams:
 
 
 def release(req: lock_pb2.ReleaseRequest, limits: LockLimits | None = None) -> tuple[str, int, int | None]:
+    """(name, fencing token, session lease or None); the request id is req.request_id, checked here."""
     c = _Checker()
     c.name("name", req.name, limits)
     if req.fencing_token <= 0:

@@ -409,7 +409,9 @@ class Acquirer:
             return found
         return None
 
-    async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> tuple[bool, int]:
+    async def release(
+        self, tenant: str, name: str, fencing_token: int, lease_id: int | None, request_id: str = ""
+    ) -> tuple[bool, int]:
         """(released, holds left). Release names a claim by its fencing token. With the session
         given, its plain claim is tried first, without a read (the common case); then its other
         claims (core.claims)."""
@@ -423,7 +425,7 @@ class Acquirer:
         if found is None:
             return False, 0
         if found.value.hold_count > 1:
-            held = await release_hold(self._backend, ks.lock_prefix(name), found)
+            held = await release_hold(self._backend, ks.lock_prefix(name), found, request_id)
             if held is not None:
                 return held
         return await self._delete(ks, found.key, fencing_token, found.lease), 0

@@ -36,6 +36,8 @@ MAX_HOLDS = 1000
 # Compare-and-swap attempts when the entry changes between read and write (a concurrent re-entry
 # or release of the same owner, which a well-behaved owner does not do).
 _TRIES = 4
+# Release request ids remembered per reentrant claim: enough for the retries of a few nested releases.
+_RELEASES_KEPT = 16
 
 
 async def find_claim(backend: LockBackend, prefix: bytes, fencing_token: int, lease_id: int) -> Entry | None:
@@ -93,16 +95,24 @@ async def reenter(  # noqa: PLR0917 - one call site, in Acquirer.acquire
     )
 
 
-async def release_hold(backend: LockBackend, prefix: bytes, entry: Entry) -> tuple[bool, int] | None:
+async def release_hold(
+    backend: LockBackend, prefix: bytes, entry: Entry, request_id: str = ""
+) -> tuple[bool, int] | None:
     """Take one hold off a reentrant claim counting more than one: (True, holds left); None when
-    only one hold is left by now (the caller deletes the entry), (False, 0) when it is gone."""
+    only one hold is left by now (the caller deletes the entry), (False, 0) when it is gone.
+
+    A Release with a request id that already took a hold off (a retry after a lost answer)
+    answers as the first did, and takes nothing more."""
     found: Entry | None = entry
     for _ in range(_TRIES):
         if found is None:
             return False, 0
+        if request_id and request_id in found.value.released:
+            return True, found.value.hold_count
         if found.value.hold_count <= 1:
             return None
-        value = dataclasses.replace(found.value, holds=found.value.holds[:-1])
+        released = (*found.value.released, request_id)[-_RELEASES_KEPT:] if request_id else found.value.released
+        value = dataclasses.replace(found.value, holds=found.value.holds[:-1], released=released)
         if await backend.update_entry(found, value) is not None:
             return True, value.hold_count
         found = await backend.find_entry(prefix, entry.create_revision)

@@ -23,6 +23,9 @@ class EntryValue:
     # counted as a hold (a retry of one is not counted twice). Stored, so holds survive restarts.
     reentrant_owner: str = ""
     holds: tuple[str, ...] = ()
+    # The request ids of the last Releases that each took a hold off, so a retried one does not
+    # take a second (see core.claims).
+    released: tuple[str, ...] = ()
 
     @property
     def hold_count(self) -> int:
@@ -39,6 +42,8 @@ class EntryValue:
         if self.reentrant_owner:
             doc["ro"] = self.reentrant_owner
             doc["h"] = list(self.holds)
+            if self.released:
+                doc["rr"] = list(self.released)
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -54,6 +59,7 @@ class EntryValue:
                 str(doc.get("a", "")),
                 str(doc.get("ro", "")),
                 tuple(str(h) for h in doc.get("h", ())),
+                tuple(str(r) for r in doc.get("rr", ())),
             )
         except (ValueError, TypeError, AttributeError):
             # A key someone wrote by hand under our prefix: still an entry in the queue.
