@@ -131,7 +131,7 @@ async def test_bad_messages_get_invalid_argument_with_bad_request(stream: Stream
     cases = [
         (lock_pb2.SessionRequest(id=2), "kind"),  # no operation
         (lock_pb2.SessionRequest(id=3, open=lock_pb2.OpenSession()), "open"),
-        (acquire(4, "bad//name", sid), "name"),  # the unary validation, field for field
+        (acquire(4, "", sid), "name"),  # the unary validation, field for field
         (lock_pb2.SessionRequest(acquire=lock_pb2.AcquireRequest(name="x", session_id=sid)), "id"),  # id 0
     ]
     for req, field in cases:
@@ -291,7 +291,19 @@ async def test_audit_record_and_server_span_per_message(etcd: Any, key_root: str
     finally:
         await broker.stop(grace=1.0)
 
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    everything = [json.loads(line) for line in log.read_text().splitlines()]
+    # As for unary calls (docs/audit.md, "Stages"): one ResponseComplete record per message, and a
+    # RequestReceived one before it for each (they all change state), named by the completion.
+    records = [r for r in everything if r["stage"] == "ResponseComplete"]
+    received = {r["auditId"]: r for r in everything if r["stage"] == "RequestReceived"}
+    assert sorted(r["method"].rsplit("/", 1)[1] for r in received.values()) == [
+        "Acquire",
+        "Acquire",
+        "Close",
+        "Open",
+        "Release",
+    ]
+    assert set(received) == {r["requestAuditId"] for r in records if r["requestAuditId"]}
     methods = [r["method"].removeprefix("/lockbroker.v1.LockService/") for r in records]
     per_message = [m for m in methods if m.startswith("Session/")]
     assert per_message == ["Session/Open", "Session/Acquire", "Session/Acquire", "Session/Release", "Session/Close"]

@@ -106,7 +106,8 @@ class LockServiceStub:
     A read: NO_SIDE_EFFECTS.
     """
     List: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]
-    """List returns the held locks of the caller's tenant, ordered by name.
+    """List returns the held locks of the caller's tenant, ordered by name
+    (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
     Session: _grpc.StreamStreamMultiCallable[_lock_pb2.SessionRequest, _lock_pb2.SessionResponse]
@@ -197,7 +198,8 @@ class LockServiceAsyncStub(LockServiceStub):
     A read: NO_SIDE_EFFECTS.
     """
     List: _aio.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns the held locks of the caller's tenant, ordered by name.
+    """List returns the held locks of the caller's tenant, ordered by name
+    (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
     Session: _aio.StreamStreamMultiCallable[_lock_pb2.SessionRequest, _lock_pb2.SessionResponse]  # type: ignore[assignment]
@@ -333,7 +335,8 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lock_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lock_pb2.ListResponse, _abc.Awaitable[_lock_pb2.ListResponse]]:
-        """List returns the held locks of the caller's tenant, ordered by name.
+        """List returns the held locks of the caller's tenant, ordered by name
+        (by Unicode code point, which is the order of the names' UTF-8 bytes).
         A read: NO_SIDE_EFFECTS.
         """
 
