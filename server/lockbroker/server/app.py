@@ -22,7 +22,7 @@ from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsInterceptor
-from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
+from lockbroker.interceptors.quota import PeerLimitInterceptor, Rate, RateLimitInterceptor
 from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import auth, lifecycle, logs
 from lockbroker.server.auth import tenants
@@ -233,9 +233,9 @@ class Broker:
                     raise ConfigError(str(e)) from None
         return overrides
 
-    def _rate(self, tenant: str) -> Rate:
+    def _rate(self, tenant: str, bucket: str = "acquire") -> Rate:
         q = self.quotas(tenant)
-        return Rate(q.acquire_rate, q.acquire_burst)
+        return Rate(getattr(q, f"{bucket}_rate"), getattr(q, f"{bucket}_burst"))
 
     def _interceptors(self) -> list[aio.ServerInterceptor]:
         """The chain, outermost first; every layer shares one `CallState` per call.
@@ -245,7 +245,9 @@ class Broker:
                   attempts, outcome); refuses mutating calls early when its sink is failing;
         identity  writes the caller's principal (hence the tenant) on the state, or UNAUTHENTICATED;
         lock span lock attributes on the server span, from the request, the response and the state;
-        quota     the tenant's acquire rate (per replica); limits on held state are the core's;
+        peer      calls failing authentication, per peer address (only with authentication on);
+        quota     the tenant's acquire, read and session rates (per replica); limits on held state
+                  are the core's;
         service   the edge: deadline, retry of transient backend failures (one call, N attempts,
                   so identity and quota are charged once), and the one mapping of errors to statuses;
         core      the lock semantics; backend: etcd transactions.
@@ -262,12 +264,16 @@ class Broker:
         if self.audit is not None:
             chain.append(self.audit)
         if self.identity is not None:
+            limits = self.config.limits
+            # Before identity: a peer that keeps failing authentication is refused before its
+            # credentials are checked again.
+            chain.append(PeerLimitInterceptor(Rate(limits.unauthenticated_rate, limits.unauthenticated_burst)))
             chain.append(self.identity)
         if self.metrics is not None:  # needs the tenant; before quota, so rate refusals count
             chain.append(LockMetricsInterceptor(self.metrics.locks))
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
-        if self.quotas.any(lambda q: q.acquire_rate > 0):
+        if self.quotas.any(lambda q: q.acquire_rate > 0 or q.read_rate > 0 or q.session_rate > 0):
             chain.append(RateLimitInterceptor(self._rate))
         return interceptor_chain(chain)
 
