@@ -14,7 +14,7 @@ from grpc import aio
 
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
-from lockbroker.server.config import AuthConfig, Config, LockLimits, ServerConfig
+from lockbroker.server.config import AuditConfig, AuthConfig, Config, LockLimits, ServerConfig
 from lockbroker.server.core.quota import TenantQuota
 from lockbroker.v1 import lock_pb2_grpc
 from tests.overload_util import Refusal, refusal
@@ -40,6 +40,7 @@ async def served(
     tmp: Path,
     names: tuple[str, ...] = ("flood", "calm"),
     quota: TenantQuota | None = None,
+    audit: AuditConfig | None = None,
     **limits: Any,
 ) -> AsyncIterator[Served]:
     path = tmp / "tenants.toml"
@@ -49,6 +50,7 @@ async def served(
         auth=AuthConfig(tenants_file=str(path)),
         limits=dataclasses.replace(LockLimits(), **limits),
         quota=quota or TenantQuota(),
+        audit=audit or AuditConfig(),
     )
     broker = Broker(cfg)
     await broker.start()

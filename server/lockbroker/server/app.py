@@ -137,7 +137,9 @@ class Broker:
         self.backend = await self._open_backend()
         etcd_cfg = self.client_config
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
-        self.service = LockService(self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts))
+        self.service = LockService(
+            self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts), quotas=self.quotas
+        )
 
         self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
         add_to_server(self.service, self.server)

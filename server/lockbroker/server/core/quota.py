@@ -29,6 +29,7 @@ LIMITS: dict[str, str] = {
     "max_waiters_per_lock": "entries waiting behind the holder of any one lock",
     "max_waiters": "blocking Acquire calls waiting at once on one broker replica",
     "max_ttl": "longest session TTL in seconds (0: the server's --limits-max-ttl)",
+    "max_streams": "KeepAlive streams open at once on one broker replica (each carries any number of sessions)",
     "max_wait": "longest Acquire wait_timeout in seconds (0: the server's --limits-max-wait)",
     "acquire_rate": "Acquire calls per second on one broker replica (token bucket; 0: no limit)",
     "acquire_burst": "Acquire calls allowed at once above acquire_rate (token bucket size)",
@@ -50,6 +51,7 @@ class TenantQuota:
     max_locks: int = field(default=100_000, metadata={"help": LIMITS["max_locks"]})
     max_waiters_per_lock: int = field(default=1_000, metadata={"help": LIMITS["max_waiters_per_lock"]})
     max_waiters: int = field(default=20_000, metadata={"help": LIMITS["max_waiters"]})
+    max_streams: int = field(default=1_000, metadata={"help": LIMITS["max_streams"]})
     max_ttl: int = field(default=0, metadata={"help": LIMITS["max_ttl"]})
     max_wait: float = field(default=0.0, metadata={"help": LIMITS["max_wait"]})
     acquire_rate: float = field(default=2_000.0, metadata={"help": LIMITS["acquire_rate"]})
@@ -107,6 +109,7 @@ UNLIMITED = TenantQuota(
     max_locks=0,
     max_waiters_per_lock=0,
     max_waiters=0,
+    max_streams=0,
     acquire_rate=0,
     acquire_burst=0,
     read_rate=0,
