@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 from collections.abc import Callable
 
 from grpc import aio
@@ -27,7 +28,7 @@ from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import auth, lifecycle, logs
 from lockbroker.server.auth import tenants
 from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
-from lockbroker.server.config import Config, ConfigError
+from lockbroker.server.config import Config, ConfigError, LockLimits
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.memory import MemoryLockBackend
@@ -79,6 +80,46 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
+
+# File descriptors kept for what is not a client connection: etcd connections, the audit file,
+# the metrics and health listeners, the embedded etcd's pipes, logging.
+FD_RESERVE = 256
+
+
+def raise_open_files_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit, and return the soft limit now in force.
+
+    Distributions start processes at a soft limit of 1,024: 1,100 silent connections then made
+    accept() fail and every client time out. The hard limit is the operator's ceiling; the soft
+    one is only a default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)  # Linux refuses an infinite NOFILE: take a large finite one
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            log.info("raised the open-files limit", extra={"from": soft, "to": hard})
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-files limit", extra={"soft": soft, "hard": hard, "error": str(e)})
+    return soft
+
+
+def connection_options(limits: LockLimits, open_files: int) -> list[tuple[str, int]]:
+    """The gRPC server options that bound client connections (issue 18, item 12).
+
+    grpc has no per-server connection count of its own in Python's API, but its core does:
+    `grpc.max_allowed_incoming_connections` closes a connection as it arrives once that many are
+    open, so connections can never take the descriptors etcd and the audit log need. A connection
+    that never completes its handshake is closed after `handshake_timeout` (grpc's default: 120 s),
+    and one with no call for `connection_idle` gets a GOAWAY (clients reconnect when they next
+    call). KeepAlive streams and waiting Acquires are calls: they keep their connection."""
+    cap = limits.max_connections or max(64, open_files - FD_RESERVE)
+    return [
+        ("grpc.max_allowed_incoming_connections", min(cap, 2**31 - 1)),
+        ("grpc.server_handshake_timeout_ms", max(1, int(limits.handshake_timeout * 1000))),
+        ("grpc.max_connection_idle_ms", max(1, int(limits.connection_idle * 1000))),
+    ]
 
 
 class Broker:
@@ -141,7 +182,8 @@ class Broker:
             self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts), quotas=self.quotas
         )
 
-        self.server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
+        options = [*SERVER_OPTIONS, *connection_options(cfg.limits, raise_open_files_limit())]
+        self.server = aio.server(interceptors=self._interceptors(), options=options)
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
