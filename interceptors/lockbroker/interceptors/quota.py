@@ -19,6 +19,11 @@ call reaches no handler and changes nothing.
 `PeerLimitInterceptor` sits before identity: a peer address whose calls keep failing
 authentication spends its bucket, and once it is empty that address's calls are refused before
 their credentials are even checked, until the bucket refills.
+
+The worker processes of one broker (`serve --workers N`) are not separate replicas to the user:
+each takes `1/N` of the rate and of the burst (at least one token), so the broker as a whole
+admits the configured rate. A client whose calls all land on one worker (one channel, one
+connection) sees only that worker's share; clients with several connections spread over all.
 """
 
 from __future__ import annotations
@@ -127,18 +132,27 @@ def _retry_after(wait: float) -> float:
 class RateLimitInterceptor(WrappingInterceptor):
     MAX_TENANTS = MAX_BUCKETS
 
-    def __init__(self, rate_of: Callable[[str, str], Rate], clock: Callable[[], float] = time.monotonic) -> None:
-        """`rate_of(tenant, bucket)`: the rate of one of the tenant's buckets ("acquire", "read", "session")."""
+    def __init__(
+        self, rate_of: Callable[[str, str], Rate], clock: Callable[[], float] = time.monotonic, *, shares: int = 1
+    ) -> None:
+        """`rate_of(tenant, bucket)`: the rate of one of the tenant's buckets ("acquire", "read", "session").
+        `shares`: how many processes split each tenant's rates (the broker's worker count)."""
         self._rate_of = rate_of
+        self._shares = max(1, shares)
         self._buckets = _Buckets(clock)
 
     def check(self, tenant: str, bucket: str = "acquire") -> float:
         """0.0 if the call may go on; else the seconds to wait."""
-        rate = self._rate_of(tenant, bucket)
+        rate = self._share(self._rate_of(tenant, bucket))
         if rate.per_second <= 0:
             return 0.0
         b, now = self._buckets.get((tenant, bucket), rate)
         return b.take(now)
+
+    def _share(self, rate: Rate) -> Rate:
+        if self._shares == 1 or rate.per_second <= 0:
+            return rate
+        return Rate(rate.per_second / self._shares, max(1, rate.burst // self._shares))
 
     def layer(self, call: CallInfo) -> Layer | None:
         bucket = BUCKETS.get(call.method)
@@ -169,9 +183,10 @@ class RateLimitInterceptor(WrappingInterceptor):
         if wait > 0:
             rate = self._rate_of(tenant, bucket)
             limit = f"{bucket}_rate"
+            where = " on this replica" if self._shares == 1 else f" on this replica, shared by {self._shares} workers"
             message = (
                 f"tenant {tenant!r} is over its {_WHAT[bucket]} rate of {rate.per_second:g}/s "
-                f"(burst {rate.burst}) on this replica; retry in {wait:.3f}s"
+                f"(burst {rate.burst}){where}; retry in {wait:.3f}s"
             )
             details = quota_details(tenant, limit, rate.per_second, message, _retry_after(wait))
             meta = {"tenant": tenant, "limit": limit, "value": f"{rate.per_second:g}"}

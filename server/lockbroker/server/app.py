@@ -64,7 +64,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", 1024 * 1024),  # no request of ours comes near this
     ("grpc.max_metadata_size", 16 * 1024),
     # grpc sets SO_REUSEPORT by default: a second broker on the same address would start and
-    # silently take half the connections. Fail to bind instead.
+    # silently take half the connections. Fail to bind instead. Only the workers of one
+    # `serve --workers N` share a port (server_options), behind their parent's guard (workers.py).
     ("grpc.so_reuseport", 0),
     # BDP probing keeps growing a stream's HTTP/2 receive window, so a client that writes KeepAlive
     # requests and never reads the answers could make the broker buffer megabytes per stream. Our
@@ -77,6 +78,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
 ]
+
+
+def server_options(shared_port: bool = False) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS; with `shared_port`, SO_REUSEPORT on, for the workers of one broker."""
+    if not shared_port:
+        return SERVER_OPTIONS
+    return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
 
 
 is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
@@ -123,9 +131,14 @@ def connection_options(limits: LockLimits, open_files: int) -> list[tuple[str, i
 
 
 class Broker:
-    def __init__(self, config: Config, *, tracing: Tracing | None = None) -> None:
-        """`tracing`: use this instead of what the OTEL_* environment asks for (tests)."""
+    def __init__(self, config: Config, *, tracing: Tracing | None = None, shared_port: bool = False) -> None:
+        """`tracing`: use this instead of what the OTEL_* environment asks for (tests).
+
+        `shared_port`: this is one of the `config.server.workers` processes of `serve --workers N`
+        (workers.py): the ports are shared with SO_REUSEPORT, the acquire rate is split among the
+        workers, and metrics are recorded for the parent to serve (prometheus multiprocess mode)."""
         self.config = config
+        self.shared_port = shared_port
         self._own_tracing = tracing is None
         self.tracing = tracing or DISABLED
         self.audit_log: AuditLog | None = None
@@ -182,7 +195,7 @@ class Broker:
             self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts), quotas=self.quotas
         )
 
-        options = [*SERVER_OPTIONS, *connection_options(cfg.limits, raise_open_files_limit())]
+        options = [*server_options(self.shared_port), *connection_options(cfg.limits, raise_open_files_limit())]
         self.server = aio.server(interceptors=self._interceptors(), options=options)
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -197,7 +210,7 @@ class Broker:
                 self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
-        if self.metrics is not None and cfg.server.metrics_listen:
+        if self.metrics is not None and cfg.server.metrics_listen and not self.shared_port:
             if self.client is not None:  # the state gauges read etcd; the memory backend has none
                 self.metrics.watch_state(self.client, etcd_cfg.key_root)
             try:
@@ -224,7 +237,7 @@ class Broker:
     def _health_only_server(self, listen: str) -> aio.Server:
         """Plaintext gRPC health on its own port, for kubelet probes when the main listener is TLS
         (and perhaps mTLS) only. It serves nothing but grpc.health.v1.Health."""
-        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        server = aio.server(options=[("grpc.so_reuseport", int(self.shared_port))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             self.health_port = server.add_insecure_port(listen)
@@ -281,6 +294,10 @@ class Broker:
         q = self.quotas(tenant)
         return Rate(getattr(q, f"{bucket}_rate"), getattr(q, f"{bucket}_burst"))
 
+    def _shares(self) -> int:
+        """How many processes split each per-replica rate: the workers of `serve --workers N`."""
+        return self.config.server.workers if self.shared_port else 1
+
     def _interceptors(self) -> list[aio.ServerInterceptor]:
         """The chain, outermost first; every layer shares one `CallState` per call.
 
@@ -311,14 +328,16 @@ class Broker:
             limits = self.config.limits
             # Before identity: a peer that keeps failing authentication is refused before its
             # credentials are checked again.
-            chain.append(PeerLimitInterceptor(Rate(limits.unauthenticated_rate, limits.unauthenticated_burst)))
+            shares = self._shares()  # the workers of one broker split its per-peer rate, as its tenants' rates
+            peer_rate = Rate(limits.unauthenticated_rate / shares, max(1, limits.unauthenticated_burst // shares))
+            chain.append(PeerLimitInterceptor(peer_rate))
             chain.append(self.identity)
         if self.metrics is not None:  # needs the tenant; before quota, so rate refusals count
             chain.append(LockMetricsInterceptor(self.metrics.locks))
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
         if self.quotas.any(lambda q: q.acquire_rate > 0 or q.read_rate > 0 or q.session_rate > 0):
-            chain.append(RateLimitInterceptor(self._rate))
+            chain.append(RateLimitInterceptor(self._rate, shares=self._shares()))
         return interceptor_chain(chain)
 
     async def _probe(self) -> None:
