@@ -26,6 +26,7 @@ from bench.workloads import WORKLOADS, Driver
 
 DRIVERS: dict[str, tuple[str, str]] = {
     "broker": ("bench.drivers_grpc", "BrokerDriver"),
+    "broker-stream": ("bench.drivers_grpc", "BrokerStreamDriver"),
     "etcd-lock": ("bench.drivers_grpc", "EtcdLockDriver"),
     "etcd-txn": ("bench.drivers_grpc", "EtcdTxnDriver"),
     "echo": ("bench.drivers_grpc", "EchoDriver"),

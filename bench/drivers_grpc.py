@@ -5,6 +5,7 @@ process would, and shares it between the job's workers."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from typing import Any
@@ -107,6 +108,105 @@ class BrokerDriver:
         return sum(await asyncio.gather(*(one(n) for n in names)))
 
     def error_kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+
+class StreamError(Exception):
+    """An error answer on the Session stream: the unary call's status."""
+
+    def __init__(self, status: lock_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.code = status.code
+
+
+class _SessionMux:
+    """One Session stream per channel, shared by the job's workers, answers matched by id: what
+    the Python client does by default (client/lockbroker/client/_stream.py), without its retry."""
+
+    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub) -> None:
+        self.call: Any = stub.Session()
+        self.pending: dict[int, asyncio.Future[lock_pb2.SessionResponse]] = {}
+        self.ids = itertools.count(1)
+        self.write_lock = asyncio.Lock()  # one write at a time per grpc.aio call
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        failure: BaseException = ConnectionError("session stream ended")
+        try:
+            async for resp in self.call:
+                fut = self.pending.pop(resp.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except grpc.RpcError as exc:
+            failure = exc
+        finally:
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(failure)
+                    fut.exception()  # retrieved: a worker cancelled at the end of a run never reads it
+
+    async def ask(self, **kind: Any) -> lock_pb2.SessionResponse:
+        rid = next(self.ids)
+        fut: asyncio.Future[lock_pb2.SessionResponse] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        async with self.write_lock:
+            await self.call.write(lock_pb2.SessionRequest(id=rid, **kind))
+        resp = await fut
+        if resp.HasField("error"):
+            raise StreamError(resp.error)
+        return resp
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+
+
+class BrokerStreamDriver(BrokerDriver):
+    """lockbroker.v1 over the Session stream: one stream per channel carrying every worker's
+    session, acquire and release as messages (the Python client's default transport)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.muxes: list[_SessionMux] = []
+
+    async def open(self, job: dict[str, Any]) -> None:
+        await super().open(job)
+        self.muxes = [_SessionMux(stub) for stub in self.stubs]
+
+    async def close(self) -> None:
+        for mux in self.muxes:
+            await mux.close()
+        await super().close()
+
+    async def session(self) -> tuple[_SessionMux, str]:  # type: ignore[override]
+        mux = self.muxes[self._next % len(self.muxes)]
+        self._next += 1
+        create = lock_pb2.CreateSessionRequest(ttl=_duration(SESSION_TTL), owner="bench")
+        resp = await mux.ask(open=lock_pb2.OpenSession(create=create))
+        return mux, resp.open.session_id
+
+    async def end_session(self, session: tuple[_SessionMux, str]) -> None:  # type: ignore[override]
+        mux, session_id = session
+        await mux.ask(close=lock_pb2.CloseSessionRequest(session_id=session_id))
+
+    async def acquire(self, session: tuple[_SessionMux, str], name: str, wait: float) -> tuple[int, int]:  # type: ignore[override]
+        mux, session_id = session
+        req = lock_pb2.AcquireRequest(
+            name=name, session_id=session_id, wait_timeout=_duration(wait), owner="bench", request_id=uuid.uuid4().hex
+        )
+        token = (await mux.ask(acquire=req)).acquire.grant.fencing_token
+        return token, token
+
+    async def release(self, session: tuple[_SessionMux, str], name: str, handle: int) -> None:  # type: ignore[override]
+        mux, session_id = session
+        resp = await mux.ask(release=lock_pb2.ReleaseRequest(name=name, fencing_token=handle, session_id=session_id))
+        if not resp.release.released:
+            raise RuntimeError(f"release of {name} token {handle} found nothing")
+
+    def error_kind(self, exc: BaseException) -> str:
+        if isinstance(exc, StreamError):
+            code = next((c.name for c in grpc.StatusCode if c.value[0] == exc.code), str(exc.code))
+            return f"{code}: {str(exc).split(';')[0][:60]}"
         return _kind(exc)
 
 

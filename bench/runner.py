@@ -175,7 +175,8 @@ class Bench:
 
     def job_base(self, target: Target, run_prefix: str) -> dict[str, Any]:
         etcd_addr = self.etcd.endpoint.removeprefix("http://")
-        prefix = run_prefix if target.spec.driver == "broker" else f"/bench/{target.name}/{run_prefix}"
+        # Broker lock names are relative (the broker roots them in the tenant); etcd keys are absolute.
+        prefix = run_prefix if target.spec.server == "broker" else f"/bench/{target.name}/{run_prefix}"
         return {"driver": target.spec.driver, "addresses": target.addresses, "etcd": etcd_addr, "prefix": prefix}
 
     # -- one run --

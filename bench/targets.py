@@ -28,6 +28,12 @@ TARGETS: dict[str, TargetSpec] = {
     for t in (
         TargetSpec("broker", "broker", "broker: audit to a file, tracing off (as deployed)", "broker"),
         TargetSpec(
+            "broker-stream",
+            "broker-stream",
+            "broker over the Session stream (the Python client's default): audit to a file, tracing off",
+            "broker",
+        ),
+        TargetSpec(
             "broker-traced", "broker", "broker: audit + tracing to an in-process exporter", "broker", traced=True
         ),
         TargetSpec(
@@ -133,12 +139,12 @@ def plan(
         for c in sizes.cs:
             variants = BROKER_VARIANTS if c in sizes.variant_cs else ()
             scale = SCALE if c in sizes.scale_cs else ()
-            points.append(Point("uncontended", c, only("broker", *variants, *scale, *PEERS)))
+            points.append(Point("uncontended", c, only("broker", "broker-stream", *variants, *scale, *PEERS)))
     if "contended" in workloads:
         for c in sizes.contended_cs:
             scale = SCALE if c in sizes.scale_cs and not quick else ()
             peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
-            points.append(Point("contended", c, only("broker", *scale, *peers)))
+            points.append(Point("contended", c, only("broker", "broker-stream", *scale, *peers)))
     big_peers = ("etcd-lock",) if scale_peers or quick else ()
     if "held" in workloads:
         points.append(Point("held", sizes.held, only("broker", *big_peers)))

@@ -51,7 +51,7 @@ async def test_keepalive_streams_are_counted_per_tenant(tmp_path: Path) -> None:
             ["max_streams"],
             [3],
         ), r
-        assert r.retry_after and "KeepAlive streams" in r.message
+        assert r.retry_after and "KeepAlive or Session streams" in r.message
         # Another tenant's streams are its own.
         other = await _open(s, "calm")
         other.cancel()

@@ -24,6 +24,7 @@ import pytest
 
 from lockbroker.client import Client
 from lockbroker.client import cli as client_cli
+from lockbroker.client.aio import TRANSPORT_ENV
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, TlsConfig
@@ -35,6 +36,20 @@ from tests.lockutil import LOCKS, SESSIONS, lease_of
 from tests.procutil import clean_env, is_gone, lockbroker_command, stop_process, wait_until
 
 CALL_TIMEOUT = 60.0
+
+
+@pytest.fixture(params=["stream", "unary"], autouse=True)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both client transports: the in-process Clients read the variable, the CLI
+    processes get it through `client_env`."""
+    value: str = request.param
+    monkeypatch.setenv(TRANSPORT_ENV, value)
+    return value
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    # clean_env drops LOCKBROKER_*: pass the transport under test on explicitly.
+    return clean_env(**{TRANSPORT_ENV: os.environ[TRANSPORT_ENV]}, **extra)
 
 
 @dataclass
@@ -67,7 +82,7 @@ async def spawn(target: str, *args: str, **env: str) -> asyncio.subprocess.Proce
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_env(LOCKBROKER_TARGET=target, **env),
+        env=client_env(LOCKBROKER_TARGET=target, **env),
     )
 
 
@@ -304,7 +319,7 @@ async def test_broker_refusals_and_unavailable(broker: Broker) -> None:
         "-o",
         "json",
         stdout=asyncio.subprocess.PIPE,
-        env=clean_env(LOCKBROKER_TARGET=t),
+        env=client_env(LOCKBROKER_TARGET=t),
     )
     out, _ = await proc.communicate()
     assert proc.returncode == 0 and json.loads(out) == {"name": "x", "held": False, "holder": None, "waiters": []}
@@ -593,7 +608,7 @@ async def test_run_at_a_terminal_ctrl_c_reaches_the_command_once(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_env(LOCKBROKER_TARGET=target_of(broker)),
+        env=client_env(LOCKBROKER_TARGET=target_of(broker)),
     )
     try:
         await wait_ready(tmp_path, proc)

@@ -148,6 +148,7 @@ LEVELS = {
     "Release": Level.IDEMPOTENCY_UNKNOWN,  # a repeat answers released = false
     "Describe": Level.NO_SIDE_EFFECTS,
     "List": Level.NO_SIDE_EFFECTS,
+    "Session": Level.IDEMPOTENCY_UNKNOWN,  # a stream; each message is what its unary RPC is
 }
 
 
@@ -165,5 +166,6 @@ def test_idempotency_levels_are_declared_and_agree_with_the_server_retry() -> No
         "Release": Idempotency.WITH_REQUEST_ID,
         "Describe": Idempotency.ALWAYS,
         "List": Idempotency.ALWAYS,
+        "Session": Idempotency.NEVER,  # the stream itself; its messages run through the unary handlers
     }
     assert {m.name: Idempotency.of(m.name) for m in SERVICE.methods} == expected

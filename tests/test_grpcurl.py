@@ -153,3 +153,40 @@ def _json_objects(text: str) -> list[str]:
         _, end = decoder.raw_decode(text, i)
         objects.append(text[i:end])
         i = end
+
+
+async def test_grpcurl_drives_a_session_stream(broker: Broker) -> None:
+    """Several JSON messages on stdin (`-d @`): answers by id, an error as a Status with details."""
+    target = f"127.0.0.1:{broker.port}"
+    session = json.loads(await grpcurl("-plaintext", "-d", '{"ttl":"10s"}', target, f"{SERVICE}/CreateSession"))
+    sid = field(session, "session_id")
+    messages = [
+        {"id": 1, "open": {"resume": sid}},
+        {"id": 2, "acquire": {"name": "grpcurl/stream", "session_id": sid, "request_id": "g-1"}},
+        {"id": 3, "keepalive": {"session_id": sid}},
+        {"id": 4, "acquire": {"name": "", "session_id": sid}},
+        {"id": 5},
+    ]
+    out = await grpcurl(
+        "-plaintext", "-d", "@", target, f"{SERVICE}/Session", stdin="\n".join(map(json.dumps, messages))
+    )
+    answers = {int(a["id"]): a for a in _json_documents(out)}
+    assert set(answers) == {1, 2, 3, 4, 5}, out
+    assert field(answers[1]["open"], "session_id") == sid
+    grant = answers[2]["acquire"]["grant"]
+    assert field(grant, "request_id") == "g-1" and int(field(grant, "fencing_token")) > 0
+    assert "ttl" in answers[3]["keepalive"]
+    for bad in (4, 5):
+        error = answers[bad]["error"]
+        assert error["code"] == 3, error  # INVALID_ARGUMENT
+        kinds = [d["@type"] for d in error["details"]]
+        assert kinds == ["type.googleapis.com/google.rpc.ErrorInfo", "type.googleapis.com/google.rpc.BadRequest"]
+
+
+def _json_documents(text: str) -> list[Any]:
+    """grpcurl prints one pretty-printed JSON document per response, back to back."""
+    decoder, docs, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) >= 0:
+        doc, i = decoder.raw_decode(text, i)
+        docs.append(doc)
+    return docs

@@ -87,6 +87,7 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
             "Release",
             "Describe",
             "List",
+            "Session",
         }
         # The idempotency levels travel with the descriptors, for clients that decide retries by them.
         levels = {m.name: m.GetOptions().idempotency_level for m in svc.service.methods}

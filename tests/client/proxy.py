@@ -85,6 +85,14 @@ class LossyProxy(lock_pb2_grpc.LockServiceServicer):
                 continue
             yield lock_pb2.KeepAliveResponse(session_id=req.session_id, ttl=r.ttl, expires_at=r.expires_at)
 
+    async def Session(
+        self, request_iterator: AsyncIterator[lock_pb2.SessionRequest], context: Ctx
+    ) -> AsyncIterator[lock_pb2.SessionResponse]:
+        # Not forwarded: the proxy stands for a broker without the Session stream, so a client
+        # falls back to the unary calls this proxy can lose answers of.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        yield lock_pb2.SessionResponse()  # an async generator, like every stream behavior
+
 
 class RunningProxy:
     def __init__(self, broker_port: int, listen_port: int = 0) -> None:

@@ -48,7 +48,7 @@ PUBLIC = [
     "rich_status",
 ]
 
-AIO_PUBLIC = ["Client", "DEFAULT_OPTIONS", "HeldLock", "LockContext", "SessionKeeper"]
+AIO_PUBLIC = ["Client", "DEFAULT_OPTIONS", "HeldLock", "LockContext", "SessionKeeper", "TRANSPORT_ENV", "Transport"]
 
 
 def test_package_all_is_pinned() -> None:

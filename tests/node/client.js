@@ -55,12 +55,13 @@ function loadService() {
 }
 
 function loadDetailTypes() {
-  // protobufjs ships the google/protobuf types itself: lock.proto's imports resolve to them, and
-  // Any is added by hand because protobuf.parse (unlike load) does not follow imports.
+  // protobufjs ships the google/protobuf types itself: lock.proto's imports resolve to them,
+  // google.protobuf.Any included (lock.proto imports it for the Session stream's Status), so
+  // lock.proto is loaded first and the googleapis types parsed into the same root after it
+  // (protobuf.parse, unlike load, does not follow imports).
   const root = new protobuf.Root();
-  root.addJSON(protobuf.common.get("google/protobuf/any.proto").nested);
-  protobuf.parse(GOOGLE_RPC, root, { keepCase: true });
   root.loadSync(path.join(PROTO_ROOT, LOCK_PROTO), { keepCase: true });
+  protobuf.parse(GOOGLE_RPC, root, { keepCase: true });
   root.resolveAll();
   return {
     Status: root.lookupType("google.rpc.Status"),

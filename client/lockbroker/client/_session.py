@@ -24,6 +24,7 @@ from lockbroker.client.errors import LockBrokerError, SessionNotFound
 from lockbroker.client.types import Session, seconds
 
 if TYPE_CHECKING:
+    from lockbroker.client._stream import StreamKeepAlive
     from lockbroker.client.aio import Client
 
 log = logging.getLogger("lockbroker.client")
@@ -43,7 +44,7 @@ class ClientSupport:
     one object, not private fields of the Client read from other classes.
     """
 
-    keepalive: KeepAliveMux
+    keepalive: KeepAliveMux | StreamKeepAlive
     backoff: Backoff
     # Bound on each clean-up call (release, close) made on the way out of a block.
     cleanup_timeout: float

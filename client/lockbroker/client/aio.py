@@ -8,6 +8,13 @@ Every call has a deadline (the `timeout` argument, else `default_timeout`). Call
 on UNAVAILABLE with full-jitter exponential backoff inside that deadline; this is safe because
 every RPC is idempotent once Acquire and CreateSession carry a request_id, which this client
 always sends.
+
+Transport: by default everything done within a session (create, refresh, close, acquire,
+release) goes as messages over one Session stream per Client (`_stream.py`: about a third of a
+unary call's cost per operation); Describe and List stay unary. `transport="unary"` (or the
+environment variable LOCKBROKER_CLIENT_TRANSPORT=unary) uses one unary RPC per operation, and a
+broker without the Session RPC is detected (UNIMPLEMENTED) and served by unary RPCs. Both
+transports raise the same exceptions and retry the same way.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -33,6 +40,7 @@ from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
+from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
 from lockbroker.client.types import (
     Grant,
     LockState,
@@ -63,6 +71,19 @@ DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
+
+
+Transport = Literal["unary", "stream"]
+TRANSPORT_ENV = "LOCKBROKER_CLIENT_TRANSPORT"
+
+
+def _transport(value: str | None) -> Transport:
+    chosen = value or os.environ.get(TRANSPORT_ENV) or "stream"
+    if chosen not in ("unary", "stream"):
+        raise ValueError(
+            f"transport must be 'unary' or 'stream', not {chosen!r} (from {TRANSPORT_ENV} or the argument)"
+        )
+    return "stream" if chosen == "stream" else "unary"
 
 
 class InsecureApiKeyWarning(UserWarning):
@@ -126,6 +147,7 @@ class Client:
         default_timeout: float = 30.0,
         options: Sequence[tuple[str, Any]] | None = None,
         backoff: Backoff | None = None,
+        transport: Transport | None = None,
     ) -> None:
         warn_if_key_in_clear(target, api_key, credentials)
         merged = dict(DEFAULT_OPTIONS)
@@ -136,7 +158,14 @@ class Client:
             if credentials is not None
             else aio.insecure_channel(target, options=opts)
         )
-        self._setup(channel, owns_channel=True, api_key=api_key, default_timeout=default_timeout, backoff=backoff)
+        self._setup(
+            channel,
+            owns_channel=True,
+            api_key=api_key,
+            default_timeout=default_timeout,
+            backoff=backoff,
+            transport=transport,
+        )
 
     @classmethod
     def from_channel(
@@ -146,10 +175,18 @@ class Client:
         api_key: str | None = None,
         default_timeout: float = 30.0,
         backoff: Backoff | None = None,
+        transport: Transport | None = None,
     ) -> Client:
         """Wrap a channel you manage; closing the client leaves the channel open."""
         self = cls.__new__(cls)
-        self._setup(channel, owns_channel=False, api_key=api_key, default_timeout=default_timeout, backoff=backoff)
+        self._setup(
+            channel,
+            owns_channel=False,
+            api_key=api_key,
+            default_timeout=default_timeout,
+            backoff=backoff,
+            transport=transport,
+        )
         return self
 
     def _setup(
@@ -160,6 +197,7 @@ class Client:
         api_key: str | None,
         default_timeout: float,
         backoff: Backoff | None,
+        transport: Transport | None,
     ) -> None:
         if default_timeout <= 0:
             raise ValueError("default_timeout must be positive: every call needs a deadline")
@@ -169,9 +207,16 @@ class Client:
         self._metadata: tuple[tuple[str, str], ...] = (("x-api-key", api_key),) if api_key else ()
         self.default_timeout = default_timeout
         self._backoff = backoff or Backoff()
+        self.transport: Transport = _transport(transport)
+        mux = KeepAliveMux(self._stub, self._metadata, KEEPALIVE_STREAM_LIFETIME)
+        self._stream: SessionStream | None = None
+        keepalive: KeepAliveMux | StreamKeepAlive = mux
+        if self.transport == "stream":
+            self._stream = SessionStream(self._stub, self._metadata, on_expired=self._session_expired)
+            keepalive = StreamKeepAlive(self._stream, mux)
         # Handed to every SessionKeeper and LockContext of this client; see ClientSupport.
         self._support = ClientSupport(
-            keepalive=KeepAliveMux(self._stub, self._metadata, KEEPALIVE_STREAM_LIFETIME),
+            keepalive=keepalive,
             backoff=self._backoff,
             cleanup_timeout=min(default_timeout, 5.0),
             create_session=self._create_session,
@@ -191,6 +236,8 @@ class Client:
         for keeper in builtins.list(self._support.keepers):
             await keeper._stop()
         await self._support.keepalive.close()
+        if self._stream is not None:
+            await self._stream.close()
         if self._owns_channel:
             await self._channel.close()
 
@@ -206,6 +253,34 @@ class Client:
 
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.default_timeout if timeout is None else timeout)
+
+    def _session_expired(self, session_id: str) -> None:
+        # The broker's event on the Session stream: tell the keeper now, not at its next refresh.
+        for keeper in builtins.list(self._support.keepers):
+            if keeper._session is not None and keeper.session_id == session_id:
+                keeper._mark_lost("the broker reports the session expired")
+
+    async def _via(self, kind: str, message: Message, unary: Callable[[float], Awaitable[_Resp]], left: float) -> _Resp:
+        """One attempt of a session operation: a message on the Session stream (answer field
+        `kind`), or the unary call when the transport is unary or the broker has no stream."""
+        stream = self._stream
+        if stream is not None and not stream.unsupported:
+            try:
+                answer = await stream.request(kind, message, left)
+            except StreamUnsupported:
+                pass
+            else:
+                resp: _Resp = getattr(answer, kind)
+                return resp
+        return await unary(left)
+
+    async def _session_call(
+        self, kind: str, method: aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
+    ) -> _Resp:
+        async def attempt(left: float) -> _Resp:
+            return await self._via(kind, request, lambda t: method(request, timeout=t, metadata=self._metadata), left)
+
+        return await call_with_retry(attempt, deadline=self._deadline(timeout), backoff=self._backoff)
 
     async def _unary(
         self, method: aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req, timeout: float | None
@@ -229,7 +304,12 @@ class Client:
         sent = time.monotonic()
 
         async def attempt(left: float) -> lock_pb2.CreateSessionResponse:
-            return await self._stub.CreateSession(req, timeout=left, metadata=self._metadata)
+            return await self._via(
+                "open",
+                lock_pb2.OpenSession(create=req),
+                lambda t: self._stub.CreateSession(req, timeout=t, metadata=self._metadata),
+                left,
+            )
 
         resp = await call_with_retry(attempt, deadline=self._deadline(timeout), backoff=self._backoff)
         session = Session(
@@ -246,13 +326,17 @@ class Client:
         return session
 
     async def refresh(self, session_id: str, *, timeout: float | None = None) -> Session:
-        resp = await self._unary(self._stub.Refresh, lock_pb2.RefreshRequest(session_id=session_id), timeout)
+        resp = await self._session_call(
+            "keepalive", self._stub.Refresh, lock_pb2.RefreshRequest(session_id=session_id), timeout
+        )
         return Session(
             session_id, seconds(resp.ttl), timestamp(resp.expires_at) if resp.HasField("expires_at") else None
         )
 
     async def close_session(self, session_id: str, *, timeout: float | None = None) -> bool:
-        resp = await self._unary(self._stub.CloseSession, lock_pb2.CloseSessionRequest(session_id=session_id), timeout)
+        resp = await self._session_call(
+            "close", self._stub.CloseSession, lock_pb2.CloseSessionRequest(session_id=session_id), timeout
+        )
         return resp.closed
 
     def session(self, ttl: float | None = 10, owner: str = "", *, session_id: str | None = None) -> SessionKeeper:
@@ -310,7 +394,9 @@ class Client:
             if wait > 0:
                 # A retry resumes the same place in the queue; it should not restart the wait.
                 req.wait_timeout.CopyFrom(duration(max(wait - (time.monotonic() - started), 0.001)))
-            return await self._stub.Acquire(req, timeout=left, metadata=self._metadata)
+            return await self._via(
+                "acquire", req, lambda t: self._stub.Acquire(req, timeout=t, metadata=self._metadata), left
+            )
 
         resp = await call_with_retry(attempt, deadline=started + total, backoff=self._backoff)
         return grant_of(resp)
@@ -337,7 +423,7 @@ class Client:
             session_id=session_id or "",
             request_id=request_id or str(uuid.uuid4()),
         )
-        resp = await self._unary(self._stub.Release, req, timeout)
+        resp = await self._session_call("release", self._stub.Release, req, timeout)
         return resp.released
 
     async def describe(self, name: str, *, timeout: float | None = None) -> LockState:
@@ -416,5 +502,5 @@ def _current_task_identity() -> str:
 
 
 # InsecureApiKeyWarning, is_loopback_target and warn_if_key_in_clear are importable from here but
-# kept out of __all__, which lists the names this module has always exported.
-__all__ = ["DEFAULT_OPTIONS", "Client", "HeldLock", "LockContext", "SessionKeeper"]
+# kept out of __all__.
+__all__ = ["DEFAULT_OPTIONS", "TRANSPORT_ENV", "Client", "HeldLock", "LockContext", "SessionKeeper", "Transport"]

@@ -26,7 +26,7 @@ import grpc
 from lockbroker.client._lock import HeldLock, LockContext
 from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
-from lockbroker.client.aio import Client
+from lockbroker.client.aio import Client, Transport
 from lockbroker.client.errors import LockLost
 from lockbroker.client.types import Grant, LockState, LockSummary, Session
 
@@ -131,6 +131,7 @@ class SyncClient:
         default_timeout: float = 30.0,
         options: Sequence[tuple[str, Any]] | None = None,
         backoff: Backoff | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="lockbroker-client", daemon=True)
@@ -146,6 +147,7 @@ class SyncClient:
                 default_timeout=default_timeout,
                 options=options,
                 backoff=backoff,
+                transport=transport,
             )
 
         try:

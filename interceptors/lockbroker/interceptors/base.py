@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeAlias, cast
+from typing import Any, ClassVar, NoReturn, TypeAlias, cast
 
 import grpc
 from grpc import aio
@@ -36,6 +36,9 @@ log = logging.getLogger("lockbroker.calls")
 Context = aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+# Wraps the behavior of one message of a multiplexing stream (e.g. Session/Acquire) in the unary
+# layers that apply to it: see `Chain.wrap_message`.
+MessageWrapper = Callable[[UnaryBehavior, "CallInfo"], UnaryBehavior]
 
 # Infrastructure every client and load balancer must reach without credentials or quota.
 OPEN_SERVICES = frozenset(
@@ -87,6 +90,9 @@ class CallState:
     code: grpc.StatusCode | None = None
     reason: str | None = None
     message: str | None = None
+    # On a stream, set by `Chain`: how the handler wraps each message it serves as a call of its
+    # own (audit record, lock span, quota), with the stream's principal (identity ran once).
+    messages: MessageWrapper | None = None
     # (API key id, certificate identity) the caller presented, public parts only; identity writes
     # it whether or not they verify, so audit can name what a rejected caller tried.
     credential: tuple[str | None, str | None] | None = None
@@ -129,6 +135,38 @@ class CallContext:
     def set_details(self, details: str) -> None:
         self.state.message = details or None
         self._context.set_details(details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class PinnedContext:
+    """grpc's context with the caller's facts (peer, metadata, auth context) read once, up front.
+
+    A stream handler's wrappers are async generators, and when the client cancels while they are
+    suspended grpc leaves them to asyncio, which closes them later, after the call is gone. Their
+    clean-up (audit's record of the cancelled stream) then read `peer()` of a finished call, and
+    cygrpc crashed the process (a segfault at address 0, reproduced by cancelling busy Session
+    streams). Everything else still goes to grpc's context; what is read there after the call
+    ended (code, details, time_remaining) is plain Cython state.
+    """
+
+    __slots__ = ("_auth", "_context", "_metadata", "_peer")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self._peer = context.peer()
+        self._metadata = context.invocation_metadata()
+        self._auth = context.auth_context()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def auth_context(self) -> Any:
+        return self._auth
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -262,7 +300,13 @@ class WrappingInterceptor(aio.ServerInterceptor):
 
     A wrap or a layer must depend only on the method and this interceptor's configuration, never
     on the call: `Chain` builds each method's wrapped handler once and reuses it for every call.
+
+    `per_message`: whether the unary part (layer or wrap_unary) also runs for each message a
+    multiplexing stream serves as a call of its own (Session/Acquire...). False for work done
+    once per stream (authentication) or per gRPC call (grpc_server_* metrics).
     """
+
+    per_message: ClassVar[bool] = True
 
     def layer(self, call: CallInfo) -> Layer | None:
         """This interceptor's hooks for unary calls of `call`'s method, or None to stay out of them."""
@@ -316,6 +360,8 @@ class Chain(aio.ServerInterceptor):
         # method -> (the handler grpc found, the same handler wrapped by the whole chain). Only
         # methods that exist are kept, so callers inventing method names cannot grow it.
         self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
+        # (message method, behavior) -> wrapped; the handlers' fixed behaviors keep it bounded.
+        self._messages: dict[tuple[str, UnaryBehavior], UnaryBehavior] = {}
 
     def wrap(self, handler: Handler | None, method: str) -> Handler | None:
         h: Any = handler
@@ -323,14 +369,61 @@ class Chain(aio.ServerInterceptor):
         if not unary:
             for interceptor in reversed(self.interceptors):
                 handler = interceptor.wrap(handler, method)
+            w: Any = handler
+            if w is not None and w.stream_stream is not None:
+                return w._replace(stream_stream=self._lending(w.stream_stream, CallInfo.of(method, w)))  # type: ignore[no-any-return]
             return handler
-        # Unary: consecutive interceptors that give layers share one wrapper (one frame).
         call = CallInfo.of(method, h)
         field = "unary_unary" if h.unary_unary is not None else "stream_unary"
-        behavior: UnaryBehavior = getattr(h, field)
         first = self.first_message if field == "unary_unary" else None
+        behavior = self._unary(getattr(h, field), call, self.interceptors, first)
+        if first is not None:
+            return h._replace(unary_unary=None, stream_unary=behavior, request_streaming=True)  # type: ignore[no-any-return]
+        return h._replace(**{field: behavior})  # type: ignore[no-any-return]
+
+    def wrap_message(self, behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
+        """`behavior` (one message's work) in the unary part of every `per_message` interceptor,
+        built once per (method, behavior) like a unary method's handler."""
+        key = (call.method, behavior)
+        wrapped = self._messages.get(key)
+        if wrapped is None:
+            chosen = [i for i in self.interceptors if i.per_message]
+            # No first-message reader: the stream handler already read the message.
+            wrapped = self._messages[key] = self._unary(behavior, call, chosen, None)
+        return wrapped
+
+    def _lending(self, behavior: StreamBehavior, call: CallInfo) -> StreamBehavior:
+        """The stream behavior with `wrap_message` on its state, for handlers that serve messages
+        as calls of their own; outermost, so every nested wrapper shares that state."""
+        wrap_message = self.wrap_message
+
+        async def lend(request: Any, context: Context) -> AsyncIterator[Any]:
+            if not isinstance(context, CallContext):
+                context = cast(Context, PinnedContext(context))
+            context = scoped(context, call)
+            state_of(context).messages = wrap_message
+            responses: Any = behavior(request, context)
+            if not hasattr(responses, "__aiter__"):
+                await responses  # a handler written against context.write
+                return
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+
+        return lend
+
+    @staticmethod
+    def _unary(
+        behavior: UnaryBehavior,
+        call: CallInfo,
+        interceptors: Sequence[WrappingInterceptor],
+        first: FirstMessage | None,
+    ) -> UnaryBehavior:
+        # Consecutive interceptors that give layers share one wrapper (one frame).
         group: list[Layer] = []
-        for interceptor in reversed(self.interceptors):
+        for interceptor in reversed(interceptors):
             if type(interceptor).wrap_unary is WrappingInterceptor.wrap_unary:
                 layer = interceptor.layer(call)
                 if layer is not None:
@@ -343,9 +436,7 @@ class Chain(aio.ServerInterceptor):
             # The outermost group reads the request: no frame of its own unless the outermost
             # interceptor wraps unary calls itself.
             behavior = layered(group, behavior, call, first)
-        if first is not None:
-            return h._replace(unary_unary=None, stream_unary=behavior, request_streaming=True)  # type: ignore[no-any-return]
-        return h._replace(**{field: behavior})  # type: ignore[no-any-return]
+        return behavior
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails

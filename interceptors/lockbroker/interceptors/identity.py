@@ -101,6 +101,8 @@ def certificate_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | N
 class IdentityInterceptor(WrappingInterceptor):
     """Writes the caller's principal on every non-open call's state, or ends the call UNAUTHENTICATED."""
 
+    per_message = False  # a stream is authenticated once; its messages carry the stream's principal
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 

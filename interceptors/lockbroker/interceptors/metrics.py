@@ -108,6 +108,8 @@ class GrpcMetrics:
 
 
 class GrpcMetricsInterceptor(WrappingInterceptor):
+    per_message = False  # grpc_server_* count gRPC calls and frames, not the messages a stream serves
+
     def __init__(self, metrics: GrpcMetrics) -> None:
         self.m = metrics
 

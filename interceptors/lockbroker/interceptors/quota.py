@@ -63,6 +63,9 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "CloseSession": "session",
     _SERVICE + "Release": "session",
     _SERVICE + "KeepAlive": "session",  # one token per stream opened, not per message
+    _SERVICE + "Session": "session",  # likewise; its messages are charged as the unary calls are
+    # Acquire messages on a Session stream are charged like the unary call (server/session_stream.py).
+    _SERVICE + "Session/Acquire": "acquire",
 }
 LIMITED_METHODS = frozenset(BUCKETS)
 _WHAT = {"acquire": "Acquire", "read": "read (Describe, List)", "session": "session (and Release)"}

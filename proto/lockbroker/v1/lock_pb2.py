@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lockbroker/v1/lock.proto\x12\rlockbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x14\x43reateSessionRequest\x12&\n\x03ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x83\x01\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x10KeepAliveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x90\x01\n\x11KeepAliveResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x08\"$\n\x0eRefreshRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"i\n\x0fRefreshResponse\x12&\n\x03ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\xed\x01\n\x0e\x41\x63quireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tnew_claim\x18\x07 \x01(\x08\x12\x11\n\treentrant\x18\x08 \x01(\x08\x12\x17\n\x0freentrant_owner\x18\t \x01(\t\"y\n\x0f\x41\x63quireResponse\x12#\n\x05grant\x18\x01 \x01(\x0b\x32\x14.lockbroker.v1.Grant\x12)\n\x06waited\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"\xd6\x01\n\x05Grant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x05 \x01(\t\x12-\n\tqueued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nhold_count\x18\x08 \x01(\x05\"\x82\x01\n\x0bNotAcquired\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06holder\x18\x02 \x01(\x0b\x32\x19.lockbroker.v1.LockHolder\x12\x0f\n\x07waiters\x18\x03 \x01(\x05\x12)\n\x06waited\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x0eReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"7\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x12\n\nholds_left\x18\x02 \x01(\x05\"\x1f\n\x0f\x44\x65scribeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"s\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06holder\x18\x02 \x01(\x0b\x32\x19.lockbroker.v1.LockHolder\x12&\n\x07waiters\x18\x03 \x03(\x0b\x32\x15.lockbroker.v1.Waiter\"\xc9\x01\n\nLockHolder\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rfencing_token\x18\x03 \x01(\x03\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nhold_count\x18\x07 \x01(\x05\"\xbe\x01\n\x06Waiter\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06waited\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"D\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x0cListResponse\x12&\n\x05locks\x18\x01 \x03(\x0b\x32\x17.lockbroker.v1.HeldLock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x08HeldLock\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06holder\x18\x02 \x01(\x0b\x32\x19.lockbroker.v1.LockHolder\x12\x0f\n\x07waiters\x18\x03 \x01(\x05*\xe3\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45RROR_REASON_LOCK_HELD\x10\x01\x12\x1d\n\x19\x45RROR_REASON_WAIT_EXPIRED\x10\x02\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x03\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x04\x12\x1d\n\x19\x45RROR_REASON_SESSION_LOST\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_QUEUED\x10\x06\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x07\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x08\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\t\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\n\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x0b\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0c\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\r\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x0e\x12\"\n\x1e\x45RROR_REASON_AUDIT_UNAVAILABLE\x10\x0f\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x10\x12!\n\x1d\x45RROR_REASON_BACKEND_NO_SPACE\x10\x11\x32\x96\x05\n\x0bLockService\x12Z\n\rCreateSession\x12#.lockbroker.v1.CreateSessionRequest\x1a$.lockbroker.v1.CreateSessionResponse\x12R\n\tKeepAlive\x12\x1f.lockbroker.v1.KeepAliveRequest\x1a .lockbroker.v1.KeepAliveResponse(\x01\x30\x01\x12M\n\x07Refresh\x12\x1d.lockbroker.v1.RefreshRequest\x1a\x1e.lockbroker.v1.RefreshResponse\"\x03\x90\x02\x02\x12\\\n\x0c\x43loseSession\x12\".lockbroker.v1.CloseSessionRequest\x1a#.lockbroker.v1.CloseSessionResponse\"\x03\x90\x02\x02\x12H\n\x07\x41\x63quire\x12\x1d.lockbroker.v1.AcquireRequest\x1a\x1e.lockbroker.v1.AcquireResponse\x12H\n\x07Release\x12\x1d.lockbroker.v1.ReleaseRequest\x1a\x1e.lockbroker.v1.ReleaseResponse\x12P\n\x08\x44\x65scribe\x12\x1e.lockbroker.v1.DescribeRequest\x1a\x1f.lockbroker.v1.DescribeResponse\"\x03\x90\x02\x01\x12\x44\n\x04List\x12\x1a.lockbroker.v1.ListRequest\x1a\x1b.lockbroker.v1.ListResponse\"\x03\x90\x02\x01\x42N\n\x11\x64\x65v.lockbroker.v1B\tLockProtoP\x01Z,lockbroker.dev/go/lockbroker/v1;lockbrokerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lockbroker/v1/lock.proto\x12\rlockbroker.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x14\x43reateSessionRequest\x12&\n\x03ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x83\x01\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x10KeepAliveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x90\x01\n\x11KeepAliveResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x08\"$\n\x0eRefreshRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"i\n\x0fRefreshResponse\x12&\n\x03ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\xed\x01\n\x0e\x41\x63quireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tnew_claim\x18\x07 \x01(\x08\x12\x11\n\treentrant\x18\x08 \x01(\x08\x12\x17\n\x0freentrant_owner\x18\t \x01(\t\"y\n\x0f\x41\x63quireResponse\x12#\n\x05grant\x18\x01 \x01(\x0b\x32\x14.lockbroker.v1.Grant\x12)\n\x06waited\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"\xd6\x01\n\x05Grant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x05 \x01(\t\x12-\n\tqueued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nhold_count\x18\x08 \x01(\x05\"\x82\x01\n\x0bNotAcquired\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06holder\x18\x02 \x01(\x0b\x32\x19.lockbroker.v1.LockHolder\x12\x0f\n\x07waiters\x18\x03 \x01(\x05\x12)\n\x06waited\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x0eReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"7\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x12\n\nholds_left\x18\x02 \x01(\x05\"\x1f\n\x0f\x44\x65scribeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"s\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06holder\x18\x02 \x01(\x0b\x32\x19.lockbroker.v1.LockHolder\x12&\n\x07waiters\x18\x03 \x03(\x0b\x32\x15.lockbroker.v1.Waiter\"\xc9\x01\n\nLockHolder\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rfencing_token\x18\x03 \x01(\x03\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nhold_count\x18\x07 \x01(\x05\"\xbe\x01\n\x06Waiter\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06waited\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"D\n\x0bListRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x0cListResponse\x12&\n\x05locks\x18\x01 \x03(\x0b\x32\x17.lockbroker.v1.HeldLock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x08HeldLock\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06holder\x18\x02 \x01(\x0b\x32\x19.lockbroker.v1.LockHolder\x12\x0f\n\x07waiters\x18\x03 \x01(\x05\"\xaf\x02\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12*\n\x04open\x18\x02 \x01(\x0b\x32\x1a.lockbroker.v1.OpenSessionH\x00\x12\x30\n\x07\x61\x63quire\x18\x03 \x01(\x0b\x32\x1d.lockbroker.v1.AcquireRequestH\x00\x12\x30\n\x07release\x18\x04 \x01(\x0b\x32\x1d.lockbroker.v1.ReleaseRequestH\x00\x12\x32\n\tkeepalive\x18\x05 \x01(\x0b\x32\x1d.lockbroker.v1.RefreshRequestH\x00\x12\x33\n\x05\x63lose\x18\x06 \x01(\x0b\x32\".lockbroker.v1.CloseSessionRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x07 \x01(\x04H\x00\x42\x06\n\x04kind\"^\n\x0bOpenSession\x12\x35\n\x06\x63reate\x18\x01 \x01(\x0b\x32#.lockbroker.v1.CreateSessionRequestH\x00\x12\x10\n\x06resume\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x82\x03\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x34\n\x04open\x18\x02 \x01(\x0b\x32$.lockbroker.v1.CreateSessionResponseH\x00\x12\x31\n\x07\x61\x63quire\x18\x03 \x01(\x0b\x32\x1e.lockbroker.v1.AcquireResponseH\x00\x12\x31\n\x07release\x18\x04 \x01(\x0b\x32\x1e.lockbroker.v1.ReleaseResponseH\x00\x12\x33\n\tkeepalive\x18\x05 \x01(\x0b\x32\x1e.lockbroker.v1.RefreshResponseH\x00\x12\x34\n\x05\x63lose\x18\x06 \x01(\x0b\x32#.lockbroker.v1.CloseSessionResponseH\x00\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x15.lockbroker.v1.StatusH\x00\x12,\n\x05\x65vent\x18\x08 \x01(\x0b\x32\x1b.lockbroker.v1.SessionEventH\x00\x42\x06\n\x04kind\"N\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\x82\x01\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .lockbroker.v1.SessionEvent.Kind\".\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_EXPIRED\x10\x01*\xe3\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45RROR_REASON_LOCK_HELD\x10\x01\x12\x1d\n\x19\x45RROR_REASON_WAIT_EXPIRED\x10\x02\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x03\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x04\x12\x1d\n\x19\x45RROR_REASON_SESSION_LOST\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_QUEUED\x10\x06\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x07\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x08\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\t\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\n\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x0b\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0c\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\r\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x0e\x12\"\n\x1e\x45RROR_REASON_AUDIT_UNAVAILABLE\x10\x0f\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x10\x12!\n\x1d\x45RROR_REASON_BACKEND_NO_SPACE\x10\x11\x32\xe4\x05\n\x0bLockService\x12Z\n\rCreateSession\x12#.lockbroker.v1.CreateSessionRequest\x1a$.lockbroker.v1.CreateSessionResponse\x12R\n\tKeepAlive\x12\x1f.lockbroker.v1.KeepAliveRequest\x1a .lockbroker.v1.KeepAliveResponse(\x01\x30\x01\x12M\n\x07Refresh\x12\x1d.lockbroker.v1.RefreshRequest\x1a\x1e.lockbroker.v1.RefreshResponse\"\x03\x90\x02\x02\x12\\\n\x0c\x43loseSession\x12\".lockbroker.v1.CloseSessionRequest\x1a#.lockbroker.v1.CloseSessionResponse\"\x03\x90\x02\x02\x12H\n\x07\x41\x63quire\x12\x1d.lockbroker.v1.AcquireRequest\x1a\x1e.lockbroker.v1.AcquireResponse\x12H\n\x07Release\x12\x1d.lockbroker.v1.ReleaseRequest\x1a\x1e.lockbroker.v1.ReleaseResponse\x12P\n\x08\x44\x65scribe\x12\x1e.lockbroker.v1.DescribeRequest\x1a\x1f.lockbroker.v1.DescribeResponse\"\x03\x90\x02\x01\x12\x44\n\x04List\x12\x1a.lockbroker.v1.ListRequest\x1a\x1b.lockbroker.v1.ListResponse\"\x03\x90\x02\x01\x12L\n\x07Session\x12\x1d.lockbroker.v1.SessionRequest\x1a\x1e.lockbroker.v1.SessionResponse(\x01\x30\x01\x42N\n\x11\x64\x65v.lockbroker.v1B\tLockProtoP\x01Z,lockbroker.dev/go/lockbroker/v1;lockbrokerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,50 +43,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCKSERVICE'].methods_by_name['Describe']._serialized_options = b'\220\002\001'
   _globals['_LOCKSERVICE'].methods_by_name['List']._loaded_options = None
   _globals['_LOCKSERVICE'].methods_by_name['List']._serialized_options = b'\220\002\001'
-  _globals['_ERRORREASON']._serialized_start=2406
-  _globals['_ERRORREASON']._serialized_end=3017
-  _globals['_CREATESESSIONREQUEST']._serialized_start=108
-  _globals['_CREATESESSIONREQUEST']._serialized_end=205
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=208
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=339
-  _globals['_KEEPALIVEREQUEST']._serialized_start=341
-  _globals['_KEEPALIVEREQUEST']._serialized_end=379
-  _globals['_KEEPALIVERESPONSE']._serialized_start=382
-  _globals['_KEEPALIVERESPONSE']._serialized_end=526
-  _globals['_REFRESHREQUEST']._serialized_start=528
-  _globals['_REFRESHREQUEST']._serialized_end=564
-  _globals['_REFRESHRESPONSE']._serialized_start=566
-  _globals['_REFRESHRESPONSE']._serialized_end=671
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=673
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=714
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=716
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=754
-  _globals['_ACQUIREREQUEST']._serialized_start=757
-  _globals['_ACQUIREREQUEST']._serialized_end=994
-  _globals['_ACQUIRERESPONSE']._serialized_start=996
-  _globals['_ACQUIRERESPONSE']._serialized_end=1117
-  _globals['_GRANT']._serialized_start=1120
-  _globals['_GRANT']._serialized_end=1334
-  _globals['_NOTACQUIRED']._serialized_start=1337
-  _globals['_NOTACQUIRED']._serialized_end=1467
-  _globals['_RELEASEREQUEST']._serialized_start=1469
-  _globals['_RELEASEREQUEST']._serialized_end=1562
-  _globals['_RELEASERESPONSE']._serialized_start=1564
-  _globals['_RELEASERESPONSE']._serialized_end=1619
-  _globals['_DESCRIBEREQUEST']._serialized_start=1621
-  _globals['_DESCRIBEREQUEST']._serialized_end=1652
-  _globals['_DESCRIBERESPONSE']._serialized_start=1654
-  _globals['_DESCRIBERESPONSE']._serialized_end=1769
-  _globals['_LOCKHOLDER']._serialized_start=1772
-  _globals['_LOCKHOLDER']._serialized_end=1973
-  _globals['_WAITER']._serialized_start=1976
-  _globals['_WAITER']._serialized_end=2166
-  _globals['_LISTREQUEST']._serialized_start=2168
-  _globals['_LISTREQUEST']._serialized_end=2236
-  _globals['_LISTRESPONSE']._serialized_start=2238
-  _globals['_LISTRESPONSE']._serialized_end=2317
-  _globals['_HELDLOCK']._serialized_start=2319
-  _globals['_HELDLOCK']._serialized_end=2403
-  _globals['_LOCKSERVICE']._serialized_start=3020
-  _globals['_LOCKSERVICE']._serialized_end=3682
+  _globals['_ERRORREASON']._serialized_start=3437
+  _globals['_ERRORREASON']._serialized_end=4048
+  _globals['_CREATESESSIONREQUEST']._serialized_start=135
+  _globals['_CREATESESSIONREQUEST']._serialized_end=232
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=235
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=366
+  _globals['_KEEPALIVEREQUEST']._serialized_start=368
+  _globals['_KEEPALIVEREQUEST']._serialized_end=406
+  _globals['_KEEPALIVERESPONSE']._serialized_start=409
+  _globals['_KEEPALIVERESPONSE']._serialized_end=553
+  _globals['_REFRESHREQUEST']._serialized_start=555
+  _globals['_REFRESHREQUEST']._serialized_end=591
+  _globals['_REFRESHRESPONSE']._serialized_start=593
+  _globals['_REFRESHRESPONSE']._serialized_end=698
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=700
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=741
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=743
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=781
+  _globals['_ACQUIREREQUEST']._serialized_start=784
+  _globals['_ACQUIREREQUEST']._serialized_end=1021
+  _globals['_ACQUIRERESPONSE']._serialized_start=1023
+  _globals['_ACQUIRERESPONSE']._serialized_end=1144
+  _globals['_GRANT']._serialized_start=1147
+  _globals['_GRANT']._serialized_end=1361
+  _globals['_NOTACQUIRED']._serialized_start=1364
+  _globals['_NOTACQUIRED']._serialized_end=1494
+  _globals['_RELEASEREQUEST']._serialized_start=1496
+  _globals['_RELEASEREQUEST']._serialized_end=1589
+  _globals['_RELEASERESPONSE']._serialized_start=1591
+  _globals['_RELEASERESPONSE']._serialized_end=1646
+  _globals['_DESCRIBEREQUEST']._serialized_start=1648
+  _globals['_DESCRIBEREQUEST']._serialized_end=1679
+  _globals['_DESCRIBERESPONSE']._serialized_start=1681
+  _globals['_DESCRIBERESPONSE']._serialized_end=1796
+  _globals['_LOCKHOLDER']._serialized_start=1799
+  _globals['_LOCKHOLDER']._serialized_end=2000
+  _globals['_WAITER']._serialized_start=2003
+  _globals['_WAITER']._serialized_end=2193
+  _globals['_LISTREQUEST']._serialized_start=2195
+  _globals['_LISTREQUEST']._serialized_end=2263
+  _globals['_LISTRESPONSE']._serialized_start=2265
+  _globals['_LISTRESPONSE']._serialized_end=2344
+  _globals['_HELDLOCK']._serialized_start=2346
+  _globals['_HELDLOCK']._serialized_end=2430
+  _globals['_SESSIONREQUEST']._serialized_start=2433
+  _globals['_SESSIONREQUEST']._serialized_end=2736
+  _globals['_OPENSESSION']._serialized_start=2738
+  _globals['_OPENSESSION']._serialized_end=2832
+  _globals['_SESSIONRESPONSE']._serialized_start=2835
+  _globals['_SESSIONRESPONSE']._serialized_end=3221
+  _globals['_STATUS']._serialized_start=3223
+  _globals['_STATUS']._serialized_end=3301
+  _globals['_SESSIONEVENT']._serialized_start=3304
+  _globals['_SESSIONEVENT']._serialized_end=3434
+  _globals['_SESSIONEVENT_KIND']._serialized_start=3388
+  _globals['_SESSIONEVENT_KIND']._serialized_end=3434
+  _globals['_LOCKSERVICE']._serialized_start=4051
+  _globals['_LOCKSERVICE']._serialized_end=4791
 # @@protoc_insertion_point(module_scope)

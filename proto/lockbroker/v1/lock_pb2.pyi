@@ -20,6 +20,7 @@ the highest it has seen.
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -1012,3 +1013,270 @@ class HeldLock(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeldLock: _TypeAlias = HeldLock  # noqa: Y015
+
+@_typing.final
+class SessionRequest(_message.Message):
+    """SessionRequest is one request on a Session stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OPEN_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Correlation id chosen by the client, echoed in the answer. Non-zero;
+    unique among this stream's requests still waiting for an answer
+    (a duplicate is answered INVALID_ARGUMENT and not run). Requests have no
+    deadline of their own on the wire: each runs at most 30 s (plus an
+    acquire's wait_timeout) and never past the stream's deadline; cancel
+    one to stop it sooner.
+    """
+    cancel: _builtins.int
+    """Cancel the request in flight with this id, as cancelling its unary
+    call would (a waiting acquire leaves the queue). This message's own
+    id is ignored and it gets no answer; the cancelled request is answered
+    CANCELLED, unless its answer was already on its way. An id not in
+    flight is ignored.
+    """
+    @_builtins.property
+    def open(self) -> Global___OpenSession:
+        """Create a session, or resume one created earlier (on any stream, or
+        with CreateSession). Answered with `open`.
+        """
+
+    @_builtins.property
+    def acquire(self) -> Global___AcquireRequest:
+        """Take a lock, as the Acquire RPC. session_id unset makes a session for
+        this lock, as Acquire does. wait_timeout bounds this message only.
+        Answered with `acquire`.
+        """
+
+    @_builtins.property
+    def release(self) -> Global___ReleaseRequest:
+        """Release a grant, as the Release RPC. Answered with `release`."""
+
+    @_builtins.property
+    def keepalive(self) -> Global___RefreshRequest:
+        """Refresh a session, as the Refresh RPC (an expired or unknown session
+        is NOT_FOUND). Send one per session about every TTL/3. Answered with
+        `keepalive`.
+        """
+
+    @_builtins.property
+    def close(self) -> Global___CloseSessionRequest:
+        """Close a session, as the CloseSession RPC. Answered with `close`."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        open: Global___OpenSession | None = ...,
+        acquire: Global___AcquireRequest | None = ...,
+        release: Global___ReleaseRequest | None = ...,
+        keepalive: Global___RefreshRequest | None = ...,
+        close: Global___CloseSessionRequest | None = ...,
+        cancel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class OpenSession(_message.Message):
+    """OpenSession starts using a session on a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    resume: _builtins.str
+    """The id of an existing session to resume after a stream broke: the
+    broker refreshes it (as Refresh) and answers with its TTL. A session
+    that lapsed is NOT_FOUND (SESSION_NOT_FOUND); create a new one.
+    """
+    @_builtins.property
+    def create(self) -> Global___CreateSessionRequest:
+        """Create a new session, as the CreateSession RPC (request_id makes a
+        retry return the same session).
+        """
+
+    def __init__(
+        self,
+        *,
+        create: Global___CreateSessionRequest | None = ...,
+        resume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "kind", b"kind", "resume", b"resume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["create", "resume"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___OpenSession: _TypeAlias = OpenSession  # noqa: Y015
+
+@_typing.final
+class SessionResponse(_message.Message):
+    """SessionResponse is one answer, or one event, on a Session stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OPEN_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the request answered; 0 for an event."""
+    @_builtins.property
+    def open(self) -> Global___CreateSessionResponse:
+        """Answers `open`: the session created or resumed."""
+
+    @_builtins.property
+    def acquire(self) -> Global___AcquireResponse:
+        """Answers `acquire`: the grant."""
+
+    @_builtins.property
+    def release(self) -> Global___ReleaseResponse:
+        """Answers `release`."""
+
+    @_builtins.property
+    def keepalive(self) -> Global___RefreshResponse:
+        """Answers `keepalive`."""
+
+    @_builtins.property
+    def close(self) -> Global___CloseSessionResponse:
+        """Answers `close`."""
+
+    @_builtins.property
+    def error(self) -> Global___Status:
+        """The request failed: the status the unary RPC would have ended with."""
+
+    @_builtins.property
+    def event(self) -> Global___SessionEvent:
+        """Something happened to a session used on this stream (id is 0)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        open: Global___CreateSessionResponse | None = ...,
+        acquire: Global___AcquireResponse | None = ...,
+        release: Global___ReleaseResponse | None = ...,
+        keepalive: Global___RefreshResponse | None = ...,
+        close: Global___CloseSessionResponse | None = ...,
+        error: Global___Status | None = ...,
+        event: Global___SessionEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "close", b"close", "error", b"error", "event", b"event", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "close", b"close", "error", b"error", "event", b"event", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "error", "event"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
+class Status(_message.Message):
+    """Status is google.rpc.Status, field for field and byte for byte on the
+    wire (decode it as google.rpc.Status in any language). details holds the
+    same messages as the unary RPC's grpc-status-details-bin: a
+    google.rpc.ErrorInfo (domain "lockbroker", reason from ErrorReason) first,
+    then BadRequest, NotAcquired, QuotaFailure or RetryInfo as documented
+    per reason.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code), never 0 (OK)."""
+    message: _builtins.str
+    """The error message, as the unary RPC would send it."""
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """google.rpc.ErrorInfo first, then the reason's details."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class SessionEvent(_message.Message):
+    """SessionEvent tells a stream that a session it used is gone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SessionEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: SessionEvent._Kind.ValueType  # 0
+        """Never sent; the zero value proto3 requires."""
+        KIND_EXPIRED: SessionEvent._Kind.ValueType  # 1
+        """The session's lease ended (expired, or closed elsewhere) while this
+        stream used it: every lock it held is released. Like Chubby's
+        "session expired": create a new session.
+        """
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """Kind is what happened to the session."""
+
+    KIND_UNSPECIFIED: SessionEvent.Kind.ValueType  # 0
+    """Never sent; the zero value proto3 requires."""
+    KIND_EXPIRED: SessionEvent.Kind.ValueType  # 1
+    """The session's lease ended (expired, or closed elsewhere) while this
+    stream used it: every lock it held is released. Like Chubby's
+    "session expired": create a new session.
+    """
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session concerned."""
+    kind: Global___SessionEvent.Kind.ValueType
+    """What happened; see SessionEvent.Kind."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        kind: Global___SessionEvent.Kind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEvent: _TypeAlias = SessionEvent  # noqa: Y015

@@ -75,6 +75,11 @@ class LockServiceStub:
                 request_serializer=lockbroker_dot_v1_dot_lock__pb2.ListRequest.SerializeToString,
                 response_deserializer=lockbroker_dot_v1_dot_lock__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/lockbroker.v1.LockService/Session',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.SessionRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class LockServiceServicer:
@@ -174,6 +179,35 @@ class LockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Session carries sessions and their lock operations over one
+        bidirectional stream, for clients that do more than a call or two: a
+        message on an open stream costs the broker about a third of a unary
+        call. Send SessionRequests, each with a correlation id of your choice;
+        every request gets exactly one SessionResponse with the same id, in
+        the order the answers are ready, not the order of the requests (a
+        waiting acquire does not hold up a release sent after it). The broker
+        may also send events (id 0).
+
+        Each message means exactly what the unary RPC of the same request type
+        means: the same validation, quotas, errors (as a Status with the same
+        code, message and details), audit record and trace span per message.
+        A stream serves one tenant, authenticated once when it opens.
+
+        Sessions outlive the stream. When the stream ends, every acquire still
+        waiting on it is cancelled (and leaves nothing queued), but sessions
+        live on until their TTL: open a new stream and resume them by id
+        (OpenSession.resume), and retry unanswered requests with the same
+        request_id. One stream may carry many sessions.
+
+        At most a bounded number of requests (default 1024) may be in flight
+        on one stream; the one over it is answered RESOURCE_EXHAUSTED
+        (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +250,11 @@ def add_LockServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=lockbroker_dot_v1_dot_lock__pb2.ListRequest.FromString,
                     response_serializer=lockbroker_dot_v1_dot_lock__pb2.ListResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.SessionRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +474,33 @@ class LockService:
             '/lockbroker.v1.LockService/List',
             lockbroker_dot_v1_dot_lock__pb2.ListRequest.SerializeToString,
             lockbroker_dot_v1_dot_lock__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lockbroker.v1.LockService/Session',
+            lockbroker_dot_v1_dot_lock__pb2.SessionRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -110,6 +110,31 @@ class LockServiceStub:
     (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
+    Session: _grpc.StreamStreamMultiCallable[_lock_pb2.SessionRequest, _lock_pb2.SessionResponse]
+    """Session carries sessions and their lock operations over one
+    bidirectional stream, for clients that do more than a call or two: a
+    message on an open stream costs the broker about a third of a unary
+    call. Send SessionRequests, each with a correlation id of your choice;
+    every request gets exactly one SessionResponse with the same id, in
+    the order the answers are ready, not the order of the requests (a
+    waiting acquire does not hold up a release sent after it). The broker
+    may also send events (id 0).
+
+    Each message means exactly what the unary RPC of the same request type
+    means: the same validation, quotas, errors (as a Status with the same
+    code, message and details), audit record and trace span per message.
+    A stream serves one tenant, authenticated once when it opens.
+
+    Sessions outlive the stream. When the stream ends, every acquire still
+    waiting on it is cancelled (and leaves nothing queued), but sessions
+    live on until their TTL: open a new stream and resume them by id
+    (OpenSession.resume), and retry unanswered requests with the same
+    request_id. One stream may carry many sessions.
+
+    At most a bounded number of requests (default 1024) may be in flight
+    on one stream; the one over it is answered RESOURCE_EXHAUSTED
+    (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
+    """
 
 @_typing.type_check_only
 class LockServiceAsyncStub(LockServiceStub):
@@ -176,6 +201,31 @@ class LockServiceAsyncStub(LockServiceStub):
     """List returns the held locks of the caller's tenant, ordered by name
     (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
+    """
+    Session: _aio.StreamStreamMultiCallable[_lock_pb2.SessionRequest, _lock_pb2.SessionResponse]  # type: ignore[assignment]
+    """Session carries sessions and their lock operations over one
+    bidirectional stream, for clients that do more than a call or two: a
+    message on an open stream costs the broker about a third of a unary
+    call. Send SessionRequests, each with a correlation id of your choice;
+    every request gets exactly one SessionResponse with the same id, in
+    the order the answers are ready, not the order of the requests (a
+    waiting acquire does not hold up a release sent after it). The broker
+    may also send events (id 0).
+
+    Each message means exactly what the unary RPC of the same request type
+    means: the same validation, quotas, errors (as a Status with the same
+    code, message and details), audit record and trace span per message.
+    A stream serves one tenant, authenticated once when it opens.
+
+    Sessions outlive the stream. When the stream ends, every acquire still
+    waiting on it is cancelled (and leaves nothing queued), but sessions
+    live on until their TTL: open a new stream and resume them by id
+    (OpenSession.resume), and retry unanswered requests with the same
+    request_id. One stream may carry many sessions.
+
+    At most a bounded number of requests (default 1024) may be in flight
+    on one stream; the one over it is answered RESOURCE_EXHAUSTED
+    (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
     """
 
 class LockServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -288,6 +338,37 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         """List returns the held locks of the caller's tenant, ordered by name
         (by Unicode code point, which is the order of the names' UTF-8 bytes).
         A read: NO_SIDE_EFFECTS.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_lock_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lock_pb2.SessionResponse], _abc.AsyncIterator[_lock_pb2.SessionResponse]]:
+        """Session carries sessions and their lock operations over one
+        bidirectional stream, for clients that do more than a call or two: a
+        message on an open stream costs the broker about a third of a unary
+        call. Send SessionRequests, each with a correlation id of your choice;
+        every request gets exactly one SessionResponse with the same id, in
+        the order the answers are ready, not the order of the requests (a
+        waiting acquire does not hold up a release sent after it). The broker
+        may also send events (id 0).
+
+        Each message means exactly what the unary RPC of the same request type
+        means: the same validation, quotas, errors (as a Status with the same
+        code, message and details), audit record and trace span per message.
+        A stream serves one tenant, authenticated once when it opens.
+
+        Sessions outlive the stream. When the stream ends, every acquire still
+        waiting on it is cancelled (and leaves nothing queued), but sessions
+        live on until their TTL: open a new stream and resume them by id
+        (OpenSession.resume), and retry unanswered requests with the same
+        request_id. One stream may carry many sessions.
+
+        At most a bounded number of requests (default 1024) may be in flight
+        on one stream; the one over it is answered RESOURCE_EXHAUSTED
+        (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
         """
 
 def add_LockServiceServicer_to_server(servicer: LockServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -336,8 +336,12 @@ class Broker:
             chain.append(self.identity)
         if self.metrics is not None:  # needs the tenant; before quota, so rate refusals count
             chain.append(LockMetricsInterceptor(self.metrics.locks))
-        if self.tracing.enabled:
+        if self.tracing.provider is not None:
             chain.append(LockSpanInterceptor())
+            if self.service is not None:
+                # The Session stream's messages get a server span each, which the OTel interceptor
+                # (one span per gRPC call) cannot make; the service makes them with this tracer.
+                self.service.sessions.tracer = self.tracing.provider.get_tracer("lockbroker.server.session_stream")
         if self.quotas.any(lambda q: q.acquire_rate > 0 or q.read_rate > 0 or q.session_rate > 0):
             chain.append(RateLimitInterceptor(self._rate, shares=self._shares()))
         if self.audit is not None:  # last: the RequestReceived record, fsynced while the handler works

@@ -49,6 +49,7 @@ from lockbroker.server.core.errors import (
 from lockbroker.server.core.names import parse_session_id, session_id_of
 from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
 from lockbroker.server.core.slots import QUOTA_RETRY_AFTER
+from lockbroker.server.session_stream import SessionStreams
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 _SERVICE_DESC = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
@@ -294,6 +295,7 @@ def rpc() -> Callable[[Handler[Req, Resp]], Callable[[Any, Req, Ctx], Coroutine[
 
 
 _KEEPALIVE = _call_info("KeepAlive", streaming=True)
+_SESSION = _call_info("Session", streaming=True)
 
 
 class LockService(lock_pb2_grpc.LockServiceServicer):
@@ -310,6 +312,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         self.draining = False
         self.quotas = quotas
         self._streams: Counter[str] = Counter()  # KeepAlive streams open on this replica, per tenant
+        self.sessions = SessionStreams(self)
 
     @rpc()
     async def CreateSession(
@@ -442,9 +445,12 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             await _fail(context, exc, "KeepAlive")
         finally:
             if opened:
-                self._streams[tenant] -= 1
-                if not self._streams[tenant]:
-                    del self._streams[tenant]
+                self._close_stream(tenant)
+
+    def _close_stream(self, tenant: str) -> None:
+        self._streams[tenant] -= 1
+        if not self._streams[tenant]:
+            del self._streams[tenant]
 
     def _open_stream(self, tenant: str) -> None:
         """Count a KeepAlive stream against the tenant's max_streams on this replica, or refuse it.
@@ -457,8 +463,33 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                 tenant,
                 "max_streams",
                 limit,
-                f"tenant {tenant!r} already has {limit} KeepAlive streams open on this replica; "
+                f"tenant {tenant!r} already has {limit} KeepAlive or Session streams open on this replica; "
                 "one stream carries any number of sessions",
                 QUOTA_RETRY_AFTER,
             )
         self._streams[tenant] += 1
+
+    async def Session(
+        self, request_iterator: AsyncIterator[lock_pb2.SessionRequest], context: Ctx
+    ) -> AsyncIterator[lock_pb2.SessionResponse]:
+        """Sessions and lock operations as messages on one stream: see session_stream.py."""
+        context = scoped(context, _SESSION)
+        tenant = tenant_of(context)
+        responses = self.sessions.serve(request_iterator, context)
+        opened = False
+        try:
+            if self.draining:
+                raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+            # A Session stream holds what a KeepAlive stream holds, and more: the same max_streams.
+            self._open_stream(tenant)
+            opened = True
+            async for response in responses:
+                yield response
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _fail(context, exc, "Session")
+        finally:
+            await responses.aclose()
+            if opened:
+                self._close_stream(tenant)

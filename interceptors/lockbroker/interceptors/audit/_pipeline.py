@@ -27,7 +27,21 @@ RESPONSE_COMPLETE: Final = "ResponseComplete"
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
-    for name in ("CreateSession", "Acquire", "Release", "CloseSession", "KeepAlive", "Refresh")
+    for name in (
+        "CreateSession",
+        "Acquire",
+        "Release",
+        "CloseSession",
+        "KeepAlive",
+        "Refresh",
+        # The Session stream and the lock operations it carries, one record each (server/session_stream.py).
+        "Session",
+        "Session/Open",
+        "Session/Acquire",
+        "Session/Release",
+        "Session/KeepAlive",
+        "Session/Close",
+    )
 )
 # Metadata whose values are credentials. The interceptor never copies these fields into a record;
 # their values are also scrubbed from `outcome.message`, the one free-text field (a careless

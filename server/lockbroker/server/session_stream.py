@@ -1,0 +1,404 @@
+"""The Session stream: sessions and their lock operations as messages on one bidirectional stream.
+
+A message on an open stream costs the broker about a third of a unary call
+(/work/shared/notes/throughput.md: ~160 us against ~525 us of server CPU), so a client that
+acquires and releases many times goes several times further on one stream. The semantics are
+the unary RPCs', by construction rather than by copy: each message is served by the service's
+own unary handler (`LockService.Acquire`...: its validation, retry, draining and the one error
+mapping in `status`), inside the unary layers of every `per_message` interceptor of the chain
+(`Chain.wrap_message`: audit record, lock span attributes, acquire rate, lock metrics), with a
+`CallState` of its own that carries the stream's principal (identity ran once, for the stream).
+A layer or handler that aborts ends only its message: `MessageContext.abort` turns the status it
+would have sent (the google.rpc.Status in the trailers the layer built) into the answer.
+
+Requests run concurrently, one task each, and answers go out as they are ready, matched by the
+client's id; so a waiting acquire never holds up a release on the same stream. When the stream
+ends every task still running is cancelled, which is exactly a cancelled unary call to the core
+(its queue entry is removed), while the sessions themselves live on until their TTL: a client
+resumes them on a new stream (`OpenSession.resume`), as Chubby and etcd clients keep a session
+across a reconnect within its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from lockbroker.interceptors.base import CallContext, CallInfo, CallState, Context, scoped, state_of
+from lockbroker.interceptors.rpcstatus import DETAILS_KEY
+from lockbroker.server import status
+from lockbroker.server.core.errors import FieldViolation, InvalidArgument, LockBrokerError, QuotaExceeded, ShuttingDown
+from lockbroker.v1 import lock_pb2
+from lockbroker.v1.reasons import ErrorReason
+
+if TYPE_CHECKING:
+    from lockbroker.server.service import LockService
+
+log = logging.getLogger("lockbroker.server")
+
+SERVICE = "lockbroker.v1.LockService"
+SESSION_INFO = CallInfo(f"/{SERVICE}/Session", SERVICE, "Session", True, True)
+# Requests of one stream in flight at once: each is a task and, for an acquire, an etcd watch.
+MAX_IN_FLIGHT = 1024
+# A message's deadline when its stream has none, on top of an acquire's wait_timeout: what the
+# Python client gives a unary call by default (Client.default_timeout).
+MESSAGE_TIMEOUT = 30.0
+_GONE = frozenset({ErrorReason.SESSION_NOT_FOUND, ErrorReason.SESSION_LOST})
+
+Behavior = Callable[[Any, Context], Awaitable[Any]]
+
+
+class MessageAborted(aio.AbortError):
+    """A message's call ended with a status: the answer to send instead of ending the stream."""
+
+    def __init__(self, answer: lock_pb2.Status) -> None:
+        super().__init__(answer.message)
+        self.answer = answer
+
+
+def _answer_status(code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, str | bytes]]) -> lock_pb2.Status:
+    # lock_pb2.Status is google.rpc.Status on the wire: the bytes the unary call would have sent
+    # in grpc-status-details-bin parse as they are.
+    for key, value in trailing:
+        if key == DETAILS_KEY and isinstance(value, bytes):
+            return lock_pb2.Status.FromString(value)
+    return lock_pb2.Status(code=code.value[0], message=message)
+
+
+def error_status(exc: LockBrokerError) -> lock_pb2.Status:
+    return _answer_status(*status.to_status(exc))
+
+
+class StreamFacts:
+    """What a message's layers may read of the stream's grpc context, read once when it opens.
+
+    A message's task never touches grpc's context itself. When a client cancels a stream while
+    grpc is writing an answer, grpc leaves the handler's generators to asyncio, which closes them
+    after the call is gone; the messages still in flight are cancelled only then, and their
+    audit records must not read the finished call (reading `peer()` of one crashed cygrpc: see
+    `interceptors.base.PinnedContext`). Copies cannot dangle; anything not here fails loudly.
+    """
+
+    __slots__ = ("_auth", "_metadata", "_peer")
+
+    def __init__(self, context: Context) -> None:
+        self._peer = context.peer()
+        self._metadata = tuple(context.invocation_metadata() or ())
+        self._auth = context.auth_context()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        return self._metadata
+
+    def auth_context(self) -> Any:
+        return self._auth
+
+
+class MessageContext(CallContext):
+    """One message's context: its own state, deadline and outcome over the stream's `StreamFacts`.
+
+    `abort` raises `MessageAborted` (an `aio.AbortError`, so the edge and the layers treat it as
+    the abort it stands for) instead of ending the stream.
+    """
+
+    __slots__ = ("_deadline", "_trailing")
+
+    def __init__(self, facts: StreamFacts, state: CallState, deadline: float) -> None:
+        super().__init__(cast(Context, facts), state)
+        self._deadline = deadline
+        self._trailing: Sequence[tuple[str, str | bytes]] = ()
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
+    ) -> NoReturn:
+        state = self.state
+        state.code, state.message = code, details or None
+        state.reason = getattr(trailing_metadata, "reason", None)
+        self._trailing = trailing_metadata
+        raise MessageAborted(_answer_status(code, details, trailing_metadata))
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.state.code = code
+
+    def set_details(self, details: str) -> None:
+        self.state.message = details or None
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.state.code
+
+    def details(self) -> str | None:
+        return self.state.message
+
+    def trailing_metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return self._trailing  # this message's, for layers that read details (the quota metric)
+
+    def time_remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    info: CallInfo
+    answer: str  # the SessionResponse field of the answer
+
+
+def _kind(message: str, unary: str, answer: str) -> _Kind:
+    # name: the unary method's, so per-method layers (lock metrics) treat the message like it;
+    # method: its own, so the audit record and the span say it came over the stream.
+    return _Kind(CallInfo(f"/{SERVICE}/Session/{message}", SERVICE, unary, False, False), answer)
+
+
+OPEN = _kind("Open", "CreateSession", "open")
+ACQUIRE = _kind("Acquire", "Acquire", "acquire")
+RELEASE = _kind("Release", "Release", "release")
+KEEPALIVE = _kind("KeepAlive", "Refresh", "keepalive")
+CLOSE = _kind("Close", "CloseSession", "close")
+
+
+def _dur(value: Any) -> float:
+    return float(value.seconds + value.nanos / 1e9)
+
+
+class SessionStreams:
+    """Serves Session streams for `service`; see the module docstring."""
+
+    def __init__(
+        self, service: LockService, max_in_flight: int = MAX_IN_FLIGHT, message_timeout: float = MESSAGE_TIMEOUT
+    ) -> None:
+        self.service = service
+        self.max_in_flight = max_in_flight
+        self.message_timeout = message_timeout
+        # Set (by the Broker) when tracing is on: each message gets a server span of its own.
+        self.tracer: trace.Tracer | None = None
+
+    async def _resume(self, request: lock_pb2.RefreshRequest, context: Context) -> lock_pb2.CreateSessionResponse:
+        r = await self.service.Refresh(request, context)
+        return lock_pb2.CreateSessionResponse(session_id=request.session_id, ttl=r.ttl, expires_at=r.expires_at)
+
+    def route(self, req: lock_pb2.SessionRequest) -> tuple[_Kind, Behavior, Any]:
+        """What serves `req`: raises InvalidArgument (with BadRequest) for a bad envelope."""
+        s = self.service
+        which = req.WhichOneof("kind")
+        if which == "acquire":
+            return ACQUIRE, s.Acquire, req.acquire
+        if which == "release":
+            return RELEASE, s.Release, req.release
+        if which == "keepalive":
+            return KEEPALIVE, s.Refresh, req.keepalive
+        if which == "close":
+            return CLOSE, s.CloseSession, req.close
+        if which == "open":
+            how = req.open.WhichOneof("kind")
+            if how == "create":
+                return OPEN, s.CreateSession, req.open.create
+            if how == "resume":
+                return OPEN, self._resume, lock_pb2.RefreshRequest(session_id=req.open.resume)
+            raise InvalidArgument([FieldViolation("open", "must set one of create or resume")])
+        raise InvalidArgument([FieldViolation("kind", "must set one of open, acquire, release, keepalive or close")])
+
+    def deadline(self, kind: _Kind, request: Any, context: Context) -> float:
+        budget = self.message_timeout
+        if kind is ACQUIRE and request.HasField("wait_timeout"):
+            budget += max(0.0, _dur(request.wait_timeout))
+        left = context.time_remaining()
+        if left is not None:
+            budget = min(budget, left)
+        return time.monotonic() + budget
+
+    async def serve(
+        self, requests: AsyncIterator[lock_pb2.SessionRequest], context: Context
+    ) -> AsyncGenerator[lock_pb2.SessionResponse, None]:
+        """The stream's answers and events; raises (for the edge to map) what ends the stream."""
+        stream = _Stream(self, scoped(context, SESSION_INFO))
+        reader = asyncio.create_task(stream.read(requests))
+        reader.add_done_callback(_retrieve)
+        stream.reader = reader
+        try:
+            while True:
+                item = await stream.out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # Client gone, stream cancelled or failed: cancel what still runs (a waiting acquire's
+            # entry is removed as for a cancelled unary Acquire) and wait for that clean-up.
+            running = [reader, *stream.tasks.values()]
+            for t in running:
+                t.cancel()
+            # Wait for them even if this handler is cancelled again meanwhile: their clean-up
+            # (removing a waiter's queue entry) must not be cut short, nor outlive the call.
+            pending = {t for t in running if not t.done()}
+            for _ in range(1000):
+                if not pending:
+                    break
+                try:
+                    _, pending = await asyncio.wait(pending)
+                except asyncio.CancelledError:
+                    continue
+
+
+class _Stream:
+    """One Session stream's requests in flight, answer queue and sessions."""
+
+    def __init__(self, streams: SessionStreams, context: Context) -> None:
+        self.streams = streams
+        self.context = context
+        self.state = state_of(context)
+        self.out: asyncio.Queue[lock_pb2.SessionResponse | BaseException | None] = asyncio.Queue()
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.sessions: set[str] = set()  # used on this stream: the ones events are about
+        self.span = trace.get_current_span().get_span_context()
+        self.facts = StreamFacts(context)
+        self.cancelled: set[int] = set()  # ids the client cancelled, still running
+        self.reader: asyncio.Task[None] | None = None
+
+    def _settle(self, rid: int, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(rid) is task:
+            del self.tasks[rid]
+        if self.reader is not None and self.reader.done() and not self.tasks:
+            self.out.put_nowait(None)
+
+    def _admit(self, req: lock_pb2.SessionRequest) -> tuple[_Kind, Behavior, Any]:
+        rid = req.id
+        if rid == 0:
+            raise InvalidArgument([FieldViolation("id", "must be a non-zero correlation id")])
+        if rid in self.tasks:
+            raise InvalidArgument([FieldViolation("id", f"{rid} is already in flight on this stream")])
+        route = self.streams.route(req)
+        limit = self.streams.max_in_flight
+        if len(self.tasks) >= limit:
+            raise QuotaExceeded(
+                self.state.tenant,
+                "stream_in_flight",
+                limit,
+                f"more than {limit} requests in flight on one Session stream; wait for answers or open another stream",
+                retry_after=0.1,
+            )
+        return route
+
+    def _drain(self, _closing: asyncio.Future[None]) -> None:
+        # The broker began to drain: end the stream with SHUTTING_DOWN (serve's clean-up cancels
+        # what still runs), so the client moves to another replica while its sessions live.
+        self.out.put_nowait(ShuttingDown("the broker is shutting down; reconnect to another replica", retry_after=0.5))
+
+    async def read(self, requests: AsyncIterator[lock_pb2.SessionRequest]) -> None:
+        # A plain read loop, with draining as a callback: the service's `_until_draining` costs a
+        # task and a wait per message, as much as a third of a message's whole cost here.
+        closing = self.streams.service.core.closing
+        closing.add_done_callback(self._drain)
+        try:
+            async for req in requests:
+                if req.WhichOneof("kind") == "cancel":
+                    task = self.tasks.get(req.cancel)
+                    if task is not None and not task.done():
+                        self.cancelled.add(req.cancel)
+                        task.cancel()
+                    continue
+                try:
+                    kind, behavior, request = self._admit(req)
+                except LockBrokerError as exc:
+                    # A bad envelope is answered and the stream goes on; it is no lock operation,
+                    # so no audit record (a bad operation inside a good envelope gets one).
+                    self.out.put_nowait(lock_pb2.SessionResponse(id=req.id, error=error_status(exc)))
+                    continue
+                task = asyncio.create_task(self._one(req.id, kind, behavior, request))
+                self.tasks[req.id] = task
+                task.add_done_callback(functools.partial(self._settle, req.id))
+        except DecodeError as e:
+            # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
+            bad = InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")])
+            self.out.put_nowait(bad)
+            return
+        except BaseException as exc:
+            self.out.put_nowait(exc)
+            raise
+        finally:
+            closing.remove_done_callback(self._drain)
+        if not self.tasks:
+            self.out.put_nowait(None)
+
+    async def _one(self, rid: int, kind: _Kind, behavior: Behavior, request: Any) -> None:
+        """Serve one request as a call of its own and queue its answer (and any event)."""
+        info = kind.info
+        deadline = self.streams.deadline(kind, request, self.context)
+        mctx = MessageContext(self.facts, CallState(info, principal=self.state.principal), deadline)
+        wrap = self.state.messages
+        run = wrap(behavior, info) if wrap is not None else behavior
+        tracer = self.streams.tracer
+        if tracer is not None:
+            # One server span per message: a root of its own (sampled per message), linked to the
+            # stream's span, so a stream that lives for hours is not one endless trace.
+            span = tracer.start_span(
+                info.method.lstrip("/"),
+                context=otel_context.Context(),
+                kind=trace.SpanKind.SERVER,
+                links=[trace.Link(self.span)] if self.span.is_valid else None,
+                attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": f"Session/{info.name}"},
+            )
+        else:
+            span = trace.INVALID_SPAN
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            try:
+                response = await run(request, cast(Context, mctx))
+                answer = lock_pb2.SessionResponse(id=rid, **{kind.answer: response})
+            except MessageAborted as a:
+                answer = lock_pb2.SessionResponse(id=rid, error=a.answer)
+            except asyncio.CancelledError:
+                if rid not in self.cancelled:
+                    raise  # the stream is ending
+                self.cancelled.discard(rid)
+                cancelled = lock_pb2.Status(code=grpc.StatusCode.CANCELLED.value[0], message="cancelled by the client")
+                answer = lock_pb2.SessionResponse(id=rid, error=cancelled)
+            except Exception:
+                # A layer failed outside the edge's mapping: a bug; the stream and its other
+                # requests go on.
+                incident = uuid.uuid4().hex[:12]
+                log.exception("unhandled error in %s (incident %s)", info.method, incident)
+                answer = lock_pb2.SessionResponse(id=rid, error=_answer_status(*status.internal(incident)))
+            code = answer.error.code if answer.HasField("error") else 0
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", code)
+                if code:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, answer.error.message))
+        self.out.put_nowait(answer)
+        self._track(request, answer, mctx.state)
+
+    def _track(self, request: Any, answer: lock_pb2.SessionResponse, state: CallState) -> None:
+        """Remember the sessions this stream uses; tell the stream once when one of them is gone."""
+        sessions = self.sessions
+        if answer.HasField("open"):
+            sessions.add(answer.open.session_id)
+        elif answer.HasField("acquire"):
+            sessions.add(answer.acquire.grant.session_id)
+        elif answer.HasField("close"):
+            sessions.discard(request.session_id)
+        elif state.reason in _GONE:
+            sid = getattr(request, "session_id", "")
+            if sid in sessions:
+                sessions.discard(sid)
+                event = lock_pb2.SessionEvent(session_id=sid, kind=lock_pb2.SessionEvent.KIND_EXPIRED)
+                self.out.put_nowait(lock_pb2.SessionResponse(id=0, event=event))
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = ["MAX_IN_FLIGHT", "MessageAborted", "MessageContext", "SessionStreams"]

@@ -1,0 +1,106 @@
+"""What only the stream transport has: one Session stream per Client, its fallback and its retry.
+
+The client's semantic tests run on both transports (conftest.py's `transport`); these pin that
+the stream is really used, that a broker without it is served by unary calls, and that a stream
+broken mid-wait is survived by the retry with the same request_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lockbroker.client import Client
+from lockbroker.client.aio import TRANSPORT_ENV
+from lockbroker.v1 import lock_pb2
+from tests.client.conftest import target_of
+from tests.client.proxy import RunningProxy
+
+
+@pytest.fixture
+def transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    # Overrides conftest's: these tests are about the stream transport only.
+    monkeypatch.setenv(TRANSPORT_ENV, "stream")
+    yield "stream"
+
+
+def spy(client: Client) -> list[str]:
+    """The kinds of requests the client sends on its Session stream, in order."""
+    stream = client._stream
+    assert stream is not None
+    kinds: list[str] = []
+    original = stream.request
+
+    async def request(kind: str, message: Any, timeout: float) -> lock_pb2.SessionResponse:
+        kinds.append(kind)
+        return await original(kind, message, timeout)
+
+    stream.request = request  # type: ignore[method-assign]
+    return kinds
+
+
+def no_unary(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CreateSession", "Acquire", "Release", "Refresh", "CloseSession"):
+
+        def refuse(*args: Any, name: str = name, **kwargs: Any) -> Any:
+            raise AssertionError(f"unary {name} called on the stream transport")
+
+        monkeypatch.setattr(client._stub, name, refuse)
+
+
+async def test_session_and_its_locks_go_over_one_stream(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    kinds = spy(client)
+    no_unary(client, monkeypatch)
+    async with client.session(ttl=10) as s:
+        async with client.lock("stream/a", session=s) as held:
+            assert held.fencing_token > 0
+        async with client.lock("stream/b", session=s):
+            pass
+    async with client.lock("stream/own", ttl=5):  # a session of its own: open, acquire, close
+        pass
+    assert kinds == ["open", "acquire", "release", "acquire", "release", "close", "open", "acquire", "close"]
+    assert client._stream is not None and client._stream._current is not None  # one stream, still open
+
+
+async def test_a_broker_without_the_stream_is_served_by_unary_calls(broker: Any) -> None:
+    async with RunningProxy(broker.port) as proxy, Client(f"127.0.0.1:{proxy.port}", default_timeout=5) as c:
+        assert c.transport == "stream"
+        async with c.session(ttl=10) as s, c.lock("fallback", session=s) as held:
+            assert held.fencing_token > 0
+        assert c._stream is not None and c._stream.unsupported
+        assert [a.name for a in proxy.servicer.acquires] == ["fallback"]
+
+
+async def test_unknown_transport_is_refused(broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRANSPORT_ENV, "carrier-pigeon")
+    with pytest.raises(ValueError, match="transport"):
+        Client(target_of(broker))
+    async with Client(target_of(broker), transport="unary") as c:  # the argument wins
+        assert c.transport == "unary" and c._stream is None
+
+
+async def test_a_broken_stream_is_retried_with_the_same_request_id(client: Client) -> None:
+    kinds = spy(client)
+    async with client.session(ttl=10) as a, client.session(ttl=10) as b:
+        first = await client.acquire("broken", session_id=a.session_id)
+        waiting = asyncio.create_task(
+            client.acquire("broken", session_id=b.session_id, wait=10, request_id="wait-b", timeout=15)
+        )
+        for _ in range(100):
+            if (await client.describe("broken")).waiters:
+                break
+            await asyncio.sleep(0.05)
+        assert client._stream is not None
+        old = client._stream._current
+        client._stream.reset()  # the stream breaks under the waiting acquire
+        assert await client.release("broken", first.fencing_token, session_id=a.session_id)
+        grant = await asyncio.wait_for(waiting, 15)
+        assert grant.session_id == b.session_id and grant.request_id == "wait-b"
+        assert client._stream._current is not old  # a new stream carried the retry
+        state = await client.describe("broken")
+        assert state.holder is not None and state.holder.fencing_token == grant.fencing_token
+        assert state.waiters == ()
+    assert kinds.count("acquire") == 3  # first, the waiting one, and its retry
