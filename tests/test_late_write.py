@@ -52,7 +52,7 @@ class HeldUp:
             self.sent.append(req)
             return await self._txn(req, keys)
 
-        batch.txn = txn  # type: ignore[method-assign]
+        batch.txn = txn  # type: ignore[method-assign,assignment]
 
     async def deliver(self, strip_guard: bool = False) -> list[bool]:
         """Send the kept transactions now, in order, as the network finally would; which applied."""
