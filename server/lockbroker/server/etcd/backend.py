@@ -207,7 +207,7 @@ class EtcdLockBackend:
         # committed after it: "mark unchanged since `seen`" tells the two apart. A missing mark
         # has mod revision 0.
         seen = self.client.revision
-        keys = (prefix, key, session_key, *slots, mark)
+        keys = (prefix, key, session_key, *slots, *((mark,) if mark else ()))
         for _ in range(_MARK_TRIES):
             guard = [_modified_before(mark, seen + 1)] if mark else []
             try:
