@@ -315,27 +315,33 @@ class EtcdLockBackend:
                 pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=mod_revision)
             )
         prefix = _lock_of(key)
-        resp = await self.batch.txn(
-            pb.TxnRequest(
-                compare=compare,
-                success=[
-                    pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True)),
-                    # Slots were put in the entry's own transaction: same create revision, same lease.
-                    *(_delete(s) for s in slots),
-                    # The entry exists, so its lease does: this put cannot fail on the lease.
-                    *([_put(mark.key, b"", mark.lease)] if mark is not None else []),
-                    # The head of the queue once the entry is gone, read at the deletion's
-                    # revision: the next holder, if it waits on this replica, learns it here.
-                    _holder(prefix),
-                ],
-            ),
-            (prefix, key, *slots, *((mark.key,) if mark is not None else ())),
-        )
-        if not resp.succeeded:
-            return None
-        head = resp.responses[-1].response_range
-        if head.kvs:
-            self.watches.handoff(prefix, _entry(head.kvs[0]), resp.header.revision, head.count)
+        head: Entry | None = None
+        revision = count = 0
+        self.watches.releasing(key)
+        try:
+            resp = await self.batch.txn(
+                pb.TxnRequest(
+                    compare=compare,
+                    success=[
+                        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True)),
+                        # Slots were put in the entry's own transaction: same create revision, same lease.
+                        *(_delete(s) for s in slots),
+                        # The entry exists, so its lease does: this put cannot fail on the lease.
+                        *([_put(mark.key, b"", mark.lease)] if mark is not None else []),
+                        # The head of the queue once the entry is gone, read at the deletion's
+                        # revision: the next holder, if it waits on this replica, learns it here.
+                        _holder(prefix),
+                    ],
+                ),
+                (prefix, key, *slots, *((mark.key,) if mark is not None else ())),
+            )
+            if not resp.succeeded:
+                return None
+            after = resp.responses[-1].response_range
+            head, revision, count = _first(after), resp.header.revision, after.count
+        finally:
+            # Hands the lock to the head if it waits here; wakes this replica's other waiters on `key`.
+            self.watches.released(prefix, key, head, revision, count)
         prev = resp.responses[0].response_delete_range.prev_kvs
         return _entry(prev[0]) if prev else None
 

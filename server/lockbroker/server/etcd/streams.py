@@ -84,10 +84,12 @@ class _PrefixWatch:
                     del self.waits[key]
         self.count -= 1
 
-    def deleted(self, key: bytes, revision: int) -> None:
+    def deleted(self, key: bytes, revision: int, *, wake: bool = True) -> None:
         if len(self.recent) == self.MEMORY:
             self.forgotten = self.recent[0][0]
         self.recent.append((revision, key))
+        if not wake:
+            return
         for wait in self.waits.get(key, ()):
             if revision > wait.after and not wait.done.done():
                 wait.done.set_result(None)
@@ -114,6 +116,7 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         self._by_id: dict[int, _PrefixWatch] = {}
         self._waiting = 0
         self.handoffs = 0  # waiters told by a release here that they hold the lock
+        self._releasing: dict[bytes, int] = {}  # entry keys a release Txn of this replica is deleting
         self._background: set[asyncio.Task[None]] = set()
         # Watches whose create request is sent and not yet answered, in the order sent: etcd
         # answers creates in order, and a refused one comes back with watch id -1.
@@ -183,6 +186,30 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             if not watch.count and self._by_id.get(watch.wid) is watch:
                 self._forget(watch)
                 self._spawn(self._cancel(watch.wid))
+
+    def releasing(self, key: bytes) -> None:
+        """A release Txn of this replica is about to delete `key`. Its waiters here are then woken
+        by the release's answer (see `released`), not by the watch event: that event can arrive
+        before the answer, and would cost the next holder a read the answer makes needless."""
+        self._releasing[key] = self._releasing.get(key, 0) + 1
+
+    def released(self, prefix: bytes, key: bytes, head: Entry | None, revision: int, count: int) -> None:
+        """The release Txn deleting `key` ended. head: the first entry its transaction read after
+        the deletion, at `revision` (None: the Txn failed, was refused, or the queue is empty).
+        The head, if it waits here, is handed the lock; every other wait on `key` is woken to
+        read the queue again (as the watch event would have), whatever became of the Txn."""
+        left = self._releasing.get(key, 0) - 1
+        if left > 0:
+            self._releasing[key] = left
+        else:
+            self._releasing.pop(key, None)
+        if head is not None:
+            self.handoff(prefix, head, revision, count)
+        watch = self._by_prefix.get(prefix)
+        if watch is not None:
+            for wait in watch.waits.get(key, ()):
+                if not wait.done.done():
+                    wait.done.set_result(None)
 
     def handoff(self, prefix: bytes, head: Entry, revision: int, count: int) -> bool:
         """A release on this replica committed at `revision`, and its transaction read `head` as
@@ -279,7 +306,8 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         for ev in resp.events:
             if ev.type == pb.Event.DELETE:
                 # A deletion's kv carries the key and, as mod revision, the revision it happened at.
-                watch.deleted(ev.kv.key, ev.kv.mod_revision)
+                # One a release here is making is reported by the release (see `releasing`).
+                watch.deleted(ev.kv.key, ev.kv.mod_revision, wake=ev.kv.key not in self._releasing)
 
     def _on_lost(self, error: Exception) -> None:
         watches = list(self._by_id.values())
