@@ -168,6 +168,7 @@ class BrokerProcess:
     audit: bool = True
     audit_fsync: str = "always"
     traced: bool = False
+    group_commit: bool = True
     proc: asyncio.subprocess.Process | None = None
     port: int = 0
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -220,7 +221,10 @@ class BrokerProcess:
 
     async def start(self, log_dir: Path, timeout: float = 30.0) -> None:
         self._log = (log_dir / f"{self.name}.log").open("ab")
-        env = child_env(BENCH_SPAN_COUNT_FILE=str(self.span_count_file)) if self.traced else child_env()
+        extra = {} if self.group_commit else {"LOCKBROKER_ETCD_GROUP_COMMIT": "false"}
+        if self.traced:
+            extra["BENCH_SPAN_COUNT_FILE"] = str(self.span_count_file)
+        env = child_env(**extra)
         for attempt in range(PORT_RACE_RETRIES + 1):
             # A port free a moment ago may be taken by someone else's test before we bind it:
             # the broker then exits (it refuses SO_REUSEPORT) and another port is worth a try.

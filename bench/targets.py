@@ -16,6 +16,7 @@ class TargetSpec:
     traced: bool = False
     replicas: int = 1
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
+    group_commit: bool = True  # the broker's etcd.group_commit
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -33,6 +34,13 @@ TARGETS: dict[str, TargetSpec] = {
             "broker",
             audit_fsync="interval",
         ),
+        TargetSpec(
+            "broker-nobatch",
+            "broker",
+            "broker without group commit (every etcd write alone)",
+            "broker",
+            group_commit=False,
+        ),
         TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
@@ -42,7 +50,7 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
-BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy")
+BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
 
 
 @dataclass
@@ -116,7 +124,8 @@ def plan(
         for c in sizes.contended_cs:
             scale = ("broker-2rep",) if c in sizes.scale_cs and not quick else ()
             peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
-            points.append(Point("contended", c, only("broker", *scale, *peers)))
+            nobatch = ("broker-nobatch",) if c in sizes.variant_cs and not quick else ()
+            points.append(Point("contended", c, only("broker", *nobatch, *scale, *peers)))
     big_peers = ("etcd-lock",) if scale_peers or quick else ()
     if "held" in workloads:
         points.append(Point("held", sizes.held, only("broker", *big_peers)))

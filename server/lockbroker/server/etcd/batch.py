@@ -215,6 +215,10 @@ class TxnBatcher:
                 m.done.set_result(mine)
 
     async def close(self) -> None:
+        queue, self._queue = self._queue, []
+        for m in queue:
+            if not m.done.done():
+                m.done.set_exception(Unavailable("the broker is stopping; retry", retry_after=0.5))  # never sent
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
