@@ -320,3 +320,31 @@ async def test_crash_and_retry_through_the_core_loses_and_doubles_no_grant(
         assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), "tokens not strictly increasing"
     await core.drain_cleanups(2.0)
     assert await probe.keys(f"/t/{TENANT}/l/") == [], "an entry was left behind"
+
+
+async def test_a_release_is_not_held_behind_a_commit_in_flight(
+    setup: tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str],
+) -> None:
+    """A release is urgent (the next holder waits on it): it goes out at once, taking what queued
+    along, even while another commit is held up."""
+    core, _, wire, _, _ = setup
+    a, b, c = await _sessions(core, 3)
+    held = await _acquire(core, "urgent", a, "u-1")
+    wire.sent.clear()
+    gate = wire.gate = asyncio.Event()
+    stuck = asyncio.ensure_future(_acquire(core, "elsewhere", b, "u-2"))
+    for _ in range(1000):
+        if wire.sent:
+            break
+        await asyncio.sleep(0.001)
+    queued = asyncio.ensure_future(_acquire(core, "third", c, "u-3"))
+    await asyncio.sleep(0.02)
+    assert len(wire.sent) == 1, "an acquire was not held behind the commit in flight"
+    released = await asyncio.wait_for(core.release(TENANT, "urgent", held.fencing_token, a), 5)
+    assert released
+    assert not stuck.done(), "the commit in flight was let through"
+    # The release went out together with the acquire that had queued.
+    assert len(wire.sent) == 2 and _is_batch(wire.sent[1]) and len(wire.sent[1].success) == 2
+    assert (await asyncio.wait_for(queued, 5)).name == "third"
+    gate.set()
+    assert (await asyncio.wait_for(stuck, 5)).name == "elsewhere"

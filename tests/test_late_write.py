@@ -44,13 +44,13 @@ class HeldUp:
         batch = broker.backend.batch
         self._txn = batch.txn
 
-        async def txn(req: pb.TxnRequest, keys: Iterable[bytes]) -> pb.TxnResponse:
+        async def txn(req: pb.TxnRequest, keys: Iterable[bytes], *, urgent: bool = False) -> pb.TxnResponse:
             puts = [op.request_put.key for op in req.success if op.HasField("request_put")]
             if any(self.marker in k for k in puts):
                 self.kept.append(req)
                 raise Unavailable("etcd: held up", retry_after=0.1, outcome_unknown=True)
             self.sent.append(req)
-            return await self._txn(req, keys)
+            return await self._txn(req, keys, urgent=urgent)
 
         batch.txn = txn  # type: ignore[method-assign,assignment]
 

@@ -334,6 +334,7 @@ class EtcdLockBackend:
                     ],
                 ),
                 (prefix, key, *slots, *((mark.key,) if mark is not None else ())),
+                urgent=True,  # the next holder waits on it
             )
             if not resp.succeeded:
                 return None

@@ -93,23 +93,27 @@ class TxnBatcher:
         self.refused = 0
         client.after_txn = self._after_commit
 
-    def txn(self, request: pb.TxnRequest, keys: Iterable[bytes]) -> Awaitable[pb.TxnResponse]:
+    def txn(self, request: pb.TxnRequest, keys: Iterable[bytes], *, urgent: bool = False) -> Awaitable[pb.TxnResponse]:
         """Commit `request` (a write), alone or in a batch; `keys`: its conflict keys.
 
         Not async: with no commit in flight it hands back the client's own call, sent at once
         from the caller's task (no added latency, and no frame on the Acquire path). The client
-        counts write Txns in flight and calls `_after_commit` as each ends."""
+        counts write Txns in flight and calls `_after_commit` as each ends.
+
+        urgent: never held back behind a commit in flight; sent now, taking what has queued
+        along. For a release: the next holder waits on it, and on a busy lock the Txn in flight
+        is most often the previous holder queueing again, which it could not share a batch with."""
         client = self._client
         if not client.txns_in_flight or not self.enabled:
             self.commits += 1
             return client.call(_kv_txn, request, write=True)
-        return self._queued(request, keys)
+        return self._queued(request, keys, urgent)
 
     def _after_commit(self) -> None:
         if self._queue:
             self._flush()
 
-    async def _queued(self, request: pb.TxnRequest, keys: Iterable[bytes]) -> pb.TxnResponse:
+    async def _queued(self, request: pb.TxnRequest, keys: Iterable[bytes], urgent: bool) -> pb.TxnResponse:
         budget = remaining(self._client.request_timeout)
         if budget <= 0:
             raise Unavailable("the request's deadline passed before etcd was called", retry_after=0.0)
@@ -122,6 +126,8 @@ class TxnBatcher:
             asyncio.get_running_loop().create_future(),
         )
         self._queue.append(member)
+        if urgent:
+            self._flush()
         try:
             async with asyncio.timeout(budget):
                 return await member.done
