@@ -322,14 +322,19 @@ async def test_crash_and_retry_through_the_core_loses_and_doubles_no_grant(
     assert await probe.keys(f"/t/{TENANT}/l/") == [], "an entry was left behind"
 
 
-async def test_a_release_is_not_held_behind_a_commit_in_flight(
+async def test_a_release_someone_waits_on_is_not_held_behind_a_commit_in_flight(
     setup: tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str],
 ) -> None:
-    """A release is urgent (the next holder waits on it): it goes out at once, taking what queued
-    along, even while another commit is held up."""
-    core, _, wire, _, _ = setup
-    a, b, c = await _sessions(core, 3)
+    """A release that a waiter here waits on is urgent: it goes out at once, taking what queued
+    along, even while another commit is held up. One nobody here waits on may share a batch."""
+    core, backend, wire, _, _ = setup
+    a, b, c, d = await _sessions(core, 4)
     held = await _acquire(core, "urgent", a, "u-1")
+    waiter = asyncio.ensure_future(_acquire(core, "urgent", d, "u-4"))
+    for _ in range(500):
+        if backend.watches.active == 1:
+            break
+        await asyncio.sleep(0.01)
     wire.sent.clear()
     gate = wire.gate = asyncio.Event()
     stuck = asyncio.ensure_future(_acquire(core, "elsewhere", b, "u-2"))
@@ -340,11 +345,17 @@ async def test_a_release_is_not_held_behind_a_commit_in_flight(
     queued = asyncio.ensure_future(_acquire(core, "third", c, "u-3"))
     await asyncio.sleep(0.02)
     assert len(wire.sent) == 1, "an acquire was not held behind the commit in flight"
-    released = await asyncio.wait_for(core.release(TENANT, "urgent", held.fencing_token, a), 5)
-    assert released
+    assert await asyncio.wait_for(core.release(TENANT, "urgent", held.fencing_token, a), 5)
     assert not stuck.done(), "the commit in flight was let through"
     # The release went out together with the acquire that had queued.
     assert len(wire.sent) == 2 and _is_batch(wire.sent[1]) and len(wire.sent[1].success) == 2
     assert (await asyncio.wait_for(queued, 5)).name == "third"
+    granted = await asyncio.wait_for(waiter, 5)
+    assert granted.fencing_token > held.fencing_token
+    # Nobody waits on "third": its release waits behind the commit still held up.
+    release = asyncio.ensure_future(core.release(TENANT, "third", (await queued).fencing_token, c))
+    await asyncio.sleep(0.05)
+    assert not release.done() and len(wire.sent) == 2, "a release nobody waits on was sent at once"
     gate.set()
     assert (await asyncio.wait_for(stuck, 5)).name == "elsewhere"
+    assert await asyncio.wait_for(release, 5)

@@ -334,7 +334,9 @@ class EtcdLockBackend:
                     ],
                 ),
                 (prefix, key, *slots, *((mark.key,) if mark is not None else ())),
-                urgent=True,  # the next holder waits on it
+                # Not held behind a commit in flight when a waiter here waits on it; with none (an
+                # uncontended lock, or waiters only on other replicas) it may wait to share a batch.
+                urgent=self.watches.waiting_on(prefix),
             )
             if not resp.succeeded:
                 return None

@@ -187,6 +187,10 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
                 self._forget(watch)
                 self._spawn(self._cancel(watch.wid))
 
+    def waiting_on(self, prefix: bytes) -> bool:
+        """Whether calls here wait on the lock with entries under `prefix`."""
+        return prefix in self._by_prefix
+
     def releasing(self, key: bytes) -> None:
         """A release Txn of this replica is about to delete `key`. Its waiters here are then woken
         by the release's answer (see `released`), not by the watch event: that event can arrive
