@@ -14,7 +14,12 @@ class TargetSpec:
     audit: bool = True
     audit_fsync: str = "always"
     traced: bool = False
+    # OTEL_TRACES_SAMPLER[_ARG] for a traced broker, e.g. ("parentbased_traceidratio", "0.01");
+    # None: the SDK default (every call sampled).
+    sampler: tuple[str, str] | None = None
     replicas: int = 1
+    workers: int = 1  # `serve --workers N`
+    connections: int = 1  # connections per agent to each broker (several reach several workers)
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
     group_commit: bool = True  # the broker's etcd.group_commit
 
@@ -25,6 +30,14 @@ TARGETS: dict[str, TargetSpec] = {
         TargetSpec("broker", "broker", "broker: audit to a file, tracing off (as deployed)", "broker"),
         TargetSpec(
             "broker-traced", "broker", "broker: audit + tracing to an in-process exporter", "broker", traced=True
+        ),
+        TargetSpec(
+            "broker-traced-1pct",
+            "broker",
+            "broker: audit + tracing, 1% of calls sampled (parentbased_traceidratio 0.01)",
+            "broker",
+            traced=True,
+            sampler=("parentbased_traceidratio", "0.01"),
         ),
         TargetSpec("broker-noaudit", "broker", "broker: no audit, tracing off", "broker", audit=False),
         TargetSpec(
@@ -42,6 +55,14 @@ TARGETS: dict[str, TargetSpec] = {
             group_commit=False,
         ),
         TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
+        TargetSpec(
+            "broker-2w",
+            "broker",
+            "broker: --workers 2 sharing one port (audit, no tracing), 4 connections per agent",
+            "broker",
+            workers=2,
+            connections=4,
+        ),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
         TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),
@@ -50,7 +71,8 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
-BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
+BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
+SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 
 @dataclass
@@ -118,11 +140,11 @@ def plan(
     if "uncontended" in workloads:
         for c in sizes.cs:
             variants = BROKER_VARIANTS if c in sizes.variant_cs else ()
-            scale = ("broker-2rep",) if c in sizes.scale_cs else ()
+            scale = SCALE if c in sizes.scale_cs else ()
             points.append(Point("uncontended", c, only("broker", *variants, *scale, *PEERS)))
     if "contended" in workloads:
         for c in sizes.contended_cs:
-            scale = ("broker-2rep",) if c in sizes.scale_cs and not quick else ()
+            scale = SCALE if c in sizes.scale_cs and not quick else ()
             peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
             nobatch = ("broker-nobatch",) if c in sizes.variant_cs and not quick else ()
             points.append(Point("contended", c, only("broker", *nobatch, *scale, *peers)))

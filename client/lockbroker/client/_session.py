@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -127,7 +128,7 @@ class SessionKeeper:
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
         # Names this keeper's lock() contexts are acquiring or holding; see LockContext._abandon.
-        self._names: set[str] = set()
+        self._names: Counter[str] = Counter()  # LockContexts per name on this session
 
     @property
     def session(self) -> Session:

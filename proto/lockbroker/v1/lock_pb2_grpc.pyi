@@ -106,7 +106,8 @@ class LockServiceStub:
     A read: NO_SIDE_EFFECTS.
     """
     List: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]
-    """List returns the held locks of the caller's tenant, ordered by name.
+    """List returns the held locks of the caller's tenant, ordered by name
+    (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
 
@@ -172,7 +173,8 @@ class LockServiceAsyncStub(LockServiceStub):
     A read: NO_SIDE_EFFECTS.
     """
     List: _aio.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns the held locks of the caller's tenant, ordered by name.
+    """List returns the held locks of the caller's tenant, ordered by name
+    (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
 
@@ -283,7 +285,8 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lock_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lock_pb2.ListResponse, _abc.Awaitable[_lock_pb2.ListResponse]]:
-        """List returns the held locks of the caller's tenant, ordered by name.
+        """List returns the held locks of the caller's tenant, ordered by name
+        (by Unicode code point, which is the order of the names' UTF-8 bytes).
         A read: NO_SIDE_EFFECTS.
         """
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lockbroker.server.core.names import MAX_NAME_BYTES
 from lockbroker.server.core.quota import TenantQuota
 
 
@@ -36,6 +37,7 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 64
 
 
 # -- field checks: each raises ValueError(accepted form) for a value it refuses ------------------
@@ -116,6 +118,15 @@ class ServerConfig:
         default=None,
         metadata={"help": "host:port to serve Prometheus /metrics on (unset: no metrics)", "check": check_listen},
     )
+    # 1 by default: on the 2-core machine we measure on, etcd and the clients need the second core
+    # (bench/README.md, "Many cores"); raise it where cores are spare. See docs/operating.md.
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": f"broker processes sharing the listen port (SO_REUSEPORT), 1-{MAX_WORKERS}; "
+            "each one core's worth of gRPC (needs the etcd backend)",
+        },
+    )
     backend: str = field(
         default="etcd",
         metadata={
@@ -130,6 +141,17 @@ class ServerConfig:
             raise ConfigError("server: grace_period must be >= 0 and health_interval > 0")
         if self.backend not in ("etcd", "memory"):
             raise ConfigError(f"server: backend must be etcd or memory, not {self.backend!r}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"--workers / LOCKBROKER_WORKERS / [server] workers: {self.workers} is not valid; "
+                f"expected a whole number from 1 to {MAX_WORKERS}"
+            )
+        if self.workers > 1 and self.backend == "memory":
+            # Each process would have locks of its own: two holders of one lock.
+            raise ConfigError(
+                "--workers / LOCKBROKER_WORKERS / [server] workers: more than 1 needs --backend etcd "
+                "(memory locks live in one process: each worker would grant the same lock)"
+            )
 
 
 @dataclass(frozen=True)
@@ -181,7 +203,10 @@ class LockLimits:
     min_ttl: int = _duration(2, "smallest session TTL, whole seconds (etcd's floor is 2)")
     max_ttl: int = _duration(3600, "largest session TTL, whole seconds")
     default_ttl: int = _duration(10, "TTL when a request leaves it unset, whole seconds")
-    max_wait: float = _duration(300.0, "longest Acquire wait_timeout")
+    max_wait: float = _duration(300.0, "longest Acquire wait_timeout (0: no cap)")
+    max_name_bytes: int = field(
+        default=MAX_NAME_BYTES, metadata={"help": "longest lock name in UTF-8 bytes (at least 256, at most 65536)"}
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_ttl <= self.default_ttl <= self.max_ttl:
@@ -189,6 +214,10 @@ class LockLimits:
             raise ConfigError("limits: need 2 <= min_ttl <= default_ttl <= max_ttl")
         if self.max_wait < 0:
             raise ConfigError("limits: max_wait must not be negative")
+        # 256 bytes was the limit before any-UTF-8 names: a smaller one would strand existing locks.
+        # 64 KiB keeps an escaped key (at most 3 bytes a byte) far below etcd's request size limit.
+        if not 256 <= self.max_name_bytes <= 65536:
+            raise ConfigError("limits: max_name_bytes must be between 256 and 65536")
 
 
 @dataclass(frozen=True)

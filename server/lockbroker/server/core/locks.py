@@ -68,7 +68,14 @@ class LockCore:
         return await self._acquirer.acquire(tenant, p)
 
     async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> bool:
-        return await self._acquirer.release(tenant, name, fencing_token, lease_id)
+        return (await self._acquirer.release(tenant, name, fencing_token, lease_id))[0]
+
+    async def release_claim(
+        self, tenant: str, name: str, fencing_token: int, lease_id: int | None, request_id: str = ""
+    ) -> tuple[bool, int]:
+        """(released, holds left): a reentrant grant held more than once loses one hold (once per
+        request id: a retried Release takes no second hold off)."""
+        return await self._acquirer.release(tenant, name, fencing_token, lease_id, request_id)
 
     async def describe(self, tenant: str, name: str) -> LockState:
         return await describe(self._backend, self.keyspace(tenant), name)
