@@ -13,6 +13,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lockbroker.server.config import EtcdConfig
 from lockbroker.server.core.backend import SessionMissing
@@ -359,3 +362,33 @@ async def test_a_release_someone_waits_on_is_not_held_behind_a_commit_in_flight(
     gate.set()
     assert (await asyncio.wait_for(stuck, 5)).name == "elsewhere"
     assert await asyncio.wait_for(release, 5)
+
+
+async def test_a_batch_starts_no_trace_of_its_own(etcd: EmbeddedEtcd) -> None:
+    """The batch is sent from a task of no call: its etcd span would be a new root trace per batch."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    root = f"/lbtest/{uuid.uuid4().hex[:10]}"
+    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=5.0), tracer=tracer)
+    backend = EtcdLockBackend(client)
+    core = LockCore(backend, root)
+    try:
+        leases = await _sessions(core, 6)
+        exporter.clear()  # the sessions' writes ran outside any call: root spans, as ever
+
+        async def traced(i: int, lease: int) -> None:
+            with tracer.start_as_current_span(f"call-{i}"):
+                await _acquire(core, f"t/{i}", lease, f"t-{i}")
+
+        await asyncio.gather(*(traced(i, s) for i, s in enumerate(leases)))
+        assert backend.batch.batches >= 1
+        txns = [s for s in exporter.get_finished_spans() if s.name == "/etcdserverpb.KV/Txn"]
+        assert txns, "tracing was off"
+        assert all(s.parent is not None for s in txns), "a batch started a trace of its own"
+    finally:
+        for lease in leases:
+            await backend.revoke_lease(lease)
+        await backend.close()
+        await client.close()
