@@ -27,6 +27,7 @@ class Target:
                     audit=spec.audit,
                     audit_fsync=spec.audit_fsync,
                     traced=spec.traced,
+                    group_commit=spec.group_commit,
                     sampler=spec.sampler,
                     workers=spec.workers,
                 )

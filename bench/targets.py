@@ -21,6 +21,7 @@ class TargetSpec:
     workers: int = 1  # `serve --workers N`
     connections: int = 1  # connections per agent to each broker (several reach several workers)
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
+    group_commit: bool = True  # the broker's etcd.group_commit
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -52,6 +53,13 @@ TARGETS: dict[str, TargetSpec] = {
             "broker",
             audit_fsync="interval",
         ),
+        TargetSpec(
+            "broker-nobatch",
+            "broker",
+            "broker without group commit (every etcd write alone)",
+            "broker",
+            group_commit=False,
+        ),
         TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
         TargetSpec(
             "broker-2w",
@@ -69,7 +77,7 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
-BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy")
+BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
 SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 
@@ -144,7 +152,8 @@ def plan(
         for c in sizes.contended_cs:
             scale = SCALE if c in sizes.scale_cs and not quick else ()
             peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
-            points.append(Point("contended", c, only("broker", "broker-stream", *scale, *peers)))
+            nobatch = ("broker-nobatch",) if c in sizes.variant_cs and not quick else ()
+            points.append(Point("contended", c, only("broker", "broker-stream", *nobatch, *scale, *peers)))
     big_peers = ("etcd-lock",) if scale_peers or quick else ()
     if "held" in workloads:
         points.append(Point("held", sizes.held, only("broker", *big_peers)))

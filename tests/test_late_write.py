@@ -9,7 +9,7 @@ replica B, is granted and releases, and then the kept transaction is delivered t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -21,6 +21,7 @@ from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.names import derived_lease_id
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
+from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.v1 import lock_pb2_grpc
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
@@ -28,27 +29,30 @@ from tests.lockutil import Tracker, acquire, lock_keys, release
 
 
 class HeldUp:
-    """Wraps a replica's etcd client: every enqueue of `name` is kept, not sent, and fails as a write
-    whose outcome is unknown (the broker's retry interceptor tries again: those are kept too, as a
-    partition would); every other transaction is sent and counted."""
+    """Wraps a replica's etcd writes (every write Txn goes through the backend's group commit,
+    etcd/batch.py): every enqueue of `name` is kept, not sent, and fails as a write whose outcome
+    is unknown (the broker's retry interceptor tries again: those are kept too, as a partition
+    would); every other transaction is sent and counted."""
 
     def __init__(self, broker: Broker, name: str) -> None:
         assert broker.client is not None
+        assert isinstance(broker.backend, EtcdLockBackend)
         self.client = broker.client
         self.marker = f"/l/{name}#".encode()
         self.kept: list[pb.TxnRequest] = []
         self.sent: list[pb.TxnRequest] = []
-        self._txn = broker.client.txn
+        batch = broker.backend.batch
+        self._txn = batch.txn
 
-        async def txn(req: pb.TxnRequest, *, write: bool = True) -> pb.TxnResponse:
+        async def txn(req: pb.TxnRequest, keys: Iterable[bytes], *, urgent: bool = False) -> pb.TxnResponse:
             puts = [op.request_put.key for op in req.success if op.HasField("request_put")]
             if any(self.marker in k for k in puts):
                 self.kept.append(req)
                 raise Unavailable("etcd: held up", retry_after=0.1, outcome_unknown=True)
             self.sent.append(req)
-            return await self._txn(req, write=write)
+            return await self._txn(req, keys, urgent=urgent)
 
-        broker.client.txn = txn  # type: ignore[method-assign]
+        batch.txn = txn  # type: ignore[method-assign,assignment]
 
     async def deliver(self, strip_guard: bool = False) -> list[bool]:
         """Send the kept transactions now, in order, as the network finally would; which applied."""

@@ -143,6 +143,19 @@ async def test_release_wakes_only_the_next_waiter(
         return await real_position(prefix, key, create_revision)
 
     monkeypatch.setattr(backend, "position", counting_position)
+    # A waiter is woken by a read after its watch fired, or (a release on this replica) by a
+    # direct handoff from the release's own transaction: both count as waking it.
+    hub = backend.watches
+    real_handoff = hub.handoff
+    handed: list[bytes] = []
+
+    def counting_handoff(prefix: bytes, head: Any, revision: int, count: int) -> bool:
+        told = bool(real_handoff(prefix, head, revision, count))
+        if told:
+            handed.append(head.key)
+        return told
+
+    monkeypatch.setattr(hub, "handoff", counting_handoff)
 
     name = "herd/one"
     n = 6
@@ -167,21 +180,23 @@ async def test_release_wakes_only_the_next_waiter(
         await asyncio.sleep(0.2)
         assert reads == [], "waiters re-read the queue while nothing changed"
 
-        # One release: only the first waiter re-reads, the other five keep watching their predecessor.
+        # One release: only the first waiter is woken (handed the lock: no re-read at all), the
+        # other five keep watching their predecessor.
         assert await release(stub, name, held.grant.fencing_token)
         async with asyncio.timeout(5):
             await granted[0].wait()
         await asyncio.sleep(0.3)  # room for any herd re-reads to show up
-        assert reads == keys[:1]
+        assert reads + handed == keys[:1]
+        assert reads == [], "the next waiter read the queue although the release handed it the lock"
         assert not any(g.is_set() for g in granted[1:])
 
-        # Let the chain run to the end: one re-read per handoff, in queue order.
+        # Let the chain run to the end: one wake-up per handoff, in queue order.
         for ev in let_go:
             ev.set()
         async with asyncio.timeout(10):
             await asyncio.gather(*tasks)
         await asyncio.sleep(0.2)
-        assert reads == keys
+        assert handed + reads == keys
     finally:
         await cancel_all(tasks)
 

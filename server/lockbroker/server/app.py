@@ -270,7 +270,7 @@ class Broker:
         self.client = EtcdClient(
             etcd_cfg, tracer=self.tracing.backend_tracer, observer=self.metrics.etcd.observe if self.metrics else None
         )
-        return EtcdLockBackend(self.client)
+        return EtcdLockBackend(self.client, batching=etcd_cfg.group_commit)
 
     def _quotas(self) -> Quotas:
         """The default quota, and each tenant's own from the tenants file (checked here: a typo

@@ -168,6 +168,10 @@ class EtcdConfig:
     password: str | None = field(default=None, metadata={"help": "etcd password (prefer the env variable)"})
     request_timeout: float = _duration(5.0, "longest an etcd call may take")
     key_root: str = field(default="/lockbroker/v1", metadata={"help": "etcd key prefix of all broker data"})
+    group_commit: bool = field(
+        default=True,
+        metadata={"help": "send concurrent writes to etcd as one nested Txn when safe (etcd >= 3.3)"},
+    )
 
     def __post_init__(self) -> None:
         if self.request_timeout <= 0:

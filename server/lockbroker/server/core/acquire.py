@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lockbroker.server.core.backend import (
     ANSWER_MARGIN,
@@ -280,40 +281,46 @@ class Acquirer:
                 if latest.predecessor is None:
                     return latest
                 raise await self._not_acquired(WaitExpired, p.name, latest, started)
+            handed: Position | None = None
             try:
-                await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left)
+                handed = await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine)
             except WatchInterrupted as e:
                 log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
                 await asyncio.sleep(0.05)
             except TimeoutError:
                 continue
-            pos = await self._backend.position(prefix, mine.key, mine.create_revision)
+            # Handed over by a release on this replica: its transaction read our entry at the head
+            # of the queue at its revision, which is the read we would make now.
+            pos = handed if handed is not None else await self._backend.position(prefix, mine.key, mine.create_revision)
             if pos.mine is None:
                 raise SessionLost(
                     f"the claim of session {session_id_of(mine.lease)} on {p.name!r} was removed while waiting "
                     "(the session ended, or the claim was released by its fencing token)"
                 )
-        # The read that found no predecessor also found our own key, and a key lives only as long
-        # as its lease: the session was alive when we became holder (etcd's Jepsen fix).
+        # The read that found no predecessor (ours, or the releasing transaction's) also found our
+        # own key, and a key lives only as long as its lease: the session was alive when we became
+        # holder (etcd's Jepsen fix).
         return pos
 
-    async def _until_deleted(self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float) -> None:
+    async def _until_deleted(
+        self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float, mine: Entry
+    ) -> Position | None:
         """Return when any of `keys` is deleted after `revision` (or the watch asks for a re-read):
         the predecessor (our turn may have come) or our own entry (our session ended: tell the
-        caller now, not at the timeout)."""
+        caller now, not at the timeout). A Position: a release here handed us the lock."""
         closing = self._closing()
         if closing.done():
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision))
+        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision, mine))
         try:
-            done, _ = await asyncio.wait({watch, closing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waits: set[asyncio.Future[Any]] = {watch, closing}
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not watch.done():
                 watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         if watch in done:
-            watch.result()  # raises WatchInterrupted
-            return
+            return watch.result()  # or raises WatchInterrupted
         if closing in done:
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
         raise TimeoutError

@@ -138,10 +138,18 @@ class LockBackend(Protocol):
         """Read the entry, its predecessor and the holder at one revision."""
         ...
 
-    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
-        """Return once one of `keys` (entries under the lock prefix `prefix`) is deleted at a
+    async def wait_deleted(
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+    ) -> Position | None:
+        """Return None once one of `keys` (entries under the lock prefix `prefix`) is deleted at a
         revision > after_revision. It may return early; WatchInterrupted: the watch broke. Either
         way the caller reads the queue again.
+
+        Direct handoff: with `mine` (the caller's own entry, one of `keys`), when a `delete_entry`
+        through this backend (this replica) leaves `mine` at the head of the queue, the call
+        returns the Position that delete read at its own revision (mine is the holder, its key
+        existed then): the caller holds the lock with no further read. Deletions by other
+        replicas or by lease expiry still return None.
 
         Cancelling the call removes the watch."""
         ...

@@ -106,7 +106,11 @@ class MemoryLockBackend:
         self._rev = 1  # etcd's first revision; the first write makes 2
         self._deleted: deque[tuple[int, bytes]] = deque()
         self._forgotten = 0  # deletion events at or below this revision are no longer kept
-        self._waits: dict[bytes, set[asyncio.Future[None]]] = {}
+        self._waits: dict[bytes, set[asyncio.Future[Position | None]]] = {}
+        # Waiters by their own entry's key, with its create revision: a delete_entry that leaves
+        # one at the head of its queue hands it the lock (see LockBackend.wait_deleted).
+        self._heads: dict[bytes, dict[asyncio.Future[Position | None], int]] = {}
+        self.handoffs = 0
         self._faults: dict[str, _Fault] = {}
         self._late: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -411,17 +415,21 @@ class MemoryLockBackend:
     async def position(self, prefix: bytes, key: bytes, create_revision: int) -> Position:
         return await self._call("position", lambda: self._position(prefix, key, create_revision))
 
-    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
+    async def wait_deleted(
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+    ) -> Position | None:
         self._expire()
         if after_revision < self._forgotten:
             raise WatchInterrupted(f"revision {after_revision} has been compacted")
         if any(rev > after_revision and key in keys for rev, key in reversed(self._deleted)):
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return None
+        waiter: asyncio.Future[Position | None] = asyncio.get_running_loop().create_future()
         for key in keys:
             self._waits.setdefault(key, set()).add(waiter)
+        if mine is not None:
+            self._heads.setdefault(mine.key, {})[waiter] = mine.create_revision
         try:
-            await waiter
+            return await waiter
         finally:
             for key in keys:
                 waiters = self._waits.get(key)
@@ -429,6 +437,27 @@ class MemoryLockBackend:
                     waiters.discard(waiter)
                     if not waiters:
                         del self._waits[key]
+            if mine is not None:
+                heads = self._heads.get(mine.key)
+                if heads is not None:
+                    heads.pop(waiter, None)
+                    if not heads:
+                        del self._heads[mine.key]
+
+    def _hand_off(self, prefix: bytes, gone: bytes) -> None:
+        """Before a delete_entry of `gone` commits: if the entry then at the head of the queue
+        waits here, hand it the position read at the deletion's revision (as the etcd adapter's
+        release transaction does). Set first, so the deletion's own wake-up does not pre-empt it."""
+        queue = [e for e in self._entries(prefix) if e.key != gone]
+        if not queue:
+            return
+        head = queue[0]
+        told = False
+        for waiter, create_revision in self._heads.get(head.key, {}).items():
+            if create_revision == head.create_revision and not waiter.done():
+                waiter.set_result(Position(self._rev + 1, head, None, head, len(queue), -1))
+                told = True
+        self.handoffs += told
 
     async def delete_entry(
         self,
@@ -443,6 +472,8 @@ class MemoryLockBackend:
             if kv is None or kv.create != create_revision or (mod_revision and kv.mod != mod_revision):
                 return None
             entry = self._entry(key)
+            # The put of the mark cannot fail: the entry exists, so its lease (the mark's) does.
+            self._hand_off(key[: key.rindex(b"#") + 1], key)
             self._commit([(mark.key, b"", mark.lease)] if mark is not None else [], [key, *slots])
             return entry
 

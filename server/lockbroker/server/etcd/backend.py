@@ -21,6 +21,7 @@ from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
+from lockbroker.server.etcd.batch import TxnBatcher
 from lockbroker.server.etcd.client import EtcdClient, LeaseNotFound
 from lockbroker.server.etcd.streams import KeepAliveStream, WatchHub
 
@@ -35,6 +36,11 @@ _MARK_TRIES = 4
 
 def _entry(kv: pb.KeyValue) -> Entry:
     return Entry(kv.key, kv.create_revision, kv.lease, EntryValue.decode(kv.value), kv.mod_revision)
+
+
+def _lock_of(key: bytes) -> bytes:
+    """The lock prefix of an entry key (see core.names: "<locks root><name>#<lease hex>")."""
+    return key[: key.rindex(b"#") + 1]
 
 
 def _first(resp: pb.RangeResponse) -> Entry | None:
@@ -93,12 +99,17 @@ def _modified_before(key: bytes, rev: int) -> pb.Compare:
 
 
 class EtcdLockBackend:
-    def __init__(self, client: EtcdClient) -> None:
+    """Writes go through `batch` (group commit: batch.py), each with its conflict keys: its lock's
+    prefix and every key it writes, compares or reads. Reads are sent alone."""
+
+    def __init__(self, client: EtcdClient, *, batching: bool = True) -> None:
         self.client = client
+        self.batch = TxnBatcher(client, enabled=batching)
         self.watches = WatchHub(client)
         self.keepalives = KeepAliveStream(client)
 
     async def close(self) -> None:
+        await self.batch.close()
         await self.watches.close()
         await self.keepalives.close()
 
@@ -129,15 +140,14 @@ class EtcdLockBackend:
 
     async def put_session(self, session_key: bytes, value: bytes, lease_id: int, slots: Sequence[bytes] = ()) -> None:
         try:
-            if not slots:
-                await self.client.put(pb.PutRequest(key=session_key, value=value, lease=lease_id))
-                return
-            resp = await self.client.txn(
+            # A Txn even without slots: a plain Put could not share a batch.
+            resp = await self.batch.txn(
                 pb.TxnRequest(
                     compare=[_created(s, pb.Compare.EQUAL, 0) for s in slots],
                     success=[_put(session_key, value, lease_id), *(_put(s, session_key, lease_id) for s in slots)],
                     failure=[_get(s, count_only=True) for s in slots],
-                )
+                ),
+                (session_key, *slots),
             )
         except LeaseNotFound:
             raise SessionMissing(session_key.decode()) from None
@@ -197,10 +207,13 @@ class EtcdLockBackend:
         # committed after it: "mark unchanged since `seen`" tells the two apart. A missing mark
         # has mod revision 0.
         seen = self.client.revision
+        keys = (prefix, key, session_key, *slots, *((mark,) if mark else ()))
         for _ in range(_MARK_TRIES):
             guard = [_modified_before(mark, seen + 1)] if mark else []
             try:
-                resp = await self.client.txn(pb.TxnRequest(compare=compare + guard, success=success, failure=failure))
+                resp = await self.batch.txn(
+                    pb.TxnRequest(compare=compare + guard, success=success, failure=failure), keys
+                )
             except LeaseNotFound:
                 raise SessionMissing(session_key.decode()) from None
             if resp.succeeded or not mark:
@@ -261,8 +274,9 @@ class EtcdLockBackend:
         put = pb.RequestOp(
             request_put=pb.PutRequest(key=existing.key, value=existing.value.encode(), lease=existing.lease)
         )
-        resp = await self.client.txn(
-            pb.TxnRequest(compare=[_created(existing.key, pb.Compare.EQUAL, rev)], success=[put, *reads], failure=reads)
+        same = [_created(existing.key, pb.Compare.EQUAL, rev)]
+        resp = await self.batch.txn(
+            pb.TxnRequest(compare=same, success=[put, *reads], failure=reads), (prefix, existing.key)
         )
         return self._read_position(
             resp, rev, skip=1 if resp.succeeded else 0, ahead=len(resp.responses[-1].response_range.kvs)
@@ -282,8 +296,10 @@ class EtcdLockBackend:
             mine = None  # a newer entry of the same session: ours is gone
         return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, ahead)
 
-    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
-        await self.watches.wait_deleted(prefix, keys, after_revision)
+    async def wait_deleted(
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+    ) -> Position | None:
+        return await self.watches.wait_deleted(prefix, keys, after_revision, mine)
 
     async def delete_entry(
         self,
@@ -298,20 +314,37 @@ class EtcdLockBackend:
             compare.append(
                 pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=mod_revision)
             )
-        resp = await self.client.txn(
-            pb.TxnRequest(
-                compare=compare,
-                success=[
-                    pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True)),
-                    # Slots were put in the entry's own transaction: same create revision, same lease.
-                    *(_delete(s) for s in slots),
-                    # The entry exists, so its lease does: this put cannot fail on the lease.
-                    *([_put(mark.key, b"", mark.lease)] if mark is not None else []),
-                ],
+        prefix = _lock_of(key)
+        head: Entry | None = None
+        revision = count = 0
+        self.watches.releasing(key)
+        try:
+            resp = await self.batch.txn(
+                pb.TxnRequest(
+                    compare=compare,
+                    success=[
+                        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True)),
+                        # Slots were put in the entry's own transaction: same create revision, same lease.
+                        *(_delete(s) for s in slots),
+                        # The entry exists, so its lease does: this put cannot fail on the lease.
+                        *([_put(mark.key, b"", mark.lease)] if mark is not None else []),
+                        # The head of the queue once the entry is gone, read at the deletion's
+                        # revision: the next holder, if it waits on this replica, learns it here.
+                        _holder(prefix),
+                    ],
+                ),
+                (prefix, key, *slots, *((mark.key,) if mark is not None else ())),
+                # Not held behind a commit in flight when a waiter here waits on it; with none (an
+                # uncontended lock, or waiters only on other replicas) it may wait to share a batch.
+                urgent=self.watches.waiting_on(prefix),
             )
-        )
-        if not resp.succeeded:
-            return None
+            if not resp.succeeded:
+                return None
+            after = resp.responses[-1].response_range
+            head, revision, count = _first(after), resp.header.revision, after.count
+        finally:
+            # Hands the lock to the head if it waits here; wakes this replica's other waiters on `key`.
+            self.watches.released(prefix, key, head, revision, count)
         prev = resp.responses[0].response_delete_range.prev_kvs
         return _entry(prev[0]) if prev else None
 
@@ -333,12 +366,13 @@ class EtcdLockBackend:
 
     async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
         try:
-            resp = await self.client.txn(
+            resp = await self.batch.txn(
                 pb.TxnRequest(
                     compare=[_created(key, pb.Compare.EQUAL, 0)],
                     success=[_put(mark.key, b"", mark.lease)],
                     failure=[_get(key)],
-                )
+                ),
+                (_lock_of(key), key, mark.key),
             )
         except LeaseNotFound:
             return None
@@ -346,11 +380,12 @@ class EtcdLockBackend:
 
     async def delete_slots(self, slots: Sequence[bytes], create_revision: int) -> None:
         if slots:
-            await self.client.txn(
+            await self.batch.txn(
                 pb.TxnRequest(
                     compare=[_created(s, pb.Compare.EQUAL, create_revision) for s in slots],
                     success=[_delete(s) for s in slots],
-                )
+                ),
+                slots,
             )
 
     async def taken_slots(self, pool_prefix: bytes) -> set[bytes]:

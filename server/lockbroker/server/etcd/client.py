@@ -80,6 +80,8 @@ _RPC_NAMES: Final[dict[str, tuple[str, str]]] = {
     if not (m.client_streaming or m.server_streaming)
 }
 
+_TXN = pb.TxnRequest.DESCRIPTOR
+
 # Seconds a member may leave a read unanswered before the read is sent to the next endpoint
 # (once per call, and only with time left for it): see EtcdClient._call. A healthy member answers
 # a linearizable read in milliseconds; one without a leader fails it rather than waiting.
@@ -167,6 +169,11 @@ class EtcdClient:
         # The newest etcd revision any answer has shown this client: every write it sends later is
         # ordered after that revision (see EtcdLockBackend.enqueue).
         self.revision = 0
+        # Write Txns sent and not yet answered, and who to tell when one ends: the group commit
+        # (etcd/batch.py) sends a Txn at once while none is in flight, else queues it until one
+        # ends. Counted here, in `call`, so the unbatched path costs no frame of its own.
+        self.txns_in_flight = 0
+        self.after_txn: Callable[[], None] | None = None
         self._no_space_logged = -1e9
         self._failures: dict[tuple[int, str], tuple[float, int]] = {}  # last line, calls not logged
         # Counts moves between endpoints; _left[i] is the count when the calls last left endpoint
@@ -299,6 +306,9 @@ class EtcdClient:
         span = scope.__enter__() if scope is not None else None
         t0 = time.perf_counter()
         failure: str | None = None
+        commit = write and request.DESCRIPTOR is _TXN
+        if commit:
+            self.txns_in_flight += 1
         try:
             if self._config.username is not None and self._token is None:
                 await self.authenticate()
@@ -342,6 +352,10 @@ class EtcdClient:
             failure = "CANCELLED" if isinstance(e, asyncio.CancelledError) else type(e).__name__
             raise
         finally:
+            if commit:
+                self.txns_in_flight -= 1
+                if self.after_txn is not None:
+                    self.after_txn()
             if scope is not None:
                 # The span records no exception (record_exception=False): ending it is all that is left.
                 scope.__exit__(None, None, None)

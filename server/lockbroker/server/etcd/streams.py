@@ -25,6 +25,7 @@ from grpc import aio
 
 from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.model import Entry, Position
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import REQUIRE_LEADER, EtcdClient
@@ -35,7 +36,9 @@ from lockbroker.server.etcd.shared_stream import STALL_AFTER, SharedStream
 class _Wait:
     keys: tuple[bytes, ...]
     after: int  # the revision the caller read; only deletions after it count
-    done: asyncio.Future[None]
+    # None: a deletion of one of `keys`; a Position: a release here made `mine` the head (handoff)
+    done: asyncio.Future[Position | None]
+    mine: Entry | None = None  # the caller's own entry, which a handoff names
 
 
 class _PrefixWatch:
@@ -81,10 +84,12 @@ class _PrefixWatch:
                     del self.waits[key]
         self.count -= 1
 
-    def deleted(self, key: bytes, revision: int) -> None:
+    def deleted(self, key: bytes, revision: int, *, wake: bool = True) -> None:
         if len(self.recent) == self.MEMORY:
             self.forgotten = self.recent[0][0]
         self.recent.append((revision, key))
+        if not wake:
+            return
         for wait in self.waits.get(key, ()):
             if revision > wait.after and not wait.done.done():
                 wait.done.set_result(None)
@@ -110,6 +115,8 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         self._by_prefix: dict[bytes, _PrefixWatch] = {}
         self._by_id: dict[int, _PrefixWatch] = {}
         self._waiting = 0
+        self.handoffs = 0  # waiters told by a release here that they hold the lock
+        self._releasing: dict[bytes, int] = {}  # entry keys a release Txn of this replica is deleting
         self._background: set[asyncio.Task[None]] = set()
         # Watches whose create request is sent and not yet answered, in the order sent: etcd
         # answers creates in order, and a refused one comes back with watch id -1.
@@ -140,16 +147,21 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         """etcd watches open (one per lock with waiters here)."""
         return len(self._by_id)
 
-    async def wait_deleted(self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int) -> None:
-        """Return once one of `keys` (under `prefix`) is deleted at a revision > after_revision.
+    async def wait_deleted(
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+    ) -> Position | None:
+        """Return None once one of `keys` (under `prefix`) is deleted at a revision > after_revision.
 
         May also return early when the shared watch cannot vouch for the revisions since
         `after_revision` (it started later, or forgot them): the caller reads the queue again,
-        at a revision the watch then covers."""
+        at a revision the watch then covers.
+
+        With `mine` (the caller's entry, one of `keys`): if a release on this replica makes it
+        the head of the queue first, returns what that release read (see `handoff`) instead."""
         watch = self._by_prefix.get(prefix)
         if watch is not None and (not watch.covers(after_revision) or watch.seen(keys, after_revision)):
-            return
-        wait = _Wait(keys, after_revision, asyncio.get_running_loop().create_future())
+            return None
+        wait = _Wait(keys, after_revision, asyncio.get_running_loop().create_future(), mine)
         created = watch is None
         if watch is None:
             # Starting at the revision read + 1 puts the watcher in etcd's synced group, served as
@@ -165,7 +177,7 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             # that was never created.
             self._spawn(self._create(watch))
         try:
-            await wait.done
+            return await wait.done
         finally:
             if wait.done.done() and not wait.done.cancelled():
                 wait.done.exception()  # retrieved: set in the same turn as this call's cancellation
@@ -174,6 +186,59 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             if not watch.count and self._by_id.get(watch.wid) is watch:
                 self._forget(watch)
                 self._spawn(self._cancel(watch.wid))
+
+    def waiting_on(self, prefix: bytes) -> bool:
+        """Whether calls here wait on the lock with entries under `prefix`."""
+        return prefix in self._by_prefix
+
+    def releasing(self, key: bytes) -> None:
+        """A release Txn of this replica is about to delete `key`. Its waiters here are then woken
+        by the release's answer (see `released`), not by the watch event: that event can arrive
+        before the answer, and would cost the next holder a read the answer makes needless."""
+        self._releasing[key] = self._releasing.get(key, 0) + 1
+
+    def released(self, prefix: bytes, key: bytes, head: Entry | None, revision: int, count: int) -> None:
+        """The release Txn deleting `key` ended. head: the first entry its transaction read after
+        the deletion, at `revision` (None: the Txn failed, was refused, or the queue is empty).
+        The head, if it waits here, is handed the lock; every other wait on `key` is woken to
+        read the queue again (as the watch event would have), whatever became of the Txn."""
+        left = self._releasing.get(key, 0) - 1
+        if left > 0:
+            self._releasing[key] = left
+        else:
+            self._releasing.pop(key, None)
+        if head is not None:
+            self.handoff(prefix, head, revision, count)
+        watch = self._by_prefix.get(prefix)
+        if watch is not None:
+            for wait in watch.waits.get(key, ()):
+                if not wait.done.done():
+                    wait.done.set_result(None)
+
+    def handoff(self, prefix: bytes, head: Entry, revision: int, count: int) -> bool:
+        """A release on this replica committed at `revision`, and its transaction read `head` as
+        the first entry of the queue at that revision: if `head` is a waiter here, it is the
+        holder, and learns it now, with no watch event or read. The read shows its key (with the
+        waiter's create revision) existing at that revision, so its session was alive then
+        (etcd's Jepsen fix: a lock is held only while its key exists). Whether a waiter was told."""
+        watch = self._by_prefix.get(prefix)
+        if watch is None:
+            return False
+        told = False
+        for wait in watch.waits.get(head.key, ()):
+            mine = wait.mine
+            if (
+                mine is not None
+                and mine.key == head.key
+                and mine.create_revision == head.create_revision
+                and revision > wait.after
+                and not wait.done.done()
+            ):
+                wait.done.set_result(Position(revision, head, None, head, count, -1))
+                told = True
+        if told:
+            self.handoffs += 1
+        return told
 
     def _spawn(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -245,7 +310,8 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         for ev in resp.events:
             if ev.type == pb.Event.DELETE:
                 # A deletion's kv carries the key and, as mod revision, the revision it happened at.
-                watch.deleted(ev.kv.key, ev.kv.mod_revision)
+                # One a release here is making is reported by the release (see `releasing`).
+                watch.deleted(ev.kv.key, ev.kv.mod_revision, wake=ev.kv.key not in self._releasing)
 
     def _on_lost(self, error: Exception) -> None:
         watches = list(self._by_id.values())
