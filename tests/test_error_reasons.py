@@ -148,6 +148,7 @@ LEVELS = {
     "Release": Level.IDEMPOTENCY_UNKNOWN,  # a repeat answers released = false
     "Describe": Level.NO_SIDE_EFFECTS,
     "List": Level.NO_SIDE_EFFECTS,
+    "CheckFence": Level.NO_SIDE_EFFECTS,
 }
 
 
@@ -165,5 +166,13 @@ def test_idempotency_levels_are_declared_and_agree_with_the_server_retry() -> No
         "Release": Idempotency.WITH_REQUEST_ID,
         "Describe": Idempotency.ALWAYS,
         "List": Idempotency.ALWAYS,
+        "CheckFence": Idempotency.ALWAYS,
     }
     assert {m.name: Idempotency.of(m.name) for m in SERVICE.methods} == expected
+    # The admin plane: the reads are retried, the forced changes only once.
+    admin = lock_pb2.DESCRIPTOR.services_by_name["AdminService"]
+    assert {m.name: Idempotency.of(m.name, admin) for m in admin.methods} == {
+        "ForceRelease": Idempotency.NEVER,
+        "RevokeSession": Idempotency.NEVER,
+        "ListSessions": Idempotency.ALWAYS,
+    }

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lockbroker.server.core.errors import AlreadyQueued, LockHeld, SessionNotFound
+from lockbroker.server.core.errors import AlreadyQueued, LockHeld, NotOwner, SessionNotFound
 from tests.core.conftest import TENANT, Env
 
 SESSIONS, LOCKS = 3, 2
@@ -62,10 +62,15 @@ async def test_random_operations_follow_the_model(env: Env, steps: list[tuple[st
                     tokens[lk], holder[lk] = g.fencing_token, s
                     granted[lk].append(g.fencing_token)
             elif op == "release":
-                released = await env.release(name, tokens[lk], lease) if tokens[lk] else False
-                assert released == (holder[lk] == s and alive[s])
-                if released:
-                    holder[lk] = None
+                if tokens[lk] and holder[lk] is not None and holder[lk] != s:
+                    # Another session's current grant: refused, never released (issue 15 ownership).
+                    with pytest.raises(NotOwner):
+                        await env.release(name, tokens[lk], lease)
+                else:
+                    released = await env.release(name, tokens[lk], lease) if tokens[lk] else False
+                    assert released == (holder[lk] == s and alive[s])
+                    if released:
+                        holder[lk] = None
             elif op == "stale-release":
                 # An older grant's token never releases anything, even named with the session that
                 # holds the lock now (whose entry has the same key when it is the same session).

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from lockbroker.client._session import SessionKeeper, _call_safely, _shielded
+from lockbroker.client._session import SESSION_LOST, SessionKeeper, _call_safely, _shielded
 from lockbroker.client.errors import DeadlineExceeded, LockBrokerError, LockLost, NotAcquired, Unavailable
 from lockbroker.client.types import Grant
 
@@ -34,8 +34,10 @@ class HeldLock:
     the process is paused. Call `check()` before each step that relies on the lock, pass
     `fencing_token` to whatever the lock protects, and watch `lost` for early warning.
 
-    `lost` tracks the session: it fires when the session lapses or is revoked. A grant deleted
-    while its session lives on (someone releasing with this fencing token) is not detected.
+    `lost` fires when the session lapses or is revoked, and when an admin takes this grant away
+    while the session lives on (AdminService.ForceRelease, reported on the session's next
+    keepalive). `lost_cause` then says which: "REVOKED" (an admin; `lost_reason` carries the
+    admin's reason), or "SESSION_LOST" (the session lapsed or was closed).
     """
 
     def __init__(self, grant: Grant, session: SessionKeeper) -> None:
@@ -43,6 +45,7 @@ class HeldLock:
         self.session = session
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
+        self.lost_cause: str | None = None
         self._callbacks: builtins.list[LostCallback] = []
 
     @property
@@ -75,6 +78,7 @@ class HeldLock:
                 f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {self.lost_reason}",
                 name=self.name,
                 fencing_token=self.fencing_token,
+                cause=self.lost_cause,
             )
 
     def add_lost_callback(self, cb: LostCallback) -> None:
@@ -84,12 +88,16 @@ class HeldLock:
             self._callbacks.append(cb)
 
     def _on_session_lost(self, session: SessionKeeper) -> None:
-        self._mark_lost(session.lost_reason or "the session was lost")
+        self._mark_lost(session.lost_reason or "the session was lost", session.lost_cause or SESSION_LOST)
 
-    def _mark_lost(self, why: str) -> None:
+    def _on_revoked(self, reason: str, message: str) -> None:
+        self._mark_lost(f"an admin took the lock away: {message}", reason)
+
+    def _mark_lost(self, why: str, cause: str = SESSION_LOST) -> None:
         if self.lost.is_set():
             return
         self.lost_reason = why
+        self.lost_cause = cause
         self.lost.set()
         callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
@@ -154,6 +162,7 @@ class LockContext:
         if self._on_lost is not None:
             held.add_lost_callback(self._on_lost)
         keeper.add_lost_callback(held._on_session_lost)
+        keeper.watch_revocation(grant.name, grant.fencing_token, held._on_revoked)
         return held
 
     async def __aexit__(
@@ -204,6 +213,7 @@ class LockContext:
             keeper._names.discard(self._name)
             if held is not None:
                 keeper.remove_lost_callback(held._on_session_lost)
+                keeper.unwatch_revocation(held.name, held.fencing_token)
         if self._own_session is not None:
             # Revoking the session's lease deletes the grant in the same step: one RPC, not two.
             await self._own_session.__aexit__(None, None, None)

@@ -27,12 +27,15 @@ from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
+from lockbroker.client.admin import AdminClient
 from lockbroker.client.types import (
+    FenceCheck,
     Grant,
     LockState,
     LockSummary,
     Session,
     duration,
+    fence_of,
     grant_of,
     lock_state_of,
     seconds,
@@ -121,6 +124,8 @@ class Client:
             create_session=self._create_session,
         )
         self._closed = False
+        # The operators' calls (AdminService); they need the admin role.
+        self.admin = AdminClient(lock_pb2_grpc.AdminServiceStub(channel), self._unary, self._metadata, default_timeout)
 
     @property
     def channel(self) -> aio.Channel:
@@ -261,6 +266,12 @@ class Client:
         )
         resp = await self._unary(self._stub.Release, req, timeout)
         return resp.released
+
+    async def check_fence(self, name: str, fencing_token: int, *, timeout: float | None = None) -> FenceCheck:
+        """Is `fencing_token` the current grant of `name`? For a resource the lock protects: accept
+        a write only while its token is current (CheckFence; one etcd read on the broker)."""
+        req = lock_pb2.CheckFenceRequest(name=name, fencing_token=fencing_token)
+        return fence_of(await self._unary(self._stub.CheckFence, req, timeout))
 
     async def describe(self, name: str, *, timeout: float | None = None) -> LockState:
         return lock_state_of(await self._unary(self._stub.Describe, lock_pb2.DescribeRequest(name=name), timeout))

@@ -41,6 +41,8 @@ class ErrorReason(StrEnum):
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
     INTERNAL = "INTERNAL"
     BACKEND_NO_SPACE = "BACKEND_NO_SPACE"
+    NOT_OWNER = "NOT_OWNER"
+    REVOKED = "REVOKED"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

@@ -93,6 +93,7 @@ _REFS: Final = (
     ("session", "session_id"),
     ("fencingToken", "fencing_token"),
     ("requestId", "request_id"),
+    ("adminReason", "reason"),  # AdminService: why the admin acted
 )
 
 
@@ -273,6 +274,8 @@ class AuditInterceptor(WrappingInterceptor):
             "durationMs": round((time.monotonic() - call.started_mono) * 1000, 3),
             "retryAttempts": call.attempts,
             "traceId": _trace_id(),
+            # Only admin calls carry a reason; other records keep their shape.
+            **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
             **extra,
             "_secrets": _secrets(context),
         }

@@ -21,7 +21,7 @@ LOCK_SERVICE: Final = "lockbroker.v1.LockService"
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
     for name in ("CreateSession", "Acquire", "Release", "CloseSession", "KeepAlive", "Refresh")
-)
+) | frozenset(f"/lockbroker.v1.AdminService/{name}" for name in ("ForceRelease", "RevokeSession"))
 # Metadata whose values are credentials: never in a record, whatever a handler put in a message.
 SECRET_METADATA: Final = ("x-api-key", "authorization")
 REDACTED: Final = "[REDACTED]"

@@ -42,6 +42,7 @@ from lockbroker.server.core.errors import (
     LockBrokerError,
     LockHeld,
     NotAcquiredInfo,
+    NotOwner,
     QuotaExceeded,
     RequestIdReused,
     SessionLost,
@@ -52,6 +53,7 @@ from lockbroker.server.core.errors import (
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
+from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
 from lockbroker.server.core.sessions import LeaseClock, check_ttl, session_record
 from lockbroker.server.core.slots import QUOTA_RETRY_AFTER, SlotClaimer
@@ -69,6 +71,7 @@ class AcquireParams:
     wait: float  # seconds; 0 = try once
     owner: str
     request_id: str  # "" = not retryable
+    principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -234,7 +237,7 @@ class Acquirer:
         """The enqueue of this call's entry, given the quota slots to claim with it."""
         implicit = p.lease_id is None
         queued_at = time.time()
-        session_value = session_record(p.ttl, p.owner, p.name) if implicit else None
+        session_value = session_record(p.ttl, p.owner, p.name, p.principal) if implicit else None
 
         def put(slots: Sequence[bytes]) -> Awaitable[Enqueued]:
             # Not async: it hands back the backend's coroutine, so it is no frame of its own.
@@ -366,20 +369,24 @@ class Acquirer:
             return found
         return None
 
-    async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> bool:
+    async def release(
+        self, tenant: str, name: str, fencing_token: int, lease_id: int | None, *, owners: SessionOwners, principal: str
+    ) -> bool:
         ks = self._keyspace(tenant)
-        if lease_id is not None:
-            key = ks.entry_key(name, lease_id)
-        else:
+        if lease_id is None:
+            # No session named (older clients): the grant's session must be the caller's own.
             found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
             if found is None:
                 return False
-            key, lease_id = found.key, found.lease
+            lease_id = found.lease
+        if not await owners.check(tenant, lease_id, principal):
+            return await self._not_mine(ks, name, fencing_token)  # the named session is gone
+        key = ks.entry_key(name, lease_id)
         # Compare on the create revision: a stale token can never delete a newer grant.
         slots = self._claimer.take(key, fencing_token)
         deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or (), mark=ks.mark(lease_id))
         if deleted is None:
-            return False
+            return await self._not_mine(ks, name, fencing_token)
         if slots is None and deleted.value.slots and not deleted.value.implicit_session:
             # Granted by another replica (or forgotten here): the entry named its slots.
             left = deleted.value.slots
@@ -388,3 +395,15 @@ class Acquirer:
             # The session existed only for this lock; end it now rather than at its TTL.
             await self._cleanups.run(lambda: self._backend.revoke_lease(deleted.lease))
         return True
+
+    async def _not_mine(self, ks: Keyspace, name: str, fencing_token: int) -> bool:
+        """After a Release deleted nothing: False if the grant is gone, NotOwner if another
+        session holds it (a read only on this path)."""
+        found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+        if found is None:
+            return False
+        raise NotOwner(
+            f"grant {fencing_token} of lock {name!r} is held by session {session_id_of(found.lease)}, "
+            "not by the session named; a grant is released only by its own session",
+            {"lock": name},
+        )

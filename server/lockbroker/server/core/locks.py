@@ -6,6 +6,8 @@ One concept per module, like etcd's client/v3/concurrency (session.go, mutex.go,
     slots.py     claiming quota slots (SlotClaimer)
     cleanup.py   clean-up that outlives its caller
     view.py      describe and list
+    owners.py    which principal a session acts for (ownership of sessions and grants)
+    admin.py     the fence check and the admin plane (force release, revoke, list sessions)
 The store behind it is a `LockBackend` (core/backend.py): etcd in production, core/memory.py in
 tests and `lockbroker serve --backend memory`.
 """
@@ -15,10 +17,12 @@ from __future__ import annotations
 import asyncio
 
 from lockbroker.server.core.acquire import AcquireParams, Acquirer
+from lockbroker.server.core.admin import Admin, Fence, SessionSummary
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.cleanup import Cleanups
-from lockbroker.server.core.model import Grant, LockState, Page, SessionInfo
+from lockbroker.server.core.model import Entry, Grant, LockState, Page, SessionInfo
 from lockbroker.server.core.names import Keyspace
+from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
 from lockbroker.server.core.sessions import LeaseClock, Sessions
 from lockbroker.server.core.slots import SlotClaimer
@@ -36,9 +40,17 @@ class LockCore:
         self.leases = LeaseClock()
         self._cleanups = Cleanups()
         claimer = SlotClaimer(backend)
+        self.owners = SessionOwners(backend, self.keyspace)
         self._sessions = Sessions(
-            backend, keyspace=self.keyspace, quotas=quotas, leases=self.leases, claimer=claimer, cleanups=self._cleanups
+            backend,
+            keyspace=self.keyspace,
+            quotas=quotas,
+            leases=self.leases,
+            claimer=claimer,
+            cleanups=self._cleanups,
+            owners=self.owners,
         )
+        self.admin = Admin(backend, self.keyspace, self.owners)
         self._acquirer = Acquirer(
             backend,
             keyspace=self.keyspace,
@@ -55,20 +67,40 @@ class LockCore:
             ks = self._keyspaces[tenant] = Keyspace(self._root, tenant)
         return ks
 
-    async def create_session(self, tenant: str, ttl: int, owner: str, request_id: str) -> SessionInfo:
-        return await self._sessions.create(tenant, ttl, owner, request_id)
+    async def create_session(
+        self, tenant: str, ttl: int, owner: str, request_id: str, principal: str = ""
+    ) -> SessionInfo:
+        return await self._sessions.create(tenant, ttl, owner, request_id, principal)
 
-    async def refresh(self, tenant: str, lease_id: int, *, owner_known: bool = False) -> SessionInfo:
-        return await self._sessions.refresh(tenant, lease_id, owner_known=owner_known)
+    async def refresh(
+        self, tenant: str, lease_id: int, *, owner_known: bool = False, principal: str = ""
+    ) -> SessionInfo:
+        return await self._sessions.refresh(tenant, lease_id, owner_known=owner_known, principal=principal)
 
-    async def close_session(self, tenant: str, lease_id: int) -> bool:
-        return await self._sessions.close(tenant, lease_id)
+    async def close_session(self, tenant: str, lease_id: int, principal: str = "") -> bool:
+        return await self._sessions.close(tenant, lease_id, principal)
 
     async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
         return await self._acquirer.acquire(tenant, p)
 
-    async def release(self, tenant: str, name: str, fencing_token: int, lease_id: int | None) -> bool:
-        return await self._acquirer.release(tenant, name, fencing_token, lease_id)
+    async def release(
+        self, tenant: str, name: str, fencing_token: int, lease_id: int | None, principal: str = ""
+    ) -> bool:
+        return await self._acquirer.release(
+            tenant, name, fencing_token, lease_id, owners=self.owners, principal=principal
+        )
+
+    async def check_fence(self, tenant: str, name: str, fencing_token: int) -> Fence:
+        return await self.admin.check_fence(tenant, name, fencing_token)
+
+    async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> Entry | None:
+        return await self.admin.force_release(tenant, name, reason, admin)
+
+    async def revoke_session(self, tenant: str, lease_id: int, reason: str, admin: str) -> bool:
+        return await self.admin.revoke_session(tenant, lease_id, reason, admin)
+
+    async def list_sessions(self, tenant: str, page_size: int, after: str | None) -> tuple[list[SessionSummary], str]:
+        return await self.admin.list_sessions(tenant, page_size, after)
 
     async def describe(self, tenant: str, name: str) -> LockState:
         return await describe(self._backend, self.keyspace(tenant), name)
