@@ -27,6 +27,7 @@ from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from lockbroker.v1.reasons import ErrorReason
 from tests.conftest import broker_config
 from tests.lockutil import expect_error, wait_waiters
+from tests.test_grpcurl import field, grpcurl
 
 
 def _with(cfg: Config, **sections: Any) -> Config:
@@ -278,3 +279,32 @@ class _Tenant:
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._stub, name)
         return lambda req, **kw: method(req, metadata=self._md, **kw)
+
+
+async def test_grpcurl_calls_every_admin_rpc(env: Env) -> None:
+    s = await env.session("acme")
+    g = await env.acquire("acme", "curl/x", s)
+    target = f"127.0.0.1:{env.broker.port}"
+    admin = ("-plaintext", "-H", f"x-api-key: {env.keys['ops']}")
+    listed = json.loads(
+        await grpcurl(*admin, "-d", '{"tenant": "acme"}', target, "lockbroker.v1.AdminService/ListSessions")
+    )
+    assert [field(x, "session_id") for x in listed["sessions"]] == [s]
+    body = json.dumps({"name": "curl/x", "tenant": "acme", "reason": "INC-9"})
+    forced = json.loads(await grpcurl(*admin, "-d", body, target, "lockbroker.v1.AdminService/ForceRelease"))
+    assert forced["released"] is True and field(forced, "fencing_token") == str(g.fencing_token)
+    fence = json.loads(
+        await grpcurl(
+            "-plaintext",
+            "-H",
+            f"x-api-key: {env.keys['acme']}",
+            "-d",
+            json.dumps({"name": "curl/x", "fencing_token": str(g.fencing_token)}),
+            target,
+            "lockbroker.v1.LockService/CheckFence",
+        )
+    )
+    assert fence["status"] == "FENCE_STATUS_STALE"
+    body = json.dumps({"session_id": s, "tenant": "acme", "reason": "INC-9"})
+    revoked = json.loads(await grpcurl(*admin, "-d", body, target, "lockbroker.v1.AdminService/RevokeSession"))
+    assert revoked == {"revoked": True}
