@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lockbroker.client._session import SESSION_LOST, SessionKeeper, _call_safely, _shielded
 from lockbroker.client.errors import DeadlineExceeded, LockBrokerError, LockLost, NotAcquired, Unavailable
 from lockbroker.client.types import Grant
+from lockbroker.v1.reasons import ErrorReason
 
 if TYPE_CHECKING:
     from lockbroker.client.aio import Client
@@ -34,10 +35,11 @@ class HeldLock:
     the process is paused. Call `check()` before each step that relies on the lock, pass
     `fencing_token` to whatever the lock protects, and watch `lost` for early warning.
 
-    `lost` fires when the session lapses or is revoked, and when an admin takes this grant away
-    while the session lives on (AdminService.ForceRelease, reported on the session's next
-    keepalive). `lost_cause` then says which: "REVOKED" (an admin; `lost_reason` carries the
-    admin's reason), or "SESSION_LOST" (the session lapsed or was closed).
+    `lost` fires when the session lapses or is revoked, and when the broker takes this grant away
+    while the session lives on (reported on the session's next keepalive). `lost_cause` then says
+    which: "REVOKED" (an admin's ForceRelease; `lost_reason` carries the admin's reason),
+    "MAX_HOLD_EXCEEDED" (held longer than its maximum hold time), or "SESSION_LOST" (the session
+    lapsed or was closed).
     """
 
     def __init__(self, grant: Grant, session: SessionKeeper) -> None:
@@ -91,7 +93,8 @@ class HeldLock:
         self._mark_lost(session.lost_reason or "the session was lost", session.lost_cause or SESSION_LOST)
 
     def _on_revoked(self, reason: str, message: str) -> None:
-        self._mark_lost(f"an admin took the lock away: {message}", reason)
+        who = "an admin took the lock away" if reason == ErrorReason.REVOKED else f"the broker revoked it ({reason})"
+        self._mark_lost(f"{who}: {message}", reason)
 
     def _mark_lost(self, why: str, cause: str = SESSION_LOST) -> None:
         if self.lost.is_set():
@@ -124,6 +127,7 @@ class LockContext:
         session: SessionKeeper | None,
         on_lost: LostCallback | None,
         timeout: float | None,
+        max_hold: float | None = None,
     ) -> None:
         self._client = client
         self._cleanup_timeout = client._support.cleanup_timeout
@@ -134,6 +138,7 @@ class LockContext:
         self._session = session
         self._on_lost = on_lost
         self._timeout = timeout
+        self._max_hold = max_hold
         self._own_session: SessionKeeper | None = None
         self._keeper: SessionKeeper | None = None
         self.held: HeldLock | None = None
@@ -153,7 +158,12 @@ class LockContext:
         keeper._names.add(self._name)
         try:
             grant = await self._client.acquire(
-                self._name, session_id=keeper.session_id, wait=self._wait, owner=self._owner, timeout=self._timeout
+                self._name,
+                session_id=keeper.session_id,
+                wait=self._wait,
+                owner=self._owner,
+                timeout=self._timeout,
+                max_hold=self._max_hold,
             )
         except BaseException as exc:
             await self._abandon(exc)

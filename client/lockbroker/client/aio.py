@@ -225,12 +225,15 @@ class Client:
         owner: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
+        max_hold: float | None = None,
     ) -> Grant:
         """Take a lock: try once (wait=0) or queue up to `wait` seconds.
 
         Without session_id the broker creates a session of `ttl` for this one lock; keep it alive
         or it lapses. `timeout` bounds the whole call including retries (default: wait +
-        default_timeout). Raises LockHeld / WaitExpired (both NotAcquired) when not granted.
+        default_timeout). `max_hold` (whole seconds, at least 2): the broker revokes the grant
+        once held this long (default: the tenant's max_hold, if any). Raises LockHeld /
+        WaitExpired (both NotAcquired) when not granted.
         """
         rid = request_id or str(uuid.uuid4())
         total = wait + self.default_timeout if timeout is None else timeout
@@ -240,6 +243,8 @@ class Client:
             req = lock_pb2.AcquireRequest(name=name, session_id=session_id or "", owner=owner, request_id=rid)
             if ttl is not None:
                 req.ttl.CopyFrom(duration(ttl))
+            if max_hold is not None:
+                req.max_hold.CopyFrom(duration(max_hold))
             if wait > 0:
                 # A retry resumes the same place in the queue; it should not restart the wait.
                 req.wait_timeout.CopyFrom(duration(max(wait - (time.monotonic() - started), 0.001)))
@@ -286,12 +291,15 @@ class Client:
         session: SessionKeeper | None = None,
         on_lost: LostCallback | None = None,
         timeout: float | None = None,
+        max_hold: float | None = None,
     ) -> LockContext:
         """`async with client.lock(name) as held:` hold `name` for the block.
 
         Without `session` a session of `ttl` seconds is created for this lock, kept alive, and
         closed on exit; with one, `ttl` is ignored and the session stays open. Raises a
         NotAcquired subclass (the block does not run) if the lock is not granted within `wait`.
+        With `max_hold`, the broker revokes the grant once held that long: `held.lost` fires with
+        `lost_cause == "MAX_HOLD_EXCEEDED"`.
         """
         return LockContext(
             self,
@@ -302,6 +310,7 @@ class Client:
             session=session,
             on_lost=on_lost,
             timeout=timeout,
+            max_hold=max_hold,
         )
 
     async def list_pages(

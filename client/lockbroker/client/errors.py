@@ -258,6 +258,8 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.AUDIT_UNAVAILABLE: Unavailable,
     ErrorReason.NOT_OWNER: NotOwner,
     ErrorReason.REVOKED: SessionRevoked,
+    # Never a call's status (it names revoked grants in keepalive answers): the base, if ever seen.
+    ErrorReason.MAX_HOLD_EXCEEDED: LockBrokerError,
     ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
 }
 

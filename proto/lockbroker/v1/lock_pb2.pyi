@@ -146,6 +146,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     reason names grants taken away by AdminService.ForceRelease in
     KeepAliveResponse.revoked and RefreshResponse.revoked.
     """
+    ERROR_REASON_MAX_HOLD_EXCEEDED: _ErrorReason.ValueType  # 20
+    """Code ABORTED, but never a call's status: the reason of a RevokedGrant in
+    KeepAliveResponse.revoked and RefreshResponse.revoked when a grant was
+    held longer than its maximum hold time (AcquireRequest.max_hold or the
+    tenant's max_hold) and the broker revoked it. The lock is gone; not
+    retryable as such (acquire again). Details and metadata: none (the
+    RevokedGrant names the lock and token).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is every google.rpc.ErrorInfo.reason the broker sends, in
@@ -263,6 +271,14 @@ ERROR_REASON_REVOKED: ErrorReason.ValueType  # 19
 create a new session. Metadata: "session", "admin_reason". The same
 reason names grants taken away by AdminService.ForceRelease in
 KeepAliveResponse.revoked and RefreshResponse.revoked.
+"""
+ERROR_REASON_MAX_HOLD_EXCEEDED: ErrorReason.ValueType  # 20
+"""Code ABORTED, but never a call's status: the reason of a RevokedGrant in
+KeepAliveResponse.revoked and RefreshResponse.revoked when a grant was
+held longer than its maximum hold time (AcquireRequest.max_hold or the
+tenant's max_hold) and the broker revoked it. The lock is gone; not
+retryable as such (acquire again). Details and metadata: none (the
+RevokedGrant names the lock and token).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -455,7 +471,7 @@ class RevokedGrant(_message.Message):
     fencing_token: _builtins.int
     """The revoked grant's fencing token; 0 for a session revocation."""
     reason: _builtins.str
-    """Why: an ErrorReason string, "REVOKED"."""
+    """Why: an ErrorReason string, "REVOKED" (an admin) or "MAX_HOLD_EXCEEDED"."""
     message: _builtins.str
     """The reason the admin gave."""
     def __init__(
@@ -588,6 +604,7 @@ class AcquireRequest(_message.Message):
     WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MAX_HOLD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lock name: 1-256 bytes of [A-Za-z0-9] and "-_.:@+=,~%", with "/"
     separating non-empty segments that are not "." or "..". Examples:
@@ -620,6 +637,15 @@ class AcquireRequest(_message.Message):
         RPC deadline.
         """
 
+    @_builtins.property
+    def max_hold(self) -> _duration_pb2.Duration:
+        """Maximum hold time of this grant: once held this long it is revoked (the
+        session is told in KeepAliveResponse.revoked with reason
+        MAX_HOLD_EXCEEDED, as for an admin's ForceRelease). Unset: the tenant's
+        max_hold (none by default). Whole seconds, at least 2; above the
+        tenant's max_hold: RESOURCE_EXHAUSTED (QUOTA_EXCEEDED).
+        """
+
     def __init__(
         self,
         *,
@@ -629,10 +655,11 @@ class AcquireRequest(_message.Message):
         wait_timeout: _duration_pb2.Duration | None = ...,
         owner: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        max_hold: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "name", b"name", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

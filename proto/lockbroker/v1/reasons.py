@@ -43,6 +43,7 @@ class ErrorReason(StrEnum):
     BACKEND_NO_SPACE = "BACKEND_NO_SPACE"
     NOT_OWNER = "NOT_OWNER"
     REVOKED = "REVOKED"
+    MAX_HOLD_EXCEEDED = "MAX_HOLD_EXCEEDED"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

@@ -8,18 +8,27 @@ and the reason given (`adminReason`); the edge and the interceptor chain are Loc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
+from lockbroker.interceptors.audit import SCHEMA, AuditLog, AuditWriteError
 from lockbroker.interceptors.identity import require_admin
 from lockbroker.server import convert, validation
+from lockbroker.server.core.holds import OnRevoked
 from lockbroker.server.core.names import session_id_of
 from lockbroker.server.service import NO_RETRY, Ctx, RetryPolicy, principal_of, rpc, tenant_of
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
+from lockbroker.v1.reasons import ErrorReason
 
 if TYPE_CHECKING:
     from lockbroker.server.core.locks import LockCore
 
 ADMIN_SERVICE = lock_pb2.DESCRIPTOR.services_by_name["AdminService"]
+# The `method` of audit records of revocations the broker makes itself (no RPC made them).
+MAX_HOLD_METHOD = "lockbroker.internal/MaxHoldExceeded"
 
 
 class AdminService(lock_pb2_grpc.AdminServiceServicer):
@@ -68,3 +77,42 @@ class AdminService(lock_pb2_grpc.AdminServiceServicer):
                 out.expires_at.CopyFrom(convert.ts(s.expires_at))
                 out.last_keepalive.CopyFrom(convert.ts(s.expires_at - s.ttl))
         return resp
+
+
+def revocation_auditor(log: AuditLog | None) -> OnRevoked:
+    """What the max-hold sweep (core/holds.py) calls on each revocation: one audit record, as an RPC
+    would have, with the broker itself as the principal (no call made it)."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def record(tenant: str, name: str, token: int, session: str) -> None:
+        if log is None:
+            return
+        now = datetime.now(UTC)
+        rec = {
+            "schema": SCHEMA,
+            "time": now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "auditId": str(uuid.uuid4()),
+            "tenant": tenant,
+            "principal": {"kind": "broker", "id": "max-hold"},
+            "method": MAX_HOLD_METHOD,
+            "lock": name,
+            "session": session,
+            "fencingToken": str(token),
+            "outcome": {
+                "code": "OK",
+                "reason": ErrorReason.MAX_HOLD_EXCEEDED,
+                "message": "held longer than its maximum hold time; revoked",
+            },
+        }
+        task = asyncio.get_running_loop().create_task(_write(log, rec))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return record
+
+
+async def _write(log: AuditLog, rec: dict[str, Any]) -> None:
+    try:
+        await log.write(rec)
+    except AuditWriteError as e:
+        logging.getLogger("lockbroker.audit").error("audit record of a max-hold revocation not written: %s", e)

@@ -25,7 +25,7 @@ from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsI
 from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
 from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import auth, lifecycle, logs
-from lockbroker.server.admin_service import ADMIN_SERVICE, AdminService
+from lockbroker.server.admin_service import ADMIN_SERVICE, AdminService, revocation_auditor
 from lockbroker.server.auth import tenants
 from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
 from lockbroker.server.config import Config, ConfigError
@@ -140,6 +140,8 @@ class Broker:
         self.backend = await self._open_backend()
         etcd_cfg = self.client_config
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
+        self.core.holds.on_revoked = revocation_auditor(self.audit_log)
+        self.core.start()
         self.service = LockService(self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts))
 
         self.server = self._services(self.service)

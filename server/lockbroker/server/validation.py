@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2
 
 from lockbroker.interceptors.principal import tenant_problem
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument
+from lockbroker.server.core.holds import MIN_HOLD
 from lockbroker.server.core.locks import AcquireParams
 from lockbroker.server.core.names import (
     name_problem,
@@ -88,6 +89,14 @@ class _Checker:
             self.bad(field, f"must be at most {limits.max_wait:g}s")
         return value
 
+    def max_hold(self, field: str, d: duration_pb2.Duration) -> float:
+        value = self._seconds(field, d)
+        if value is None:
+            return 0.0
+        if d.nanos != 0 or value < MIN_HOLD:
+            self.bad(field, f"must be a whole number of seconds, at least {MIN_HOLD:g}s")
+        return value
+
     def name(self, field: str, name: str) -> None:
         self.check(field, name_problem(name))
 
@@ -121,8 +130,9 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
     wait = c.wait("wait_timeout", req.HasField("wait_timeout"), req.wait_timeout, limits)
     c.check("owner", owner_problem(req.owner))
     c.check("request_id", request_id_problem(req.request_id))
+    hold = c.max_hold("max_hold", req.max_hold) if req.HasField("max_hold") else 0.0
     c.done()
-    return AcquireParams(req.name, lease, ttl, wait, req.owner, req.request_id, principal)
+    return AcquireParams(req.name, lease, ttl, wait, req.owner, req.request_id, principal, hold)
 
 
 def release(req: lock_pb2.ReleaseRequest) -> tuple[str, int, int | None]:

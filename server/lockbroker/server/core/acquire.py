@@ -72,6 +72,7 @@ class AcquireParams:
     owner: str
     request_id: str  # "" = not retryable
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
+    max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:

@@ -202,6 +202,10 @@ class LockBackend(Protocol):
         """Put `key` bound to `lease_id` (SessionMissing if the lease is gone)."""
         ...
 
+    async def delete_value(self, key: bytes) -> None:
+        """Delete `key` (a no-op if it is gone)."""
+        ...
+
     async def values(self, start: bytes, end: bytes, limit: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
         """(key, value, lease) of the keys start <= key < end in key order; and whether more follow."""
         ...

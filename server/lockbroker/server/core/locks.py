@@ -6,6 +6,7 @@ One concept per module, like etcd's client/v3/concurrency (session.go, mutex.go,
     slots.py     claiming quota slots (SlotClaimer)
     cleanup.py   clean-up that outlives its caller
     view.py      describe and list
+    holds.py     maximum hold time: the sweep that revokes grants held too long
     owners.py    which principal a session acts for (ownership of sessions and grants)
     admin.py     the fence check and the admin plane (force release, revoke, list sessions)
 The store behind it is a `LockBackend` (core/backend.py): etcd in production, core/memory.py in
@@ -20,6 +21,7 @@ from lockbroker.server.core.acquire import AcquireParams, Acquirer
 from lockbroker.server.core.admin import Admin, Fence, SessionSummary
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.cleanup import Cleanups
+from lockbroker.server.core.holds import HoldSweeper, hold_limit, start_hold
 from lockbroker.server.core.model import Entry, Grant, LockState, Page, SessionInfo
 from lockbroker.server.core.names import Keyspace
 from lockbroker.server.core.owners import SessionOwners
@@ -34,6 +36,7 @@ __all__ = ["AcquireParams", "LeaseClock", "LockCore"]
 class LockCore:
     def __init__(self, backend: LockBackend, key_root: str, quotas: QuotaLookup = lambda _t: UNLIMITED) -> None:
         self._backend = backend
+        self._quotas = quotas
         self._root = key_root
         self._keyspaces: dict[str, Keyspace] = {}
         self._closing: asyncio.Future[None] | None = None
@@ -60,6 +63,7 @@ class LockCore:
             cleanups=self._cleanups,
             closing=lambda: self.closing,
         )
+        self.holds = HoldSweeper(backend, key_root, self.keyspace)
 
     def keyspace(self, tenant: str) -> Keyspace:
         ks = self._keyspaces.get(tenant)
@@ -81,7 +85,19 @@ class LockCore:
         return await self._sessions.close(tenant, lease_id, principal)
 
     async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
-        return await self._acquirer.acquire(tenant, p)
+        if not (p.max_hold or self._quotas(tenant).max_hold):
+            return await self._acquirer.acquire(tenant, p)
+        # A maximum hold time (core/holds.py): checked before anything is queued, recorded once granted.
+        limit = hold_limit(tenant, self._quotas(tenant), p.max_hold)
+        g = await self._acquirer.acquire(tenant, p)
+        try:
+            await start_hold(self._backend, self._root, tenant=tenant, name=g.name, token=g.fencing_token, limit=limit)
+        except BaseException:
+            # A grant whose limit could not be recorded is not handed out.
+            lease = int(g.session_id, 16)
+            await self._cleanups.run(lambda: self.release(tenant, g.name, g.fencing_token, lease, p.principal))
+            raise
+        return g
 
     async def release(
         self, tenant: str, name: str, fencing_token: int, lease_id: int | None, principal: str = ""
@@ -117,10 +133,15 @@ class LockCore:
             self._closing = asyncio.get_running_loop().create_future()
         return self._closing
 
+    def start(self) -> None:
+        """Start the background work of this replica: the max-hold sweep (core/holds.py)."""
+        self.holds.start()
+
     def begin_shutdown(self) -> None:
         """Make every waiter give up (removing its entry) and refuse new waits."""
         if not self.closing.done():
             self.closing.set_result(None)
+        self.holds.stop_soon()
 
     async def drain_cleanups(self, timeout: float) -> None:
         """Give pending clean-ups `timeout` to finish on shutdown; leases remove the rest."""

@@ -510,6 +510,9 @@ class MemoryLockBackend:
 
         await self._call("put_value", apply)
 
+    async def delete_value(self, key: bytes) -> None:
+        await self._call("delete_value", lambda: self._commit(deletes=[key]))
+
     async def values(self, start: bytes, end: bytes, limit: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
         def apply() -> tuple[list[tuple[bytes, bytes, int]], bool]:
             keys = self._range(start, end)

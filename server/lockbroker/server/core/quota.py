@@ -32,6 +32,7 @@ LIMITS: dict[str, str] = {
     "max_wait": "longest Acquire wait_timeout in seconds (0: the server's --limits-max-wait)",
     "acquire_rate": "Acquire calls per second on one broker replica (token bucket; 0: no limit)",
     "acquire_burst": "Acquire calls allowed at once above acquire_rate (token bucket size)",
+    "max_hold": "longest a grant may be held, in seconds, before the broker revokes it (0: no limit)",
 }
 
 
@@ -47,6 +48,7 @@ class TenantQuota:
     max_wait: float = field(default=0.0, metadata={"help": LIMITS["max_wait"]})
     acquire_rate: float = field(default=2_000.0, metadata={"help": LIMITS["acquire_rate"]})
     acquire_burst: int = field(default=4_000, metadata={"help": LIMITS["acquire_burst"]})
+    max_hold: float = field(default=0.0, metadata={"help": LIMITS["max_hold"]})
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -387,6 +387,9 @@ class EtcdLockBackend:
         except LeaseNotFound:
             raise SessionMissing(key.decode()) from None
 
+    async def delete_value(self, key: bytes) -> None:
+        await self.client.txn(pb.TxnRequest(success=[_delete(key)]))
+
     async def values(self, start: bytes, end: bytes, limit: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
         resp = await self.client.range(pb.RangeRequest(key=start, range_end=end, limit=limit))
         return [(kv.key, kv.value, kv.lease) for kv in resp.kvs], resp.more
