@@ -60,7 +60,7 @@ async def test_release_and_session_calls_compare_the_principal(env: Env) -> None
     with pytest.raises(NotOwner):
         await env.core.close_session(TENANT, lease, BOB)
     # The owners cache is per replica: a fresh core (another replica) reads the record.
-    env.core.owners.forget(lease)
+    env.core.owners.forget(TENANT, lease)
     with pytest.raises(NotOwner):
         await env.core.refresh(TENANT, lease, principal=BOB)
     assert (await env.core.refresh(TENANT, lease, principal=ALICE)).ttl > 0
@@ -71,7 +71,7 @@ async def test_release_and_session_calls_compare_the_principal(env: Env) -> None
 async def test_an_implicit_session_records_its_principal(env: Env) -> None:
     g = await env.core.acquire(TENANT, AcquireParams("own/i", None, 10, 0.0, "", "rid-i", ALICE))
     lease = env.adopt(int(g.session_id, 16))
-    env.core.owners.forget(lease)
+    env.core.owners.forget(TENANT, lease)
     with pytest.raises(NotOwner):
         await env.core.release(TENANT, "own/i", g.fencing_token, None, BOB)
     assert await env.core.release(TENANT, "own/i", g.fencing_token, None, ALICE)
@@ -149,3 +149,12 @@ async def test_list_sessions_shows_held_and_waited_locks(env: Env) -> None:
     finally:
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
+
+
+async def test_a_session_of_another_tenant_stays_unknown_with_its_owner_cached(env: Env) -> None:
+    s = await env.core.create_session("globex", 10, "", "", ALICE)  # cached for (globex, lease)
+    lease = env.adopt(int(s.session_id, 16))
+    with pytest.raises(SessionNotFound):
+        await env.core.refresh(TENANT, lease, principal=ALICE)
+    assert not await env.core.close_session(TENANT, lease, ALICE)
+    assert (await env.core.refresh("globex", lease, principal=ALICE)).ttl > 0

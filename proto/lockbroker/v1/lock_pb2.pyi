@@ -1264,7 +1264,7 @@ class ListSessionsRequest(_message.Message):
     tenant: _builtins.str
     """The tenant; unset: the admin's own tenant."""
     page_size: _builtins.int
-    """Page size, 1-1000; unset: 100."""
+    """Sessions per page, 1-1000; unset: 100."""
     page_token: _builtins.str
     """next_page_token from the previous page; unset for the first page."""
     def __init__(

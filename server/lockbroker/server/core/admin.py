@@ -79,7 +79,7 @@ class Admin:
         tomb = await self._backend.grant_lease(REVOKED_SESSION_TTL)
         note = Revocation("", 0, ErrorReason.REVOKED, reason, admin)
         await self._backend.put_value(ks.tomb(lease_id), note.encode(), tomb.lease_id)
-        self._owners.forget(lease_id)
+        self._owners.forget(tenant, lease_id)
         return await self._backend.revoke_lease(lease_id)
 
     async def list_sessions(self, tenant: str, page_size: int, after: str | None) -> tuple[list[SessionSummary], str]:

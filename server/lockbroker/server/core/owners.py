@@ -39,27 +39,29 @@ class SessionOwners:
     def __init__(self, backend: LockBackend, keyspace: Callable[[str], Keyspace]) -> None:
         self._backend = backend
         self._keyspace = keyspace
-        self._owner: dict[int, str] = {}
+        # (tenant, lease) -> principal: keyed by tenant too, so that a session of one tenant is never
+        # taken for a session of another (the record read below is what proves the tenant).
+        self._owner: dict[tuple[str, int], str] = {}
 
-    def note(self, lease_id: int, principal: str) -> None:
+    def note(self, tenant: str, lease_id: int, principal: str) -> None:
         if len(self._owner) >= self.MAX:
             self._owner.clear()  # a cache: the records in etcd stay the truth
-        self._owner[lease_id] = principal
+        self._owner[(tenant, lease_id)] = principal
 
-    def forget(self, lease_id: int) -> None:
-        self._owner.pop(lease_id, None)
+    def forget(self, tenant: str, lease_id: int) -> None:
+        self._owner.pop((tenant, lease_id), None)
 
     async def owner(self, tenant: str, lease_id: int) -> str | None:
         """The principal of session `lease_id` of `tenant`; None if it has no session record
         (gone, or not a session of this tenant)."""
-        known = self._owner.get(lease_id)
+        known = self._owner.get((tenant, lease_id))
         if known is not None:
             return known
         raw = await self._backend.get_value(self._keyspace(tenant).session_key(lease_id))
         if raw is None:
             return None
         principal = record_principal(raw)
-        self.note(lease_id, principal)
+        self.note(tenant, lease_id, principal)
         return principal
 
     async def check(self, tenant: str, lease_id: int, caller: str) -> bool:

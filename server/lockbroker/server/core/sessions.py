@@ -115,7 +115,7 @@ class Sessions:
             await self._cleanups.run(lambda: self._backend.revoke_lease(lease.lease_id))
             raise
         self.leases.note(lease.lease_id, started + lease.ttl)
-        self.owners.note(lease.lease_id, principal)
+        self.owners.note(tenant, lease.lease_id, principal)
         return SessionInfo(session_id_of(lease.lease_id), lease.ttl, started + lease.ttl)
 
     async def refresh(
@@ -134,7 +134,7 @@ class Sessions:
         ttl = await self._backend.keepalive(lease_id)
         if ttl <= 0:  # etcd's answer for a lease that is gone: never revived
             self.leases.forget(lease_id)
-            self.owners.forget(lease_id)
+            self.owners.forget(tenant, lease_id)
             raise await self._gone(tenant, lease_id, "has expired")
         self.leases.note(lease_id, before + ttl)
         return SessionInfo(session_id_of(lease_id), ttl, before + ttl, await self._revocations(tenant, lease_id))
@@ -159,5 +159,5 @@ class Sessions:
         if not await self.owners.check(tenant, lease_id, principal):
             return False
         self.leases.forget(lease_id)
-        self.owners.forget(lease_id)
+        self.owners.forget(tenant, lease_id)
         return await self._backend.revoke_lease(lease_id)
