@@ -48,8 +48,12 @@ class BrokerDriver:
         self._next = 0
 
     async def open(self, job: dict[str, Any]) -> None:
-        for address in job["addresses"]:
-            channel = aio.insecure_channel(address)
+        addresses = job["addresses"]
+        # grpc shares one connection among channels to one target; a listed-twice address asks
+        # for a connection each, for the kernel to spread over a broker's workers.
+        options = [("grpc.use_local_subchannel_pool", 1)] if len(set(addresses)) < len(addresses) else []
+        for address in addresses:
+            channel = aio.insecure_channel(address, options)
             self.channels.append(channel)
             self.stubs.append(lock_pb2_grpc.LockServiceStub(channel))
 

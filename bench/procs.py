@@ -168,6 +168,7 @@ class BrokerProcess:
     audit: bool = True
     audit_fsync: str = "always"
     traced: bool = False
+    workers: int = 1
     proc: asyncio.subprocess.Process | None = None
     port: int = 0
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -180,6 +181,18 @@ class BrokerProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The broker's processes: with --workers, the parent and its workers."""
+        if self.workers == 1:
+            return [self.pid]
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.pid:
+                    kids.append(int(stat.parent.name))
+        return [self.pid, *kids]
 
     @property
     def audit_file(self) -> Path:
@@ -199,7 +212,10 @@ class BrokerProcess:
             "--etcd-key-root",
             self.key_root,
             "--log-level",
-            "warning",
+            # info with workers: the parent's "lockbroker serving" line says every worker serves.
+            "warning" if self.workers == 1 else "info",
+            "--workers",
+            str(self.workers),
             # The default quota guards a shared cluster against a runaway client; the benchmark is one
             # tenant that means it: 100,000 held locks and one more, 10,000 sessions waiting at once,
             # and acquires faster than the default per-replica rate on a bigger machine.
@@ -218,7 +234,8 @@ class BrokerProcess:
             return [sys.executable, "-m", "bench.traced_broker", *args]
         return [str(VENV_BIN / "lockbroker"), *args]
 
-    async def start(self, log_dir: Path, timeout: float = 30.0) -> None:
+    # 60 s: every target's brokers start at once, and with --workers a target is 3 processes.
+    async def start(self, log_dir: Path, timeout: float = 60.0) -> None:
         self._log = (log_dir / f"{self.name}.log").open("ab")
         env = child_env(BENCH_SPAN_COUNT_FILE=str(self.span_count_file)) if self.traced else child_env()
         for attempt in range(PORT_RACE_RETRIES + 1):
@@ -228,13 +245,29 @@ class BrokerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env, cwd=REPO
             )
+            offset = self._log.tell()
             try:
                 await wait_serving(self.address, self.proc, timeout, self.name)
+                if self.workers > 1:
+                    await self._all_workers(log_dir / f"{self.name}.log", offset, timeout)
                 return
             except RuntimeError:
                 await stop_process(self.proc)
                 if attempt == PORT_RACE_RETRIES:
                     raise
+
+    async def _all_workers(self, path: Path, offset: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with path.open("rb") as f:
+                f.seek(offset)
+                if any(b'"lockbroker serving"' in ln and b'"worker": "parent"' in ln for ln in f):
+                    return
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode} before serving")
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{self.name}: not every worker served within {timeout:g}s")
 
     async def stop(self) -> None:
         if self.proc is not None:

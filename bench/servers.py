@@ -27,6 +27,7 @@ class Target:
                     audit=spec.audit,
                     audit_fsync=spec.audit_fsync,
                     traced=spec.traced,
+                    workers=spec.workers,
                 )
                 for i in range(spec.replicas)
             ]
@@ -63,13 +64,14 @@ class Target:
     def server_pids(self) -> list[int]:
         if self.echo is not None:
             return [self.echo.pid]
-        return [b.pid for b in self.brokers]
+        return [pid for b in self.brokers for pid in b.pids]
 
     @property
     def addresses(self) -> list[str]:
         if self.echo is not None:
             return [self.echo.address]
-        return [b.address for b in self.brokers]
+        # The same address twice: the driver opens a connection for each (SO_REUSEPORT workers).
+        return [b.address for b in self.brokers for _ in range(self.spec.connections)]
 
     def truncate_audit(self) -> int:
         return sum(b.truncate_audit() for b in self.brokers)

@@ -15,6 +15,8 @@ class TargetSpec:
     audit_fsync: str = "always"
     traced: bool = False
     replicas: int = 1
+    workers: int = 1  # `serve --workers N`
+    connections: int = 1  # connections per agent to each broker (several reach several workers)
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
 
 
@@ -34,6 +36,14 @@ TARGETS: dict[str, TargetSpec] = {
             audit_fsync="interval",
         ),
         TargetSpec("broker-2rep", "broker", "broker: 2 replicas on one etcd (audit, no tracing)", "broker", replicas=2),
+        TargetSpec(
+            "broker-2w",
+            "broker",
+            "broker: --workers 2 sharing one port (audit, no tracing), 4 connections per agent",
+            "broker",
+            workers=2,
+            connections=4,
+        ),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
         TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),
@@ -43,6 +53,7 @@ TARGETS: dict[str, TargetSpec] = {
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
 BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy")
+SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 
 @dataclass
@@ -110,11 +121,11 @@ def plan(
     if "uncontended" in workloads:
         for c in sizes.cs:
             variants = BROKER_VARIANTS if c in sizes.variant_cs else ()
-            scale = ("broker-2rep",) if c in sizes.scale_cs else ()
+            scale = SCALE if c in sizes.scale_cs else ()
             points.append(Point("uncontended", c, only("broker", *variants, *scale, *PEERS)))
     if "contended" in workloads:
         for c in sizes.contended_cs:
-            scale = ("broker-2rep",) if c in sizes.scale_cs and not quick else ()
+            scale = SCALE if c in sizes.scale_cs and not quick else ()
             peers = ("etcd-lock",) if quick else ("etcd-lock", "etcd-txn", "aetcd")
             points.append(Point("contended", c, only("broker", *scale, *peers)))
     big_peers = ("etcd-lock",) if scale_peers or quick else ()

@@ -132,10 +132,13 @@ async def test_authenticate_caches_successes_only_and_shares_concurrent_work() -
     wrong = t.new_key(key_id)[1]
     assert await reg.authenticate_key(wrong) is None
     assert await reg.authenticate_key(wrong) is None
-    assert reg.verifications == 3  # failures are never cached
+    # A failure is remembered too (issue 18, item 6): a client retrying a wrong key costs one
+    # scrypt, and a wrong key is never taken for right (the success cache is separate).
+    assert reg.verifications == 2
     assert await reg.authenticate_key(t.new_key()[1]) is None
+    assert reg.verifications == 3  # an unknown id costs what a wrong secret costs: no timing oracle
     assert await reg.authenticate_key("not a key") is None
-    assert reg.verifications == 3  # unknown ids and malformed keys cost no scrypt
+    assert reg.verifications == 3  # a malformed key costs no scrypt (the format is public)
     await asyncio.sleep(0.35)
     assert await reg.authenticate_key(key) is not None
     assert reg.verifications == 4  # the cached success expired

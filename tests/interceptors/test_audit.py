@@ -252,6 +252,7 @@ async def test_exactly_one_record_per_rpc_whatever_the_outcome(
         "auditId": ok["auditId"],
         "tenant": "acme",
         "principal": {"kind": "api-key", "id": key_id},
+        "credential": None,  # only for calls whose authentication failed
         "sourceAddress": ok["sourceAddress"],
         "userAgent": ok["userAgent"],
         "method": LOCK + "Acquire",
@@ -291,6 +292,8 @@ async def test_exactly_one_record_per_rpc_whatever_the_outcome(
     unauth = next(r for r in records if r["method"] == LOCK + "Describe")
     assert unauth["outcome"]["code"] == "UNAUTHENTICATED"
     assert (unauth["principal"], unauth["tenant"]) == (None, None)  # never blamed on the default tenant
+    assert unauth["credential"] is None  # it presented nothing
+    assert unauth["lock"] is None  # a stranger's request fields are not copied (issue 18, item 5)
 
     keepalive = next(r for r in records if r["method"] == LOCK + "KeepAlive")
     assert keepalive["stream"] == {"received": 3, "sent": 3, "sessions": ["s-1"]}
@@ -395,7 +398,8 @@ def test_long_messages_are_cut_after_redaction():
     record: Record = {"outcome": {"message": "x" * 1020 + secret}, "_secrets": [secret]}
     for process in DEFAULT_PROCESSORS:
         record = process(record)
-    assert record["outcome"]["message"] == "x" * 1020 + "[RED…"
+    # Cut at 1024 characters, with a marker saying how long it was (1020 + "[REDACTED]").
+    assert record["outcome"]["message"] == "x" * 1020 + "[RED…[truncated, 1030 chars]"
     assert "_secrets" not in record
 
 

@@ -19,6 +19,8 @@ ContextVar, and the trailers a layer builds are never parsed back to learn the r
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ import grpc
 from grpc import aio
 
 from lockbroker.interceptors.principal import ANONYMOUS, DEFAULT_TENANT, Principal
+
+log = logging.getLogger("lockbroker.calls")
 
 Context = aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
@@ -83,6 +87,9 @@ class CallState:
     code: grpc.StatusCode | None = None
     reason: str | None = None
     message: str | None = None
+    # (API key id, certificate identity) the caller presented, public parts only; identity writes
+    # it whether or not they verify, so audit can name what a rejected caller tried.
+    credential: tuple[str | None, str | None] | None = None
 
     @property
     def tenant(self) -> str:
@@ -165,8 +172,64 @@ class Layer:
     failed: Callable[[Any, Context, BaseException], Awaitable[None]] | None = None
 
 
-def layered(layers: Sequence[Layer], behavior: UnaryBehavior, call: CallInfo) -> UnaryBehavior:
-    """`behavior` inside `layers` (outermost first), as one wrapper: one frame for all of them."""
+# How long a unary call may take to send its request message after its headers (issue 18, item 7).
+FIRST_MESSAGE_TIMEOUT = 10.0
+
+
+class FirstMessage:
+    """Reads a unary call's request message within `timeout` seconds, or ends the call.
+
+    For a unary method grpc reads the request before any interceptor's behavior runs, and waits
+    for it as long as the client's deadline, forever without one: a call that sends its headers
+    and never its message (no credentials needed) held about 15 KB and was never audited. So
+    `Chain` serves unary methods as stream-unary ones, which grpc starts at once, and reads the
+    one message here: a call without it within `timeout` ends DEADLINE_EXCEEDED (recorded by audit,
+    counted in `timeouts`, and logged at most every `LOG_EVERY` seconds). Nobody is established
+    for such a call, so its principal is None, like an unauthenticated call's.
+    """
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, timeout: float = FIRST_MESSAGE_TIMEOUT) -> None:
+        self.timeout = timeout
+        self.timeouts = 0  # calls ended for want of a request message, since start
+        self._logged_at = float("-inf")
+        self._logged_count = 0
+
+    async def read(self, context: Context) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout):
+                request = await context.read()
+        except TimeoutError:
+            self._count()
+            state_of(context).principal = None
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request message within {self.timeout:g}s")
+        if request is aio.EOF:  # the client closed its side without sending one
+            state_of(context).principal = None
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message")
+        return request
+
+    def _count(self) -> None:
+        self.timeouts += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.LOG_EVERY:
+            log.warning(
+                "%d call(s) sent no request message within %gs; ended DEADLINE_EXCEEDED (%d since start)",
+                self.timeouts - self._logged_count,
+                self.timeout,
+                self.timeouts,
+            )
+            self._logged_at, self._logged_count = now, self.timeouts
+
+
+def layered(
+    layers: Sequence[Layer], behavior: UnaryBehavior, call: CallInfo, first: FirstMessage | None = None
+) -> UnaryBehavior:
+    """`behavior` inside `layers` (outermost first), as one wrapper: one frame for all of them.
+
+    With `first`, the wrapper is a stream-unary behavior that reads the request itself (see
+    `FirstMessage`), inside the layers' error handling so that audit records a call that never
+    sent one."""
     befores = tuple(layer.before for layer in layers if layer.before is not None)
     afters = tuple(layer.after for layer in reversed(layers) if layer.after is not None)
     faileds = tuple(layer.failed for layer in reversed(layers) if layer.failed is not None)
@@ -174,6 +237,8 @@ def layered(layers: Sequence[Layer], behavior: UnaryBehavior, call: CallInfo) ->
     async def run(request: Any, context: Context) -> Any:
         context = scoped(context, call)
         try:
+            if first is not None:
+                request = await first.read(context)
             for before in befores:
                 await before(request, context)
             response = await behavior(request, context)
@@ -239,8 +304,12 @@ class Chain(aio.ServerInterceptor):
     that per-call assembly was a visible share of the CPU. Here a call costs one lookup.
     """
 
-    def __init__(self, interceptors: Sequence[WrappingInterceptor]) -> None:
+    def __init__(
+        self, interceptors: Sequence[WrappingInterceptor], first_message_timeout: float | None = FIRST_MESSAGE_TIMEOUT
+    ) -> None:
         self.interceptors = tuple(interceptors)
+        # None: leave unary calls to grpc, which waits for their message as long as their deadline.
+        self.first_message = FirstMessage(first_message_timeout) if first_message_timeout else None
         # method -> (the handler grpc found, the same handler wrapped by the whole chain). Only
         # methods that exist are kept, so callers inventing method names cannot grow it.
         self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
@@ -256,6 +325,7 @@ class Chain(aio.ServerInterceptor):
         call = CallInfo.of(method, h)
         field = "unary_unary" if h.unary_unary is not None else "stream_unary"
         behavior: UnaryBehavior = getattr(h, field)
+        first = self.first_message if field == "unary_unary" else None
         group: list[Layer] = []
         for interceptor in reversed(self.interceptors):
             if type(interceptor).wrap_unary is WrappingInterceptor.wrap_unary:
@@ -266,8 +336,12 @@ class Chain(aio.ServerInterceptor):
             if group:
                 behavior, group = layered(group, behavior, call), []
             behavior = interceptor.wrap_unary(behavior, call)
-        if group:
-            behavior = layered(group, behavior, call)
+        if group or first is not None:
+            # The outermost group reads the request: no frame of its own unless the outermost
+            # interceptor wraps unary calls itself.
+            behavior = layered(group, behavior, call, first)
+        if first is not None:
+            return h._replace(unary_unary=None, stream_unary=behavior, request_streaming=True)  # type: ignore[no-any-return]
         return h._replace(**{field: behavior})  # type: ignore[no-any-return]
 
     async def intercept_service(
@@ -285,19 +359,28 @@ class Chain(aio.ServerInterceptor):
         return wrapped
 
 
-def chain(interceptors: Sequence[aio.ServerInterceptor]) -> list[aio.ServerInterceptor]:
-    """`interceptors` with each run of consecutive wrapping interceptors folded into one `Chain`."""
+def chain(
+    interceptors: Sequence[aio.ServerInterceptor], first_message_timeout: float | None = FIRST_MESSAGE_TIMEOUT
+) -> list[aio.ServerInterceptor]:
+    """`interceptors` with each run of consecutive wrapping interceptors folded into one `Chain`.
+
+    Only the first (outermost) Chain reads unary requests itself (`FirstMessage`): the ones inside
+    it get the request as usual. With no wrapping interceptor at all, an empty Chain is added
+    last, so the first-message bound holds in every setup."""
     out: list[aio.ServerInterceptor] = []
     run: list[WrappingInterceptor] = []
+    timeout = first_message_timeout
     for interceptor in [*interceptors, None]:
         if isinstance(interceptor, WrappingInterceptor):
             run.append(interceptor)
             continue
         if run:
-            out.append(Chain(run))
-            run = []
+            out.append(Chain(run, timeout))
+            run, timeout = [], None
         if interceptor is not None:
             out.append(interceptor)
+    if timeout is not None:
+        out.append(Chain((), timeout))
     return out
 
 

@@ -23,10 +23,12 @@ server-only TLS connections have none of these keys.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 
 from lockbroker.interceptors.base import (
     CallInfo,
@@ -38,7 +40,7 @@ from lockbroker.interceptors.base import (
     state_of,
 )
 from lockbroker.interceptors.principal import Principal
-from lockbroker.interceptors.rpcstatus import trailers
+from lockbroker.interceptors.rpcstatus import Trailers, trailers
 from lockbroker.v1.reasons import ErrorReason
 
 log = logging.getLogger("lockbroker.auth")
@@ -53,13 +55,24 @@ _PERMISSION_DENIED = trailers(
 )
 
 
+class CredentialCheckBusy(Exception):
+    """The registry cannot check this credential now (too many checks queued); nothing was hashed.
+
+    The caller gets RESOURCE_EXHAUSTED / RATE_LIMITED with a RetryInfo of `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many credential checks in progress; retry in {retry_after:g}s")
+        self.retry_after = retry_after
+
+
 class Registry(Protocol):
     """What identity needs from the tenants registry (`lockbroker.server.auth.tenants.TenantRegistry`)."""
 
     def __len__(self) -> int: ...
 
-    async def authenticate_key(self, key: str) -> Principal | None:
-        """The principal of a valid API key, or None."""
+    async def authenticate_key(self, key: str, alive: Callable[[], bool] | None = None) -> Principal | None:
+        """The principal of a valid API key, or None. May raise CredentialCheckBusy, and
+        CancelledError when `alive()` says the caller is gone before its key was checked."""
 
     def for_identity(self, identity: str) -> Principal | None:
         """The principal an mTLS identity ("spiffe://..." or "CN=...") maps to, or None."""
@@ -99,21 +112,27 @@ class IdentityInterceptor(WrappingInterceptor):
         return cls(registry)
 
     async def authenticate(self, context: Context) -> Principal | None:
+        """The caller's principal, or None; writes what it presented on the call's state."""
+        state = state_of(context)
         keys = [v for k, v in context.invocation_metadata() or () if k == API_KEY_HEADER]
+        identity = certificate_identity(context.auth_context())
         if len(keys) > 1:
+            state.credential = ("(sent more than once)", identity)
             log.debug("rejected: x-api-key sent more than once", extra={"peer": context.peer()})
             return None
         by_key: Principal | None = None
         if keys:
             key = keys[0] if isinstance(keys[0], str) else keys[0].decode("ascii", "replace")
-            by_key = await self.registry.authenticate_key(key)
+            state.credential = (self.registry.key_id(key), identity)
+            by_key = await self.registry.authenticate_key(key, _alive(context))
             if by_key is None:
                 # The id is not secret and helps an operator find the client; the key itself is never logged.
                 log.debug(
                     "rejected: invalid api key", extra={"peer": context.peer(), "key_id": self.registry.key_id(key)}
                 )
                 return None
-        identity = certificate_identity(context.auth_context())
+        elif identity is not None:
+            state.credential = (None, identity)
         by_cert = self.registry.for_identity(identity) if identity else None
         if by_key is not None and by_cert is not None and by_key.tenant != by_cert.tenant:
             log.debug(
@@ -128,7 +147,11 @@ class IdentityInterceptor(WrappingInterceptor):
 
     async def _admit(self, context: Context) -> None:
         state = state_of(context)
-        state.principal = await self.authenticate(context)
+        try:
+            state.principal = await self.authenticate(context)
+        except CredentialCheckBusy as busy:
+            state.principal = None
+            await context.abort(*_busy(busy.retry_after))
         if state.principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, _UNAUTHENTICATED)
 
@@ -162,6 +185,26 @@ class IdentityInterceptor(WrappingInterceptor):
                     await responses.aclose()
 
         return authenticated
+
+
+def _alive(context: Context) -> Callable[[], bool]:
+    """Whether the caller still waits for this call (not cancelled, deadline not passed)."""
+
+    def alive() -> bool:
+        left = context.time_remaining()
+        return not context.done() and (left is None or left > 0)
+
+    return alive
+
+
+def _busy(retry_after: float) -> tuple[grpc.StatusCode, str, Trailers]:
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = f"too many credential checks in progress; retry in {retry_after:g}s"
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(int(retry_after * 1000))
+    meta = {"limit": "credential_checks"}
+    details = [error_details_pb2.RetryInfo(retry_delay=delay)]
+    return code, message, trailers(code, message, ErrorReason.RATE_LIMITED, meta, details)
 
 
 async def require_admin(context: Context) -> Principal:

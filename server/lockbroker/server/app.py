@@ -65,7 +65,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", 1024 * 1024),  # no request of ours comes near this
     ("grpc.max_metadata_size", 16 * 1024),
     # grpc sets SO_REUSEPORT by default: a second broker on the same address would start and
-    # silently take half the connections. Fail to bind instead.
+    # silently take half the connections. Fail to bind instead. Only the workers of one
+    # `serve --workers N` share a port (server_options), behind their parent's guard (workers.py).
     ("grpc.so_reuseport", 0),
     # BDP probing keeps growing a stream's HTTP/2 receive window, so a client that writes KeepAlive
     # requests and never reads the answers could make the broker buffer megabytes per stream. Our
@@ -80,13 +81,25 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+def server_options(shared_port: bool = False) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS; with `shared_port`, SO_REUSEPORT on, for the workers of one broker."""
+    if not shared_port:
+        return SERVER_OPTIONS
+    return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
+
+
 is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
 
 
 class Broker:
-    def __init__(self, config: Config, *, tracing: Tracing | None = None) -> None:
-        """`tracing`: use this instead of what the OTEL_* environment asks for (tests)."""
+    def __init__(self, config: Config, *, tracing: Tracing | None = None, shared_port: bool = False) -> None:
+        """`tracing`: use this instead of what the OTEL_* environment asks for (tests).
+
+        `shared_port`: this is one of the `config.server.workers` processes of `serve --workers N`
+        (workers.py): the ports are shared with SO_REUSEPORT, the acquire rate is split among the
+        workers, and metrics are recorded for the parent to serve (prometheus multiprocess mode)."""
         self.config = config
+        self.shared_port = shared_port
         self._own_tracing = tracing is None
         self.tracing = tracing or DISABLED
         self.audit_log: AuditLog | None = None
@@ -152,7 +165,7 @@ class Broker:
                 self.port = self.server.add_insecure_port(cfg.server.listen)
         except RuntimeError as e:
             raise ConfigError(f"cannot listen on {cfg.server.listen}: {e}") from None
-        if self.metrics is not None and cfg.server.metrics_listen:
+        if self.metrics is not None and cfg.server.metrics_listen and not self.shared_port:
             if self.client is not None:  # the state gauges read etcd; the memory backend has none
                 self.metrics.watch_state(self.client, etcd_cfg.key_root)
             try:
@@ -179,7 +192,7 @@ class Broker:
     def _services(self, service: LockService) -> aio.Server:
         """The gRPC server with every service registered, behind the one interceptor chain."""
         assert self.core is not None
-        server = aio.server(interceptors=self._interceptors(), options=SERVER_OPTIONS)
+        server = aio.server(interceptors=self._interceptors(), options=server_options(self.shared_port))
         add_to_server(service, server)
         self.admin_service = AdminService(self.core, service.retry)
         add_to_server(self.admin_service, server, ADMIN_SERVICE)
@@ -193,7 +206,7 @@ class Broker:
     def _health_only_server(self, listen: str) -> aio.Server:
         """Plaintext gRPC health on its own port, for kubelet probes when the main listener is TLS
         (and perhaps mTLS) only. It serves nothing but grpc.health.v1.Health."""
-        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        server = aio.server(options=[("grpc.so_reuseport", int(self.shared_port))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             self.health_port = server.add_insecure_port(listen)
@@ -281,7 +294,8 @@ class Broker:
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
         if self.quotas.any(lambda q: q.acquire_rate > 0):
-            chain.append(RateLimitInterceptor(self._rate))
+            shares = self.config.server.workers if self.shared_port else 1
+            chain.append(RateLimitInterceptor(self._rate, shares=shares))
         return interceptor_chain(chain)
 
     async def _probe(self) -> None:

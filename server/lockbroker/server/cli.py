@@ -18,10 +18,11 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the client subcommands should not pay for the server's imports.
-    from lockbroker.server.app import Broker  # noqa: PLC0415
     from lockbroker.server.embedded import EtcdNotFoundError, EtcdStartError  # noqa: PLC0415
     from lockbroker.server.lifecycle import EtcdGaveUpError  # noqa: PLC0415
+    from lockbroker.server.workers import WorkerSpec, run_parent  # noqa: PLC0415
 
+    worker = WorkerSpec.from_env(os.environ)  # set by the parent of `serve --workers N`
     try:
         cfg = config.load(args, os.environ)
         config.check_files(cfg)
@@ -30,7 +31,18 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     logs.setup(cfg.server.log_level)
     try:
-        asyncio.run(Broker(cfg).run_until_signal(reload=lambda: _reload(args)))
+        if worker is None and cfg.server.workers > 1:
+            # The parent: it never imports the broker, its workers do (each its own process).
+            return run_parent(getattr(args, "argv", sys.argv[1:]), cfg, reload=lambda: _reload(args))
+        from lockbroker.server import lifecycle  # noqa: PLC0415
+        from lockbroker.server.app import Broker  # noqa: PLC0415
+
+        if worker is not None:
+            worker.become()
+            cfg = worker.apply(cfg)
+        broker = Broker(cfg, shared_port=worker is not None)
+        reload = (lambda: _reload(args)) if worker is None else (lambda: worker.apply(_reload(args)))
+        asyncio.run(lifecycle.run_until_signal(broker, reload, on_ready=worker.ready if worker else None))
     except config.ConfigError as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -127,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = client_cli.parse_args(build_parser(), argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `serve --workers N` gives its workers
     return int(args.func(args))
 
 

@@ -36,6 +36,7 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 64
 
 
 # -- field checks: each raises ValueError(accepted form) for a value it refuses ------------------
@@ -116,6 +117,15 @@ class ServerConfig:
         default=None,
         metadata={"help": "host:port to serve Prometheus /metrics on (unset: no metrics)", "check": check_listen},
     )
+    # 1 by default: on the 2-core machine we measure on, etcd and the clients need the second core
+    # (bench/README.md, "Many cores"); raise it where cores are spare. See docs/operating.md.
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": f"broker processes sharing the listen port (SO_REUSEPORT), 1-{MAX_WORKERS}; "
+            "each one core's worth of gRPC (needs the etcd backend)",
+        },
+    )
     backend: str = field(
         default="etcd",
         metadata={
@@ -130,6 +140,17 @@ class ServerConfig:
             raise ConfigError("server: grace_period must be >= 0 and health_interval > 0")
         if self.backend not in ("etcd", "memory"):
             raise ConfigError(f"server: backend must be etcd or memory, not {self.backend!r}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"--workers / LOCKBROKER_WORKERS / [server] workers: {self.workers} is not valid; "
+                f"expected a whole number from 1 to {MAX_WORKERS}"
+            )
+        if self.workers > 1 and self.backend == "memory":
+            # Each process would have locks of its own: two holders of one lock.
+            raise ConfigError(
+                "--workers / LOCKBROKER_WORKERS / [server] workers: more than 1 needs --backend etcd "
+                "(memory locks live in one process: each worker would grant the same lock)"
+            )
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,12 @@ class EtcdSupervisor:
         return False
 
 
-async def run_until_signal(broker: Broker, reload: Callable[[], Config] | None = None) -> None:
+async def run_until_signal(
+    broker: Broker, reload: Callable[[], Config] | None = None, on_ready: Callable[[], None] | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain. SIGHUP calls `reload` and hands the result to
-    Broker.reload; a `reload` that raises ConfigError changes nothing."""
+    Broker.reload; a `reload` that raises ConfigError changes nothing. `on_ready` is called once
+    the broker serves (a worker tells its parent so; workers.py)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     fatal: list[BaseException] = []
@@ -132,6 +135,8 @@ async def run_until_signal(broker: Broker, reload: Callable[[], Config] | None =
     try:
         await broker.start()
         serving = True
+        if on_ready is not None:
+            on_ready()
         await stop.wait()
         if received:
             log.info(

@@ -8,6 +8,12 @@ What is measured where:
 
 The endpoint is a small threaded HTTP server (prometheus_client's) beside the asyncio loop; the
 state collector hands its etcd read to the loop and waits for it.
+
+With `serve --workers N` the parent process serves the endpoint (`WorkersMetrics`): each worker
+records its counters and histograms in prometheus_client's multiprocess files (the parent sets
+PROMETHEUS_MULTIPROC_DIR for them), and a scrape sums them over every worker that has run since
+the start, restarted ones included, so counters never go back. The state gauges are read from
+etcd once, by the parent. One endpoint, the same names and labels as with one process.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from lockbroker.interceptors.metrics import GrpcMetrics, LockMetrics
@@ -163,14 +170,14 @@ class StateCollector(Collector):
         yield t
 
 
-class Metrics:
-    """Every metric of one broker, in its own registry (tests run several brokers in one process)."""
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class _Endpoint:
+    """A registry served on /metrics, with the state gauges read from etcd."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.grpc = GrpcMetrics(self.registry)
-        self.locks = LockMetrics(self.registry)
-        self.etcd = EtcdCallMetrics(self.registry)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -193,3 +200,23 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
+
+
+class Metrics(_Endpoint):
+    """Every metric of one broker, in its own registry (tests run several brokers in one process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grpc = GrpcMetrics(self.registry)
+        self.locks = LockMetrics(self.registry)
+        self.etcd = EtcdCallMetrics(self.registry)
+
+
+class WorkersMetrics(_Endpoint):
+    """The parent's endpoint with `serve --workers N`: the workers' metrics from `directory`
+    (their PROMETHEUS_MULTIPROC_DIR), summed per series."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+        MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]

@@ -29,6 +29,7 @@ from lockbroker.interceptors.audit._pipeline import (
     AuditWriteError,
     Record,
     log,
+    truncated,
 )
 from lockbroker.interceptors.base import (
     OPEN_SERVICES,
@@ -84,7 +85,13 @@ def _fields(message: object) -> Mapping[str, Any]:
 
 
 def _str_or_none(value: object) -> str | None:
-    return str(value) if value not in (None, "", 0) else None
+    # Cut here, not in a processor: a record never holds more than MAX_FIELD characters of what a
+    # caller sent, whatever processors are configured (request fields may be up to 1 MiB).
+    return truncated(str(value)) if value not in (None, "", 0) else None
+
+
+def _capped(value: str | None) -> str | None:
+    return truncated(value) if value is not None else None
 
 
 _REFS: Final = (
@@ -140,6 +147,18 @@ def audit_unavailable(retry_after: float) -> tuple[grpc.StatusCode, str, Trailer
         message,
         trailers(code, message, AUDIT_UNAVAILABLE, details=[error_details_pb2.RetryInfo(retry_delay=delay)]),
     )
+
+
+_NO_REFS: Final[Mapping[str, str | None]] = dict.fromkeys(key for key, _ in _REFS)
+
+
+def _credential(call: CallState) -> dict[str, str | None] | None:
+    """What a caller whose authentication failed presented: the API key's public id (or
+    "(malformed)") and the certificate identity, as identity wrote them. Never a secret."""
+    if call.credential is None:
+        return None
+    key_id, certificate = call.credential
+    return {"apiKeyId": _capped(key_id), "certificate": _capped(certificate)}
 
 
 def _secrets(context: Context) -> list[str]:
@@ -257,15 +276,20 @@ class AuditInterceptor(WrappingInterceptor):
         self, call: CallState, context: Context, outcome: _Outcome, refs: Mapping[str, str | None], **extra: Any
     ) -> Record:
         principal = call.principal  # None when authentication failed: the default tenant must not take the blame
+        if principal is None:
+            # Nobody vouches for a stranger's request: record what was tried, not what was asked
+            # (issue 18, item 5). Stream counts stay; the request's own fields do not.
+            refs = _NO_REFS
         return {
             "schema": SCHEMA,
             "time": self._stamp(call.started),
             "auditId": self._ids.next(),
             "tenant": principal.tenant if principal is not None else None,
-            "principal": {"kind": principal.kind, "id": principal.id} if principal is not None else None,
-            "sourceAddress": context.peer(),
-            "userAgent": metadata_value(context, "user-agent"),
-            "method": call.info.method,
+            "principal": {"kind": principal.kind, "id": truncated(principal.id)} if principal is not None else None,
+            "credential": _credential(call) if principal is None else None,
+            "sourceAddress": _capped(context.peer()),
+            "userAgent": _capped(metadata_value(context, "user-agent")),
+            "method": truncated(call.info.method),
             "lock": refs.get("lock"),
             "session": refs.get("session"),
             "fencingToken": refs.get("fencingToken"),
@@ -356,7 +380,7 @@ class AuditInterceptor(WrappingInterceptor):
                     received += 1
                     sid = getattr(r, "session_id", "") if isinstance(r, Message) else ""
                     if sid and len(sessions) < MAX_STREAM_SESSIONS:
-                        sessions.setdefault(sid)
+                        sessions.setdefault(truncated(sid))
                     yield r
 
             def record(outcome: _Outcome) -> Record:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -22,11 +23,28 @@ MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
     for name in ("CreateSession", "Acquire", "Release", "CloseSession", "KeepAlive", "Refresh")
 ) | frozenset(f"/lockbroker.v1.AdminService/{name}" for name in ("ForceRelease", "RevokeSession"))
-# Metadata whose values are credentials: never in a record, whatever a handler put in a message.
+# Metadata whose values are credentials. The interceptor never copies these fields into a record;
+# their values are also scrubbed from `outcome.message`, the one free-text field (a careless
+# handler may echo a header there), and from nothing else: a caller choosing its "key" must not be
+# able to blank out its own lock name, tenant, method or peer.
 SECRET_METADATA: Final = ("x-api-key", "authorization")
 REDACTED: Final = "[REDACTED]"
+# Shorter values are not scrubbed: no credential is this short, and "a" would garble the message.
+MIN_SECRET: Final = 8
 MAX_MESSAGE: Final = 1024
+# Every other string a record copies from a call (lock, session, requestId, method, userAgent,
+# sourceAddress, ids) is cut to this many characters, before the record is built: 256 is the
+# longest valid lock name (bytes), so no valid value is ever cut.
+MAX_FIELD: Final = 256
 MAX_STREAM_SESSIONS: Final = 64
+
+
+def truncated(value: str, limit: int = MAX_FIELD) -> str:
+    """`value` if it fits in `limit` characters, else its first `limit` and a marker with its size."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…[truncated, {len(value)} chars]"
+
 
 Record = dict[str, Any]
 Processor = Callable[[Record], Record]
@@ -45,37 +63,32 @@ class AuditWriteError(Exception):
 
 
 def redact_secrets(record: Record) -> Record:
-    """Replace the caller's credentials wherever they appear (e.g. echoed in an error message).
+    """Replace the caller's credentials in `outcome.message` (e.g. a handler echoed its key there).
 
-    The interceptor passes them under the private key `_secrets`; private keys never reach a sink.
+    Redaction is by field: the credential headers are never copied into a record, and the message
+    is the only field whose text a handler writes freely. Substituting the values across the whole
+    record let a caller blank out any field by sending its value as "x-api-key" (issue 18, item 8).
+    The interceptor passes the values under the private key `_secrets`; private keys never reach a sink.
     """
     if "_secrets" not in record:
         return record
-    secrets = [s for s in record["_secrets"] if s]
+    secrets = [s for s in record["_secrets"] if s and len(s) >= MIN_SECRET]
     record = dict(record)
     del record["_secrets"]
-    if not secrets:
+    outcome = record.get("outcome")
+    if not secrets or not isinstance(outcome, dict) or not isinstance(outcome.get("message"), str):
         return record
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for s in secrets:
-                value = value.replace(s, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scrub(v) for v in value]
-        return value
-
-    return {k: scrub(v) for k, v in record.items()}
+    message = outcome["message"]
+    for s in secrets:
+        message = message.replace(s, REDACTED)
+    return {**record, "outcome": {**outcome, "message": message}}
 
 
 def limit_message(record: Record) -> Record:
     """Cap `outcome.message` at MAX_MESSAGE characters; after redaction, so no secret is cut in half."""
     outcome = record.get("outcome")
     if isinstance(outcome, dict) and isinstance(outcome.get("message"), str) and len(outcome["message"]) > MAX_MESSAGE:
-        return {**record, "outcome": {**outcome, "message": outcome["message"][:MAX_MESSAGE] + "…"}}
+        return {**record, "outcome": {**outcome, "message": truncated(outcome["message"], MAX_MESSAGE)}}
     return record
 
 
@@ -91,6 +104,17 @@ def add_fields(**fields: Any) -> Processor:
 DEFAULT_PROCESSORS: Final[tuple[Processor, ...]] = (redact_secrets, limit_message)
 
 
+# What json.dumps(ensure_ascii=False) leaves raw although some line reader breaks lines there:
+# U+0085 (NEL), U+2028 and U+2029 (str.splitlines, JavaScript before ES2019, some log shippers).
+# The other C1 controls and DEL go with them, for terminals. Controls below U+0020 (\v, \f,
+# U+001C-U+001E among them) are already escaped by json.
+_RAW_BREAKS: Final = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_break(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def render_json(record: Record) -> bytes:
     # The check runs in C (map over the keys); the copy only when a private key is there.
     public = (
@@ -98,8 +122,13 @@ def render_json(record: Record) -> bytes:
         if any(map(str.startswith, record, repeat("_")))
         else record
     )
-    # json.dumps escapes newlines inside strings, so a record is always exactly one line.
-    return (json.dumps(public, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
+    # json.dumps escapes newlines inside strings; the substitution escapes the line breaks it leaves
+    # raw (they occur only inside strings, where "\u2028" means the same), so a record is exactly
+    # one line to every reader.
+    text = json.dumps(public, ensure_ascii=False, separators=(",", ":"), default=str)
+    if _RAW_BREAKS.search(text) is not None:
+        text = _RAW_BREAKS.sub(_escape_break, text)
+    return (text + "\n").encode()
 
 
 # --- the sink protocol --------------------------------------------------------------------------------------

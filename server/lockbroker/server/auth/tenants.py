@@ -19,8 +19,8 @@ stored, so a key is shown exactly once, by `add_tenant`/`add_key`, and is unreco
 Why scrypt (n=2^14, r=8, p=1, the scrypt paper's interactive-login setting, about 40 ms and 16 MiB here):
 it is memory-hard, in hashlib, and its parameters travel inside each hash string, so they can be changed
 for new keys without touching old ones. With 256-bit random secrets no work factor is what stops brute
-force; the cost is paid on every uncached verification, so verified keys are cached briefly (see
-`TenantRegistry.authenticate_key`) and unknown ids are rejected without hashing anything.
+force; the cost is paid on every uncached verification, so checks are cached, bounded and
+scheduled by `keycheck.KeyChecker` (see `TenantRegistry.authenticate_key`).
 
 The writers take an exclusive lock on the file's directory, rewrite the whole file in canonical form
 (comments other than the header are not kept) into a 0600 temporary file, and `os.replace` it.
@@ -28,7 +28,6 @@ The writers take an exclusive lock on the file's directory, rewrite the whole fi
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import fcntl
@@ -38,16 +37,15 @@ import os
 import re
 import secrets
 import tempfile
-import time
 import tomllib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lockbroker.interceptors.principal import Principal, tenant_problem
+from lockbroker.server.auth.keycheck import KeyChecker
 
 KEY_PREFIX = "lbk_"
 _KEY_ID = re.compile(r"[a-z0-9]{4,32}")
@@ -207,38 +205,6 @@ class _IndexedKey:
     hash: ScryptHash
 
 
-@dataclass(slots=True)
-class _VerifiedCache:
-    """sha256(key) -> Principal for keys that passed scrypt recently; LRU-bounded, TTL-bounded.
-
-    Only successes are kept, so a flood of wrong keys cannot evict real clients' entries faster than
-    they are used, and a wrong key is never "remembered" as right. The digest, not the key, is the map
-    key so no plaintext key outlives its call.
-    """
-
-    ttl: float
-    size: int
-    _entries: OrderedDict[bytes, tuple[float, Principal]] = field(default_factory=OrderedDict)
-
-    def get(self, digest: bytes) -> Principal | None:
-        hit = self._entries.get(digest)
-        if hit is None:
-            return None
-        if hit[0] <= time.monotonic():
-            del self._entries[digest]
-            return None
-        self._entries.move_to_end(digest)
-        return hit[1]
-
-    def put(self, digest: bytes, principal: Principal) -> None:
-        if self.ttl <= 0 or self.size <= 0:
-            return
-        self._entries[digest] = (time.monotonic() + self.ttl, principal)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-
 class TenantRegistry:
     """An immutable snapshot of the tenants file, indexed for per-call authentication.
 
@@ -253,6 +219,10 @@ class TenantRegistry:
         cache_ttl: float = 30.0,
         cache_size: int = 1024,
         max_concurrent_verifications: int = 4,
+        per_key_id_verifications: int = 2,
+        max_queued_verifications: int = 32,
+        failed_cache_ttl: float = 60.0,
+        failed_cache_size: int = 4096,
     ) -> None:
         self._keys: dict[str, _IndexedKey] = {}
         self._identities: dict[str, Principal] = {}
@@ -294,10 +264,20 @@ class TenantRegistry:
                     )
                 self._identities[ident] = Principal(t.name, "mtls", ident, t.admin)
         self.tenants = tenants_by_name
-        self._cache = _VerifiedCache(cache_ttl, cache_size)
-        self._inflight: dict[bytes, asyncio.Task[Principal | None]] = {}
-        # Bounds the memory (16 MiB each) and threads that wrong keys can make us spend at once.
-        self._verify_slots = asyncio.Semaphore(max_concurrent_verifications)
+        # Checked against for well-formed keys whose id is unknown, so that they cost what a wrong
+        # secret costs (a random digest: nothing matches it).
+        self._dummy = ScryptHash(SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, os.urandom(_SALT_BYTES), os.urandom(_DIGEST_BYTES))
+        # Bounds the scrypts (16 MiB and a thread each) that wrong keys can make us spend.
+        self.checks = KeyChecker(
+            self.verify_key,
+            cache_ttl=cache_ttl,
+            cache_size=cache_size,
+            failed_ttl=failed_cache_ttl,
+            failed_size=failed_cache_size,
+            concurrency=max_concurrent_verifications,
+            per_key_id=per_key_id_verifications,
+            max_queued=max_queued_verifications,
+        )
 
     def __len__(self) -> int:
         return len(self.tenants)
@@ -315,40 +295,29 @@ class TenantRegistry:
         return self._identities.get(identity)
 
     def verify_key(self, key: str) -> Principal | None:
-        """Uncached and blocking (one scrypt); `authenticate_key` is the per-call path."""
+        """Uncached and blocking: one scrypt for every well-formed key, whether or not its id is
+        known (against a dummy hash if not), so the time taken does not tell which ids exist.
+        `authenticate_key` is the per-call path."""
         parsed = parse_key(key)
-        entry = self._keys.get(parsed[0]) if parsed else None
-        if entry is None or not entry.hash.matches(key.encode("ascii")):
+        if parsed is None:
             return None
-        return entry.principal
+        entry = self._keys.get(parsed[0])
+        matched = (entry.hash if entry is not None else self._dummy).matches(key.encode("ascii"))
+        return entry.principal if entry is not None and matched else None
 
-    async def authenticate_key(self, key: str) -> Principal | None:
+    async def authenticate_key(self, key: str, alive: Callable[[], bool] | None = None) -> Principal | None:
         """The principal of an API key, or None. Never blocks the event loop on scrypt.
 
-        A malformed key or an unknown id costs nothing; a known id costs one scrypt in a worker
-        thread (hashlib releases the GIL), unless the same key passed within `cache_ttl` seconds.
-        Concurrent first calls with one key share one scrypt.
+        A malformed key costs nothing (the format is public). A well-formed one, known id or not,
+        costs one scrypt in a worker thread unless the same key passed or failed recently;
+        concurrent calls with one key share it. `keycheck` bounds the rest: it raises
+        `CredentialCheckBusy` rather than queue past its limits, and CancelledError when `alive()`
+        says the caller left before its key was checked.
         """
         parsed = parse_key(key)
-        if parsed is None or parsed[0] not in self._keys:
+        if parsed is None:
             return None
-        digest = hashlib.sha256(key.encode("ascii")).digest()
-        if (hit := self._cache.get(digest)) is not None:
-            return hit
-        task = self._inflight.get(digest)
-        if task is None:
-            task = asyncio.ensure_future(self._verify_in_thread(key, digest))
-            self._inflight[digest] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(digest, None))
-        # Shielded: a caller that gives up must not cancel the verification others are waiting for.
-        return await asyncio.shield(task)
-
-    async def _verify_in_thread(self, key: str, digest: bytes) -> Principal | None:
-        async with self._verify_slots:
-            principal = await asyncio.get_running_loop().run_in_executor(None, self.verify_key, key)
-        if principal is not None:
-            self._cache.put(digest, principal)
-        return principal
+        return await self.checks.check(key, parsed[0], alive)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -132,6 +133,11 @@ class Stubs:
         self.watch = pb_grpc.WatchStub(channel)
         self.maintenance = pb_grpc.MaintenanceStub(channel)
         self.auth = pb_grpc.AuthStub(channel)
+
+
+def _span_failed(span: trace.Span, e: aio.AioRpcError) -> None:
+    span.set_attribute("rpc.grpc.status_code", e.code().value[0])
+    span.set_status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
 
 
 class EtcdClient:
@@ -273,7 +279,7 @@ class EtcdClient:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(
+    async def call(  # noqa: PLR0915 - one frame on purpose: see the docstring
         self,
         method: Callable[[Stubs], Callable[..., Awaitable[T]]],
         request: Message,
@@ -281,87 +287,83 @@ class EtcdClient:
         write: bool,
         timeout: float | None = None,
     ) -> T:
+        """One etcd call within what is left of the RPC's deadline: token renewal, one retry of a
+        read off a silent member, the CLIENT span and the metrics observation, all in this one
+        frame (issue 13 counts the frames between grpc's handler and the etcd stub; each helper
+        coroutine here used to add one on every call). Every response header's revision is noted
+        in `revision` (the release-mark compare of enqueues reads it)."""
         budget = remaining(timeout or self._config.request_timeout)
         if budget <= 0:
             raise Unavailable("the request's deadline passed before etcd was called", retry_after=0.0)
-        if self._observer is not None:
-            return await self._observed(method, request, write, budget)
-        return await self._traced(method, request, write, budget)
-
-    async def _observed(
-        self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
-    ) -> T:
-        assert self._observer is not None
+        scope = self._span_scope(request)
+        span = scope.__enter__() if scope is not None else None
         t0 = time.perf_counter()
-        code: str | None = None
+        failure: str | None = None
         try:
-            return await self._traced(method, request, write, budget)
+            if self._config.username is not None and self._token is None:
+                await self.authenticate()
+            deadline = time.monotonic() + budget
+            renewed = moved = False
+            while True:  # at most three attempts: one after a token renewal, one off a silent member
+                idx, stubs = self.current()
+                token = self._token
+                left = deadline - time.monotonic()
+                # A frozen member (SIGSTOP) answers nothing and returns no error, so a read it leaves
+                # unanswered for READ_ATTEMPT moves on to the next endpoint once, within the budget.
+                # Only reads: a write's outcome would be unknown, and its caller resolves that.
+                bounded = not write and not moved and len(self._endpoints) > 1 and left > READ_ATTEMPT + 0.1
+                try:
+                    resp = await method(stubs)(
+                        request, timeout=min(left, READ_ATTEMPT) if bounded else left, metadata=self.metadata()
+                    )
+                except aio.AioRpcError as e:
+                    if not renewed and self._bad_token(e):
+                        renewed = True
+                        await self.authenticate(stale=token)
+                        continue
+                    if bounded and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        moved = True
+                        log.info("etcd at %s left a read unanswered for %.1fs", self.target_of(idx), READ_ATTEMPT)
+                        self.failover(idx)
+                        continue
+                    if span is not None:
+                        _span_failed(span, e)
+                    raise self._translate(e, idx, write) from None
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", 0)
+                header = getattr(resp, "header", None)
+                if header is not None and header.revision > self.revision:
+                    self.revision = header.revision
+                return resp
         except Unavailable:
-            code = "UNAVAILABLE"  # transient: etcd unreachable, overloaded, timed out or leaderless
+            failure = "UNAVAILABLE"  # transient: etcd unreachable, overloaded, timed out or leaderless
             raise
         except BaseException as e:
-            code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else type(e).__name__
+            failure = "CANCELLED" if isinstance(e, asyncio.CancelledError) else type(e).__name__
             raise
         finally:
-            name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("", "unknown"))[1]
-            self._observer(name, time.perf_counter() - t0, code)
+            if scope is not None:
+                # The span records no exception (record_exception=False): ending it is all that is left.
+                scope.__exit__(None, None, None)
+            if self._observer is not None:
+                self._observe(request, time.perf_counter() - t0, failure)
 
-    async def _traced(
-        self, method: Callable[[Stubs], Callable[..., Awaitable[T]]], request: Message, write: bool, budget: float
-    ) -> T:
+    def _span_scope(self, request: Message) -> AbstractContextManager[trace.Span] | None:
+        """The CLIENT span of one etcd call (named like grpc's own), or None when not tracing."""
         if self._tracer is None or not is_instrumentation_enabled():
-            return await self._call(method, request, write, budget, None)
+            return None
         service, name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("etcdserverpb", "unknown"))
-        with self._tracer.start_as_current_span(
+        return self._tracer.start_as_current_span(
             f"/{service}/{name}",
             kind=trace.SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            return await self._call(method, request, write, budget, span)
+        )
 
-    async def _call(
-        self,
-        method: Callable[[Stubs], Callable[..., Awaitable[T]]],
-        request: Message,
-        write: bool,
-        budget: float,
-        span: trace.Span | None,
-    ) -> T:
-        if self._config.username is not None and self._token is None:
-            await self.authenticate()
-        deadline = time.monotonic() + budget
-        renewed = moved = False
-        while True:  # at most three attempts: one after a token renewal, one off a silent member
-            idx, stubs = self.current()
-            token = self._token
-            left = deadline - time.monotonic()
-            # A frozen member (SIGSTOP) answers nothing and returns no error, so a read it leaves
-            # unanswered for READ_ATTEMPT moves on to the next endpoint once, within the budget.
-            # Only reads: a write's outcome would be unknown, and its caller resolves that.
-            bounded = not write and not moved and len(self._endpoints) > 1 and left > READ_ATTEMPT + 0.1
-            try:
-                resp = await method(stubs)(
-                    request, timeout=min(left, READ_ATTEMPT) if bounded else left, metadata=self.metadata()
-                )
-            except aio.AioRpcError as e:
-                if not renewed and self._bad_token(e):
-                    renewed = True
-                    await self.authenticate(stale=token)
-                    continue
-                if bounded and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    moved = True
-                    log.info("etcd at %s left a read unanswered for %.1fs", self.target_of(idx), READ_ATTEMPT)
-                    self.failover(idx)
-                    continue
-                if span is not None:
-                    span.set_attribute("rpc.grpc.status_code", e.code().value[0])
-                    span.set_status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
-                raise self._translate(e, idx, write) from None
-            if span is not None:
-                span.set_attribute("rpc.grpc.status_code", 0)
-            return resp
+    def _observe(self, request: Message, seconds: float, failure: str | None) -> None:
+        assert self._observer is not None
+        self._observer(_RPC_NAMES.get(request.DESCRIPTOR.full_name, ("", "unknown"))[1], seconds, failure)
 
     def _translate(self, e: aio.AioRpcError, idx: int, write: bool) -> Exception:
         code, details = e.code(), e.details() or ""
@@ -404,23 +406,17 @@ class EtcdClient:
 
     # -- typed helpers ----------------------------------------------------------------------
 
-    def _saw(self, header: pb.ResponseHeader) -> None:
-        self.revision = max(self.revision, header.revision)
+    # The helpers below return `call`'s coroutine instead of awaiting it, so they cost no frame on
+    # the call path; `call` notes each response's revision itself.
 
-    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
-        resp: pb.RangeResponse = await self.call(lambda s: s.kv.Range, req, write=False)
-        self._saw(resp.header)
-        return resp
+    def range(self, req: pb.RangeRequest) -> Awaitable[pb.RangeResponse]:
+        return self.call(lambda s: s.kv.Range, req, write=False)
 
-    async def put(self, req: pb.PutRequest) -> pb.PutResponse:
-        resp: pb.PutResponse = await self.call(lambda s: s.kv.Put, req, write=True)
-        self._saw(resp.header)
-        return resp
+    def put(self, req: pb.PutRequest) -> Awaitable[pb.PutResponse]:
+        return self.call(lambda s: s.kv.Put, req, write=True)
 
-    async def txn(self, req: pb.TxnRequest, *, write: bool = True) -> pb.TxnResponse:
-        resp: pb.TxnResponse = await self.call(lambda s: s.kv.Txn, req, write=write)
-        self._saw(resp.header)
-        return resp
+    def txn(self, req: pb.TxnRequest, *, write: bool = True) -> Awaitable[pb.TxnResponse]:
+        return self.call(lambda s: s.kv.Txn, req, write=write)
 
     async def lease_grant(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantResponse:
         resp: pb.LeaseGrantResponse = await self.call(
@@ -430,11 +426,11 @@ class EtcdClient:
             raise BackendError(f"etcd LeaseGrant: {resp.error}")
         return resp
 
-    async def lease_revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
-        return await self.call(lambda s: s.lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease_id), write=True)
+    def lease_revoke(self, lease_id: int) -> Awaitable[pb.LeaseRevokeResponse]:
+        return self.call(lambda s: s.lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease_id), write=True)
 
-    async def lease_time_to_live(self, lease_id: int) -> pb.LeaseTimeToLiveResponse:
-        return await self.call(lambda s: s.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease_id), write=False)
+    def lease_time_to_live(self, lease_id: int) -> Awaitable[pb.LeaseTimeToLiveResponse]:
+        return self.call(lambda s: s.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease_id), write=False)
 
-    async def status(self, timeout: float | None = None) -> pb.StatusResponse:
-        return await self.call(lambda s: s.maintenance.Status, pb.StatusRequest(), write=False, timeout=timeout)
+    def status(self, timeout: float | None = None) -> Awaitable[pb.StatusResponse]:
+        return self.call(lambda s: s.maintenance.Status, pb.StatusRequest(), write=False, timeout=timeout)
