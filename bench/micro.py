@@ -1,7 +1,7 @@
 """Micro-benchmarks of single server wrappers, in-process: CPU per call, no network, no etcd.
 
     uv run python -m bench.micro retry          # the service edge's `rpc` (retry included) around an Acquire
-    uv run python -m bench.micro audit [SINK]   # one audit record per call; SINK: memory, never, always
+    uv run python -m bench.micro audit [SINK]   # one call's audit records; SINK: memory, never, always
 
 They answer "how much of a broker cycle is this layer" when the full benchmark's run-to-run noise
 (about ±15% on the 2-core machine) hides it. The handler behind each wrapper does nothing.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, FsyncPolicy, Sink
-from lockbroker.interceptors.base import CallInfo
+from lockbroker.interceptors.base import CallInfo, layered
 from lockbroker.server.service import RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2
 
@@ -118,7 +118,11 @@ async def audit(sink_kind: str) -> None:
         fsync = cast("FsyncPolicy", sink_kind)  # argparse's choices: never or always
         sink: Sink = MemorySink() if sink_kind == "memory" else FileSink(Path(tmp) / "audit.jsonl", fsync=fsync)
         log = AuditLog([sink])
-        wrapped = AuditInterceptor(log).wrap_unary(handler, ACQUIRE)
+        interceptor = AuditInterceptor(log)
+        # As the broker chains it: the audit layer and, innermost, its request stage (a
+        # RequestReceived and a ResponseComplete record per call).
+        layers = [interceptor.layer(ACQUIRE), interceptor.request_stage.layer(ACQUIRE)]
+        wrapped = layered([layer for layer in layers if layer is not None], handler, ACQUIRE)
         request = lock_pb2.AcquireRequest(name="a", session_id="0123456789abcdef", request_id="r-1")
         try:
             await measure("bare handler", handler, request, workers=64, calls=300)

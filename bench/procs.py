@@ -168,6 +168,7 @@ class BrokerProcess:
     audit: bool = True
     audit_fsync: str = "always"
     traced: bool = False
+    sampler: tuple[str, str] | None = None  # OTEL_TRACES_SAMPLER and its ARG, for a traced broker
     workers: int = 1
     proc: asyncio.subprocess.Process | None = None
     port: int = 0
@@ -238,6 +239,8 @@ class BrokerProcess:
     async def start(self, log_dir: Path, timeout: float = 60.0) -> None:
         self._log = (log_dir / f"{self.name}.log").open("ab")
         env = child_env(BENCH_SPAN_COUNT_FILE=str(self.span_count_file)) if self.traced else child_env()
+        if self.traced and self.sampler is not None:
+            env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"] = self.sampler
         for attempt in range(PORT_RACE_RETRIES + 1):
             # A port free a moment ago may be taken by someone else's test before we bind it:
             # the broker then exits (it refuses SO_REUSEPORT) and another port is worth a try.

@@ -27,6 +27,7 @@ class Target:
                     audit=spec.audit,
                     audit_fsync=spec.audit_fsync,
                     traced=spec.traced,
+                    sampler=spec.sampler,
                     workers=spec.workers,
                 )
                 for i in range(spec.replicas)

@@ -14,6 +14,9 @@ class TargetSpec:
     audit: bool = True
     audit_fsync: str = "always"
     traced: bool = False
+    # OTEL_TRACES_SAMPLER[_ARG] for a traced broker, e.g. ("parentbased_traceidratio", "0.01");
+    # None: the SDK default (every call sampled).
+    sampler: tuple[str, str] | None = None
     replicas: int = 1
     workers: int = 1  # `serve --workers N`
     connections: int = 1  # connections per agent to each broker (several reach several workers)
@@ -26,6 +29,14 @@ TARGETS: dict[str, TargetSpec] = {
         TargetSpec("broker", "broker", "broker: audit to a file, tracing off (as deployed)", "broker"),
         TargetSpec(
             "broker-traced", "broker", "broker: audit + tracing to an in-process exporter", "broker", traced=True
+        ),
+        TargetSpec(
+            "broker-traced-1pct",
+            "broker",
+            "broker: audit + tracing, 1% of calls sampled (parentbased_traceidratio 0.01)",
+            "broker",
+            traced=True,
+            sampler=("parentbased_traceidratio", "0.01"),
         ),
         TargetSpec("broker-noaudit", "broker", "broker: no audit, tracing off", "broker", audit=False),
         TargetSpec(
@@ -52,7 +63,7 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
-BROKER_VARIANTS = ("broker-traced", "broker-noaudit", "broker-auditlazy")
+BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy")
 SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 

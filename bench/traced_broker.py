@@ -40,7 +40,9 @@ def main(argv: Sequence[str]) -> int:
     cfg = config.load(args, os.environ)
     logs.setup(cfg.server.log_level)
     exporter = CountingExporter()
-    tracing = configure_tracing({}, span_processors=[BatchSpanProcessor(exporter)])
+    # Only the sampler comes from the environment (the bench's 1% target sets it); exporters never.
+    env = {k: v for k, v in os.environ.items() if k in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")}
+    tracing = configure_tracing(env, span_processors=[BatchSpanProcessor(exporter)])
     try:
         asyncio.run(Broker(cfg, tracing=tracing).run_until_signal())
     finally:

@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from lockbroker.client.errors import rich_status
+from lockbroker.server.core.names import key_name
 from lockbroker.server.etcd import rpc_pb2 as epb
 from lockbroker.server.etcd import rpc_pb2_grpc as epb_grpc
 from lockbroker.v1 import lock_pb2
@@ -212,7 +213,7 @@ def active_watches(broker: Any) -> int:
 
 
 async def lock_keys(probe: EtcdProbe, name: str | None = None) -> list[bytes]:
-    return await probe.keys(LOCKS + (f"{name}#" if name is not None else ""))
+    return await probe.keys(LOCKS + (f"{key_name(name).decode()}#" if name is not None else ""))
 
 
 # -- sessions ---------------------------------------------------------------------------------

@@ -89,10 +89,18 @@ async def test_audit_has_exactly_one_record_per_call_including_rejections(
         calls[("KeepAlive", "OK")] += 1
     await asyncio.sleep(0.2)  # the stream's record is written as it ends
 
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    everything = [json.loads(line) for line in log.read_text().splitlines()]
+    # One ResponseComplete record per call; mutating unary calls whose handler ran also have a
+    # RequestReceived record (docs/audit.md, "Stages"), which their ResponseComplete one names.
+    records = [r for r in everything if r["stage"] == "ResponseComplete"]
     seen = Counter((r["method"].rsplit("/", 1)[1], r["outcome"]["code"]) for r in records)
     assert seen == calls, (seen, calls)
-    assert len({r["auditId"] for r in records}) == len(records)
+    assert len({r["auditId"] for r in everything}) == len(everything)
+    received = {r["auditId"]: r for r in everything if r["stage"] == "RequestReceived"}
+    assert set(received) == {r["requestAuditId"] for r in records if r["requestAuditId"]}
+    # CreateSession, 2 Acquires and the bad name (admitted, then refused by the edge), 2 Refresh,
+    # Release, CloseSession; not the unauthenticated Acquire, the reads or the KeepAlive stream.
+    assert len(received) == 8, sorted(r["method"] for r in received.values())
     assert key not in log.read_text()
     for r in records:
         assert r["schema"] == "lockbroker.audit/v1"

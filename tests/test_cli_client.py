@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -223,6 +224,30 @@ async def test_acquire_describe_list_release(broker: Broker, probe: EtcdProbe) -
     assert await probe.keys(SESSIONS) == []  # releasing a one-lock grant closes its session
 
 
+async def test_any_utf8_name_and_a_non_utf8_argument(broker: Broker, probe: EtcdProbe) -> None:
+    # Names are any UTF-8 text without control characters (issue 19); argv that is not UTF-8
+    # reaches Python as lone surrogates, which the client refuses before sending.
+    t = target_of(broker)
+    name = "été/锁 #1 $x"
+    got = await cli(t, "acquire", name, "--ttl", "30", "-o", "json")
+    assert got.code == 0, got
+    assert got.json["name"] == name
+    token = got.json["fencing_token"]
+    desc, listed, bad = await asyncio.gather(
+        cli(t, "describe", name, "-o", "json"),
+        cli(t, "list", "--prefix", "été/锁 #", "-o", "json"),
+        cli(t, "acquire", os.fsdecode(b"orders/\xff"), "-o", "json"),
+    )
+    assert desc.code == 0 and desc.json["holder"]["fencing_token"] == token, desc
+    assert listed.code == 0 and [lk["name"] for lk in listed.json["locks"]] == [name], listed
+    assert bad.code == 2, bad
+    assert bad.json["error"]["field_violations"][0]["field"] == "name"
+    assert "not valid UTF-8" in bad.err
+    rel = await cli(t, "release", name, "--token", str(token))
+    assert rel.code == 0, rel
+    assert await lock_keys(probe) == []
+
+
 def test_usage_errors_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
     r = run_main(capsys, "acquire", "x", "--ttl", "5", "--session", "0123456789abcdef", "-o", "json")
     assert r.code == 2 and "--ttl applies only without --session" in r.err, r
@@ -251,7 +276,7 @@ def test_usage_errors_before_connecting(capsys: pytest.CaptureFixture[str]) -> N
 async def test_broker_refusals_and_unavailable(broker: Broker) -> None:
     t = target_of(broker)
     bad_name, unavailable, help_text = await asyncio.gather(
-        cli(t, "acquire", "a//b", "-o", "json"),
+        cli(t, "acquire", "a\nb", "-o", "json"),  # a control character: the one rule a name can break here
         cli(f"127.0.0.1:{free_port()}", "describe", "x", "--timeout", "1", "-o", "json"),
         cli(t, "--help"),
     )

@@ -110,15 +110,14 @@ SESSION_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def name_ok(name: str, *, prefix: bool = False) -> bool:
-    """README: 1-256 bytes of A-Z a-z 0-9 and -_.:@+=,~%, "/" between segments that are not empty, "." or ".."."""
+    """README: any UTF-8 text of 1-1024 bytes without control characters (U+0000-U+001F, U+007F-U+009F).
+
+    A List prefix may also be empty."""
     if not name:
         return prefix
-    if len(name.encode()) > 256:
+    if len(name.encode("utf-8", "surrogatepass")) > 1024:
         return False
-    segments = name.split("/")
-    if prefix and segments[-1] == "":
-        segments = segments[:-1]  # "orders/" is a prefix of "orders/42"
-    return all(s not in ("", ".", "..") and set(s) <= _NAME_SET for s in segments)
+    return not any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or 0xD800 <= ord(ch) <= 0xDFFF for ch in name)
 
 
 def owner_ok(owner: str) -> bool:
@@ -250,13 +249,20 @@ def mostly(usual: st.SearchStrategy[T], other: st.SearchStrategy[T], weight: int
 
 utf8_text = st.text(st.characters(codec="utf-8"), max_size=40)
 segments = st.text(NAME_CHARS, min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
+# Names of the alphabet from before issue 19 (they keep their etcd keys), and any text since.
+printable_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]), min_size=1, max_size=24)
 valid_names = st.one_of(
     st.lists(segments, min_size=1, max_size=4).map("/".join),
-    segments.map(lambda s: (s * 256)[:256].lstrip(".") or "x"),  # at the 256-byte limit
+    segments.map(lambda s: (s * 256)[:256].lstrip(".") or "x"),  # at the old 256-byte limit
+    printable_text,
+    st.lists(st.one_of(segments, st.sampled_from(["#", "$", " ", "!", "$23", "/", "é", "💥"])), min_size=1).map(
+        "".join
+    ),
+    printable_text.map(lambda s: (s * 1024).encode()[:1024].decode(errors="ignore")),  # at the 1 KiB limit
 )
 SEPARATORS = ["/", "//", "#", ".", "..", "\x00", "\n", " ", "\t", "\\", "\u2028", "\ufeff", "é", "💥", "%2F", "?"]
 weird_names = st.lists(st.one_of(segments, st.sampled_from(SEPARATORS)), min_size=1, max_size=6).map("".join)
-huge_names = st.sampled_from([257, 1_000, 70_000]).map(lambda n: "n" * n)
+huge_names = st.sampled_from([257, 1_024, 1_025, 70_000]).map(lambda n: "n" * n)
 names = mostly(valid_names, st.one_of(utf8_text, weird_names, huge_names), 3)
 
 owners = mostly(

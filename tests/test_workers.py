@@ -150,6 +150,10 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def _completed_create(record: dict[str, Any]) -> bool:
+    return str(record.get("method", "")).endswith("CreateSession") and record.get("stage") == "ResponseComplete"
+
+
 # -- tests ----------------------------------------------------------------------------------
 
 
@@ -173,11 +177,13 @@ async def test_both_workers_serve_metrics_and_audit_count_every_call(tmp_path: P
         # Both workers append to one audit file: whole lines, one per call.
         async def audited() -> bool:
             lines = audit.read_bytes().splitlines() if audit.exists() else []
-            return sum(str(json.loads(ln).get("method", "")).endswith("CreateSession") for ln in lines) >= calls
+            done = [json.loads(ln) for ln in lines]
+            return sum(_completed_create(r) for r in done) >= calls
 
         await wait_until(audited, 10, f"{calls} CreateSession audit records")
         records = [json.loads(ln) for ln in audit.read_bytes().splitlines()]  # every line parses
-        assert sum(r.get("method", "").endswith("CreateSession") for r in records) == calls
+        # One ResponseComplete record per call (each also has a RequestReceived one: docs/audit.md).
+        assert sum(_completed_create(r) for r in records) == calls
 
         # A second broker on the same port is refused, with one worker or with several.
         for extra in ((), ("--workers", "2")):

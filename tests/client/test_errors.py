@@ -32,13 +32,14 @@ from lockbroker.v1 import lock_pb2
 async def test_invalid_argument_names_every_bad_field(client: Client) -> None:
     with pytest.raises(InvalidArgument) as ei:
         await client.acquire(
-            "orders//42", session_id="not-a-session", ttl=5, owner="tab\there", request_id="spaces are bad"
+            "orders/\n42", session_id="not-a-session", ttl=5, owner="tab\there", request_id="spaces are bad"
         )
     err = ei.value
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "INVALID_ARGUMENT"
     fields = dict(err.field_violations)
     assert set(fields) == {"name", "session_id", "ttl", "owner", "request_id"}
-    assert "segment" in fields["name"] and "16 hex digits" in fields["session_id"]
+    # (A name with an empty segment, "orders//42", was the bad name here before issue 19.)
+    assert "control character" in fields["name"] and "16 hex digits" in fields["session_id"]
     assert isinstance(err.detail(error_details_pb2.ErrorInfo), error_details_pb2.ErrorInfo)
 
 

@@ -49,7 +49,7 @@ async def test_release_only_by_the_session_that_holds_the_grant(env: Env) -> Non
 async def test_release_and_session_calls_compare_the_principal(env: Env) -> None:
     s = await env.core.create_session(TENANT, 10, "alice's", "", ALICE)
     lease = env.adopt(int(s.session_id, 16))
-    g = await env.core.acquire(TENANT, AcquireParams("own/p", lease, 10, 0.0, "", "", ALICE))
+    g = await env.core.acquire(TENANT, AcquireParams("own/p", lease, 10, 0.0, "", "", principal=ALICE))
     # A session-less Release is allowed only to the principal whose session holds the grant.
     with pytest.raises(NotOwner):
         await env.core.release(TENANT, "own/p", g.fencing_token, None, BOB)
@@ -69,7 +69,7 @@ async def test_release_and_session_calls_compare_the_principal(env: Env) -> None
 
 
 async def test_an_implicit_session_records_its_principal(env: Env) -> None:
-    g = await env.core.acquire(TENANT, AcquireParams("own/i", None, 10, 0.0, "", "rid-i", ALICE))
+    g = await env.core.acquire(TENANT, AcquireParams("own/i", None, 10, 0.0, "", "rid-i", principal=ALICE))
     lease = env.adopt(int(g.session_id, 16))
     env.core.owners.forget(TENANT, lease)
     with pytest.raises(NotOwner):

@@ -24,7 +24,7 @@ def quota() -> TenantQuota:
 
 async def test_a_grant_held_past_its_limit_is_revoked_and_its_session_told(env: Env) -> None:
     a, b = await env.session(), await env.session()
-    g = await env.core.acquire(TENANT, AcquireParams("hold/x", a, 10, 0.0, "", "", "", 2.0))
+    g = await env.core.acquire(TENANT, AcquireParams("hold/x", a, 10, 0.0, "", "", max_hold=2.0))
     sweeper = env.core.holds
     assert await sweeper.sweep(now=time.time()) == 0, "not due yet"
     assert (await env.describe("hold/x")).holder is not None
@@ -41,7 +41,7 @@ async def test_a_grant_held_past_its_limit_is_revoked_and_its_session_told(env: 
 
 async def test_a_grant_released_in_time_is_left_alone(env: Env) -> None:
     a = await env.session()
-    g = await env.core.acquire(TENANT, AcquireParams("hold/y", a, 10, 0.0, "", "", "", 2.0))
+    g = await env.core.acquire(TENANT, AcquireParams("hold/y", a, 10, 0.0, "", "", max_hold=2.0))
     assert len(await env.keys("/h/")) == 1
     assert await env.release("hold/y", g.fencing_token, a)
     again = await env.acquire("hold/y", a)  # a later grant without a limit of its own (tenant's 30 s)
@@ -56,6 +56,6 @@ async def test_a_limit_above_the_tenants_is_refused_before_anything_is_queued(en
     a = await env.session()
     before = await env.snapshot()
     with pytest.raises(QuotaExceeded) as ei:
-        await env.core.acquire(TENANT, AcquireParams("hold/z", a, 10, 0.0, "", "", "", 60.0))
+        await env.core.acquire(TENANT, AcquireParams("hold/z", a, 10, 0.0, "", "", max_hold=60.0))
     assert ei.value.limit == "max_hold"
     await env.assert_untouched(before)

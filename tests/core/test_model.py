@@ -5,12 +5,15 @@ lock, a release is exact, an ended session frees its locks, a dead session takes
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lockbroker.server.core.errors import AlreadyQueued, LockHeld, NotOwner, SessionNotFound
+from lockbroker.server.core.locks import AcquireParams
+from lockbroker.server.core.names import new_claim_id, reentrant_claim_id
 from tests.core.conftest import TENANT, Env
 
 SESSIONS, LOCKS = 3, 2
@@ -88,6 +91,105 @@ async def test_random_operations_follow_the_model(env: Env, steps: list[tuple[st
                 assert (d.holder.lease if d.holder is not None else None) == (
                     sessions[want] if want is not None else None
                 ), f"after step {n} {op}: {nm}"
+                assert d.waiters == []
+    finally:
+        for lease in sessions:
+            await env.core.close_session(TENANT, lease)
+
+
+# -- the model with claims and reentrancy (issue 19) -------------------------------------------------
+
+OWNERS = 2
+
+claim_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["acquire", "claim", "reenter", "release", "release-anon", "stale-release", "end"]),
+        st.integers(0, SESSIONS - 1),
+        st.integers(0, LOCKS - 1),
+        st.integers(0, OWNERS - 1),
+    ),
+    max_size=16,
+)
+
+
+@dataclass
+class Held:
+    session: int
+    kind: str  # "plain", "claim" or "reentrant"
+    owner: int  # the reentrant owner (reentrant claims only)
+    token: int
+    holds: int = 1
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=claim_ops)
+async def test_random_claims_and_reentry_follow_the_model(env: Env, steps: list[tuple[str, int, int, int]]) -> None:
+    """Try-locks of every kind: a plain claim, a new claim, and a reentrant owner's claim. A held
+    lock refuses every other claim (its own session's too) except its reentrant owner re-entering,
+    which counts a hold on the same token; a release takes one hold off, the last frees the lock."""
+    tag = uuid.uuid4().hex[:8]
+    names = [f"claims-model/{tag}/{i}" for i in range(LOCKS)]
+    sessions = [await env.session(ttl=30) for _ in range(SESSIONS)]
+    alive = [True] * SESSIONS
+    held: list[Held | None] = [None] * LOCKS
+    last: list[int] = [0] * LOCKS
+    granted: list[list[int]] = [[] for _ in range(LOCKS)]
+    try:
+        for n, (op, s, lk, o) in enumerate(steps):
+            name, lease, h = names[lk], sessions[s], held[lk]
+            if op in ("acquire", "claim", "reenter"):
+                claim = {"acquire": "", "claim": new_claim_id(f"r{n}"), "reenter": reentrant_claim_id(f"o{o}")}[op]
+                p = AcquireParams(name, lease, 0, 0.0, "", f"r{n}", claim, f"o{o}" if op == "reenter" else "")
+                if not alive[s]:
+                    with pytest.raises(SessionNotFound):
+                        await env.core.acquire(TENANT, p)
+                elif op == "reenter" and h is not None and (h.session, h.kind, h.owner) == (s, "reentrant", o):
+                    g = await env.core.acquire(TENANT, p)
+                    h.holds += 1
+                    assert (g.fencing_token, g.hold_count) == (h.token, h.holds)
+                elif op == "acquire" and h is not None and (h.session, h.kind) == (s, "plain"):
+                    with pytest.raises(AlreadyQueued):
+                        await env.core.acquire(TENANT, p)
+                elif h is not None:
+                    with pytest.raises(LockHeld) as ei:
+                        await env.core.acquire(TENANT, p)
+                    assert ei.value.info.holder is not None
+                    assert ei.value.info.holder.create_revision == h.token
+                else:
+                    g = await env.core.acquire(TENANT, p)
+                    assert g.fencing_token > last[lk], "fencing tokens must increase per lock"
+                    kind = {"acquire": "plain", "claim": "claim", "reenter": "reentrant"}[op]
+                    held[lk] = Held(s, kind, o, g.fencing_token)
+                    last[lk] = g.fencing_token
+                    granted[lk].append(g.fencing_token)
+            elif op in ("release", "release-anon"):
+                by = lease if op == "release" else None
+                got = await env.core.release_claim(TENANT, name, last[lk], by) if last[lk] else (False, 0)
+                ours = h is not None and h.token == last[lk] and (op == "release-anon" or h.session == s)
+                if not ours or h is None:
+                    assert got == (False, 0)
+                else:
+                    h.holds -= 1
+                    assert got == (True, h.holds)
+                    if h.holds == 0:
+                        held[lk] = None
+            elif op == "stale-release":
+                for old in granted[lk][:-1]:
+                    assert await env.core.release_claim(TENANT, name, old, lease) == (False, 0)
+                    assert await env.core.release_claim(TENANT, name, old, None) == (False, 0)
+            else:
+                assert await env.core.close_session(TENANT, lease) == alive[s]
+                alive[s] = False
+                held = [None if x is not None and x.session == s else x for x in held]
+            for i, nm in enumerate(names):
+                d = await env.describe(nm)
+                want = held[i]
+                got_holder = (d.holder.create_revision, d.holder.value.hold_count) if d.holder is not None else None
+                assert got_holder == ((want.token, want.holds) if want is not None else None), f"step {n} {op}"
                 assert d.waiters == []
     finally:
         for lease in sessions:

@@ -134,8 +134,9 @@ def api_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdentityInte
     return key, identity
 
 
-def chain(audit: AuditInterceptor, identity: IdentityInterceptor) -> list[aio.ServerInterceptor]:
-    return [audit, identity]
+def chain(audit: AuditInterceptor, identity: IdentityInterceptor, staged: bool = False) -> list[aio.ServerInterceptor]:
+    """The broker's order; `staged` adds the request stage last, as the broker does."""
+    return [audit, identity, audit.request_stage] if staged else [audit, identity]
 
 
 def stub(channel: aio.Channel) -> lock_pb2_grpc.LockServiceAsyncStub:
@@ -175,16 +176,22 @@ async def outcome_of(coro: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["single", "staged"])
 async def test_exactly_one_record_per_rpc_whatever_the_outcome(
-    api_key: tuple[str, IdentityInterceptor], tmp_path: Path
+    api_key: tuple[str, IdentityInterceptor], tmp_path: Path, staged: bool
 ):
+    """One ResponseComplete record per RPC; with the request stage, also one RequestReceived
+    record per mutating unary call whose handler ran (the schema's deliberate addition)."""
     key, identity = api_key
     memory = MemorySink()
     path = tmp_path / "audit.jsonl"
     log = AuditLog([memory, FileSink(path, fsync="always")])
     audit = AuditInterceptor(log)
     md = (("x-api-key", key),)
-    async with serving(chain(audit, identity)) as srv, aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+    async with (
+        serving(chain(audit, identity, staged)) as srv,
+        aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch,
+    ):
         s = stub(ch)
 
         def acquire(owner: str, **kw: Any) -> Any:
@@ -220,7 +227,10 @@ async def test_exactly_one_record_per_rpc_whatever_the_outcome(
         await health.Check(health_pb2.HealthCheckRequest())
 
         n = len(codes)
-        await until(lambda: len(memory.lines) >= n)
+        # Acquire x7 (ok, invalid, unavailable, boom, echo-key, slow, cancelled) and Release ran
+        # their handlers; the unauthenticated Describe, KeepAlive (a stream) and Steal did not get one.
+        received = 8 if staged else 0
+        await until(lambda: len(memory.lines) >= n + received)
         await asyncio.sleep(0.3)  # nothing else may trickle in
     await log.close()
 
@@ -237,8 +247,11 @@ async def test_exactly_one_record_per_rpc_whatever_the_outcome(
         grpc.StatusCode.OK,
         grpc.StatusCode.UNIMPLEMENTED,
     ]
-    records = memory.records()
+    everything = memory.records()
+    records = [r for r in everything if r["stage"] == "ResponseComplete"]
     assert len(records) == n
+    requests = [r for r in everything if r["stage"] == "RequestReceived"]
+    assert len(requests) == received
     # The file holds exactly the same lines, each a complete JSON document.
     assert path.read_bytes() == b"".join(memory.lines)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -250,6 +263,8 @@ async def test_exactly_one_record_per_rpc_whatever_the_outcome(
         "schema": SCHEMA,
         "time": ok["time"],
         "auditId": ok["auditId"],
+        "stage": "ResponseComplete",
+        "requestAuditId": ok["requestAuditId"],
         "tenant": "acme",
         "principal": {"kind": "api-key", "id": key_id},
         "credential": None,  # only for calls whose authentication failed
@@ -270,7 +285,26 @@ async def test_exactly_one_record_per_rpc_whatever_the_outcome(
     assert ok["sourceAddress"].startswith("ipv4:127.0.0.1:")
     assert "grpc-python" in ok["userAgent"]
     assert ok["durationMs"] >= 0
-    assert len({r["auditId"] for r in records}) == n
+    assert len({r["auditId"] for r in everything}) == n + received
+    if staged:
+        # Each RequestReceived record precedes its ResponseComplete one and says who asked what,
+        # with no outcome yet; the ResponseComplete record points back at it.
+        (ok_request,) = [r for r in requests if r["requestId"] == "r-ok"]
+        assert ok["requestAuditId"] == ok_request["auditId"]
+        assert everything.index(ok_request) < everything.index(ok)
+        assert ok_request == {
+            **ok,
+            "auditId": ok_request["auditId"],
+            "stage": "RequestReceived",
+            "requestAuditId": None,
+            "fencingToken": None,  # the grant's token is in the response, not known yet
+            "outcome": None,
+            "durationMs": None,
+            "retryAttempts": None,
+        }
+        assert {r["auditId"] for r in requests} == {r["requestAuditId"] for r in records if r["requestAuditId"]}
+    else:
+        assert ok["requestAuditId"] is None
 
     assert by_owner["r-invalid"]["outcome"]["code"] == "INVALID_ARGUMENT"
     assert by_owner["r-invalid"]["outcome"]["reason"] == "INVALID_ARGUMENT"
@@ -340,12 +374,13 @@ async def _acquire(port: int, key: str, owner: str = "ok") -> Any:
         return await stub(ch).Acquire(req, metadata=(("x-api-key", key),), timeout=10)
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["single", "staged"])
 async def test_mutating_call_fails_unavailable_when_the_record_cannot_be_written(
-    api_key: tuple[str, IdentityInterceptor],
+    api_key: tuple[str, IdentityInterceptor], staged: bool
 ):
     key, identity = api_key
     sink = MemorySink(fail=True)  # ready, but every write fails: the grant was made, the record not
-    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity)) as srv:
+    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity, staged)) as srv:
         with pytest.raises(aio.AioRpcError) as err:
             await _acquire(srv.port, key)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -380,16 +415,21 @@ async def test_unhealthy_sink_refuses_mutating_calls_before_the_handler_runs(
         assert [r["outcome"]["reason"] for r in sink.records()] == [AUDIT_UNAVAILABLE] * 2
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["single", "staged"])
 async def test_a_lost_record_goes_to_the_process_log_redacted(
-    api_key: tuple[str, IdentityInterceptor], caplog: pytest.LogCaptureFixture
+    api_key: tuple[str, IdentityInterceptor], caplog: pytest.LogCaptureFixture, staged: bool
 ):
     key, identity = api_key
-    async with serving(chain(AuditInterceptor(AuditLog([MemorySink(fail=True)])), identity)) as srv:
+    async with serving(chain(AuditInterceptor(AuditLog([MemorySink(fail=True)])), identity, staged)) as srv:
         with pytest.raises(aio.AioRpcError) as err:
             await _acquire(srv.port, key, owner="echo-key")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # already sent: it stands
-    (lost,) = [r for r in caplog.records if r.name == "lockbroker.audit" and "not written" in r.getMessage()]
-    assert "[REDACTED]" in lost.getMessage()
+    lost = [r for r in caplog.records if r.name == "lockbroker.audit" and "not written" in r.getMessage()]
+    # Staged: the RequestReceived record is lost as well (it carries no message to redact).
+    assert [json.loads(r.getMessage()[r.getMessage().index("{") :])["stage"] for r in lost] == (
+        ["RequestReceived", "ResponseComplete"] if staged else ["ResponseComplete"]
+    )
+    assert "[REDACTED]" in lost[-1].getMessage()
     assert key not in caplog.text
 
 
@@ -403,19 +443,23 @@ def test_long_messages_are_cut_after_redaction():
     assert "_secrets" not in record
 
 
-async def test_fail_open_answers_despite_a_failing_sink(api_key: tuple[str, IdentityInterceptor]):
+@pytest.mark.parametrize("staged", [False, True], ids=["single", "staged"])
+async def test_fail_open_answers_despite_a_failing_sink(api_key: tuple[str, IdentityInterceptor], staged: bool):
     key, identity = api_key
     sink = MemorySink(ready=False, fail=True)
-    async with serving(chain(AuditInterceptor(AuditLog([sink]), fail_open=True), identity)) as srv:
+    async with serving(chain(AuditInterceptor(AuditLog([sink]), fail_open=True), identity, staged)) as srv:
         resp = await _acquire(srv.port, key)
     assert resp.grant.fencing_token == 42
 
 
-async def test_a_full_disk_makes_acquire_unavailable_then_refuses_early(api_key: tuple[str, IdentityInterceptor]):
+@pytest.mark.parametrize("staged", [False, True], ids=["single", "staged"])
+async def test_a_full_disk_makes_acquire_unavailable_then_refuses_early(
+    api_key: tuple[str, IdentityInterceptor], staged: bool
+):
     key, identity = api_key
     # /dev/full opens fine and has "free space", but every write fails with ENOSPC.
     sink = FileSink("/dev/full", fsync="never", retry_after=30.0)
-    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity)) as srv:
+    async with serving(chain(AuditInterceptor(AuditLog([sink])), identity, staged)) as srv:
         for _ in range(2):
             with pytest.raises(aio.AioRpcError) as err:
                 await _acquire(srv.port, key)
@@ -437,13 +481,14 @@ async def test_an_unwritable_path_refuses_early(api_key: tuple[str, IdentityInte
         assert "Acquire" not in srv.servicer.calls
 
 
-async def test_a_failing_processor_is_a_failing_audit_log(api_key: tuple[str, IdentityInterceptor]):
+@pytest.mark.parametrize("staged", [False, True], ids=["single", "staged"])
+async def test_a_failing_processor_is_a_failing_audit_log(api_key: tuple[str, IdentityInterceptor], staged: bool):
     key, identity = api_key
 
     def broken(record: Record) -> Record:
         raise KeyError("oops")
 
-    async with serving(chain(AuditInterceptor(AuditLog([MemorySink()], [broken])), identity)) as srv:
+    async with serving(chain(AuditInterceptor(AuditLog([MemorySink()], [broken])), identity, staged)) as srv:
         with pytest.raises(aio.AioRpcError) as err:
             await _acquire(srv.port, key)
     assert rich(err.value)[0] == AUDIT_UNAVAILABLE

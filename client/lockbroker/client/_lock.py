@@ -11,6 +11,7 @@ import asyncio
 import builtins
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -127,9 +128,13 @@ class LockContext:
         session: SessionKeeper | None,
         on_lost: LostCallback | None,
         timeout: float | None,
+        reentrant_owner: str | None = None,
         max_hold: float | None = None,
     ) -> None:
         self._client = client
+        self._reentrant_owner = reentrant_owner
+        # Ours, so that clean-up after an unknown outcome can tell our claim from the session's others.
+        self._request_id = str(uuid.uuid4())
         self._cleanup_timeout = client._support.cleanup_timeout
         self._name = name
         self._ttl = ttl
@@ -150,12 +155,13 @@ class LockContext:
         if keeper is None:
             keeper = self._own_session = SessionKeeper(self._client, self._ttl, self._owner)
             await keeper.start()
-        if self._name in keeper._names:
-            raise RuntimeError(
-                f"lock {self._name!r} is already being acquired or held on this session; locks are not reentrant"
-            )
         self._keeper = keeper
-        keeper._names.add(self._name)
+        # Other tasks or threads of this session already hold or wait for the name: queue a claim
+        # of our own (FIFO with them); the first one uses the session's plain claim. A reentrant
+        # owner always has a claim of its own.
+        new_claim = self._reentrant_owner is None and keeper._names[self._name] > 0
+        if self._reentrant_owner is None:
+            keeper._names[self._name] += 1
         try:
             grant = await self._client.acquire(
                 self._name,
@@ -163,6 +169,9 @@ class LockContext:
                 wait=self._wait,
                 owner=self._owner,
                 timeout=self._timeout,
+                request_id=self._request_id,
+                new_claim=new_claim,
+                reentrant_owner=self._reentrant_owner,
                 max_hold=self._max_hold,
             )
         except BaseException as exc:
@@ -197,22 +206,37 @@ class LockContext:
                 return
             if isinstance(exc, NotAcquired):
                 return  # a definite "no": the broker queued nothing
+            if self._reentrant_owner is not None:
+                # A hold may have been counted with its answer lost: it stays until the session
+                # ends (a holder cannot tell its own hold from its nested ones).
+                return
             if isinstance(exc, (asyncio.CancelledError, DeadlineExceeded, Unavailable)):
-                # The grant may have been made with its answer lost. This context is the only
-                # local user of (session, name) and a session cannot hold one lock twice, so a
-                # holder with our session id is our grant.
+                # The grant may have been made with its answer lost: a holder made by our
+                # request id is our grant (the session may hold other claims of this name).
                 await _shielded(self._release_if_ours(keeper), self._cleanup_timeout)
         except (LockBrokerError, TimeoutError) as e:
             log.warning("could not clean up after a failed acquire of %r: %s", self._name, e)
         finally:
-            keeper._names.discard(self._name)
+            self._forget(keeper)
+
+    def _forget(self, keeper: SessionKeeper) -> None:
+        if self._reentrant_owner is None and keeper._names[self._name] > 0:
+            keeper._names[self._name] -= 1
+            if not keeper._names[self._name]:
+                del keeper._names[self._name]
 
     async def _release_if_ours(self, keeper: SessionKeeper) -> None:
         state = await self._client.describe(self._name, timeout=self._cleanup_timeout)
-        if state.holder is not None and state.holder.session_id == keeper.session_id:
+        holder = state.holder
+        # A broker older than claims does not report request ids; it has one claim per session.
+        if (
+            holder is not None
+            and holder.session_id == keeper.session_id
+            and holder.request_id in ("", self._request_id)
+        ):
             await self._client.release(
                 self._name,
-                state.holder.fencing_token,
+                holder.fencing_token,
                 session_id=keeper.session_id,
                 timeout=self._cleanup_timeout,
             )
@@ -220,7 +244,7 @@ class LockContext:
     async def _cleanup(self) -> LockBrokerError | None:
         held, keeper = self.held, self._keeper
         if keeper is not None:
-            keeper._names.discard(self._name)
+            self._forget(keeper)
             if held is not None:
                 keeper.remove_lost_callback(held._on_session_lost)
                 keeper.unwatch_revocation(held.name, held.fencing_token)

@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -137,7 +138,7 @@ class SessionKeeper:
         # (name, fencing token) -> what to tell when an admin revokes that grant.
         self._revocation_watchers: dict[tuple[str, int], RevokedCallback] = {}
         # Names this keeper's lock() contexts are acquiring or holding; see LockContext._abandon.
-        self._names: set[str] = set()
+        self._names: Counter[str] = Counter()  # LockContexts per name on this session
 
     @property
     def session(self) -> Session:

@@ -12,7 +12,10 @@ always sends.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -23,6 +26,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
+from lockbroker.client._checks import check_utf8
 from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
@@ -225,6 +229,8 @@ class Client:
         owner: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
+        new_claim: bool = False,
+        reentrant_owner: str | None = None,
         max_hold: float | None = None,
     ) -> Grant:
         """Take a lock: try once (wait=0) or queue up to `wait` seconds.
@@ -234,13 +240,27 @@ class Client:
         default_timeout). `max_hold` (whole seconds, at least 2): the broker revokes the grant
         once held this long (default: the tenant's max_hold, if any). Raises LockHeld /
         WaitExpired (both NotAcquired) when not granted.
+
+        With a session: `new_claim` queues another, independent claim of the session (its own
+        fencing token; release it by that token); `reentrant_owner` makes a reentrant acquire for
+        that owner identity (a second acquire while it holds the lock counts a hold on the same
+        grant; release once per acquire). See docs/locks.md.
         """
+        check_utf8(name=name, owner=owner, reentrant_owner=reentrant_owner or "")
         rid = request_id or str(uuid.uuid4())
         total = wait + self.default_timeout if timeout is None else timeout
         started = time.monotonic()
 
         async def attempt(left: float) -> lock_pb2.AcquireResponse:
-            req = lock_pb2.AcquireRequest(name=name, session_id=session_id or "", owner=owner, request_id=rid)
+            req = lock_pb2.AcquireRequest(
+                name=name,
+                session_id=session_id or "",
+                owner=owner,
+                request_id=rid,
+                new_claim=new_claim,
+                reentrant=reentrant_owner is not None,
+                reentrant_owner=reentrant_owner or "",
+            )
             if ttl is not None:
                 req.ttl.CopyFrom(duration(ttl))
             if max_hold is not None:
@@ -266,8 +286,14 @@ class Client:
 
         A retry after a lost answer also reports False: the first attempt released it.
         """
+        check_utf8(name=name)
+        # One request id for every attempt: a retry of a release of a reentrant grant held more
+        # than once then takes no second hold off.
         req = lock_pb2.ReleaseRequest(
-            name=name, fencing_token=fencing_token, session_id=session_id or "", request_id=request_id or ""
+            name=name,
+            fencing_token=fencing_token,
+            session_id=session_id or "",
+            request_id=request_id or str(uuid.uuid4()),
         )
         resp = await self._unary(self._stub.Release, req, timeout)
         return resp.released
@@ -279,6 +305,7 @@ class Client:
         return fence_of(await self._unary(self._stub.CheckFence, req, timeout))
 
     async def describe(self, name: str, *, timeout: float | None = None) -> LockState:
+        check_utf8(name=name)
         return lock_state_of(await self._unary(self._stub.Describe, lock_pb2.DescribeRequest(name=name), timeout))
 
     def lock(
@@ -291,6 +318,7 @@ class Client:
         session: SessionKeeper | None = None,
         on_lost: LostCallback | None = None,
         timeout: float | None = None,
+        reentrant: bool | str = False,
         max_hold: float | None = None,
     ) -> LockContext:
         """`async with client.lock(name) as held:` hold `name` for the block.
@@ -298,9 +326,20 @@ class Client:
         Without `session` a session of `ttl` seconds is created for this lock, kept alive, and
         closed on exit; with one, `ttl` is ignored and the session stays open. Raises a
         NotAcquired subclass (the block does not run) if the lock is not granted within `wait`.
+
+        Tasks sharing one `session` may all lock the same name: each gets its own claim, granted
+        in FIFO order with its own fencing token. `reentrant=True` (needs `session`) makes the
+        lock reentrant for the current asyncio task: a nested `client.lock(name, session=s,
+        reentrant=True)` in the same task gets the same grant, and the lock is released when the
+        outermost block ends. A string instead of True names the owner identity explicitly.
         With `max_hold`, the broker revokes the grant once held that long: `held.lost` fires with
         `lost_cause == "MAX_HOLD_EXCEEDED"`.
         """
+        owner_id: str | None = None
+        if reentrant:
+            if session is None:
+                raise ValueError("reentrant=True needs a session: reentrancy is per session and owner")
+            owner_id = reentrant if isinstance(reentrant, str) else _current_task_identity()
         return LockContext(
             self,
             name,
@@ -310,6 +349,7 @@ class Client:
             session=session,
             on_lost=on_lost,
             timeout=timeout,
+            reentrant_owner=owner_id,
             max_hold=max_hold,
         )
 
@@ -317,6 +357,7 @@ class Client:
         self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None
     ) -> AsyncGenerator[tuple[LockSummary, ...], None]:
         """Held locks by name, one page per List call; `timeout` applies to each page."""
+        check_utf8(prefix=prefix)
         token = ""
         while True:
             req = lock_pb2.ListRequest(prefix=prefix, page_size=page_size, page_token=token)
@@ -333,6 +374,13 @@ class Client:
         async for page in self.list_pages(prefix, page_size, timeout=timeout):
             for item in page:
                 yield item
+
+
+def _current_task_identity() -> str:
+    """Who re-enters a reentrant lock from asyncio code: this process, thread and task. A task's
+    id is not reused while the task lives, and a task holding a lock is alive."""
+    task = asyncio.current_task()
+    return f"{os.getpid()}:{threading.get_ident()}:task-{id(task) if task is not None else 0:x}"
 
 
 __all__ = ["DEFAULT_OPTIONS", "Client", "HeldLock", "LockContext", "SessionKeeper"]

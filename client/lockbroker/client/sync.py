@@ -13,6 +13,7 @@ short and do not call SyncClient methods from them (that would wait on the loop 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -235,10 +236,20 @@ class SyncClient:
         owner: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
+        new_claim: bool = False,
+        reentrant_owner: str | None = None,
     ) -> Grant:
         return self._call(
             self._client.acquire(
-                name, session_id=session_id, ttl=ttl, wait=wait, owner=owner, request_id=request_id, timeout=timeout
+                name,
+                session_id=session_id,
+                ttl=ttl,
+                wait=wait,
+                owner=owner,
+                request_id=request_id,
+                timeout=timeout,
+                new_claim=new_claim,
+                reentrant_owner=reentrant_owner,
             )
         )
 
@@ -316,8 +327,15 @@ class SyncClient:
         session: SyncSession | None = None,
         on_lost: Callable[[SyncHeldLock], object] | None = None,
         timeout: float | None = None,
+        reentrant: bool = False,
     ) -> Iterator[SyncHeldLock]:
-        """`with client.lock(name) as held:`; same contract as Client.lock()."""
+        """`with client.lock(name) as held:`; same contract as Client.lock().
+
+        Threads sharing one `session` may all lock the same name (each gets its own claim, FIFO).
+        `reentrant=True` (needs `session`) is keyed by the calling thread: nested blocks of one
+        thread share one grant, released when the outermost block ends."""
+        # Taken here, in the caller's thread: the coroutine below runs on the client's loop thread.
+        owner_id: bool | str = f"{os.getpid()}:thread-{threading.get_ident()}" if reentrant else False
 
         async def enter() -> tuple[LockContext, SyncHeldLock]:
             ctx = self._client.lock(
@@ -327,6 +345,7 @@ class SyncClient:
                 owner=owner,
                 session=session._keeper if session is not None else None,
                 timeout=timeout,
+                reentrant=owner_id,
             )
             held = await ctx.__aenter__()
             # Registered on the loop thread, which owns the asyncio side of HeldLock.

@@ -39,6 +39,8 @@ class Grant:
     queued_at: datetime | None
     waited: float = 0.0
     queue_position: int = 0
+    # Holds counted on a reentrant grant (1 otherwise); see Client.lock(reentrant=True).
+    hold_count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,9 @@ class Holder:
     since: datetime | None
     # Unset in List results: the broker only reads the lease for Describe and NotAcquired.
     expires_at: datetime | None
+    # The request id of the Acquire that made this claim ("" from a broker older than claims).
+    request_id: str = ""
+    hold_count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,10 @@ class Waiter:
     session_id: str
     since: datetime | None
     waited: float
+    # The claim's fencing token once granted, and its Acquire's request id: they tell apart the
+    # claims of one session (0 and "" from a broker older than claims).
+    fencing_token: int = 0
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,8 @@ def holder_of(msg: lock_pb2.LockHolder) -> Holder:
         fencing_token=msg.fencing_token,
         since=timestamp(msg.since) if msg.HasField("since") else None,
         expires_at=timestamp(msg.expires_at) if msg.HasField("expires_at") else None,
+        request_id=msg.request_id,
+        hold_count=msg.hold_count or 1,
     )
 
 
@@ -125,6 +136,7 @@ def grant_of(resp: lock_pb2.AcquireResponse) -> Grant:
         queued_at=timestamp(g.queued_at) if g.HasField("queued_at") else None,
         waited=seconds(resp.waited),
         queue_position=resp.queue_position,
+        hold_count=g.hold_count or 1,
     )
 
 
@@ -139,6 +151,8 @@ def lock_state_of(resp: lock_pb2.DescribeResponse) -> LockState:
                 session_id=w.session_id,
                 since=timestamp(w.since) if w.HasField("since") else None,
                 waited=seconds(w.waited),
+                fencing_token=w.fencing_token,
+                request_id=w.request_id,
             )
             for w in resp.waiters
         ),

@@ -90,6 +90,9 @@ class CallState:
     # (API key id, certificate identity) the caller presented, public parts only; identity writes
     # it whether or not they verify, so audit can name what a rejected caller tried.
     credential: tuple[str | None, str | None] | None = None
+    # The audit layer's own: the call's RequestReceived record and the future of its write, from
+    # its request stage (before the handler) to its completion record (after it).
+    audit: Any = None
 
     @property
     def tenant(self) -> str:

@@ -604,11 +604,15 @@ class AcquireRequest(_message.Message):
     WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NEW_CLAIM_FIELD_NUMBER: _builtins.int
+    REENTRANT_FIELD_NUMBER: _builtins.int
+    REENTRANT_OWNER_FIELD_NUMBER: _builtins.int
     MAX_HOLD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Lock name: 1-256 bytes of [A-Za-z0-9] and "-_.:@+=,~%", with "/"
-    separating non-empty segments that are not "." or "..". Examples:
-    "orders/42", "billing:nightly-run".
+    """Lock name: any UTF-8 text without control characters (U+0000-U+001F,
+    U+007F-U+009F), 1 to 1024 bytes (the server's limits.max_name_bytes).
+    "/" has no special meaning; by convention it groups names for List's
+    prefix. Examples: "orders/42", "billing:nightly-run", "commandes/été #3".
     """
     session_id: _builtins.str
     """Session to hold the lock with. Unset: the server creates a session for
@@ -624,6 +628,25 @@ class AcquireRequest(_message.Message):
     choice. Send the same value when retrying this call. Unset: the server
     picks one, and a retry of this call cannot be recognised.
     """
+    new_claim: _builtins.bool
+    """Queue a new, independent claim even if this session already holds or
+    waits for the lock: its own queue entry (FIFO with every other claim),
+    fencing token and request_id. Release names it by its fencing token.
+    Unset: a session has one claim per lock, and an Acquire with another
+    request_id while it exists is refused (FAILED_PRECONDITION,
+    ALREADY_QUEUED). See docs/locks.md.
+    """
+    reentrant: _builtins.bool
+    """Reentrant acquire: if `reentrant_owner` of this session already holds
+    (or waits for) the lock, count one more hold on that same grant (same
+    fencing token) instead of queueing; the lock is released when Release
+    has been called once per hold. The count is kept in etcd.
+    """
+    reentrant_owner: _builtins.str
+    """Who re-enters with `reentrant`: a thread or task identity chosen by the
+    client, 1-128 bytes, unique within the session. Required with
+    `reentrant`, must be unset without it.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """TTL of the session created when session_id is unset (same rules as
@@ -633,8 +656,9 @@ class AcquireRequest(_message.Message):
     @_builtins.property
     def wait_timeout(self) -> _duration_pb2.Duration:
         """How long to wait in the queue. Unset or zero: try once (TryLock).
-        Bounded by the server's maximum wait (default 300 s) and always by the
-        RPC deadline.
+        Bounded by the server's maximum wait (default 300 s; a server configured
+        with max_wait 0 has no cap) and the tenant's, and always by the RPC
+        deadline.
         """
 
     @_builtins.property
@@ -655,11 +679,14 @@ class AcquireRequest(_message.Message):
         wait_timeout: _duration_pb2.Duration | None = ...,
         owner: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        new_claim: _builtins.bool = ...,
+        reentrant: _builtins.bool = ...,
+        reentrant_owner: _builtins.str = ...,
         max_hold: _duration_pb2.Duration | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "name", b"name", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -714,6 +741,7 @@ class Grant(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     QUEUED_AT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLD_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The lock name."""
     fencing_token: _builtins.int
@@ -727,6 +755,10 @@ class Grant(_message.Message):
     """The owner label given at Acquire."""
     request_id: _builtins.str
     """The request_id of the Acquire that created this grant."""
+    hold_count: _builtins.int
+    """Holds counted on this grant: 1, or more for a reentrant grant acquired
+    again by its owner (AcquireRequest.reentrant).
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the session lapses unless refreshed (server clock, at grant time)."""
@@ -745,10 +777,11 @@ class Grant(_message.Message):
         owner: _builtins.str = ...,
         queued_at: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
+        hold_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "queued_at", b"queued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "name", b"name", "owner", b"owner", "queued_at", b"queued_at", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "hold_count", b"hold_count", "name", b"name", "owner", b"owner", "queued_at", b"queued_at", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -809,7 +842,10 @@ class ReleaseRequest(_message.Message):
     fencing_token: _builtins.int
     """The fencing token of the grant to release."""
     request_id: _builtins.str
-    """Optional idempotency key, recorded in the audit log."""
+    """Optional idempotency key, recorded in the audit log. For a reentrant
+    grant held more than once, a retry with the same request_id takes no
+    second hold off.
+    """
     session_id: _builtins.str
     """The session of the grant. A grant is released only by its own session:
     a session_id naming another session is PERMISSION_DENIED (NOT_OWNER).
@@ -839,18 +875,25 @@ class ReleaseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RELEASED_FIELD_NUMBER: _builtins.int
+    HOLDS_LEFT_FIELD_NUMBER: _builtins.int
     released: _builtins.bool
-    """True if this call deleted the grant; false if it was already gone
-    (released before, expired, or its session closed).
+    """True if this call deleted the grant, or released one hold of a
+    reentrant grant; false if it was already gone (released before, expired,
+    or its session closed).
+    """
+    holds_left: _builtins.int
+    """Holds still counted on a reentrant grant after this call; 0 once the
+    lock is released.
     """
     def __init__(
         self,
         *,
         released: _builtins.bool = ...,
+        holds_left: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holds_left", b"holds_left", "released", b"released"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -923,12 +966,18 @@ class LockHolder(_message.Message):
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLD_COUNT_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Owner label given at Acquire."""
     session_id: _builtins.str
     """The holding session."""
     fencing_token: _builtins.int
     """The grant's fencing token."""
+    request_id: _builtins.str
+    """The request_id of the Acquire that made this claim."""
+    hold_count: _builtins.int
+    """Holds counted on a reentrant grant (1 otherwise)."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """When the holder entered the queue (server clock)."""
@@ -947,10 +996,12 @@ class LockHolder(_message.Message):
         fencing_token: _builtins.int = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+        hold_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "owner", b"owner", "session_id", b"session_id", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "hold_count", b"hold_count", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -967,12 +1018,20 @@ class Waiter(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     WAITED_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """1 for the first in line after the holder."""
     owner: _builtins.str
     """Owner label given at Acquire."""
     session_id: _builtins.str
     """The waiting session."""
+    fencing_token: _builtins.int
+    """The fencing token this claim will hold when granted (its create
+    revision): claims of one session are told apart by it.
+    """
+    request_id: _builtins.str
+    """The request_id of the Acquire that made this claim."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """When it entered the queue (server clock)."""
@@ -989,10 +1048,12 @@ class Waiter(_message.Message):
         session_id: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         waited: _duration_pb2.Duration | None = ...,
+        fencing_token: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "waited", b"waited"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "position", b"position", "session_id", b"session_id", "since", b"since", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "owner", b"owner", "position", b"position", "request_id", b"request_id", "session_id", b"session_id", "since", b"since", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

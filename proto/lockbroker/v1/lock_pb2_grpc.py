@@ -171,7 +171,8 @@ class LockServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """List returns the held locks of the caller's tenant, ordered by name.
+        """List returns the held locks of the caller's tenant, ordered by name
+        (by Unicode code point, which is the order of the names' UTF-8 bytes).
         A read: NO_SIDE_EFFECTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -106,7 +106,8 @@ class LockServiceStub:
     A read: NO_SIDE_EFFECTS.
     """
     List: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]
-    """List returns the held locks of the caller's tenant, ordered by name.
+    """List returns the held locks of the caller's tenant, ordered by name
+    (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
     CheckFence: _grpc.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]
@@ -178,7 +179,8 @@ class LockServiceAsyncStub(LockServiceStub):
     A read: NO_SIDE_EFFECTS.
     """
     List: _aio.UnaryUnaryMultiCallable[_lock_pb2.ListRequest, _lock_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns the held locks of the caller's tenant, ordered by name.
+    """List returns the held locks of the caller's tenant, ordered by name
+    (by Unicode code point, which is the order of the names' UTF-8 bytes).
     A read: NO_SIDE_EFFECTS.
     """
     CheckFence: _aio.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]  # type: ignore[assignment]
@@ -295,7 +297,8 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lock_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lock_pb2.ListResponse, _abc.Awaitable[_lock_pb2.ListResponse]]:
-        """List returns the held locks of the caller's tenant, ordered by name.
+        """List returns the held locks of the caller's tenant, ordered by name
+        (by Unicode code point, which is the order of the names' UTF-8 bytes).
         A read: NO_SIDE_EFFECTS.
         """
 

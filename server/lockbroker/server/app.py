@@ -272,6 +272,8 @@ class Broker:
         identity  writes the caller's principal (hence the tenant) on the state, or UNAUTHENTICATED;
         lock span lock attributes on the server span, from the request, the response and the state;
         quota     the tenant's acquire rate (per replica); limits on held state are the core's;
+        request   audit's request stage: a mutating call's RequestReceived record, queued as the
+                  handler starts; audit's `after` answers once it is durable (docs/audit.md);
         service   the edge: deadline, retry of transient backend failures (one call, N attempts,
                   so identity and quota are charged once), and the one mapping of errors to statuses;
         core      the lock semantics; backend: etcd transactions.
@@ -296,6 +298,8 @@ class Broker:
         if self.quotas.any(lambda q: q.acquire_rate > 0):
             shares = self.config.server.workers if self.shared_port else 1
             chain.append(RateLimitInterceptor(self._rate, shares=shares))
+        if self.audit is not None:  # last: the RequestReceived record, fsynced while the handler works
+            chain.append(self.audit.request_stage)
         return interceptor_chain(chain)
 
     async def _probe(self) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lockbroker.server.core.names import MAX_NAME_BYTES
 from lockbroker.server.core.quota import TenantQuota
 
 
@@ -198,7 +199,10 @@ class LockLimits:
     min_ttl: int = _duration(2, "smallest session TTL, whole seconds (etcd's floor is 2)")
     max_ttl: int = _duration(3600, "largest session TTL, whole seconds")
     default_ttl: int = _duration(10, "TTL when a request leaves it unset, whole seconds")
-    max_wait: float = _duration(300.0, "longest Acquire wait_timeout")
+    max_wait: float = _duration(300.0, "longest Acquire wait_timeout (0: no cap)")
+    max_name_bytes: int = field(
+        default=MAX_NAME_BYTES, metadata={"help": "longest lock name in UTF-8 bytes (at least 256, at most 65536)"}
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_ttl <= self.default_ttl <= self.max_ttl:
@@ -206,6 +210,10 @@ class LockLimits:
             raise ConfigError("limits: need 2 <= min_ttl <= default_ttl <= max_ttl")
         if self.max_wait < 0:
             raise ConfigError("limits: max_wait must not be negative")
+        # 256 bytes was the limit before any-UTF-8 names: a smaller one would strand existing locks.
+        # 64 KiB keeps an escaped key (at most 3 bytes a byte) far below etcd's request size limit.
+        if not 256 <= self.max_name_bytes <= 65536:
+            raise ConfigError("limits: max_name_bytes must be between 256 and 65536")
 
 
 @dataclass(frozen=True)

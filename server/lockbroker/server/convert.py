@@ -26,6 +26,8 @@ def holder(entry: Entry, expires_at: float | None = None) -> lock_pb2.LockHolder
         session_id=session_id_of(entry.lease),
         fencing_token=entry.create_revision,
         since=ts(entry.value.queued_at),
+        request_id=entry.request_id,
+        hold_count=entry.value.hold_count,
     )
     if expires_at is not None:
         msg.expires_at.CopyFrom(ts(expires_at))
@@ -41,6 +43,7 @@ def grant(g: Grant) -> lock_pb2.Grant:
         owner=g.owner,
         queued_at=ts(g.queued_at),
         request_id=g.request_id,
+        hold_count=g.hold_count,
     )
 
 

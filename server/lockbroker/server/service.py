@@ -341,13 +341,15 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
 
     @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
-        name, token, lease = validation.release(request)
-        released = await self.core.release(tenant_of(context), name, token, lease, principal_of(context))
-        return lock_pb2.ReleaseResponse(released=released)
+        name, token, lease = validation.release(request, self.limits)
+        released, holds_left = await self.core.release_claim(
+            tenant_of(context), name, token, lease, request.request_id, principal=principal_of(context)
+        )
+        return lock_pb2.ReleaseResponse(released=released, holds_left=holds_left)
 
     @rpc()
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> lock_pb2.DescribeResponse:
-        state = await self.core.describe(tenant_of(context), validation.describe(request))
+        state = await self.core.describe(tenant_of(context), validation.describe(request, self.limits))
         now = time.time()
         resp = lock_pb2.DescribeResponse(
             name=state.name,
@@ -358,6 +360,8 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                     session_id=session_id_of(w.lease),
                     since=convert.ts(w.value.queued_at),
                     waited=convert.dur(max(0.0, now - w.value.queued_at)),
+                    fencing_token=w.create_revision,
+                    request_id=w.request_id,
                 )
                 for i, w in enumerate(state.waiters, start=1)
             ],
@@ -368,7 +372,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
 
     @rpc()
     async def List(self, request: lock_pb2.ListRequest, context: Ctx) -> lock_pb2.ListResponse:
-        prefix, size, after = validation.list_locks(request)
+        prefix, size, after = validation.list_locks(request, self.limits)
         page = await self.core.list(tenant_of(context), prefix, size, after)
         token = base64.urlsafe_b64encode(page.next_page_token.encode()).decode() if page.next_page_token else ""
         return lock_pb2.ListResponse(
@@ -380,7 +384,7 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
 
     @rpc()
     async def CheckFence(self, request: lock_pb2.CheckFenceRequest, context: Ctx) -> lock_pb2.CheckFenceResponse:
-        name, token = validation.check_fence(request)
+        name, token = validation.check_fence(request, self.limits)
         fence = await self.core.check_fence(tenant_of(context), name, token)
         status = lock_pb2.FENCE_STATUS_CURRENT if fence.current else lock_pb2.FENCE_STATUS_STALE
         return lock_pb2.CheckFenceResponse(status=status, current_fencing_token=fence.holder_token)

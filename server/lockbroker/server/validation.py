@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from typing import TYPE_CHECKING
 
 from google.protobuf import duration_pb2
 
 from lockbroker.interceptors.principal import tenant_problem
+from lockbroker.server.core.acquire import AcquireParams
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument
 from lockbroker.server.core.holds import MIN_HOLD
-from lockbroker.server.core.locks import AcquireParams
 from lockbroker.server.core.names import (
+    MAX_NAME_BYTES,
     name_problem,
+    new_claim_id,
     owner_problem,
     parse_session_id,
+    reentrant_claim_id,
     request_id_problem,
 )
 from lockbroker.v1 import lock_pb2
@@ -29,6 +33,12 @@ if TYPE_CHECKING:
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+
+
+def _max_name(limits: LockLimits | None) -> int:
+    # Release, Describe and List take the limits optionally, so a caller that does not pass them
+    # still gets the default rule.
+    return limits.max_name_bytes if limits is not None else MAX_NAME_BYTES
 
 
 class _Checker:
@@ -85,7 +95,8 @@ class _Checker:
         value = self._seconds(field, d)
         if value is None:
             return 0.0
-        if value > limits.max_wait:
+        # max_wait 0: no cap; the RPC deadline (and a tenant's own max_wait) still bound the wait.
+        if limits.max_wait and value > limits.max_wait:
             self.bad(field, f"must be at most {limits.max_wait:g}s")
         return value
 
@@ -97,8 +108,8 @@ class _Checker:
             self.bad(field, f"must be a whole number of seconds, at least {MIN_HOLD:g}s")
         return value
 
-    def name(self, field: str, name: str) -> None:
-        self.check(field, name_problem(name))
+    def name(self, field: str, name: str, limits: LockLimits | None) -> None:
+        self.check(field, name_problem(name, max_bytes=_max_name(limits)))
 
 
 def create_session(req: lock_pb2.CreateSessionRequest, limits: LockLimits) -> tuple[int, str, str]:
@@ -120,7 +131,7 @@ def session_id(session: str) -> int:
 
 def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "") -> AcquireParams:
     c = _Checker()
-    c.name("name", req.name)
+    c.name("name", req.name, limits)
     lease = c.session("session_id", req.session_id, required=False)
     if req.session_id and req.HasField("ttl"):
         c.bad("ttl", "must be unset when session_id is given (the session already has a TTL)")
@@ -130,14 +141,43 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
     wait = c.wait("wait_timeout", req.HasField("wait_timeout"), req.wait_timeout, limits)
     c.check("owner", owner_problem(req.owner))
     c.check("request_id", request_id_problem(req.request_id))
+    request_id, claim = req.request_id, ""
+    if req.reentrant:
+        if not req.session_id:
+            c.bad("reentrant", "needs session_id: a session made for one Acquire cannot be re-entered")
+        if not req.reentrant_owner:
+            c.bad("reentrant_owner", "is required with reentrant (a thread or task identity)")
+        else:
+            c.check("reentrant_owner", owner_problem(req.reentrant_owner))
+        claim = reentrant_claim_id(req.reentrant_owner)
+    elif req.reentrant_owner:
+        c.bad("reentrant_owner", "must be unset without reentrant")
+    elif req.new_claim:
+        if not req.session_id:
+            c.bad("new_claim", "needs session_id: a session made for one Acquire has one claim")
+        # The claim is named after its request id, so the server picks one if the caller did not.
+        request_id = request_id or uuid.uuid4().hex
+        claim = new_claim_id(request_id)
     hold = c.max_hold("max_hold", req.max_hold) if req.HasField("max_hold") else 0.0
     c.done()
-    return AcquireParams(req.name, lease, ttl, wait, req.owner, req.request_id, principal, hold)
+    return AcquireParams(
+        req.name,
+        lease,
+        ttl,
+        wait,
+        req.owner,
+        request_id,
+        claim,
+        req.reentrant_owner if req.reentrant else "",
+        principal,
+        hold,
+    )
 
 
-def release(req: lock_pb2.ReleaseRequest) -> tuple[str, int, int | None]:
+def release(req: lock_pb2.ReleaseRequest, limits: LockLimits | None = None) -> tuple[str, int, int | None]:
+    """(name, fencing token, session lease or None); the request id is req.request_id, checked here."""
     c = _Checker()
-    c.name("name", req.name)
+    c.name("name", req.name, limits)
     if req.fencing_token <= 0:
         c.bad("fencing_token", "must be the positive fencing token of a grant")
     lease = c.session("session_id", req.session_id, required=False)
@@ -146,16 +186,16 @@ def release(req: lock_pb2.ReleaseRequest) -> tuple[str, int, int | None]:
     return req.name, req.fencing_token, lease
 
 
-def describe(req: lock_pb2.DescribeRequest) -> str:
+def describe(req: lock_pb2.DescribeRequest, limits: LockLimits | None = None) -> str:
     c = _Checker()
-    c.name("name", req.name)
+    c.name("name", req.name, limits)
     c.done()
     return req.name
 
 
-def list_locks(req: lock_pb2.ListRequest) -> tuple[str, int, str | None]:
+def list_locks(req: lock_pb2.ListRequest, limits: LockLimits | None = None) -> tuple[str, int, str | None]:
     c = _Checker()
-    c.check("prefix", name_problem(req.prefix, prefix=True))
+    c.check("prefix", name_problem(req.prefix, max_bytes=_max_name(limits), prefix=True))
     size = req.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
         c.bad("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
@@ -165,15 +205,17 @@ def list_locks(req: lock_pb2.ListRequest) -> tuple[str, int, str | None]:
             after = base64.urlsafe_b64decode(req.page_token.encode()).decode()
         except (binascii.Error, UnicodeDecodeError, ValueError):
             after = None
-        if after is None or name_problem(after) is not None or not after.startswith(req.prefix):
+        # No size rule here: a name listed before the operator lowered max_name_bytes must not
+        # break paging through it.
+        if after is None or name_problem(after, max_bytes=2**31) is not None or not after.startswith(req.prefix):
             c.bad("page_token", "is not a next_page_token returned by List with this prefix")
     c.done()
     return req.prefix, size, after
 
 
-def check_fence(req: lock_pb2.CheckFenceRequest) -> tuple[str, int]:
+def check_fence(req: lock_pb2.CheckFenceRequest, limits: LockLimits | None = None) -> tuple[str, int]:
     c = _Checker()
-    c.name("name", req.name)
+    c.name("name", req.name, limits)
     if req.fencing_token <= 0:
         c.bad("fencing_token", "must be the positive fencing token of a grant")
     c.done()
@@ -199,9 +241,11 @@ def admin_tenant(c: _Checker, tenant: str, own: str) -> str:
     return tenant
 
 
-def force_release(req: lock_pb2.ForceReleaseRequest, own_tenant: str) -> tuple[str, str, str]:
+def force_release(
+    req: lock_pb2.ForceReleaseRequest, own_tenant: str, limits: LockLimits | None = None
+) -> tuple[str, str, str]:
     c = _Checker()
-    c.name("name", req.name)
+    c.name("name", req.name, limits)
     admin_reason(c, req.reason)
     tenant = admin_tenant(c, req.tenant, own_tenant)
     c.done()

@@ -8,7 +8,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +23,8 @@ from lockbroker.interceptors.audit._pipeline import (
     AUDIT_UNAVAILABLE,
     MAX_STREAM_SESSIONS,
     MUTATING_METHODS,
+    REQUEST_RECEIVED,
+    RESPONSE_COMPLETE,
     SCHEMA,
     SECRET_METADATA,
     AuditLog,
@@ -198,29 +200,36 @@ class _UtcStamp:
         return f"{self._prefix}.{micros:06d}Z"
 
 
+# RFC 4122's variant "10" in the top bits of the clock_seq_hi digit: 8, 9, a or b.
+_VARIANT: Final = {d: format((int(d, 16) & 0x3) | 0x8, "x") for d in "0123456789abcdef"}
+
+
 class _AuditIds:
-    """Random (version 4) UUIDs, from the OS's randomness 256 at a time rather than one call each."""
+    """Random (version 4) UUIDs, from the OS's randomness 256 at a time rather than one call each.
+
+    The pool is kept as hex: an id is a slice of it with the version and variant digits set, which
+    costs a tenth of building it from an int (two ids per mutating call, so it shows).
+    """
 
     _BATCH = 256
 
     def __init__(self) -> None:
-        self._pool = b""
+        self._hex = ""
         self._at = 0
         _ID_POOLS.add(self)
 
     def forget(self) -> None:
         """Drop the unused randomness (a forked child must not hand out its parent's ids)."""
-        self._pool, self._at = b"", 0
+        self._hex, self._at = "", 0
 
     def next(self) -> str:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(16 * self._BATCH), 0
-        n = int.from_bytes(self._pool[self._at : self._at + 16], "big")
-        self._at += 16
-        # RFC 4122: version 4 in bits 76-79, variant 10 in bits 62-63.
-        n = (n & ~(0xF << 76) & ~(0x3 << 62)) | (0x4 << 76) | (0x2 << 62)
-        h = f"{n:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = os.urandom(16 * self._BATCH).hex(), 0
+        h = self._hex[at : at + 32]
+        self._at = at + 32
+        # RFC 4122: version 4 in the 13th digit, the variant in the 17th.
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 _ID_POOLS: weakref.WeakSet[_AuditIds] = weakref.WeakSet()
@@ -233,6 +242,35 @@ def _forget_id_pools() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_id_pools)
+
+
+def _lost(record: Record, line: bytes | None, exc: BaseException, consequence: str) -> None:
+    # The process log is the last place the record can go. Only the rendered line (which went
+    # through redaction) may go there; a record the processors choked on is named only.
+    text = line.decode().rstrip("\n") if line else f"(unprocessable record {record['auditId']})"
+    log.error("audit record not written (%s; %s): %s", exc, consequence, text)
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A call's RequestReceived record and its write in flight (kept on `CallState.audit`)."""
+
+    received: Record
+    line: bytes | None
+    done: asyncio.Future[None]
+
+
+class _RequestStage(WrappingInterceptor):
+    """AuditInterceptor.request_stage: a `before` hook for mutating unary calls only."""
+
+    def __init__(self, audit: AuditInterceptor, layer: Layer) -> None:
+        self._audit = audit
+        self._stage = layer
+
+    def layer(self, call: CallInfo) -> Layer | None:
+        audit = self._audit
+        staged = audit._audited(call) and call.method in audit.mutating and not call.client_streaming
+        return self._stage if staged else None
 
 
 class AuditInterceptor(WrappingInterceptor):
@@ -263,6 +301,7 @@ class AuditInterceptor(WrappingInterceptor):
         self._stamp = _UtcStamp()
         self._ids = _AuditIds()
         self._layer = Layer(before=self._before, after=self._after, failed=self._failed)
+        self._request_stage = _RequestStage(self, Layer(before=self._receive))
 
     def handle_missing(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
         if self.include_unimplemented and method.lstrip("/").split("/")[0] not in OPEN_SERVICES:
@@ -284,6 +323,8 @@ class AuditInterceptor(WrappingInterceptor):
             "schema": SCHEMA,
             "time": self._stamp(call.started),
             "auditId": self._ids.next(),
+            "stage": RESPONSE_COMPLETE,
+            "requestAuditId": None,
             "tenant": principal.tenant if principal is not None else None,
             "principal": {"kind": principal.kind, "id": truncated(principal.id)} if principal is not None else None,
             "credential": _credential(call) if principal is None else None,
@@ -304,16 +345,69 @@ class AuditInterceptor(WrappingInterceptor):
             "_secrets": _secrets(context),
         }
 
+    def _received(self, call: CallState, context: Context, refs: Mapping[str, str | None]) -> Record:
+        """The RequestReceived record: who asks what, before the handler acts (no outcome yet)."""
+        principal = call.principal
+        return {
+            "schema": SCHEMA,
+            "time": self._stamp(call.started),
+            "auditId": self._ids.next(),
+            "stage": REQUEST_RECEIVED,
+            "requestAuditId": None,
+            "tenant": principal.tenant if principal is not None else None,
+            "principal": {"kind": principal.kind, "id": truncated(principal.id)} if principal is not None else None,
+            # The request stage runs after identity admitted the call, so nothing failed to vouch.
+            "credential": None,
+            "sourceAddress": _capped(context.peer()),
+            "userAgent": _capped(metadata_value(context, "user-agent")),
+            "method": truncated(call.info.method),
+            "lock": refs.get("lock"),
+            "session": refs.get("session"),
+            "fencingToken": refs.get("fencingToken"),
+            "requestId": refs.get("requestId"),
+            "outcome": None,
+            "durationMs": None,
+            "retryAttempts": None,
+            "traceId": _trace_id(),
+            "_secrets": _secrets(context),
+        }
+
+    def _completed(
+        self, call: CallState, received: Record, outcome: _Outcome, refs: Mapping[str, str | None]
+    ) -> Record:
+        """The ResponseComplete record of a call that has a RequestReceived one: the same call,
+        so who and whence are copied rather than read again from the context."""
+        return {
+            **received,
+            "auditId": self._ids.next(),
+            "stage": RESPONSE_COMPLETE,
+            "requestAuditId": received["auditId"],
+            "lock": refs.get("lock"),
+            "session": refs.get("session"),
+            "fencingToken": refs.get("fencingToken"),
+            "requestId": refs.get("requestId"),
+            "outcome": {"code": outcome.code.name, "reason": outcome.reason, "message": outcome.message},
+            "durationMs": round((time.monotonic() - call.started_mono) * 1000, 3),
+            "retryAttempts": call.attempts,
+        }
+
     async def _write(self, record: Record, consequence: str = "the caller's status stands") -> bool:
         try:
             await self.log.write(record)
         except AuditWriteError as exc:
-            # The process log is the last place the record can go. Only the rendered line (which
-            # went through redaction) may go there; a record the processors choked on is named only.
-            line = exc.line.decode().rstrip("\n") if exc.line else f"(unprocessable record {record['auditId']})"
-            log.error("audit record not written (%s; %s): %s", exc, consequence, line)
+            _lost(record, exc.line, exc, consequence)
             return False
         return True
+
+    def _send(self, record: Record, consequence: str) -> None:
+        """Queue `record` without waiting for it; a failure goes to the process log."""
+        line, done = self.log.submit(record)
+
+        def check(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                _lost(record, line, exc, consequence)
+
+        done.add_done_callback(check)
 
     async def _refuse_early(self, call: CallState, context: Context, refs: Mapping[str, str | None]) -> None:
         """Refuse a mutating call before its handler runs if its record could not be written."""
@@ -335,6 +429,14 @@ class AuditInterceptor(WrappingInterceptor):
     def layer(self, call: CallInfo) -> Layer | None:
         return self._layer if self._audited(call) else None
 
+    @property
+    def request_stage(self) -> WrappingInterceptor:
+        """The interceptor that writes RequestReceived records: put it last in the chain (after
+        identity and quota, right before the service), so the record names the principal and is
+        written only for calls whose handler runs. Without it, a mutating call gets a single
+        record, written (and fsynced) after its handler and before its answer."""
+        return self._request_stage
+
     async def _before(self, request: Any, context: Context) -> None:
         """Refuse a mutating call before its handler runs if its record could not be written.
 
@@ -354,13 +456,62 @@ class AuditInterceptor(WrappingInterceptor):
             # Only the type: an exception's text may hold anything, and the caller's copy of it is
             # grpc's business.
             outcome = _Outcome(grpc.StatusCode.UNKNOWN, None, f"unhandled {type(exc).__name__}")
-        await self._write(self._record(call, context, outcome, _request_refs(request)))
+        staged: _Staged | None = call.audit
+        refs = _request_refs(request)
+        if staged is None:
+            await self._write(self._record(call, context, outcome, refs))
+        else:
+            # Nobody waits for the RequestReceived record on this path: its loss is logged here.
+            staged.done.add_done_callback(self._check_received(staged))
+            await self._write(self._completed(call, staged.received, outcome, refs))
+
+    @staticmethod
+    def _check_received(staged: _Staged) -> Callable[[asyncio.Future[None]], None]:
+        def check(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                _lost(staged.received, staged.line, exc, "the call failed anyway")
+
+        return check
+
+    async def _receive(self, request: Any, context: Context) -> None:
+        """The request stage (innermost layer): queue the RequestReceived record, don't wait."""
+        call = state_of(context)
+        received = self._received(call, context, _request_refs(request))
+        line, done = self.log.submit(received)
+        call.audit = _Staged(received, line, done)
 
     async def _after(self, request: Any, response: Any, context: Context) -> None:
         call = state_of(context)
-        refs = _request_refs(request)
+        staged: _Staged | None = call.audit
+        if staged is None:  # no request stage in the chain, or not a mutating call
+            refs = _request_refs(request)
+            _add_response_refs(refs, response)
+            await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
+            return
+        received = staged.received  # the request's references were read into it already
+        refs = {key: received[key] for key, _ in _REFS}
         _add_response_refs(refs, response)
-        await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
+        try:
+            # The RequestReceived record's write (and fsync) ran while the handler worked; the
+            # call is answered only once it is durable.
+            await staged.done
+        except asyncio.CancelledError:
+            self._send(self._completed(call, staged.received, _Outcome.cancelled(context), refs), "cancelled")
+            raise
+        except AuditWriteError as exc:
+            refuse = not self.fail_open and call.info.method in self.mutating
+            consequence = "caller answered UNAVAILABLE" if refuse else "failing open"
+            _lost(staged.received, staged.line, exc, consequence)
+            if refuse:
+                # The handler's effect stands (a grant, a session), as when a single record fails.
+                code, message, trailers = audit_unavailable(self.retry_after)
+                outcome = _Outcome(code, AUDIT_UNAVAILABLE, message)
+                self._send(self._completed(call, staged.received, outcome, refs), consequence)
+                await context.abort(code, message, trailers)
+        # Queued now, so it follows its RequestReceived record in the log; the answer does not
+        # wait for its fsync (the next group commit covers it). docs/audit.md: what that means.
+        outcome = _Outcome.of(call, context)
+        self._send(self._completed(call, staged.received, outcome, refs), "the caller was answered")
 
     def wrap_stream(self, behavior: StreamBehavior, info: CallInfo) -> StreamBehavior:
         if not self._audited(info):

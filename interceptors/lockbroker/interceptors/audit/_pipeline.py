@@ -4,7 +4,6 @@ the one writer task that batches rendered records into every sink."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections import deque
@@ -12,12 +11,19 @@ from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any, Final, Literal, Protocol
 
+import orjson
+
 from lockbroker.v1.reasons import ErrorReason
 
 log = logging.getLogger("lockbroker.audit")
 
 SCHEMA: Final = "lockbroker.audit/v1"
 AUDIT_UNAVAILABLE: Final = ErrorReason.AUDIT_UNAVAILABLE
+# Stages, as Kubernetes audit names them: a mutating unary call gets a RequestReceived record
+# as it enters its handler (made durable while the handler works) and a ResponseComplete record
+# when it ends; every other call only the ResponseComplete one.
+REQUEST_RECEIVED: Final = "RequestReceived"
+RESPONSE_COMPLETE: Final = "ResponseComplete"
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
 MUTATING_METHODS: Final = frozenset(
     f"/{LOCK_SERVICE}/{name}"
@@ -104,15 +110,15 @@ def add_fields(**fields: Any) -> Processor:
 DEFAULT_PROCESSORS: Final[tuple[Processor, ...]] = (redact_secrets, limit_message)
 
 
-# What json.dumps(ensure_ascii=False) leaves raw although some line reader breaks lines there:
+# What a JSON encoder leaves raw although some line reader breaks lines there:
 # U+0085 (NEL), U+2028 and U+2029 (str.splitlines, JavaScript before ES2019, some log shippers).
 # The other C1 controls and DEL go with them, for terminals. Controls below U+0020 (\v, \f,
-# U+001C-U+001E among them) are already escaped by json.
-_RAW_BREAKS: Final = re.compile("[\x7f-\x9f\u2028\u2029]")
+# U+001C-U+001E among them) are already escaped by the encoder. Matched as orjson writes them (UTF-8).
+_RAW_BREAKS: Final = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 
 
-def _escape_break(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
+def _escape_break(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode())
 
 
 def render_json(record: Record) -> bytes:
@@ -122,13 +128,14 @@ def render_json(record: Record) -> bytes:
         if any(map(str.startswith, record, repeat("_")))
         else record
     )
-    # json.dumps escapes newlines inside strings; the substitution escapes the line breaks it leaves
-    # raw (they occur only inside strings, where "\u2028" means the same), so a record is exactly
-    # one line to every reader.
-    text = json.dumps(public, ensure_ascii=False, separators=(",", ":"), default=str)
-    if _RAW_BREAKS.search(text) is not None:
-        text = _RAW_BREAKS.sub(_escape_break, text)
-    return (text + "\n").encode()
+    # orjson writes what json.dumps(ensure_ascii=False, separators=(",", ":"), default=str) did,
+    # as UTF-8, about ten times faster (bench.micro audit). It escapes newlines inside strings but
+    # leaves the other line breaks raw; the substitution escapes those (they occur only inside
+    # strings, where "\u2028" means the same), so a record is exactly one line to every reader.
+    data = orjson.dumps(public, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    if _RAW_BREAKS.search(data) is not None:
+        data = _RAW_BREAKS.sub(_escape_break, data)
+    return data
 
 
 # --- the sink protocol --------------------------------------------------------------------------------------
@@ -187,31 +194,41 @@ class AuditLog:
 
     async def write(self, record: Record) -> bytes:
         """Process, render and write one record; returns the line. Raises AuditWriteError."""
+        line, done = self.submit(record)
+        try:
+            # Awaited directly: a cancelled caller cancels only its own future; the record is
+            # still written with its batch.
+            await done
+        except AuditWriteError as exc:
+            # A batch shares one error: each waiter gets its own, with its own line.
+            raise AuditWriteError(str(exc), line) from exc
+        assert line is not None  # the future failed if rendering did
+        return line
+
+    def submit(self, record: Record) -> tuple[bytes | None, asyncio.Future[None]]:
+        """Process and render `record` and queue it for the writer, without waiting.
+
+        Returns the line (None if the processors failed) and a future that is done when every
+        sink has it (as durable as each promises), or fails with AuditWriteError (carrying the
+        line). The caller may await the future later, e.g. after work that runs while the
+        record's fsync is in flight, or never: a failure nobody awaits is still retrieved.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         try:
             line = self.render(record)
         except Exception as exc:
-            raise AuditWriteError(f"audit processors failed: {exc!r}") from exc
-        try:
-            await self._write_line(line)
-        except AuditWriteError as exc:
-            exc.line = line
-            raise
-        return line
-
-    async def _write_line(self, line: bytes) -> None:
-        loop = asyncio.get_running_loop()
+            done.set_exception(AuditWriteError(f"audit processors failed: {exc!r}"))
+            return None, done
         if self._queue is None or self._writer is None or self._writer.done():
             self._queue = asyncio.Queue()
             self._writer = loop.create_task(self._write_loop(self._queue))
-        done: asyncio.Future[None] = loop.create_future()
         self._queue.put_nowait((line, done))
         deadline = loop.time() + self.write_timeout
         self._unanswered.append((deadline, done))
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._expire)
-        # Awaited directly: a cancelled caller cancels only its own future; the record is still
-        # written with its batch.
-        await done
+        return line, done
 
     def _expire(self) -> None:
         """Fail the records whose sinks did not finish in time (the writer may be stuck on a

@@ -35,6 +35,7 @@ from lockbroker.server.core.backend import (
     WatchInterrupted,
     call_deadline,
 )
+from lockbroker.server.core.claims import reenter, release_hold
 from lockbroker.server.core.cleanup import Cleanups
 from lockbroker.server.core.errors import (
     AlreadyQueued,
@@ -55,6 +56,7 @@ from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Pos
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
 from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
+from lockbroker.server.core.resume import RESUME_WINDOW, keep_place
 from lockbroker.server.core.sessions import LeaseClock, check_ttl, session_record
 from lockbroker.server.core.slots import QUOTA_RETRY_AFTER, SlotClaimer
 
@@ -71,6 +73,10 @@ class AcquireParams:
     wait: float  # seconds; 0 = try once
     owner: str
     request_id: str  # "" = not retryable
+    # Which of the session's claims on the lock (see Keyspace.entry_key): "" the plain one, else
+    # a new claim (new_claim) or the reentrant owner's claim.
+    claim: str = ""
+    reentrant_owner: str = ""  # set: a reentrant acquire (see core.claims)
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
 
@@ -99,7 +105,8 @@ def _refusal(e: BackendError, p: AcquireParams, lease_id: int, request_id: str) 
         return reused
     return AlreadyQueued(
         f"session {session_id_of(lease_id)} already holds or waits for lock {p.name!r} "
-        f"(request_id {e.existing.request_id!r}); locks are not reentrant",
+        f"(request_id {e.existing.request_id!r}); locks are not reentrant: send new_claim for another claim, "
+        "or reentrant with reentrant_owner to re-enter",
         {"lock": p.name, "request_id": e.existing.request_id, "fencing_token": str(e.existing.create_revision)},
     )
 
@@ -124,6 +131,8 @@ class Acquirer:
         self._cleanups = cleanups
         self._closing = closing
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
+        # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).
+        self.resume_window = RESUME_WINDOW
 
     @contextlib.contextmanager
     def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> Iterator[None]:
@@ -175,7 +184,7 @@ class Acquirer:
                 if lease.created:
                     self._leases.note(lease_id, before + lease.ttl)
                     created_lease, expires_at = lease_id, before + lease.ttl
-            key = ks.entry_key(p.name, lease_id)
+            key = ks.entry_key(p.name, lease_id, p.claim)
             claims = _claims(ks, quota, p, key, ks.session_key(lease_id))
             put = self._putter(ks, p, lease_id, request_id, attempt)
             mine: Entry | None = None
@@ -187,7 +196,10 @@ class Acquirer:
                     except SlotsTaken as e:
                         enq = await self._claimer.again(tenant, claims, slots, e, put)
                 except (SessionMissing, SessionTaken, EntryConflict) as e:
-                    raise _refusal(e, p, lease_id, request_id) from None
+                    if not (p.reentrant_owner and isinstance(e, EntryConflict)):
+                        raise _refusal(e, p, lease_id, request_id) from None
+                    # The owner's claim exists: count one more hold on it (core.claims).
+                    return await reenter(self._backend, self._leases, p, e.existing, request_id, started)
                 pos = enq.position
                 if pos.mine is None:
                     if not enq.created and p.wait > 0:
@@ -198,7 +210,6 @@ class Acquirer:
                 mine = pos.mine
                 if mine.value.slots:
                     self._claimer.remember(mine)
-                queue_position = pos.ahead
                 if pos.predecessor is not None:
                     await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
                 expires_at = expires_at or self._leases.get(lease_id)
@@ -209,16 +220,7 @@ class Acquirer:
                         raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
                     expires_at = time.time() + left
             except BaseException as exc:
-                # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
-                # have; only a definite answer (refused, not acquired, a write never sent) says not.
-                unknown = mine is None and (
-                    isinstance(exc, asyncio.CancelledError)
-                    or (isinstance(exc, Unavailable) and exc.outcome_unknown)
-                    or not isinstance(exc, LockBrokerError)
-                )
-                await self._cleanups.run(
-                    self._abandon(key, mine, created_lease, attempt if unknown else None, ks.mark(lease_id))
-                )
+                await self._give_up(exc, p, ks, key, mine, created_lease, attempt)
                 raise
             return Grant(
                 p.name,
@@ -229,7 +231,8 @@ class Acquirer:
                 mine.value.queued_at,
                 request_id,
                 time.monotonic() - started,
-                queue_position,
+                pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
+                mine.value.hold_count,
             )
 
     def _putter(
@@ -239,6 +242,7 @@ class Acquirer:
         implicit = p.lease_id is None
         queued_at = time.time()
         session_value = session_record(p.ttl, p.owner, p.name, p.principal) if implicit else None
+        reentrant = (p.reentrant_owner, (request_id,)) if p.reentrant_owner else ("", ())
 
         def put(slots: Sequence[bytes]) -> Awaitable[Enqueued]:
             # Not async: it hands back the backend's coroutine, so it is no frame of its own.
@@ -246,8 +250,8 @@ class Acquirer:
             entry_slots = tuple(s for s in slots if not s.startswith(ks.quota_root + b"s/"))
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
-                ks.entry_key(p.name, lease_id),
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt),
+                ks.entry_key(p.name, lease_id, p.claim),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant),
                 lease_id,
                 session_key=ks.session_key(lease_id),
                 new_session_value=session_value,
@@ -280,7 +284,10 @@ class Acquirer:
                 continue
             pos = await self._backend.position(prefix, mine.key, mine.create_revision)
             if pos.mine is None:
-                raise SessionLost(f"session {session_id_of(mine.lease)} ended while waiting for {p.name!r}")
+                raise SessionLost(
+                    f"the claim of session {session_id_of(mine.lease)} on {p.name!r} was removed while waiting "
+                    "(the session ended, or the claim was released by its fencing token)"
+                )
         # The read that found no predecessor also found our own key, and a key lives only as long
         # as its lease: the session was alive when we became holder (etcd's Jepsen fix).
         return pos
@@ -322,6 +329,42 @@ class Acquirer:
                 f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""), info
             )
         return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
+
+    async def _give_up(  # noqa: PLR0917 - one call site, the failure path of acquire()
+        self,
+        exc: BaseException,
+        p: AcquireParams,
+        ks: Keyspace,
+        key: bytes,
+        mine: Entry | None,
+        created_lease: int | None,
+        attempt: str,
+    ) -> None:
+        """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window."""
+        mark = ks.mark(Keyspace.lease_of(key))
+        if (
+            mine is not None
+            and isinstance(exc, asyncio.CancelledError)
+            and p.lease_id is not None
+            and p.request_id
+            and self.resume_window > 0
+        ):
+            # The caller went away while waiting: a dropped connection looks exactly like this.
+            # Its retry (same request id) may adopt the entry and keep its place (core.resume).
+            closing = self._closing()
+            until = time.monotonic() + self.resume_window
+            self._cleanups.start(
+                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing)
+            )
+            return
+        # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
+        # have; only a definite answer (refused, not acquired, a write never sent) says not.
+        unknown = mine is None and (
+            isinstance(exc, asyncio.CancelledError)
+            or (isinstance(exc, Unavailable) and exc.outcome_unknown)
+            or not isinstance(exc, LockBrokerError)
+        )
+        await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
 
     def _abandon(
         self,
@@ -371,23 +414,48 @@ class Acquirer:
         return None
 
     async def release(
-        self, tenant: str, name: str, fencing_token: int, lease_id: int | None, *, owners: SessionOwners, principal: str
-    ) -> bool:
+        self,
+        tenant: str,
+        name: str,
+        fencing_token: int,
+        lease_id: int | None,
+        request_id: str = "",
+        *,
+        owners: SessionOwners | None = None,
+        principal: str = "",
+    ) -> tuple[bool, int]:
+        """(released, holds left). Release names a claim by its fencing token. With the session
+        given, its plain claim is tried first, without a read (the common case); then its other
+        claims (core.claims). With `owners`, only the grant's own session and the principal that
+        made it may release it (core/owners.py): NotOwner otherwise."""
         ks = self._keyspace(tenant)
-        if lease_id is None:
+        if lease_id is not None:
+            if owners is not None and not await owners.check(tenant, lease_id, principal):
+                return await self._not_mine(ks, name, fencing_token), 0  # the named session is gone
+            if await self._delete(ks, ks.entry_key(name, lease_id), fencing_token, lease_id):
+                return True, 0
+            found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+            if found is not None and found.lease != lease_id:
+                raise _not_owner(name, fencing_token, found)
+        else:
             # No session named (older clients): the grant's session must be the caller's own.
             found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
-            if found is None:
-                return False
-            lease_id = found.lease
-        if not await owners.check(tenant, lease_id, principal):
-            return await self._not_mine(ks, name, fencing_token)  # the named session is gone
-        key = ks.entry_key(name, lease_id)
+            if found is not None and owners is not None and not await owners.check(tenant, found.lease, principal):
+                return False, 0  # its session ended meanwhile
+        if found is None:
+            return False, 0
+        if found.value.hold_count > 1:
+            held = await release_hold(self._backend, ks.lock_prefix(name), found, request_id)
+            if held is not None:
+                return held
+        return await self._delete(ks, found.key, fencing_token, found.lease), 0
+
+    async def _delete(self, ks: Keyspace, key: bytes, fencing_token: int, lease_id: int) -> bool:
         # Compare on the create revision: a stale token can never delete a newer grant.
         slots = self._claimer.take(key, fencing_token)
         deleted = await self._backend.delete_entry(key, fencing_token, slots=slots or (), mark=ks.mark(lease_id))
         if deleted is None:
-            return await self._not_mine(ks, name, fencing_token)
+            return False
         if slots is None and deleted.value.slots and not deleted.value.implicit_session:
             # Granted by another replica (or forgotten here): the entry named its slots.
             left = deleted.value.slots
@@ -403,8 +471,12 @@ class Acquirer:
         found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
         if found is None:
             return False
-        raise NotOwner(
-            f"grant {fencing_token} of lock {name!r} is held by session {session_id_of(found.lease)}, "
-            "not by the session named; a grant is released only by its own session",
-            {"lock": name},
-        )
+        raise _not_owner(name, fencing_token, found)
+
+
+def _not_owner(name: str, fencing_token: int, found: Entry) -> NotOwner:
+    return NotOwner(
+        f"grant {fencing_token} of lock {name!r} is held by session {session_id_of(found.lease)}, "
+        "not by the session named; a grant is released only by its own session",
+        {"lock": name},
+    )

@@ -159,6 +159,11 @@ class LockBackend(Protocol):
         entry, or None if it was already gone or adopted by another call."""
         ...
 
+    async def update_entry(self, entry: Entry, value: EntryValue) -> Entry | None:
+        """Rewrite `entry`'s value if it is unchanged since read (same create and mod revision);
+        the entry as written, or None if it is gone or was written since."""
+        ...
+
     async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
         """The entry at `key` if there is one; if not, move the session's release mark in the same
         transaction, so that no enqueue of `key` sent before this call can still be applied.

@@ -34,6 +34,17 @@ class Cleanups:
         from the queue once etcd is back (else the next release would hand the lock to a caller
         that was told it did not get it). The session's lease remains the last resort.
         """
+        deadline = call_deadline.get()
+        task = self.start(work)
+        # The caller's answer must not wait past its own deadline: the clean-up goes on without it.
+        wait = CLEANUP_TIMEOUT
+        if deadline is not None:
+            wait = min(wait, deadline - ANSWER_MARGIN - time.monotonic())
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=max(0.0, wait))
+
+    def start(self, work: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+        """Run clean-up in the background, retrying as `run` says, without waiting for it."""
 
         async def retrying() -> None:
             give_up = time.monotonic() + CLEANUP_WINDOW
@@ -53,16 +64,10 @@ class Cleanups:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-        deadline = call_deadline.get()
         task = asyncio.ensure_future(retrying())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        # The caller's answer must not wait past its own deadline: the clean-up goes on without it.
-        wait = CLEANUP_TIMEOUT
-        if deadline is not None:
-            wait = min(wait, deadline - ANSWER_MARGIN - time.monotonic())
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task}, timeout=max(0.0, wait))
+        return task
 
     async def drain(self, timeout: float) -> None:
         """Give pending clean-ups `timeout` to finish on shutdown; leases remove the rest."""

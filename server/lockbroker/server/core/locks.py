@@ -102,8 +102,23 @@ class LockCore:
     async def release(
         self, tenant: str, name: str, fencing_token: int, lease_id: int | None, principal: str = ""
     ) -> bool:
+        return (await self.release_claim(tenant, name, fencing_token, lease_id, principal=principal))[0]
+
+    async def release_claim(
+        self,
+        tenant: str,
+        name: str,
+        fencing_token: int,
+        lease_id: int | None,
+        request_id: str = "",
+        *,
+        principal: str = "",
+    ) -> tuple[bool, int]:
+        """(released, holds left): a reentrant grant held more than once loses one hold (once per
+        request id: a retried Release takes no second hold off). Only the grant's own session, and
+        only for the principal that made it (core/owners.py): NotOwner otherwise."""
         return await self._acquirer.release(
-            tenant, name, fencing_token, lease_id, owners=self.owners, principal=principal
+            tenant, name, fencing_token, lease_id, request_id, owners=self.owners, principal=principal
         )
 
     async def check_fence(self, tenant: str, name: str, fencing_token: int) -> Fence:

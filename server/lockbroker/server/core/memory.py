@@ -448,6 +448,16 @@ class MemoryLockBackend:
 
         return await self._call("delete_entry", apply)
 
+    async def update_entry(self, entry: Entry, value: EntryValue) -> Entry | None:
+        def apply() -> Entry | None:
+            kv = self._kv.get(entry.key)
+            if kv is None or (kv.create, kv.mod) != (entry.create_revision, entry.mod_revision):
+                return None
+            self._commit([(entry.key, value.encode(), kv.lease)])
+            return self._entry(entry.key)
+
+        return await self._call("update_entry", apply)
+
     async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
         def apply() -> Entry | None:
             if key in self._kv:

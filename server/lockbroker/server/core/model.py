@@ -19,6 +19,17 @@ class EntryValue:
     # Which call made the entry: the clean-up of a call whose enqueue had an unknown outcome
     # deletes only the entry that call made, never a retry's fresh entry of the same request.
     attempt: str = ""
+    # A reentrant claim (AcquireRequest.reentrant): its owner, and the request id of each Acquire
+    # counted as a hold (a retry of one is not counted twice). Stored, so holds survive restarts.
+    reentrant_owner: str = ""
+    holds: tuple[str, ...] = ()
+    # The request ids of the last Releases that each took a hold off, so a retried one does not
+    # take a second (see core.claims).
+    released: tuple[str, ...] = ()
+
+    @property
+    def hold_count(self) -> int:
+        return max(1, len(self.holds))
 
     def encode(self) -> bytes:
         doc: dict[str, object] = {"o": self.owner, "r": self.request_id, "t": round(self.queued_at, 6)}
@@ -28,6 +39,11 @@ class EntryValue:
             doc["q"] = [s.decode() for s in self.slots]
         if self.attempt:
             doc["a"] = self.attempt
+        if self.reentrant_owner:
+            doc["ro"] = self.reentrant_owner
+            doc["h"] = list(self.holds)
+            if self.released:
+                doc["rr"] = list(self.released)
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -41,6 +57,9 @@ class EntryValue:
                 bool(doc.get("i", 0)),
                 tuple(str(s).encode() for s in doc.get("q", ())),
                 str(doc.get("a", "")),
+                str(doc.get("ro", "")),
+                tuple(str(h) for h in doc.get("h", ())),
+                tuple(str(r) for r in doc.get("rr", ())),
             )
         except (ValueError, TypeError, AttributeError):
             # A key someone wrote by hand under our prefix: still an entry in the queue.
@@ -117,6 +136,7 @@ class Grant:
     request_id: str
     waited: float
     queue_position: int
+    hold_count: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,11 @@
 Key layout, under a configurable root (default "/lockbroker/v1"):
 
     <root>/t/<tenant>/s/<lease hex>          a session record, bound to the session's lease
-    <root>/t/<tenant>/l/<name>#<lease hex>   one queue entry of lock <name>, bound to its session's lease
+    <root>/t/<tenant>/l/<key name>#<lease hex>[.<claim>]
+                                             one queue entry (claim) of lock <name>, bound to its
+                                             session's lease; ".<claim>" only on claims made with
+                                             new_claim ("c<request id>") or reentrant
+                                             ("r<owner digest>"), see core.acquire
     <root>/t/<tenant>/m/<lease hex>          the session's release mark: rewritten whenever the broker
                                              deletes one of the session's entries (see LockBackend.enqueue)
     <root>/t/<tenant>/r/<lease hex>/<token>  an admin's revocation of grant <token> of the session, bound
@@ -12,10 +16,25 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
                                              own (REVOKED_SESSION_TTL), so Refresh can say REVOKED
     <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
     <root>/t/<tenant>/q/e/<i>                quota slot i of the tenant's queue entries
-    <root>/t/<tenant>/q/l/<name>#<i>         quota slot i of lock <name>'s queue
+    <root>/t/<tenant>/q/l/<key name>#<i>     quota slot i of lock <name>'s queue
 
-"#" never occurs in a name, so the entries of one lock are exactly the keys with prefix
-"<root>/t/<tenant>/l/<name>#": lock "a" can never see the entries of lock "a/b" or "a#b".
+A lock name is any UTF-8 text without control characters, up to a configurable size (see
+name_problem). Its <key name> is its UTF-8 with every byte from 0x00 to 0x24 written as "$" and
+two upper-case hex digits ("a b" -> "a$20b", "a#b" -> "a$23b", "a$b" -> "a$24b"); every other byte
+is itself. Why this escape:
+
+- Names of the alphabet accepted before any-UTF-8 names (A-Z a-z 0-9, "-_.:@+=,~%" and "/") have
+  no byte below 0x25, so they map to exactly the key they always had: locks survive an upgrade,
+  and old and new replicas can serve the same keys side by side. "%" is in that alphabet, so it
+  cannot be the escape; "$" is not.
+- "#" never occurs in a key name, so the entries of one lock are exactly the keys with prefix
+  "<root>/t/<tenant>/l/<key name>#": lock "a" can never see the entries of lock "a/b" or "a#b".
+- It is a prefix code applied byte by byte: name P is a prefix of name N exactly when key name
+  P is a prefix of key name N, so List's prefix filter is one etcd range.
+- It keeps order: every escape starts with "$" (0x24), above the separator "#" (0x23) and below
+  every byte left as is, and the escaped bytes are 0x00-0x24 in hex order. So the keys of two
+  locks compare as their names' UTF-8 bytes compare, which is code point order (Python's str
+  order): List pages through names in that order by walking keys.
 """
 
 from __future__ import annotations
@@ -27,36 +46,57 @@ from lockbroker.server.core.errors import FieldViolation
 from lockbroker.server.core.model import ReleaseMark
 from lockbroker.server.core.quota import Pool
 
-MAX_NAME_BYTES = 256
+# The default of LockLimits.max_name_bytes. Names of up to 256 bytes were the limit before.
+MAX_NAME_BYTES = 1024
 MAX_OWNER_BYTES = 128
 MAX_REQUEST_ID = 128
 
-# Every allowed character sorts above "#", so key order is name order.
-_NAME_SEGMENT = re.compile(r"[A-Za-z0-9\-_.:@+=,~%]+")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _SESSION_ID = re.compile(r"[0-9a-f]{16}")
 _LEASE_MASK = (1 << 63) - 1
 
-NAME_RULE = (
-    'at most 256 bytes of A-Z a-z 0-9 and "-_.:@+=,~%", with "/" between non-empty segments that are not "." or ".."'
-)
+# C0 controls, DEL and C1 controls: a fixed set (Unicode category Cc), so the rule does not move
+# with the Unicode version of whoever checks it. They cannot be typed, break log lines and
+# terminals, and NUL cannot travel in an environment variable (`lockbroker run` passes the name).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TO_ESCAPE = re.compile(rb"[\x00-\x24]")
+_ESCAPED = re.compile(rb"\$([0-9A-F]{2})")
+
+NAME_RULE = "a name is any UTF-8 text without control characters (U+0000-U+001F, U+007F-U+009F)"
 
 
-def name_problem(name: str, *, prefix: bool = False) -> str | None:
-    """Why `name` is not a valid lock name (or name prefix), or None if it is."""
+def name_problem(name: str, *, max_bytes: int = MAX_NAME_BYTES, prefix: bool = False) -> str | None:
+    """Why `name` is not a valid lock name (or name prefix), or None if it is.
+
+    Each message names the one rule broken, first broken rule first."""
     if not name:
         return None if prefix else "must not be empty"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return f"is longer than {MAX_NAME_BYTES} bytes"
-    segments = name.split("/")
-    if prefix and segments[-1] == "":
-        segments.pop()  # "orders/" is a fine prefix
-    for seg in segments:
-        if seg in ("", ".", ".."):
-            return f"has an empty, '.' or '..' segment; a name is {NAME_RULE}"
-        if not _NAME_SEGMENT.fullmatch(seg):
-            return f"has a character outside the allowed set; a name is {NAME_RULE}"
+    bad = _SURROGATE.search(name)
+    if bad is not None:
+        return f"is not valid UTF-8: it has a lone surrogate U+{ord(bad[0]):04X} at index {bad.start()}"
+    bad = _CONTROL.search(name)
+    if bad is not None:
+        return f"has the control character U+{ord(bad[0]):04X} at index {bad.start()}; {NAME_RULE}"
+    size = len(name.encode())
+    if size > max_bytes:
+        return f"is {size} bytes long in UTF-8; the limit is {max_bytes} bytes"
     return None
+
+
+def key_name(name: str) -> bytes:
+    """The form of lock name `name` in etcd keys (see the module docstring)."""
+    raw = name.encode()
+    if _TO_ESCAPE.search(raw) is None:
+        return raw  # every name of the old alphabet, unchanged
+    return _TO_ESCAPE.sub(lambda m: b"$%02X" % m[0][0], raw)
+
+
+def name_of_key(encoded: bytes) -> str:
+    """The lock name whose key form is `encoded`: the inverse of key_name()."""
+    if b"$" not in encoded:
+        return encoded.decode()
+    return _ESCAPED.sub(lambda m: bytes((int(m[1], 16),)), encoded).decode()
 
 
 def request_id_problem(request_id: str) -> str | None:
@@ -136,7 +176,7 @@ class Keyspace:
         return Pool(self.quota_root + b"e/", size, "max_locks")
 
     def lock_pool(self, name: str, size: int) -> Pool:
-        return Pool(self.quota_root + b"l/" + name.encode() + b"#", size, "max_waiters_per_lock")
+        return Pool(self.quota_root + b"l/" + key_name(name) + b"#", size, "max_waiters_per_lock")
 
     def session_key(self, lease_id: int) -> bytes:
         return self.sessions_root + session_id_of(lease_id).encode()
@@ -146,14 +186,42 @@ class Keyspace:
         return ReleaseMark(self.marks_root + session_id_of(lease_id).encode(), lease_id)
 
     def lock_prefix(self, name: str) -> bytes:
-        return self.locks_root + name.encode() + b"#"
+        """The prefix of every entry key of lock `name`, and of no other lock's."""
+        return self.locks_root + key_name(name) + b"#"
 
-    def entry_key(self, name: str, lease_id: int) -> bytes:
-        return self.lock_prefix(name) + session_id_of(lease_id).encode()
+    def names_prefix(self, prefix: str) -> bytes:
+        """The prefix of every entry key of every lock whose name starts with `prefix`."""
+        return self.locks_root + key_name(prefix)
+
+    def after_lock(self, name: str) -> bytes:
+        """The first key past every entry of lock `name`: where List resumes after it."""
+        return prefix_end(self.lock_prefix(name))
+
+    def entry_key(self, name: str, lease_id: int, claim: str = "") -> bytes:
+        """The key of one claim of session `lease_id` on lock `name`: the session's one plain
+        claim (no suffix, the only key before claims existed), or ".<claim>" after the session."""
+        key = self.lock_prefix(name) + session_id_of(lease_id).encode()
+        return key + b"." + claim.encode() if claim else key
 
     def name_of(self, key: bytes) -> str:
-        return key[len(self.locks_root) : key.rindex(b"#")].decode()
+        return name_of_key(key[len(self.locks_root) : key.rindex(b"#")])
 
     @staticmethod
     def lease_of(key: bytes) -> int:
-        return int(key[key.rindex(b"#") + 1 :], 16)
+        at = key.rindex(b"#") + 1
+        return int(key[at : at + 16], 16)
+
+
+def new_claim_id(request_id: str) -> str:
+    """The claim of an Acquire with new_claim: one per request id, so a retry finds its own."""
+    return "c" + request_id
+
+
+def reentrant_claim_id(owner: str) -> str:
+    """The claim of a reentrant owner: one per (session, owner), so re-acquiring finds it."""
+    return "r" + hashlib.sha256(owner.encode()).hexdigest()[:24]
+
+
+def is_reentrant_key(key: bytes) -> bool:
+    at = key.rindex(b"#") + 17
+    return key[at : at + 2] == b".r"

@@ -131,6 +131,10 @@ class SlotClaimer:
 
     def take(self, key: bytes, create_revision: int) -> tuple[bytes, ...] | None:
         """The slots remembered for the entry at `key` if it is the one of `create_revision`
-        (forgotten either way); None if not known here."""
-        known = self._granted.pop(key, None)
-        return known[1] if known is not None and known[0] == create_revision else None
+        (then forgotten); None if not known here. A release that tries the session's plain claim
+        with another claim's token must not make the plain claim's slots forgotten."""
+        known = self._granted.get(key)
+        if known is None or known[0] != create_revision:
+            return None
+        del self._granted[key]
+        return known[1]

@@ -19,8 +19,9 @@ async def describe(backend: LockBackend, ks: Keyspace, name: str) -> LockState:
 
 
 async def list_locks(backend: LockBackend, ks: Keyspace, prefix: str, page_size: int, after: str | None) -> Page:
-    start = ks.lock_prefix(after)[:-1] + b"$" if after is not None else ks.locks_root + prefix.encode()
-    end = prefix_end(ks.locks_root + prefix.encode())
+    # Key order is name order (see core.names), so the page after `after` starts past its entries.
+    start = ks.after_lock(after) if after is not None else ks.names_prefix(prefix)
+    end = prefix_end(ks.names_prefix(prefix))
     order: list[str] = []
     found: dict[str, tuple[Entry, int]] = {}
     more = True

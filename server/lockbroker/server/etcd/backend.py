@@ -315,6 +315,22 @@ class EtcdLockBackend:
         prev = resp.responses[0].response_delete_range.prev_kvs
         return _entry(prev[0]) if prev else None
 
+    async def update_entry(self, entry: Entry, value: EntryValue) -> Entry | None:
+        raw = value.encode()
+        same = pb.Compare(
+            key=entry.key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=entry.mod_revision
+        )
+        resp = await self.client.txn(
+            pb.TxnRequest(
+                compare=[_created(entry.key, pb.Compare.EQUAL, entry.create_revision), same],
+                success=[_put(entry.key, raw, entry.lease)],
+            )
+        )
+        if not resp.succeeded:
+            return None
+        rev = resp.header.revision
+        return Entry(entry.key, entry.create_revision, entry.lease, EntryValue.decode(raw), rev)
+
     async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
         try:
             resp = await self.client.txn(

@@ -352,6 +352,11 @@ class EtcdClient:
         """The CLIENT span of one etcd call (named like grpc's own), or None when not tracing."""
         if self._tracer is None or not is_instrumentation_enabled():
             return None
+        parent = trace.get_current_span()
+        if not parent.is_recording() and parent.get_span_context().is_valid:
+            # Inside a call its sampler dropped: a child span would be dropped too (parent-based),
+            # so none is made; root spans (no call around them) still go to the sampler.
+            return None
         service, name = _RPC_NAMES.get(request.DESCRIPTOR.full_name, ("etcdserverpb", "unknown"))
         return self._tracer.start_as_current_span(
             f"/{service}/{name}",

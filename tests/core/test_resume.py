@@ -1,0 +1,87 @@
+"""A waiter whose call is cancelled keeps its place for a retry with its request id (issue 19
+item 3; core/resume.py), on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from tests.core.conftest import Env, eventually
+
+
+async def test_a_cancelled_waiter_is_adopted_by_its_retry_and_keeps_its_token(env: Env) -> None:
+    env.core._acquirer.resume_window = 30.0
+    name = "resume/adopt"
+    h, a, b = await env.session(ttl=30), await env.session(ttl=30), await env.session(ttl=30)
+    held = await env.acquire(name, h)
+    first = asyncio.ensure_future(env.acquire(name, a, wait=30, request_id="a-1"))
+    token = (await env.wait_waiters(name, 1)).waiters[0].create_revision
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    behind = asyncio.ensure_future(env.acquire(name, b, wait=30, request_id="b-1"))
+    retry = asyncio.ensure_future(env.acquire(name, a, wait=30, request_id="a-1"))
+    try:
+        state = await env.wait_waiters(name, 2)
+        assert [w.lease for w in state.waiters] == [a, b]
+        assert await env.release(name, held.fencing_token, h)
+        got = await asyncio.wait_for(retry, 10)
+        assert got.fencing_token == token
+        assert not behind.done()
+        assert await env.release(name, token, a)
+        assert (await asyncio.wait_for(behind, 10)).session_id == f"{b:016x}"
+    finally:
+        behind.cancel()
+        retry.cancel()
+        await asyncio.gather(behind, retry, return_exceptions=True)
+
+
+async def test_an_abandoned_waiter_never_holds_and_is_gone_after_the_window(env: Env) -> None:
+    env.core._acquirer.resume_window = 30.0
+    name = "resume/gone"
+    h, a, b = await env.session(ttl=30), await env.session(ttl=30), await env.session(ttl=30)
+    held = await env.acquire(name, h)
+    first = asyncio.ensure_future(env.acquire(name, a, wait=30, request_id="a-1"))
+    await env.wait_waiters(name, 1)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    behind = asyncio.ensure_future(env.acquire(name, b, wait=30, request_id="b-1"))
+    try:
+        await env.wait_waiters(name, 2)
+        assert await env.release(name, held.fencing_token, h)
+        # The abandoned entry reached the head unadopted: removed at once, long before the window.
+        got = await asyncio.wait_for(behind, 10)
+        assert got.session_id == f"{b:016x}"
+    finally:
+        behind.cancel()
+    state = await env.describe(name)
+    assert state.waiters == []
+
+    # Without a retry, the window's end removes a waiter that is still queued.
+    env.core._acquirer.resume_window = 0.2
+    again = asyncio.ensure_future(env.acquire(name, a, wait=30, request_id="a-2"))
+    await env.wait_waiters(name, 1)
+    again.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await again
+
+    async def no_waiters() -> bool:
+        return (await env.describe(name)).waiters == []
+
+    await eventually(no_waiters, 5.0, "the abandoned waiter is removed after the window")
+    assert len(await env.lock_keys(name)) == 1
+
+
+async def test_without_a_request_id_a_cancelled_waiter_goes_at_once(env: Env) -> None:
+    env.core._acquirer.resume_window = 30.0
+    name = "resume/anonymous"
+    h, a = await env.session(ttl=30), await env.session(ttl=30)
+    await env.acquire(name, h)
+    task = asyncio.ensure_future(env.acquire(name, a, wait=30))
+    await env.wait_waiters(name, 1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # No retry could find it: it is not kept for one.
+    assert len(await env.lock_keys(name)) == 1
