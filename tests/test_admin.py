@@ -48,7 +48,12 @@ class Env:
 
     def records(self, method: str) -> list[dict[str, Any]]:
         lines = self.audit.read_text().splitlines() if self.audit.exists() else []
-        return [r for r in map(json.loads, lines) if r["method"].endswith("/" + method)]
+        # One record per call: the ResponseComplete stage (mutating calls also have a RequestReceived one).
+        return [
+            r
+            for r in map(json.loads, lines)
+            if r["method"].endswith("/" + method) and r.get("stage") != "RequestReceived"
+        ]
 
     async def session(self, who: str, ttl: int = 10) -> str:
         req = lock_pb2.CreateSessionRequest(ttl=duration_pb2.Duration(seconds=ttl), owner=who)

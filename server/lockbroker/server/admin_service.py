@@ -92,6 +92,8 @@ def revocation_auditor(log: AuditLog | None) -> OnRevoked:
             "schema": SCHEMA,
             "time": now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "auditId": str(uuid.uuid4()),
+            "stage": "ResponseComplete",
+            "requestAuditId": None,
             "tenant": tenant,
             "principal": {"kind": "broker", "id": "max-hold"},
             "method": MAX_HOLD_METHOD,

@@ -369,6 +369,7 @@ class AuditInterceptor(WrappingInterceptor):
             "durationMs": None,
             "retryAttempts": None,
             "traceId": _trace_id(),
+            **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
             "_secrets": _secrets(context),
         }
 
@@ -489,7 +490,7 @@ class AuditInterceptor(WrappingInterceptor):
             await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
             return
         received = staged.received  # the request's references were read into it already
-        refs = {key: received[key] for key, _ in _REFS}
+        refs = {key: received.get(key) for key, _ in _REFS}
         _add_response_refs(refs, response)
         try:
             # The RequestReceived record's write (and fsync) ran while the handler worked; the
