@@ -168,8 +168,14 @@ async def test_random_claims_and_reentry_follow_the_model(env: Env, steps: list[
                     granted[lk].append(g.fencing_token)
             elif op in ("release", "release-anon"):
                 by = lease if op == "release" else None
-                got = await env.core.release_claim(TENANT, name, last[lk], by) if last[lk] else (False, 0)
                 ours = h is not None and h.token == last[lk] and (op == "release-anon" or h.session == s)
+                if op == "release" and h is not None and h.token == last[lk] and h.session != s:
+                    # Another session's current grant: refused, never released (issue 15 ownership).
+                    with pytest.raises(NotOwner):
+                        await env.core.release_claim(TENANT, name, last[lk], by)
+                    got = (False, 0)
+                else:
+                    got = await env.core.release_claim(TENANT, name, last[lk], by) if last[lk] else (False, 0)
                 if not ours or h is None:
                     assert got == (False, 0)
                 else:
