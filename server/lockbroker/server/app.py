@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 from collections.abc import Callable
 
 from grpc import aio
@@ -22,13 +23,13 @@ from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, audit_log
 from lockbroker.interceptors.base import chain as interceptor_chain
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsInterceptor
-from lockbroker.interceptors.quota import Rate, RateLimitInterceptor
+from lockbroker.interceptors.quota import PeerLimitInterceptor, Rate, RateLimitInterceptor
 from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import auth, lifecycle, logs
 from lockbroker.server.admin_service import ADMIN_SERVICE, AdminService, revocation_auditor
 from lockbroker.server.auth import tenants
 from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
-from lockbroker.server.config import Config, ConfigError
+from lockbroker.server.config import Config, ConfigError, LockLimits
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.memory import MemoryLockBackend
@@ -89,6 +90,46 @@ def server_options(shared_port: bool = False) -> list[tuple[str, int]]:
 
 
 is_loopback = auth.is_loopback  # tests/test_config.py imports it from here
+
+# File descriptors kept for what is not a client connection: etcd connections, the audit file,
+# the metrics and health listeners, the embedded etcd's pipes, logging.
+FD_RESERVE = 256
+
+
+def raise_open_files_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit, and return the soft limit now in force.
+
+    Distributions start processes at a soft limit of 1,024: 1,100 silent connections then made
+    accept() fail and every client time out. The hard limit is the operator's ceiling; the soft
+    one is only a default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)  # Linux refuses an infinite NOFILE: take a large finite one
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            log.info("raised the open-files limit", extra={"from": soft, "to": hard})
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-files limit", extra={"soft": soft, "hard": hard, "error": str(e)})
+    return soft
+
+
+def connection_options(limits: LockLimits, open_files: int) -> list[tuple[str, int]]:
+    """The gRPC server options that bound client connections (issue 18, item 12).
+
+    grpc has no per-server connection count of its own in Python's API, but its core does:
+    `grpc.max_allowed_incoming_connections` closes a connection as it arrives once that many are
+    open, so connections can never take the descriptors etcd and the audit log need. A connection
+    that never completes its handshake is closed after `handshake_timeout` (grpc's default: 120 s),
+    and one with no call for `connection_idle` gets a GOAWAY (clients reconnect when they next
+    call). KeepAlive streams and waiting Acquires are calls: they keep their connection."""
+    cap = limits.max_connections or max(64, open_files - FD_RESERVE)
+    return [
+        ("grpc.max_allowed_incoming_connections", min(cap, 2**31 - 1)),
+        ("grpc.server_handshake_timeout_ms", max(1, int(limits.handshake_timeout * 1000))),
+        ("grpc.max_connection_idle_ms", max(1, int(limits.connection_idle * 1000))),
+    ]
 
 
 class Broker:
@@ -155,7 +196,9 @@ class Broker:
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
         self.core.holds.on_revoked = revocation_auditor(self.audit_log)
         self.core.start()
-        self.service = LockService(self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts))
+        self.service = LockService(
+            self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts), quotas=self.quotas
+        )
 
         self.server = self._services(self.service)
         try:
@@ -192,7 +235,9 @@ class Broker:
     def _services(self, service: LockService) -> aio.Server:
         """The gRPC server with every service registered, behind the one interceptor chain."""
         assert self.core is not None
-        server = aio.server(interceptors=self._interceptors(), options=server_options(self.shared_port))
+        cfg = self.config
+        options = [*server_options(self.shared_port), *connection_options(cfg.limits, raise_open_files_limit())]
+        server = aio.server(interceptors=self._interceptors(), options=options)
         add_to_server(service, server)
         self.admin_service = AdminService(self.core, service.retry)
         add_to_server(self.admin_service, server, ADMIN_SERVICE)
@@ -259,9 +304,13 @@ class Broker:
                     raise ConfigError(str(e)) from None
         return overrides
 
-    def _rate(self, tenant: str) -> Rate:
+    def _rate(self, tenant: str, bucket: str = "acquire") -> Rate:
         q = self.quotas(tenant)
-        return Rate(q.acquire_rate, q.acquire_burst)
+        return Rate(getattr(q, f"{bucket}_rate"), getattr(q, f"{bucket}_burst"))
+
+    def _shares(self) -> int:
+        """How many processes split each per-replica rate: the workers of `serve --workers N`."""
+        return self.config.server.workers if self.shared_port else 1
 
     def _interceptors(self) -> list[aio.ServerInterceptor]:
         """The chain, outermost first; every layer shares one `CallState` per call.
@@ -271,7 +320,9 @@ class Broker:
                   attempts, outcome); refuses mutating calls early when its sink is failing;
         identity  writes the caller's principal (hence the tenant) on the state, or UNAUTHENTICATED;
         lock span lock attributes on the server span, from the request, the response and the state;
-        quota     the tenant's acquire rate (per replica); limits on held state are the core's;
+        peer      calls failing authentication, per peer address (only with authentication on);
+        quota     the tenant's acquire, read and session rates (per replica); limits on held state
+                  are the core's;
         request   audit's request stage: a mutating call's RequestReceived record, queued as the
                   handler starts; audit's `after` answers once it is durable (docs/audit.md);
         service   the edge: deadline, retry of transient backend failures (one call, N attempts,
@@ -290,14 +341,19 @@ class Broker:
         if self.audit is not None:
             chain.append(self.audit)
         if self.identity is not None:
+            limits = self.config.limits
+            # Before identity: a peer that keeps failing authentication is refused before its
+            # credentials are checked again.
+            shares = self._shares()  # the workers of one broker split its per-peer rate, as its tenants' rates
+            peer_rate = Rate(limits.unauthenticated_rate / shares, max(1, limits.unauthenticated_burst // shares))
+            chain.append(PeerLimitInterceptor(peer_rate))
             chain.append(self.identity)
         if self.metrics is not None:  # needs the tenant; before quota, so rate refusals count
             chain.append(LockMetricsInterceptor(self.metrics.locks))
         if self.tracing.enabled:
             chain.append(LockSpanInterceptor())
-        if self.quotas.any(lambda q: q.acquire_rate > 0):
-            shares = self.config.server.workers if self.shared_port else 1
-            chain.append(RateLimitInterceptor(self._rate, shares=shares))
+        if self.quotas.any(lambda q: q.acquire_rate > 0 or q.read_rate > 0 or q.session_rate > 0):
+            chain.append(RateLimitInterceptor(self._rate, shares=self._shares()))
         if self.audit is not None:  # last: the RequestReceived record, fsynced while the handler works
             chain.append(self.audit.request_stage)
         return interceptor_chain(chain)

@@ -203,6 +203,25 @@ class LockLimits:
     max_name_bytes: int = field(
         default=MAX_NAME_BYTES, metadata={"help": "longest lock name in UTF-8 bytes (at least 256, at most 65536)"}
     )
+    # Server-wide, not per tenant: these protect the broker from callers that have no tenant yet.
+    unauthenticated_rate: float = field(
+        default=20.0,
+        metadata={"help": "calls failing authentication per second, per peer address, before it is refused (0: off)"},
+    )
+    unauthenticated_burst: int = field(
+        default=100, metadata={"help": "calls failing authentication allowed at once above unauthenticated_rate"}
+    )
+    max_connections: int = field(
+        default=0,
+        metadata={
+            "help": "client connections open at once; more are closed as they arrive "
+            "(0: the open-files limit minus a reserve)"
+        },
+    )
+    handshake_timeout: float = _duration(
+        10.0, "close a connection that has not completed its TLS/HTTP2 handshake within this"
+    )
+    connection_idle: float = _duration(300.0, "close a client connection that has had no call for this long")
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_ttl <= self.default_ttl <= self.max_ttl:
@@ -214,6 +233,12 @@ class LockLimits:
         # 64 KiB keeps an escaped key (at most 3 bytes a byte) far below etcd's request size limit.
         if not 256 <= self.max_name_bytes <= 65536:
             raise ConfigError("limits: max_name_bytes must be between 256 and 65536")
+        if self.unauthenticated_rate < 0 or self.max_connections < 0:
+            raise ConfigError("limits: unauthenticated_rate and max_connections must not be negative")
+        if self.unauthenticated_rate and self.unauthenticated_burst < 1:
+            raise ConfigError("limits: unauthenticated_burst must be at least 1 when unauthenticated_rate is set")
+        if self.handshake_timeout <= 0 or self.connection_idle <= 0:
+            raise ConfigError("limits: handshake_timeout and connection_idle must be positive")
 
 
 @dataclass(frozen=True)

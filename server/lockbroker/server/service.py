@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,12 +43,15 @@ from lockbroker.server.core.errors import (
     InvalidArgument,
     LockBrokerError,
     NotOwner,
+    QuotaExceeded,
     SessionNotFound,
     SessionRevoked,
     ShuttingDown,
     Unavailable,
 )
 from lockbroker.server.core.names import parse_session_id, session_id_of
+from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
+from lockbroker.server.core.slots import QUOTA_RETRY_AFTER
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 _SERVICE_DESC = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
@@ -304,11 +308,19 @@ _KEEPALIVE = _call_info("KeepAlive", streaming=True)
 
 
 class LockService(lock_pb2_grpc.LockServiceServicer):
-    def __init__(self, core: LockCore, limits: LockLimits, retry: RetryPolicy = NO_RETRY) -> None:
+    def __init__(
+        self,
+        core: LockCore,
+        limits: LockLimits,
+        retry: RetryPolicy = NO_RETRY,
+        quotas: QuotaLookup = lambda _t: UNLIMITED,
+    ) -> None:
         self.core = core
         self.limits = limits
         self.retry = retry
         self.draining = False
+        self.quotas = quotas
+        self._streams: Counter[str] = Counter()  # KeepAlive streams open on this replica, per tenant
 
     @rpc()
     async def CreateSession(
@@ -423,11 +435,15 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         context = scoped(context, _KEEPALIVE)
         tenant, principal = tenant_of(context), principal_of(context)
         owned: set[int] = set()  # sessions of this tenant (and this principal) already seen on this stream
+        opened = False
         try:
             if self.draining:
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+            self._open_stream(tenant)
+            opened = True
             async for req in self._until_draining(request_iterator):
                 _deadline(context)
+                validation.keepalive(req)
                 lease = parse_session_id(req.session_id)
                 try:
                     if isinstance(lease, FieldViolation):
@@ -452,3 +468,25 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             raise
         except Exception as exc:
             await _fail(context, exc, "KeepAlive")
+        finally:
+            if opened:
+                self._streams[tenant] -= 1
+                if not self._streams[tenant]:
+                    del self._streams[tenant]
+
+    def _open_stream(self, tenant: str) -> None:
+        """Count a KeepAlive stream against the tenant's max_streams on this replica, or refuse it.
+
+        Each open stream holds grpc buffers and a task; the rate limit bounds how fast streams are
+        opened, this bounds how many stay open."""
+        limit = self.quotas(tenant).max_streams
+        if limit and self._streams[tenant] >= limit:
+            raise QuotaExceeded(
+                tenant,
+                "max_streams",
+                limit,
+                f"tenant {tenant!r} already has {limit} KeepAlive streams open on this replica; "
+                "one stream carries any number of sessions",
+                QUOTA_RETRY_AFTER,
+            )
+        self._streams[tenant] += 1

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from lockbroker.server.config import LockLimits
 
 MAX_PAGE_SIZE = 1000
+# A session id is 16 hex digits. A KeepAlive answers an unknown id with `expired` and the id
+# echoed back, and the audit names a stream's ids: far longer ones would be copied into both.
+MAX_SESSION_ID_CHARS = 64
 DEFAULT_PAGE_SIZE = 100
 
 
@@ -119,6 +122,21 @@ def create_session(req: lock_pb2.CreateSessionRequest, limits: LockLimits) -> tu
     c.check("request_id", request_id_problem(req.request_id))
     c.done()
     return ttl, req.owner, req.request_id
+
+
+def keepalive(req: lock_pb2.KeepAliveRequest) -> None:
+    """A KeepAlive request whose session id could be one; an unknown or malformed id of a sane size
+    is answered `expired` (it must not end the stream the other sessions share), a huge one ends
+    the stream INVALID_ARGUMENT."""
+    if len(req.session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "session_id",
+                    f"is {len(req.session_id)} characters; a session id as returned by CreateSession has 16",
+                )
+            ]
+        )
 
 
 def session_id(session: str) -> int:

@@ -10,13 +10,14 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import grpc
 
-from lockbroker.client.aio import Client
+from lockbroker.client.aio import Client, InsecureApiKeyWarning
 from lockbroker.client.cli._common import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -76,7 +77,17 @@ def connection_of(args: argparse.Namespace) -> Connection:
 
 
 def _connect(conn: Connection) -> Client:
-    return Client(conn.target, credentials=conn.credentials, api_key=conn.api_key, default_timeout=conn.timeout)
+    # The client warns when an API key would cross the network in clear; the CLI says so in
+    # one plain line on stderr (never on stdout: `-o json` output stays parseable).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InsecureApiKeyWarning)
+        client = Client(conn.target, credentials=conn.credentials, api_key=conn.api_key, default_timeout=conn.timeout)
+    for w in caught:
+        if issubclass(w.category, InsecureApiKeyWarning):
+            print(f"lockbroker: warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return client
 
 
 # -- signals ---------------------------------------------------------------------------------------

@@ -531,8 +531,9 @@ class AuditInterceptor(WrappingInterceptor):
                 async for r in requests:
                     received += 1
                     sid = getattr(r, "session_id", "") if isinstance(r, Message) else ""
-                    if sid and len(sessions) < MAX_STREAM_SESSIONS:
-                        sessions.setdefault(truncated(sid))
+                    # Bounded in number and size (issue 18, item 10): a session id has 16 characters.
+                    if sid and len(sid) <= 16 and len(sessions) < MAX_STREAM_SESSIONS:
+                        sessions.setdefault(sid)
                     yield r
 
             def record(outcome: _Outcome) -> Record:

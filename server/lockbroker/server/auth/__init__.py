@@ -26,7 +26,7 @@ log = logging.getLogger("lockbroker.server")
 @dataclass(frozen=True, slots=True)
 class Security:
     registry: TenantRegistry | None  # None: no tenants file
-    identity: IdentityInterceptor | None  # None: authentication off (no tenants)
+    identity: IdentityInterceptor | None  # None: authentication off (no tenants file)
     credentials: grpc.ServerCredentials | None  # None: plaintext
 
 
@@ -49,7 +49,12 @@ def security(cfg: Config) -> Security:
         except TenantsFileError as e:
             raise ConfigError(str(e)) from None
         if len(registry) == 0:
-            log.warning("the tenants file lists no tenants: authentication is off")
+            # An emptied file (every tenant removed, a truncated deploy) must not turn
+            # authentication off: that would open every lock to anyone who can connect.
+            raise ConfigError(
+                f"{cfg.auth.tenants_file}: the tenants file lists no tenants; add one "
+                "(lockbroker tenants add) or drop --auth-tenants-file to run without authentication"
+            )
     identity = IdentityInterceptor.from_registry(registry)
     credentials = None
     if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):

@@ -274,7 +274,16 @@ class Acquirer:
             if left <= 0:
                 if until < wait_until:
                     raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
-                raise await self._not_acquired(WaitExpired, p.name, pos, started)
+                # Read the queue before answering: a watch cut off (etcd partitioned away) may have
+                # missed our turn, and an entry that is already the holder is granted, not dropped.
+                latest = pos
+                with contextlib.suppress(Unavailable):
+                    latest = await self._backend.position(prefix, mine.key, mine.create_revision)
+                if latest.mine is None:
+                    raise SessionLost(f"session {session_id_of(mine.lease)} ended while waiting for {p.name!r}")
+                if latest.predecessor is None:
+                    return latest
+                raise await self._not_acquired(WaitExpired, p.name, latest, started)
             try:
                 await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left)
             except WatchInterrupted as e:
@@ -340,7 +349,8 @@ class Acquirer:
         created_lease: int | None,
         attempt: str,
     ) -> None:
-        """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window."""
+        """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window;
+        raise instead of `exc` when `exc` would promise more than is known."""
         mark = ks.mark(Keyspace.lease_of(key))
         if (
             mine is not None
@@ -364,7 +374,17 @@ class Acquirer:
             or (isinstance(exc, Unavailable) and exc.outcome_unknown)
             or not isinstance(exc, LockBrokerError)
         )
-        await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
+        removed = await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
+        if isinstance(exc, WaitExpired) and not removed:
+            # "Not acquired" is a promise that no entry of ours is left to become the holder.
+            # Unconfirmed (etcd unreachable), the honest answer is "unknown": the clean-up goes on
+            # in the background, and a retry with the same request id finds whatever is left
+            # (issue 18, item 1).
+            raise Unavailable(
+                f"gave up waiting for lock {p.name!r}, but etcd did not confirm that the queue entry was "
+                "removed; the outcome is unknown: retry with the same request_id",
+                outcome_unknown=True,
+            ) from exc
 
     def _abandon(
         self,

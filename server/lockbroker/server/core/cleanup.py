@@ -24,15 +24,18 @@ class Cleanups:
     """The clean-ups running in the background, so shutdown can give them time to finish."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
 
-    async def run(self, work: Callable[[], Awaitable[object]]) -> None:
+    async def run(self, work: Callable[[], Awaitable[object]]) -> bool:
         """Run clean-up to the end even if the caller is cancelled or the backend is briefly away.
 
         The caller waits at most CLEANUP_TIMEOUT; past that the clean-up goes on in the background,
         retrying for up to CLEANUP_WINDOW, so a waiter cut off by an etcd outage is still removed
         from the queue once etcd is back (else the next release would hand the lock to a caller
         that was told it did not get it). The session's lease remains the last resort.
+
+        True if the clean-up finished while the caller waited; False if it goes on in the
+        background (or gave up): then the caller must not claim that what it cleans up is gone.
         """
         deadline = call_deadline.get()
         task = self.start(work)
@@ -42,25 +45,26 @@ class Cleanups:
             wait = min(wait, deadline - ANSWER_MARGIN - time.monotonic())
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({task}, timeout=max(0.0, wait))
+        return task.done() and not task.cancelled() and task.result()
 
-    def start(self, work: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+    def start(self, work: Callable[[], Awaitable[object]]) -> asyncio.Task[bool]:
         """Run clean-up in the background, retrying as `run` says, without waiting for it."""
 
-        async def retrying() -> None:
+        async def retrying() -> bool:
             give_up = time.monotonic() + CLEANUP_WINDOW
             delay = 0.2
             while True:
                 call_deadline.set(min(time.monotonic() + CLEANUP_TIMEOUT, give_up))
                 try:
                     await work()
-                    return
+                    return True
                 except Unavailable as e:
                     if time.monotonic() + delay >= give_up:
                         log.warning("clean-up gave up; the session's lease will remove it: %s", e)
-                        return
+                        return False
                 except Exception as e:
                     log.warning("clean-up failed; the session's lease will remove it: %s", e)
-                    return
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

@@ -11,7 +11,7 @@ slots together with its keys. A full pool is the quota being reached: the transa
 Which slot: a hash of the owning key picks one (no read on the common path); when it is taken, the
 pool's keys are read once and a free slot is picked at random.
 
-Limits on flow (the acquire rate, blocked waiters) are per replica: see
+Limits on flow (the acquire, read and session rates, blocked waiters) are per replica: see
 `lockbroker.interceptors.quota` and `LockCore`.
 """
 
@@ -29,9 +29,17 @@ LIMITS: dict[str, str] = {
     "max_waiters_per_lock": "entries waiting behind the holder of any one lock",
     "max_waiters": "blocking Acquire calls waiting at once on one broker replica",
     "max_ttl": "longest session TTL in seconds (0: the server's --limits-max-ttl)",
+    "max_streams": "KeepAlive streams open at once on one broker replica (each carries any number of sessions)",
     "max_wait": "longest Acquire wait_timeout in seconds (0: the server's --limits-max-wait)",
     "acquire_rate": "Acquire calls per second on one broker replica (token bucket; 0: no limit)",
     "acquire_burst": "Acquire calls allowed at once above acquire_rate (token bucket size)",
+    "read_rate": "Describe and List calls per second on one broker replica (token bucket; 0: no limit)",
+    "read_burst": "Describe and List calls allowed at once above read_rate (token bucket size)",
+    "session_rate": (
+        "CreateSession, Refresh, CloseSession and Release calls, and KeepAlive streams opened, per second "
+        "on one broker replica (token bucket; 0: no limit)"
+    ),
+    "session_burst": "session calls allowed at once above session_rate (token bucket size)",
     "max_hold": "longest a grant may be held, in seconds, before the broker revokes it (0: no limit)",
 }
 
@@ -44,10 +52,15 @@ class TenantQuota:
     max_locks: int = field(default=100_000, metadata={"help": LIMITS["max_locks"]})
     max_waiters_per_lock: int = field(default=1_000, metadata={"help": LIMITS["max_waiters_per_lock"]})
     max_waiters: int = field(default=20_000, metadata={"help": LIMITS["max_waiters"]})
+    max_streams: int = field(default=1_000, metadata={"help": LIMITS["max_streams"]})
     max_ttl: int = field(default=0, metadata={"help": LIMITS["max_ttl"]})
     max_wait: float = field(default=0.0, metadata={"help": LIMITS["max_wait"]})
     acquire_rate: float = field(default=2_000.0, metadata={"help": LIMITS["acquire_rate"]})
     acquire_burst: int = field(default=4_000, metadata={"help": LIMITS["acquire_burst"]})
+    read_rate: float = field(default=1_000.0, metadata={"help": LIMITS["read_rate"]})
+    read_burst: int = field(default=2_000, metadata={"help": LIMITS["read_burst"]})
+    session_rate: float = field(default=2_000.0, metadata={"help": LIMITS["session_rate"]})
+    session_burst: int = field(default=4_000, metadata={"help": LIMITS["session_burst"]})
     max_hold: float = field(default=0.0, metadata={"help": LIMITS["max_hold"]})
 
     def __post_init__(self) -> None:
@@ -55,8 +68,9 @@ class TenantQuota:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"quota {f.name} must be a number >= 0, not {value!r}")
-        if self.acquire_rate and self.acquire_burst < 1:
-            raise ValueError("quota acquire_burst must be at least 1 when acquire_rate is set")
+        for bucket in ("acquire", "read", "session"):
+            if getattr(self, f"{bucket}_rate") and getattr(self, f"{bucket}_burst") < 1:
+                raise ValueError(f"quota {bucket}_burst must be at least 1 when {bucket}_rate is set")
 
     def with_overrides(self, overrides: Mapping[str, Any], where: str) -> TenantQuota:
         known = {f.name: f for f in fields(self)}
@@ -93,7 +107,17 @@ class Quotas:
 QuotaLookup = Callable[[str], TenantQuota]
 
 UNLIMITED = TenantQuota(
-    max_sessions=0, max_locks=0, max_waiters_per_lock=0, max_waiters=0, acquire_rate=0, acquire_burst=0
+    max_sessions=0,
+    max_locks=0,
+    max_waiters_per_lock=0,
+    max_waiters=0,
+    max_streams=0,
+    acquire_rate=0,
+    acquire_burst=0,
+    read_rate=0,
+    read_burst=0,
+    session_rate=0,
+    session_burst=0,
 )
 
 
