@@ -48,8 +48,10 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 
 def client_env(**extra: str) -> dict[str, str]:
-    # clean_env drops LOCKBROKER_*: pass the transport under test on explicitly.
-    return clean_env(**{TRANSPORT_ENV: os.environ[TRANSPORT_ENV]}, **extra)
+    # clean_env drops LOCKBROKER_*: pass the transport under test on explicitly (modules that borrow
+    # these helpers without the transport fixture get the client's default).
+    transport = os.environ.get(TRANSPORT_ENV)
+    return clean_env(**({TRANSPORT_ENV: transport} if transport else {}), **extra)
 
 
 @dataclass

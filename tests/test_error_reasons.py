@@ -149,6 +149,7 @@ LEVELS = {
     "Describe": Level.NO_SIDE_EFFECTS,
     "List": Level.NO_SIDE_EFFECTS,
     "Session": Level.IDEMPOTENCY_UNKNOWN,  # a stream; each message is what its unary RPC is
+    "CheckFence": Level.NO_SIDE_EFFECTS,
 }
 
 
@@ -167,5 +168,13 @@ def test_idempotency_levels_are_declared_and_agree_with_the_server_retry() -> No
         "Describe": Idempotency.ALWAYS,
         "List": Idempotency.ALWAYS,
         "Session": Idempotency.NEVER,  # the stream itself; its messages run through the unary handlers
+        "CheckFence": Idempotency.ALWAYS,
     }
     assert {m.name: Idempotency.of(m.name) for m in SERVICE.methods} == expected
+    # The admin plane: the reads are retried, the forced changes only once.
+    admin = lock_pb2.DESCRIPTOR.services_by_name["AdminService"]
+    assert {m.name: Idempotency.of(m.name, admin) for m in admin.methods} == {
+        "ForceRelease": Idempotency.NEVER,
+        "RevokeSession": Idempotency.NEVER,
+        "ListSessions": Idempotency.ALWAYS,
+    }

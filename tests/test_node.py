@@ -95,6 +95,10 @@ async def test_node_client_session_acquire_describe_refuse_release(broker: Broke
     assert refused["metadata"]["holder_owner"] == "node-a"
     assert refused["not_acquired_holder_token"] == token
 
+    # CheckFence from the .proto alone: the token is current while held, stale (lock free) after.
+    assert summary["fence"] == {"status": "FENCE_STATUS_CURRENT", "current_fencing_token": token}
+    assert summary["fence_after"] == {"status": "FENCE_STATUS_STALE", "current_fencing_token": "0"}
+
     assert summary["released"] is True
     assert summary["released_again"] is False
     assert summary["closed"] == [True, True]

@@ -92,12 +92,12 @@ WAIT_TIMEOUT = 1.0  # the RPC deadline of an Acquire that queues behind a held l
 DOCUMENTED: dict[grpc.StatusCode, frozenset[str]] = {
     Code.ABORTED: frozenset({"LOCK_HELD", "WAIT_EXPIRED"}),
     Code.DEADLINE_EXCEEDED: frozenset({"DEADLINE_EXCEEDED"}),
-    Code.NOT_FOUND: frozenset({"SESSION_NOT_FOUND", "SESSION_LOST"}),
+    Code.NOT_FOUND: frozenset({"SESSION_NOT_FOUND", "SESSION_LOST", "REVOKED"}),
     Code.FAILED_PRECONDITION: frozenset({"ALREADY_QUEUED", "REQUEST_ID_REUSED"}),
     Code.INVALID_ARGUMENT: frozenset({"INVALID_ARGUMENT"}),
     Code.RESOURCE_EXHAUSTED: frozenset({"QUOTA_EXCEEDED", "RATE_LIMITED"}),
     Code.UNAUTHENTICATED: frozenset({"UNAUTHENTICATED"}),
-    Code.PERMISSION_DENIED: frozenset({"PERMISSION_DENIED"}),
+    Code.PERMISSION_DENIED: frozenset({"PERMISSION_DENIED", "NOT_OWNER"}),
     Code.UNAVAILABLE: frozenset({"BACKEND_UNAVAILABLE", "SHUTTING_DOWN", "AUDIT_UNAVAILABLE"}),
 }
 
@@ -789,6 +789,10 @@ async def test_release_any_input(
             and value == real
             and (kind == "empty" or (kind == "wellformed" and sid == setup.made.get(HOLDER)))
         )
+        other = kind in ("wellformed", "odd") and sid != setup.made.get(HOLDER)
+        if held and tenant == ACME and value == real and other:
+            # Another session naming the current grant: refused, never released (issue 15).
+            want.then = {(Code.PERMISSION_DENIED, "NOT_OWNER")}
         before = await snapshot(world.probe)
         o = await outcome(
             world.stub.Release(

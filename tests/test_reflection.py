@@ -88,11 +88,20 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
             "Describe",
             "List",
             "Session",
+            "CheckFence",
         }
         # The idempotency levels travel with the descriptors, for clients that decide retries by them.
         levels = {m.name: m.GetOptions().idempotency_level for m in svc.service.methods}
-        assert {name for name, level in levels.items() if level} == {"Refresh", "CloseSession", "Describe", "List"}
-        assert levels["Describe"] == levels["List"] == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+        assert {name for name, level in levels.items() if level} == {
+            "Refresh",
+            "CloseSession",
+            "Describe",
+            "List",
+            "CheckFence",
+        }
+        assert (
+            levels["Describe"] == levels["List"] == levels["CheckFence"] == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+        )
         assert levels["Refresh"] == levels["CloseSession"] == descriptor_pb2.MethodOptions.IDEMPOTENT
 
         # Durations and timestamps: the well-known types came over reflection too, and JSON maps them.

@@ -44,7 +44,17 @@ SERVICE = "lockbroker.v1.LockService"
 HEALTH = "grpc.health.v1.Health"
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
-LOCK_METHODS = {"CreateSession", "KeepAlive", "Refresh", "CloseSession", "Acquire", "Release", "Describe", "List"}
+LOCK_METHODS = {
+    "CreateSession",
+    "KeepAlive",
+    "Refresh",
+    "CloseSession",
+    "Acquire",
+    "Release",
+    "Describe",
+    "List",
+    "CheckFence",
+}
 
 
 def secs(n: int) -> duration_pb2.Duration:
@@ -370,7 +380,8 @@ async def test_reflection_lists_and_describes(broker: Broker) -> None:
     assert SERVICE in services
     assert HEALTH in services
     assert set(methods) == LOCK_METHODS
-    assert len(methods) == 8
+    assert len(methods) == 9
+    assert "lockbroker.v1.AdminService" in services
     assert methods["Acquire"] == ("lockbroker.v1.AcquireRequest", "lockbroker.v1.AcquireResponse", False, False)
     assert methods["KeepAlive"] == ("lockbroker.v1.KeepAliveRequest", "lockbroker.v1.KeepAliveResponse", True, True)
 

@@ -353,15 +353,16 @@ async def test_releasing_one_lock_of_an_explicit_session_keeps_the_session(
 async def test_keepalive_stream_checks_a_session_owner_once_and_still_sees_it_end(
     broker: Any, stub: Any, track: Tracker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = broker.core._backend
-    reads: list[bytes] = []
-    real = backend.session_exists
+    # The owner check (tenant and principal: core/owners.py) is made once per session per stream.
+    owners = broker.core.owners
+    reads: list[int] = []
+    real = owners.check
 
-    async def counting(key: bytes) -> bool:
-        reads.append(key)
-        return bool(await real(key))
+    async def counting(tenant: str, lease: int, principal: str) -> bool:
+        reads.append(lease)
+        return bool(await real(tenant, lease, principal))
 
-    monkeypatch.setattr(backend, "session_exists", counting)
+    monkeypatch.setattr(owners, "check", counting)
     sid = await track.session()
     stream = stub.KeepAlive()
     try:

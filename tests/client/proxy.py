@@ -61,6 +61,9 @@ class LossyProxy(lock_pb2_grpc.LockServiceServicer):
     async def Describe(self, request: lock_pb2.DescribeRequest, context: Ctx) -> Any:
         return await self.up.Describe(request, timeout=context.time_remaining())
 
+    async def CheckFence(self, request: lock_pb2.CheckFenceRequest, context: Ctx) -> Any:
+        return await self.up.CheckFence(request, timeout=context.time_remaining())
+
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Ctx) -> Any:
         self._seen(context)
         self.acquires.append(request)

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 
-from lockbroker.server.core.errors import AlreadyQueued, LockHeld
+from lockbroker.server.core.errors import AlreadyQueued, LockHeld, NotOwner
 from lockbroker.server.core.locks import AcquireParams, LockCore
 from lockbroker.server.core.model import Grant
 from lockbroker.server.core.names import new_claim_id, reentrant_claim_id
@@ -107,8 +107,9 @@ async def test_release_names_the_claim_by_token(env: Env) -> None:
     task = asyncio.ensure_future(claim(env, name, s, "second", wait=30))
     state = await env.wait_waiters(name, 1)
     second = state.waiters[0].create_revision
-    # Another session cannot release this session's claim, with or without naming a session.
-    assert await release(env, name, second, other) == (False, 0)
+    # Another session cannot release this session's claim: refused as not its own (issue 15).
+    with pytest.raises(NotOwner):
+        await release(env, name, second, other)
     # Releasing the waiting claim by its token takes it out of the queue; the plain claim stays.
     assert await release(env, name, second, s) == (True, 0)
     with pytest.raises(Exception):  # noqa: B017 - the waiting call learns its entry is gone

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lockbroker.server.core.errors import AlreadyQueued, LockHeld, SessionNotFound
+from lockbroker.server.core.errors import AlreadyQueued, LockHeld, NotOwner, SessionNotFound
 from lockbroker.server.core.locks import AcquireParams
 from lockbroker.server.core.names import new_claim_id, reentrant_claim_id
 from tests.core.conftest import TENANT, Env
@@ -65,10 +65,15 @@ async def test_random_operations_follow_the_model(env: Env, steps: list[tuple[st
                     tokens[lk], holder[lk] = g.fencing_token, s
                     granted[lk].append(g.fencing_token)
             elif op == "release":
-                released = await env.release(name, tokens[lk], lease) if tokens[lk] else False
-                assert released == (holder[lk] == s and alive[s])
-                if released:
-                    holder[lk] = None
+                if tokens[lk] and holder[lk] is not None and holder[lk] != s:
+                    # Another session's current grant: refused, never released (issue 15 ownership).
+                    with pytest.raises(NotOwner):
+                        await env.release(name, tokens[lk], lease)
+                else:
+                    released = await env.release(name, tokens[lk], lease) if tokens[lk] else False
+                    assert released == (holder[lk] == s and alive[s])
+                    if released:
+                        holder[lk] = None
             elif op == "stale-release":
                 # An older grant's token never releases anything, even named with the session that
                 # holds the lock now (whose entry has the same key when it is the same session).
@@ -163,8 +168,14 @@ async def test_random_claims_and_reentry_follow_the_model(env: Env, steps: list[
                     granted[lk].append(g.fencing_token)
             elif op in ("release", "release-anon"):
                 by = lease if op == "release" else None
-                got = await env.core.release_claim(TENANT, name, last[lk], by) if last[lk] else (False, 0)
                 ours = h is not None and h.token == last[lk] and (op == "release-anon" or h.session == s)
+                if op == "release" and h is not None and h.token == last[lk] and h.session != s:
+                    # Another session's current grant: refused, never released (issue 15 ownership).
+                    with pytest.raises(NotOwner):
+                        await env.core.release_claim(TENANT, name, last[lk], by)
+                    got = (False, 0)
+                else:
+                    got = await env.core.release_claim(TENANT, name, last[lk], by) if last[lk] else (False, 0)
                 if not ours or h is None:
                     assert got == (False, 0)
                 else:

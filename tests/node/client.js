@@ -9,7 +9,8 @@
 //
 // It creates two sessions, acquires LOCK_NAME with the first, checks that Describe shows that grant,
 // checks that a try-lock from the second session fails ABORTED with ErrorInfo reason LOCK_HELD and a
-// NotAcquired detail (both decoded from the grpc-status-details-bin trailer), releases, closes both
+// NotAcquired detail (both decoded from the grpc-status-details-bin trailer), checks the fencing
+// token with CheckFence (CURRENT while held, STALE after the release), releases, closes both
 // sessions and prints one JSON summary on stdout. Any failed check exits 1 with the reason on stderr.
 "use strict";
 
@@ -170,8 +171,14 @@ async function run(target, name) {
     check(details.not_acquired !== null, "a NotAcquired detail");
     check(details.not_acquired.holder.fencing_token === token, "NotAcquired names the holder's token");
 
+    const fence = await unary(client, "CheckFence", { name, fencing_token: token });
+    check(fence.status === "FENCE_STATUS_CURRENT", `CheckFence while held: ${fence.status}`);
+    check(fence.current_fencing_token === token, `CheckFence names the holder's token`);
+
     const released = await unary(client, "Release", { name, fencing_token: token, session_id: a.session_id });
     check(released.released === true, "Release deletes the grant");
+    const fenceAfter = await unary(client, "CheckFence", { name, fencing_token: token });
+    check(fenceAfter.status === "FENCE_STATUS_STALE", `CheckFence after release: ${fenceAfter.status}`);
     const again = await unary(client, "Release", { name, fencing_token: token });
     check(again.released === false, "a second Release finds nothing");
     const free = await unary(client, "Describe", { name });
@@ -195,6 +202,8 @@ async function run(target, name) {
         not_acquired_holder_token: details.not_acquired.holder.fencing_token,
         other_details: details.others,
       },
+      fence: { status: fence.status, current_fencing_token: fence.current_fencing_token },
+      fence_after: { status: fenceAfter.status, current_fencing_token: fenceAfter.current_fencing_token },
       released: released.released,
       released_again: again.released,
       closed,

@@ -13,12 +13,14 @@ from lockbroker.client.errors import (
     LockHeld,
     LockLost,
     NotAcquired,
+    NotOwner,
     PermissionDenied,
     QuotaExceeded,
     RequestIdReused,
     RichStatus,
     SessionLost,
     SessionNotFound,
+    SessionRevoked,
     Unauthenticated,
     Unavailable,
     WaitExpired,
@@ -26,7 +28,16 @@ from lockbroker.client.errors import (
     rich_status,
 )
 from lockbroker.client.sync import SyncClient, SyncHeldLock, SyncSession
-from lockbroker.client.types import Grant, Holder, LockState, LockSummary, Session, Waiter
+from lockbroker.client.types import (
+    FenceCheck,
+    Grant,
+    Holder,
+    LockState,
+    LockSummary,
+    Session,
+    SessionSummary,
+    Waiter,
+)
 from lockbroker.v1.reasons import ErrorReason
 
 __all__ = [
@@ -35,6 +46,7 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "ErrorReason",
+    "FenceCheck",
     "Grant",
     "HeldLock",
     "Holder",
@@ -46,6 +58,7 @@ __all__ = [
     "LockState",
     "LockSummary",
     "NotAcquired",
+    "NotOwner",
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
@@ -54,6 +67,8 @@ __all__ = [
     "SessionKeeper",
     "SessionLost",
     "SessionNotFound",
+    "SessionRevoked",
+    "SessionSummary",
     "SyncClient",
     "SyncHeldLock",
     "SyncSession",

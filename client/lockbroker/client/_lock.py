@@ -16,9 +16,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from lockbroker.client._session import SessionKeeper, _call_safely, _shielded
+from lockbroker.client._session import SESSION_LOST, SessionKeeper, _call_safely, _shielded
 from lockbroker.client.errors import DeadlineExceeded, LockBrokerError, LockLost, NotAcquired, Unavailable
 from lockbroker.client.types import Grant
+from lockbroker.v1.reasons import ErrorReason
 
 if TYPE_CHECKING:
     from lockbroker.client.aio import Client
@@ -35,8 +36,11 @@ class HeldLock:
     the process is paused. Call `check()` before each step that relies on the lock, pass
     `fencing_token` to whatever the lock protects, and watch `lost` for early warning.
 
-    `lost` tracks the session: it fires when the session lapses or is revoked. A grant deleted
-    while its session lives on (someone releasing with this fencing token) is not detected.
+    `lost` fires when the session lapses or is revoked, and when the broker takes this grant away
+    while the session lives on (reported on the session's next keepalive). `lost_cause` then says
+    which: "REVOKED" (an admin's ForceRelease; `lost_reason` carries the admin's reason),
+    "MAX_HOLD_EXCEEDED" (held longer than its maximum hold time), or "SESSION_LOST" (the session
+    lapsed or was closed).
     """
 
     def __init__(self, grant: Grant, session: SessionKeeper) -> None:
@@ -44,6 +48,7 @@ class HeldLock:
         self.session = session
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
+        self.lost_cause: str | None = None
         self._callbacks: builtins.list[LostCallback] = []
 
     @property
@@ -76,6 +81,7 @@ class HeldLock:
                 f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {self.lost_reason}",
                 name=self.name,
                 fencing_token=self.fencing_token,
+                cause=self.lost_cause,
             )
 
     def add_lost_callback(self, cb: LostCallback) -> None:
@@ -85,12 +91,17 @@ class HeldLock:
             self._callbacks.append(cb)
 
     def _on_session_lost(self, session: SessionKeeper) -> None:
-        self._mark_lost(session.lost_reason or "the session was lost")
+        self._mark_lost(session.lost_reason or "the session was lost", session.lost_cause or SESSION_LOST)
 
-    def _mark_lost(self, why: str) -> None:
+    def _on_revoked(self, reason: str, message: str) -> None:
+        who = "an admin took the lock away" if reason == ErrorReason.REVOKED else f"the broker revoked it ({reason})"
+        self._mark_lost(f"{who}: {message}", reason)
+
+    def _mark_lost(self, why: str, cause: str = SESSION_LOST) -> None:
         if self.lost.is_set():
             return
         self.lost_reason = why
+        self.lost_cause = cause
         self.lost.set()
         callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
@@ -118,6 +129,7 @@ class LockContext:
         on_lost: LostCallback | None,
         timeout: float | None,
         reentrant_owner: str | None = None,
+        max_hold: float | None = None,
     ) -> None:
         self._client = client
         self._reentrant_owner = reentrant_owner
@@ -131,6 +143,7 @@ class LockContext:
         self._session = session
         self._on_lost = on_lost
         self._timeout = timeout
+        self._max_hold = max_hold
         self._own_session: SessionKeeper | None = None
         self._keeper: SessionKeeper | None = None
         self.held: HeldLock | None = None
@@ -159,6 +172,7 @@ class LockContext:
                 request_id=self._request_id,
                 new_claim=new_claim,
                 reentrant_owner=self._reentrant_owner,
+                max_hold=self._max_hold,
             )
         except BaseException as exc:
             await self._abandon(exc)
@@ -167,6 +181,7 @@ class LockContext:
         if self._on_lost is not None:
             held.add_lost_callback(self._on_lost)
         keeper.add_lost_callback(held._on_session_lost)
+        keeper.watch_revocation(grant.name, grant.fencing_token, held._on_revoked)
         return held
 
     async def __aexit__(
@@ -232,6 +247,7 @@ class LockContext:
             self._forget(keeper)
             if held is not None:
                 keeper.remove_lost_callback(held._on_session_lost)
+                keeper.unwatch_revocation(held.name, held.fencing_token)
         if self._own_session is not None:
             # Revoking the session's lease deletes the grant in the same step: one RPC, not two.
             await self._own_session.__aexit__(None, None, None)

@@ -13,15 +13,17 @@ import builtins
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from lockbroker.client._keepalive import KeepAliveMux
 from lockbroker.client._retry import Backoff
-from lockbroker.client.errors import LockBrokerError, SessionNotFound
+from lockbroker.client.errors import LockBrokerError, SessionNotFound, SessionRevoked
 from lockbroker.client.types import Session, seconds
+from lockbroker.v1 import lock_pb2
+from lockbroker.v1.reasons import ErrorReason
 
 if TYPE_CHECKING:
     from lockbroker.client._stream import StreamKeepAlive
@@ -32,6 +34,11 @@ log = logging.getLogger("lockbroker.client")
 _T = TypeVar("_T")
 
 SessionLostCallback = Callable[["SessionKeeper"], object]
+# (reason, the admin's message) when an admin revokes one grant of the session.
+RevokedCallback = Callable[[str, str], object]
+# The loss causes a keeper and a HeldLock report (`lost_cause`): the ErrorReason "REVOKED" when an
+# admin acted, else this.
+SESSION_LOST: str = ErrorReason.SESSION_LOST
 # create_session(ttl, owner, request_id, timeout) -> (session, local send time of the first attempt)
 CreateSession = Callable[[float | None, str, "str | None", float | None], Awaitable[tuple[Session, float]]]
 
@@ -128,6 +135,9 @@ class SessionKeeper:
         self.expires_at = 0.0
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
+        self.lost_cause: str | None = None
+        # (name, fencing token) -> what to tell when an admin revokes that grant.
+        self._revocation_watchers: dict[tuple[str, int], RevokedCallback] = {}
         # Names this keeper's lock() contexts are acquiring or holding; see LockContext._abandon.
         self._names: Counter[str] = Counter()  # LockContexts per name on this session
 
@@ -158,6 +168,23 @@ class SessionKeeper:
     def remove_lost_callback(self, cb: SessionLostCallback) -> None:
         if cb in self._callbacks:
             self._callbacks.remove(cb)
+
+    def watch_revocation(self, name: str, fencing_token: int, cb: RevokedCallback) -> None:
+        """Call `cb(reason, message)` once if the broker reports this grant revoked by an admin."""
+        self._revocation_watchers[(name, fencing_token)] = cb
+
+    def unwatch_revocation(self, name: str, fencing_token: int) -> None:
+        self._revocation_watchers.pop((name, fencing_token), None)
+
+    def _revoked(self, revoked: Iterable[lock_pb2.RevokedGrant]) -> None:
+        for r in revoked:
+            cb = self._revocation_watchers.pop((r.name, r.fencing_token), None)
+            if cb is not None:
+                log.warning("lock %r (fencing token %d) revoked: %s", r.name, r.fencing_token, r.message)
+                try:
+                    cb(r.reason, r.message)
+                except Exception:
+                    log.exception("revocation callback %r failed", cb)
 
     async def start(self) -> Self:
         """Create the session (or, given `session_id`, confirm that it is alive) and keep it alive.
@@ -222,10 +249,11 @@ class SessionKeeper:
                 if current is not None and current.cancelling():
                     raise
 
-    def _mark_lost(self, why: str) -> None:
+    def _mark_lost(self, why: str, cause: str = SESSION_LOST) -> None:
         if self.lost.is_set() or self._closed:
             return
         self.lost_reason = why
+        self.lost_cause = cause
         self.lost.set()
         log.warning("session %s lost: %s", self.session_id, why)
         callbacks, self._callbacks = self._callbacks, []
@@ -257,6 +285,9 @@ class SessionKeeper:
                 failures += 1
                 next_send = time.monotonic()
                 continue
+            except SessionRevoked as e:
+                self._mark_lost(f"an admin revoked the session: {e.metadata.get('admin_reason', '')}", e.reason)
+                return
             except SessionNotFound as e:
                 self._mark_lost(f"the broker no longer knows the session: {e.message}")
                 return
@@ -266,8 +297,14 @@ class SessionKeeper:
                 next_send = time.monotonic() + min(backoff.delay(failures - 1), interval / 2)
                 continue
             if resp.expired:
-                self._mark_lost("the broker reports the session expired or was closed")
+                whole = next((r for r in resp.revoked if not r.name), None)
+                if whole is not None:
+                    self._mark_lost(f"an admin revoked the session: {whole.message}", whole.reason)
+                else:
+                    self._mark_lost("the broker reports the session expired or was closed")
                 return
+            if resp.revoked and self._revocation_watchers:
+                self._revoked(resp.revoked)
             failures = 0
             ttl = seconds(resp.ttl)
             self.expires_at = max(self.expires_at, sent + ttl)

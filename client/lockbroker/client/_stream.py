@@ -30,7 +30,7 @@ import grpc
 from grpc import aio
 
 from lockbroker.client._keepalive import KeepAliveMux
-from lockbroker.client.errors import from_rpc_error
+from lockbroker.client.errors import SessionRevoked, from_rpc_error
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 log = logging.getLogger("lockbroker.client")
@@ -214,12 +214,17 @@ class StreamKeepAlive:
             except StreamUnsupported:
                 pass
             except aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                err = from_rpc_error(exc)
+                # A session an admin revoked is NOT_FOUND too, but its keeper must say REVOKED: raise
+                # it as the unary Refresh does. Any other NOT_FOUND is the KeepAlive stream's "expired".
+                if exc.code() == grpc.StatusCode.NOT_FOUND and not isinstance(err, SessionRevoked):
                     return lock_pb2.KeepAliveResponse(session_id=session_id, expired=True)
-                raise from_rpc_error(exc) from exc
+                raise err from exc
             else:
                 r = resp.keepalive
-                return lock_pb2.KeepAliveResponse(session_id=session_id, ttl=r.ttl, expires_at=r.expires_at)
+                return lock_pb2.KeepAliveResponse(
+                    session_id=session_id, ttl=r.ttl, expires_at=r.expires_at, revoked=r.revoked
+                )
         return await self._fallback.refresh(session_id)
 
     def reset(self) -> None:

@@ -41,12 +41,15 @@ from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
+from lockbroker.client.admin import AdminClient
 from lockbroker.client.types import (
+    FenceCheck,
     Grant,
     LockState,
     LockSummary,
     Session,
     duration,
+    fence_of,
     grant_of,
     lock_state_of,
     seconds,
@@ -222,6 +225,8 @@ class Client:
             create_session=self._create_session,
         )
         self._closed = False
+        # The operators' calls (AdminService); they need the admin role.
+        self.admin = AdminClient(lock_pb2_grpc.AdminServiceStub(channel), self._unary, self._metadata, default_timeout)
 
     @property
     def channel(self) -> aio.Channel:
@@ -362,12 +367,15 @@ class Client:
         timeout: float | None = None,
         new_claim: bool = False,
         reentrant_owner: str | None = None,
+        max_hold: float | None = None,
     ) -> Grant:
         """Take a lock: try once (wait=0) or queue up to `wait` seconds.
 
         Without session_id the broker creates a session of `ttl` for this one lock; keep it alive
         or it lapses. `timeout` bounds the whole call including retries (default: wait +
-        default_timeout). Raises LockHeld / WaitExpired (both NotAcquired) when not granted.
+        default_timeout). `max_hold` (whole seconds, at least 2): the broker revokes the grant
+        once held this long (default: the tenant's max_hold, if any). Raises LockHeld /
+        WaitExpired (both NotAcquired) when not granted.
 
         With a session: `new_claim` queues another, independent claim of the session (its own
         fencing token; release it by that token); `reentrant_owner` makes a reentrant acquire for
@@ -391,6 +399,8 @@ class Client:
             )
             if ttl is not None:
                 req.ttl.CopyFrom(duration(ttl))
+            if max_hold is not None:
+                req.max_hold.CopyFrom(duration(max_hold))
             if wait > 0:
                 # A retry resumes the same place in the queue; it should not restart the wait.
                 req.wait_timeout.CopyFrom(duration(max(wait - (time.monotonic() - started), 0.001)))
@@ -426,6 +436,12 @@ class Client:
         resp = await self._session_call("release", self._stub.Release, req, timeout)
         return resp.released
 
+    async def check_fence(self, name: str, fencing_token: int, *, timeout: float | None = None) -> FenceCheck:
+        """Is `fencing_token` the current grant of `name`? For a resource the lock protects: accept
+        a write only while its token is current (CheckFence; one etcd read on the broker)."""
+        req = lock_pb2.CheckFenceRequest(name=name, fencing_token=fencing_token)
+        return fence_of(await self._unary(self._stub.CheckFence, req, timeout))
+
     async def describe(self, name: str, *, timeout: float | None = None) -> LockState:
         check_utf8(name=name)
         return lock_state_of(await self._unary(self._stub.Describe, lock_pb2.DescribeRequest(name=name), timeout))
@@ -441,6 +457,7 @@ class Client:
         on_lost: LostCallback | None = None,
         timeout: float | None = None,
         reentrant: bool | str = False,
+        max_hold: float | None = None,
     ) -> LockContext:
         """`async with client.lock(name) as held:` hold `name` for the block.
 
@@ -453,6 +470,8 @@ class Client:
         lock reentrant for the current asyncio task: a nested `client.lock(name, session=s,
         reentrant=True)` in the same task gets the same grant, and the lock is released when the
         outermost block ends. A string instead of True names the owner identity explicitly.
+        With `max_hold`, the broker revokes the grant once held that long: `held.lost` fires with
+        `lost_cause == "MAX_HOLD_EXCEEDED"`.
         """
         owner_id: str | None = None
         if reentrant:
@@ -469,6 +488,7 @@ class Client:
             on_lost=on_lost,
             timeout=timeout,
             reentrant_owner=owner_id,
+            max_hold=max_hold,
         )
 
     async def list_pages(

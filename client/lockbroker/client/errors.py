@@ -190,6 +190,10 @@ class PermissionDenied(LockBrokerError):
     default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class NotOwner(PermissionDenied):
+    """The grant or session is another session's or another principal's; nothing was changed."""
+
+
 class Unauthenticated(LockBrokerError):
     default_code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -210,6 +214,10 @@ class QuotaExceeded(LockBrokerError):
         return _retry_after(self.details)
 
 
+class SessionRevoked(SessionNotFound):
+    """An admin revoked the session (AdminService.RevokeSession); `metadata["admin_reason"]` says why."""
+
+
 class LockLost(LockBrokerError):
     """Raised by the client itself (no RPC): the lock can no longer be assumed held.
 
@@ -220,10 +228,14 @@ class LockLost(LockBrokerError):
 
     default_code = grpc.StatusCode.ABORTED
 
-    def __init__(self, message: str, *, name: str = "", fencing_token: int | None = None) -> None:
-        super().__init__(self.default_code, message, LOCK_LOST, {"lock": name})
+    def __init__(
+        self, message: str, *, name: str = "", fencing_token: int | None = None, cause: str | None = None
+    ) -> None:
+        super().__init__(self.default_code, message, LOCK_LOST, {"lock": name, "cause": cause or ""})
         self.name = name
         self.fencing_token = fencing_token
+        # "REVOKED" (an admin took it), "SESSION_LOST", or None when not known.
+        self.cause = cause
 
 
 # Every reason the broker sends (tests/client/test_errors.py checks that none is missing).
@@ -244,6 +256,10 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.SHUTTING_DOWN: Unavailable,
     ErrorReason.BACKEND_NO_SPACE: Unavailable,
     ErrorReason.AUDIT_UNAVAILABLE: Unavailable,
+    ErrorReason.NOT_OWNER: NotOwner,
+    ErrorReason.REVOKED: SessionRevoked,
+    # Never a call's status (it names revoked grants in keepalive answers): the base, if ever seen.
+    ErrorReason.MAX_HOLD_EXCEEDED: LockBrokerError,
     ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
 }
 
@@ -374,12 +390,14 @@ __all__ = [
     "LockHeld",
     "LockLost",
     "NotAcquired",
+    "NotOwner",
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
     "RichStatus",
     "SessionLost",
     "SessionNotFound",
+    "SessionRevoked",
     "Unauthenticated",
     "Unavailable",
     "WaitExpired",

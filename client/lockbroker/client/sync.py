@@ -28,7 +28,7 @@ from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
 from lockbroker.client.aio import Client, Transport
 from lockbroker.client.errors import LockLost
-from lockbroker.client.types import Grant, LockState, LockSummary, Session
+from lockbroker.client.types import FenceCheck, Grant, LockState, LockSummary, Session
 
 _T = TypeVar("_T")
 
@@ -107,6 +107,11 @@ class SyncHeldLock:
     def lost_reason(self) -> str | None:
         return self._held.lost_reason
 
+    @property
+    def lost_cause(self) -> str | None:
+        """ "REVOKED" when an admin took the lock away, "SESSION_LOST" when the session ended."""
+        return self._held.lost_cause
+
     def check(self) -> None:
         """Raise LockLost unless the lock can still be assumed held."""
         # Reads only: the asyncio side belongs to the loop thread and is not touched from here.
@@ -116,6 +121,7 @@ class SyncHeldLock:
                 f"lock {self.name!r} (fencing token {self.fencing_token}) was lost: {why}",
                 name=self.name,
                 fencing_token=self.fencing_token,
+                cause=self._held.lost_cause,
             )
 
 
@@ -264,6 +270,10 @@ class SyncClient:
 
     def describe(self, name: str, *, timeout: float | None = None) -> LockState:
         return self._call(self._client.describe(name, timeout=timeout))
+
+    def check_fence(self, name: str, fencing_token: int, *, timeout: float | None = None) -> FenceCheck:
+        """Is `fencing_token` the current grant of `name`? (see Client.check_fence)"""
+        return self._call(self._client.check_fence(name, fencing_token, timeout=timeout))
 
     def list_pages(
         self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None

@@ -164,3 +164,43 @@ def summary_of(msg: lock_pb2.HeldLock) -> LockSummary:
 
 
 __all__ = ["Grant", "Holder", "LockState", "LockSummary", "Session", "Waiter"]
+
+
+@dataclass(frozen=True, slots=True)
+class FenceCheck:
+    """CheckFence's answer: is the token's grant the lock's holder now?"""
+
+    current: bool
+    # The holder's fencing token now; 0 when the lock is free.
+    current_fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """One session as AdminService.ListSessions shows it."""
+
+    session_id: str
+    owner: str
+    principal: str
+    ttl: float
+    expires_at: datetime | None
+    last_keepalive: datetime | None
+    held: tuple[tuple[str, int], ...]  # (lock name, fencing token)
+    waiting: tuple[str, ...]
+
+
+def fence_of(resp: lock_pb2.CheckFenceResponse) -> FenceCheck:
+    return FenceCheck(resp.status == lock_pb2.FENCE_STATUS_CURRENT, resp.current_fencing_token)
+
+
+def session_summary_of(s: lock_pb2.SessionSummary) -> SessionSummary:
+    return SessionSummary(
+        s.session_id,
+        s.owner,
+        s.principal,
+        seconds(s.ttl),
+        timestamp(s.expires_at) if s.HasField("expires_at") else None,
+        timestamp(s.last_keepalive) if s.HasField("last_keepalive") else None,
+        tuple((h.name, h.fencing_token) for h in s.held),
+        tuple(s.waiting),
+    )

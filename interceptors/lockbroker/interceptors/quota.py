@@ -58,6 +58,7 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "Acquire": "acquire",
     _SERVICE + "Describe": "read",
     _SERVICE + "List": "read",
+    _SERVICE + "CheckFence": "read",
     _SERVICE + "CreateSession": "session",
     _SERVICE + "Refresh": "session",
     _SERVICE + "CloseSession": "session",
@@ -68,7 +69,7 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "Session/Acquire": "acquire",
 }
 LIMITED_METHODS = frozenset(BUCKETS)
-_WHAT = {"acquire": "Acquire", "read": "read (Describe, List)", "session": "session (and Release)"}
+_WHAT = {"acquire": "Acquire", "read": "read (Describe, List, CheckFence)", "session": "session (and Release)"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,27 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     after an operator compacts and defragments etcd and disarms the alarm.
     Details: google.rpc.RetryInfo (a long hint).
     """
+    ERROR_REASON_NOT_OWNER: _ErrorReason.ValueType  # 18
+    """Code PERMISSION_DENIED, from Release, Refresh and CloseSession: the grant
+    or session belongs to another session or another principal (API key or
+    certificate) of the tenant; nothing was changed. Not retryable.
+    Metadata: "lock" or "session" naming what was refused.
+    """
+    ERROR_REASON_REVOKED: _ErrorReason.ValueType  # 19
+    """Code NOT_FOUND, from Refresh: an admin revoked the session
+    (AdminService.RevokeSession); every lock it held is gone. Not retryable:
+    create a new session. Metadata: "session", "admin_reason". The same
+    reason names grants taken away by AdminService.ForceRelease in
+    KeepAliveResponse.revoked and RefreshResponse.revoked.
+    """
+    ERROR_REASON_MAX_HOLD_EXCEEDED: _ErrorReason.ValueType  # 20
+    """Code ABORTED, but never a call's status: the reason of a RevokedGrant in
+    KeepAliveResponse.revoked and RefreshResponse.revoked when a grant was
+    held longer than its maximum hold time (AcquireRequest.max_hold or the
+    tenant's max_hold) and the broker revoked it. The lock is gone; not
+    retryable as such (acquire again). Details and metadata: none (the
+    RevokedGrant names the lock and token).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is every google.rpc.ErrorInfo.reason the broker sends, in
@@ -239,7 +260,56 @@ space quota (etcd's NOSPACE alarm). Nothing was written. Retryable only
 after an operator compacts and defragments etcd and disarms the alarm.
 Details: google.rpc.RetryInfo (a long hint).
 """
+ERROR_REASON_NOT_OWNER: ErrorReason.ValueType  # 18
+"""Code PERMISSION_DENIED, from Release, Refresh and CloseSession: the grant
+or session belongs to another session or another principal (API key or
+certificate) of the tenant; nothing was changed. Not retryable.
+Metadata: "lock" or "session" naming what was refused.
+"""
+ERROR_REASON_REVOKED: ErrorReason.ValueType  # 19
+"""Code NOT_FOUND, from Refresh: an admin revoked the session
+(AdminService.RevokeSession); every lock it held is gone. Not retryable:
+create a new session. Metadata: "session", "admin_reason". The same
+reason names grants taken away by AdminService.ForceRelease in
+KeepAliveResponse.revoked and RefreshResponse.revoked.
+"""
+ERROR_REASON_MAX_HOLD_EXCEEDED: ErrorReason.ValueType  # 20
+"""Code ABORTED, but never a call's status: the reason of a RevokedGrant in
+KeepAliveResponse.revoked and RefreshResponse.revoked when a grant was
+held longer than its maximum hold time (AcquireRequest.max_hold or the
+tenant's max_hold) and the broker revoked it. The lock is gone; not
+retryable as such (acquire again). Details and metadata: none (the
+RevokedGrant names the lock and token).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+class _FenceStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FenceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FenceStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FENCE_STATUS_UNSPECIFIED: _FenceStatus.ValueType  # 0
+    """Never sent; the zero value proto3 requires."""
+    FENCE_STATUS_CURRENT: _FenceStatus.ValueType  # 1
+    """The token's grant holds the lock now."""
+    FENCE_STATUS_STALE: _FenceStatus.ValueType  # 2
+    """The token's grant does not hold the lock: a newer grant does, or the lock
+    is free (released, expired, revoked). Refuse the write.
+    """
+
+class FenceStatus(_FenceStatus, metaclass=_FenceStatusEnumTypeWrapper):
+    """FenceStatus is CheckFence's answer."""
+
+FENCE_STATUS_UNSPECIFIED: FenceStatus.ValueType  # 0
+"""Never sent; the zero value proto3 requires."""
+FENCE_STATUS_CURRENT: FenceStatus.ValueType  # 1
+"""The token's grant holds the lock now."""
+FENCE_STATUS_STALE: FenceStatus.ValueType  # 2
+"""The token's grant does not hold the lock: a newer grant does, or the lock
+is free (released, expired, revoked). Refuse the write.
+"""
+Global___FenceStatus: _TypeAlias = FenceStatus  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
@@ -346,6 +416,7 @@ class KeepAliveResponse(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     EXPIRED_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session that was refreshed."""
     expired: _builtins.bool
@@ -360,6 +431,13 @@ class KeepAliveResponse(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the session lapses unless refreshed again (server clock); unset when expired."""
 
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedGrant]:
+        """Grants of this session an admin took away (ForceRelease), and with
+        expired = true the session's own revocation. Repeated on every answer
+        until the session ends: compare by (name, fencing_token).
+        """
+
     def __init__(
         self,
         *,
@@ -367,14 +445,51 @@ class KeepAliveResponse(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         expired: _builtins.bool = ...,
+        revoked: _abc.Iterable[Global___RevokedGrant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "expires_at", b"expires_at", "session_id", b"session_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "expires_at", b"expires_at", "revoked", b"revoked", "session_id", b"session_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeepAliveResponse: _TypeAlias = KeepAliveResponse  # noqa: Y015
+
+@_typing.final
+class RevokedGrant(_message.Message):
+    """RevokedGrant is a grant (or, with fencing_token 0 and no name, a whole
+    session) that an admin took away from its session.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The lock name; empty when the whole session was revoked."""
+    fencing_token: _builtins.int
+    """The revoked grant's fencing token; 0 for a session revocation."""
+    reason: _builtins.str
+    """Why: an ErrorReason string, "REVOKED" (an admin) or "MAX_HOLD_EXCEEDED"."""
+    message: _builtins.str
+    """The reason the admin gave."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "message", b"message", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedGrant: _TypeAlias = RevokedGrant  # noqa: Y015
 
 @_typing.final
 class RefreshRequest(_message.Message):
@@ -406,6 +521,7 @@ class RefreshResponse(_message.Message):
 
     TTL_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Remaining time to live after the refresh."""
@@ -414,15 +530,20 @@ class RefreshResponse(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the session lapses unless refreshed again (server clock)."""
 
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedGrant]:
+        """Grants of this session an admin took away (see KeepAliveResponse.revoked)."""
+
     def __init__(
         self,
         *,
         ttl: _duration_pb2.Duration | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked: _abc.Iterable[Global___RevokedGrant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "revoked", b"revoked", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -487,6 +608,7 @@ class AcquireRequest(_message.Message):
     NEW_CLAIM_FIELD_NUMBER: _builtins.int
     REENTRANT_FIELD_NUMBER: _builtins.int
     REENTRANT_OWNER_FIELD_NUMBER: _builtins.int
+    MAX_HOLD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lock name: any UTF-8 text without control characters (U+0000-U+001F,
     U+007F-U+009F), 1 to 1024 bytes (the server's limits.max_name_bytes).
@@ -540,6 +662,15 @@ class AcquireRequest(_message.Message):
         deadline.
         """
 
+    @_builtins.property
+    def max_hold(self) -> _duration_pb2.Duration:
+        """Maximum hold time of this grant: once held this long it is revoked (the
+        session is told in KeepAliveResponse.revoked with reason
+        MAX_HOLD_EXCEEDED, as for an admin's ForceRelease). Unset: the tenant's
+        max_hold (none by default). Whole seconds, at least 2; above the
+        tenant's max_hold: RESOURCE_EXHAUSTED (QUOTA_EXCEEDED).
+        """
+
     def __init__(
         self,
         *,
@@ -552,10 +683,11 @@ class AcquireRequest(_message.Message):
         new_claim: _builtins.bool = ...,
         reentrant: _builtins.bool = ...,
         reentrant_owner: _builtins.str = ...,
+        max_hold: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -716,7 +848,11 @@ class ReleaseRequest(_message.Message):
     second hold off.
     """
     session_id: _builtins.str
-    """Optional: the session of the grant. Saves the broker one etcd read."""
+    """The session of the grant. A grant is released only by its own session:
+    a session_id naming another session is PERMISSION_DENIED (NOT_OWNER).
+    Unset (older clients): allowed only to the principal (API key or client
+    certificate) whose Acquire made the grant.
+    """
     def __init__(
         self,
         *,
@@ -1280,3 +1416,311 @@ class SessionEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionEvent: _TypeAlias = SessionEvent  # noqa: Y015
+
+@_typing.final
+class CheckFenceRequest(_message.Message):
+    """CheckFenceRequest names a lock and a fencing token to check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The lock name."""
+    fencing_token: _builtins.int
+    """The fencing token the writer presented (> 0)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckFenceRequest: _TypeAlias = CheckFenceRequest  # noqa: Y015
+
+@_typing.final
+class CheckFenceResponse(_message.Message):
+    """CheckFenceResponse says whether the token is current."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    CURRENT_FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    status: Global___FenceStatus.ValueType
+    """CURRENT or STALE."""
+    current_fencing_token: _builtins.int
+    """The holder's fencing token now; 0 when the lock is free."""
+    def __init__(
+        self,
+        *,
+        status: Global___FenceStatus.ValueType = ...,
+        current_fencing_token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_fencing_token", b"current_fencing_token", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckFenceResponse: _TypeAlias = CheckFenceResponse  # noqa: Y015
+
+@_typing.final
+class ForceReleaseRequest(_message.Message):
+    """ForceReleaseRequest names a lock to take away from its holder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The lock name."""
+    reason: _builtins.str
+    """Why (shown to the holder and in the audit log). Required, at most 256 bytes."""
+    tenant: _builtins.str
+    """The lock's tenant; unset: the admin's own tenant."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForceReleaseRequest: _TypeAlias = ForceReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ForceReleaseResponse(_message.Message):
+    """ForceReleaseResponse reports the grant that was removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """True if a grant was removed; false if the lock was free."""
+    fencing_token: _builtins.int
+    """The removed grant's fencing token (0 when nothing was removed)."""
+    session_id: _builtins.str
+    """The session that held it."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+        fencing_token: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "released", b"released", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForceReleaseResponse: _TypeAlias = ForceReleaseResponse  # noqa: Y015
+
+@_typing.final
+class RevokeSessionRequest(_message.Message):
+    """RevokeSessionRequest names a session to end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to revoke."""
+    reason: _builtins.str
+    """Why (shown to the holder and in the audit log). Required, at most 256 bytes."""
+    tenant: _builtins.str
+    """The session's tenant; unset: the admin's own tenant."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSessionRequest: _TypeAlias = RevokeSessionRequest  # noqa: Y015
+
+@_typing.final
+class RevokeSessionResponse(_message.Message):
+    """RevokeSessionResponse reports whether a live session was revoked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    revoked: _builtins.bool
+    """True if this call ended a live session."""
+    def __init__(
+        self,
+        *,
+        revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSessionResponse: _TypeAlias = RevokeSessionResponse  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    """ListSessionsRequest pages through a tenant's sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant; unset: the admin's own tenant."""
+    page_size: _builtins.int
+    """Sessions per page, 1-1000; unset: 100."""
+    page_token: _builtins.str
+    """next_page_token from the previous page; unset for the first page."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    """ListSessionsResponse is one page of sessions, ordered by session id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionSummary]:
+        """The sessions."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class SessionSummary(_message.Message):
+    """SessionSummary describes one session for an operator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    LAST_KEEPALIVE_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session id."""
+    owner: _builtins.str
+    """The owner label given when the session was created."""
+    principal: _builtins.str
+    """The principal that created it ("api-key:<id>", "mtls:<identity>"), when recorded."""
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """The TTL the session was granted with."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session lapses unless refreshed (server clock)."""
+
+    @_builtins.property
+    def last_keepalive(self) -> _timestamp_pb2.Timestamp:
+        """When it was last refreshed (derived: expires_at minus ttl)."""
+
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldGrant]:
+        """Locks the session holds."""
+
+    @_builtins.property
+    def waiting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the locks the session waits for."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        last_keepalive: _timestamp_pb2.Timestamp | None = ...,
+        held: _abc.Iterable[Global___HeldGrant] | None = ...,
+        waiting: _abc.Iterable[_builtins.str] | None = ...,
+        principal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "last_keepalive", b"last_keepalive", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "held", b"held", "last_keepalive", b"last_keepalive", "owner", b"owner", "principal", b"principal", "session_id", b"session_id", "ttl", b"ttl", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionSummary: _TypeAlias = SessionSummary  # noqa: Y015
+
+@_typing.final
+class HeldGrant(_message.Message):
+    """HeldGrant is one lock a session holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The lock name."""
+    fencing_token: _builtins.int
+    """Its fencing token."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldGrant: _TypeAlias = HeldGrant  # noqa: Y015

@@ -80,6 +80,11 @@ class LockServiceStub:
                 request_serializer=lockbroker_dot_v1_dot_lock__pb2.SessionRequest.SerializeToString,
                 response_deserializer=lockbroker_dot_v1_dot_lock__pb2.SessionResponse.FromString,
                 _registered_method=True)
+        self.CheckFence = channel.unary_unary(
+                '/lockbroker.v1.LockService/CheckFence',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceResponse.FromString,
+                _registered_method=True)
 
 
 class LockServiceServicer:
@@ -208,6 +213,16 @@ class LockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckFence(self, request, context):
+        """CheckFence tells a resource whether a fencing token still holds its lock:
+        CURRENT when the grant with this token is the lock's holder now, STALE
+        when a newer grant exists or the lock is free since (Chubby's
+        CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +270,11 @@ def add_LockServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=lockbroker_dot_v1_dot_lock__pb2.SessionRequest.FromString,
                     response_serializer=lockbroker_dot_v1_dot_lock__pb2.SessionResponse.SerializeToString,
+            ),
+            'CheckFence': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckFence,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -501,6 +521,217 @@ class LockService:
             '/lockbroker.v1.LockService/Session',
             lockbroker_dot_v1_dot_lock__pb2.SessionRequest.SerializeToString,
             lockbroker_dot_v1_dot_lock__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckFence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockbroker.v1.LockService/CheckFence',
+            lockbroker_dot_v1_dot_lock__pb2.CheckFenceRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.CheckFenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminServiceStub:
+    """AdminService is the operators' plane: take a lock away, end a session, see
+    every session of a tenant. Every call needs the admin role (a tenant with
+    admin = true in the tenants file is a cluster admin); anyone else gets
+    PERMISSION_DENIED. Each call is audited with the admin's principal and the
+    reason given.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ForceRelease = channel.unary_unary(
+                '/lockbroker.v1.AdminService/ForceRelease',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.ForceReleaseRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.ForceReleaseResponse.FromString,
+                _registered_method=True)
+        self.RevokeSession = channel.unary_unary(
+                '/lockbroker.v1.AdminService/RevokeSession',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.RevokeSessionRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.RevokeSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/lockbroker.v1.AdminService/ListSessions',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """AdminService is the operators' plane: take a lock away, end a session, see
+    every session of a tenant. Every call needs the admin role (a tenant with
+    admin = true in the tenants file is a cluster admin); anyone else gets
+    PERMISSION_DENIED. Each call is audited with the admin's principal and the
+    reason given.
+    """
+
+    def ForceRelease(self, request, context):
+        """ForceRelease deletes the current grant of a lock. The next grant's
+        fencing token is strictly greater (tokens are etcd create revisions). The
+        old holder's session is told on its next keepalive (KeepAliveResponse and
+        RefreshResponse list the grant under `revoked`, reason REVOKED). A free
+        lock answers released = false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSession(self, request, context):
+        """RevokeSession ends a session (any tenant's, for a cluster admin),
+        releasing its locks. Its holder's next keepalive is answered NOT_FOUND
+        with reason REVOKED (KeepAlive: expired = true plus a `revoked` entry).
+        A session already gone answers revoked = false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """ListSessions pages through the sessions of a tenant with what each holds
+        and waits for. A read: NO_SIDE_EFFECTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ForceRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForceRelease,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.ForceReleaseRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.ForceReleaseResponse.SerializeToString,
+            ),
+            'RevokeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSession,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.RevokeSessionRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.ListSessionsRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.ListSessionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lockbroker.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lockbroker.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """AdminService is the operators' plane: take a lock away, end a session, see
+    every session of a tenant. Every call needs the admin role (a tenant with
+    admin = true in the tenants file is a cluster admin); anyone else gets
+    PERMISSION_DENIED. Each call is audited with the admin's principal and the
+    reason given.
+    """
+
+    @staticmethod
+    def ForceRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockbroker.v1.AdminService/ForceRelease',
+            lockbroker_dot_v1_dot_lock__pb2.ForceReleaseRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.ForceReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockbroker.v1.AdminService/RevokeSession',
+            lockbroker_dot_v1_dot_lock__pb2.RevokeSessionRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockbroker.v1.AdminService/ListSessions',
+            lockbroker_dot_v1_dot_lock__pb2.ListSessionsRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -135,6 +135,12 @@ class LockServiceStub:
     on one stream; the one over it is answered RESOURCE_EXHAUSTED
     (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
     """
+    CheckFence: _grpc.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]
+    """CheckFence tells a resource whether a fencing token still holds its lock:
+    CURRENT when the grant with this token is the lock's holder now, STALE
+    when a newer grant exists or the lock is free since (Chubby's
+    CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
+    """
 
 @_typing.type_check_only
 class LockServiceAsyncStub(LockServiceStub):
@@ -226,6 +232,12 @@ class LockServiceAsyncStub(LockServiceStub):
     At most a bounded number of requests (default 1024) may be in flight
     on one stream; the one over it is answered RESOURCE_EXHAUSTED
     (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
+    """
+    CheckFence: _aio.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]  # type: ignore[assignment]
+    """CheckFence tells a resource whether a fencing token still holds its lock:
+    CURRENT when the grant with this token is the lock's holder now, STALE
+    when a newer grant exists or the lock is free since (Chubby's
+    CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
     """
 
 class LockServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -371,4 +383,119 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
         """
 
+    @_abc_1.abstractmethod
+    def CheckFence(
+        self,
+        request: _lock_pb2.CheckFenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lock_pb2.CheckFenceResponse, _abc.Awaitable[_lock_pb2.CheckFenceResponse]]:
+        """CheckFence tells a resource whether a fencing token still holds its lock:
+        CURRENT when the grant with this token is the lock's holder now, STALE
+        when a newer grant exists or the lock is free since (Chubby's
+        CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
+        """
+
 def add_LockServiceServicer_to_server(servicer: LockServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminServiceStub:
+    """AdminService is the operators' plane: take a lock away, end a session, see
+    every session of a tenant. Every call needs the admin role (a tenant with
+    admin = true in the tenants file is a cluster admin); anyone else gets
+    PERMISSION_DENIED. Each call is audited with the admin's principal and the
+    reason given.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    ForceRelease: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ForceReleaseRequest, _lock_pb2.ForceReleaseResponse]
+    """ForceRelease deletes the current grant of a lock. The next grant's
+    fencing token is strictly greater (tokens are etcd create revisions). The
+    old holder's session is told on its next keepalive (KeepAliveResponse and
+    RefreshResponse list the grant under `revoked`, reason REVOKED). A free
+    lock answers released = false.
+    """
+    RevokeSession: _grpc.UnaryUnaryMultiCallable[_lock_pb2.RevokeSessionRequest, _lock_pb2.RevokeSessionResponse]
+    """RevokeSession ends a session (any tenant's, for a cluster admin),
+    releasing its locks. Its holder's next keepalive is answered NOT_FOUND
+    with reason REVOKED (KeepAlive: expired = true plus a `revoked` entry).
+    A session already gone answers revoked = false.
+    """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ListSessionsRequest, _lock_pb2.ListSessionsResponse]
+    """ListSessions pages through the sessions of a tenant with what each holds
+    and waits for. A read: NO_SIDE_EFFECTS.
+    """
+
+@_typing.type_check_only
+class AdminServiceAsyncStub(AdminServiceStub):
+    """AdminService is the operators' plane: take a lock away, end a session, see
+    every session of a tenant. Every call needs the admin role (a tenant with
+    admin = true in the tenants file is a cluster admin); anyone else gets
+    PERMISSION_DENIED. Each call is audited with the admin's principal and the
+    reason given.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ForceRelease: _aio.UnaryUnaryMultiCallable[_lock_pb2.ForceReleaseRequest, _lock_pb2.ForceReleaseResponse]  # type: ignore[assignment]
+    """ForceRelease deletes the current grant of a lock. The next grant's
+    fencing token is strictly greater (tokens are etcd create revisions). The
+    old holder's session is told on its next keepalive (KeepAliveResponse and
+    RefreshResponse list the grant under `revoked`, reason REVOKED). A free
+    lock answers released = false.
+    """
+    RevokeSession: _aio.UnaryUnaryMultiCallable[_lock_pb2.RevokeSessionRequest, _lock_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    """RevokeSession ends a session (any tenant's, for a cluster admin),
+    releasing its locks. Its holder's next keepalive is answered NOT_FOUND
+    with reason REVOKED (KeepAlive: expired = true plus a `revoked` entry).
+    A session already gone answers revoked = false.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_lock_pb2.ListSessionsRequest, _lock_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """ListSessions pages through the sessions of a tenant with what each holds
+    and waits for. A read: NO_SIDE_EFFECTS.
+    """
+
+class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    """AdminService is the operators' plane: take a lock away, end a session, see
+    every session of a tenant. Every call needs the admin role (a tenant with
+    admin = true in the tenants file is a cluster admin); anyone else gets
+    PERMISSION_DENIED. Each call is audited with the admin's principal and the
+    reason given.
+    """
+
+    @_abc_1.abstractmethod
+    def ForceRelease(
+        self,
+        request: _lock_pb2.ForceReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lock_pb2.ForceReleaseResponse, _abc.Awaitable[_lock_pb2.ForceReleaseResponse]]:
+        """ForceRelease deletes the current grant of a lock. The next grant's
+        fencing token is strictly greater (tokens are etcd create revisions). The
+        old holder's session is told on its next keepalive (KeepAliveResponse and
+        RefreshResponse list the grant under `revoked`, reason REVOKED). A free
+        lock answers released = false.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeSession(
+        self,
+        request: _lock_pb2.RevokeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lock_pb2.RevokeSessionResponse, _abc.Awaitable[_lock_pb2.RevokeSessionResponse]]:
+        """RevokeSession ends a session (any tenant's, for a cluster admin),
+        releasing its locks. Its holder's next keepalive is answered NOT_FOUND
+        with reason REVOKED (KeepAlive: expired = true plus a `revoked` entry).
+        A session already gone answers revoked = false.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _lock_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lock_pb2.ListSessionsResponse, _abc.Awaitable[_lock_pb2.ListSessionsResponse]]:
+        """ListSessions pages through the sessions of a tenant with what each holds
+        and waits for. A read: NO_SIDE_EFFECTS.
+        """
+
+def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

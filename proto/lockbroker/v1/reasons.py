@@ -41,6 +41,9 @@ class ErrorReason(StrEnum):
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
     INTERNAL = "INTERNAL"
     BACKEND_NO_SPACE = "BACKEND_NO_SPACE"
+    NOT_OWNER = "NOT_OWNER"
+    REVOKED = "REVOKED"
+    MAX_HOLD_EXCEEDED = "MAX_HOLD_EXCEEDED"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

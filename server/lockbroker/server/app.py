@@ -26,6 +26,7 @@ from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsI
 from lockbroker.interceptors.quota import PeerLimitInterceptor, Rate, RateLimitInterceptor
 from lockbroker.interceptors.tracing import LockSpanInterceptor
 from lockbroker.server import auth, lifecycle, logs
+from lockbroker.server.admin_service import ADMIN_SERVICE, AdminService, revocation_auditor
 from lockbroker.server.auth import tenants
 from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
 from lockbroker.server.config import Config, ConfigError, LockLimits
@@ -45,6 +46,7 @@ from lockbroker.v1 import lock_pb2
 log = logging.getLogger("lockbroker.server")
 
 SERVICE_NAME = lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name
+ADMIN_SERVICE_NAME = ADMIN_SERVICE.full_name
 # Kubernetes: livenessProbe on LIVENESS (SERVING while the process can serve: a restart would not
 # help while etcd is down), readinessProbe on READINESS (SERVING only while etcd answers). "" and
 # the LockService name follow readiness, as before.
@@ -148,6 +150,7 @@ class Broker:
         self.backend: EtcdLockBackend | MemoryLockBackend | None = None
         self.core: LockCore | None = None
         self.service: LockService | None = None
+        self.admin_service: AdminService | None = None
         self.health = health_aio.HealthServicer()
         self.server: aio.Server | None = None
         self.port = 0
@@ -191,18 +194,13 @@ class Broker:
         self.backend = await self._open_backend()
         etcd_cfg = self.client_config
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
+        self.core.holds.on_revoked = revocation_auditor(self.audit_log)
+        self.core.start()
         self.service = LockService(
             self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts), quotas=self.quotas
         )
 
-        options = [*server_options(self.shared_port), *connection_options(cfg.limits, raise_open_files_limit())]
-        self.server = aio.server(interceptors=self._interceptors(), options=options)
-        add_to_server(self.service, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server,
-        )
+        self.server = self._services(self.service)
         try:
             if credentials is not None:
                 self.port = self.server.add_secure_port(cfg.server.listen, credentials)
@@ -233,6 +231,22 @@ class Broker:
             "lockbroker serving",
             extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
         )
+
+    def _services(self, service: LockService) -> aio.Server:
+        """The gRPC server with every service registered, behind the one interceptor chain."""
+        assert self.core is not None
+        cfg = self.config
+        options = [*server_options(self.shared_port), *connection_options(cfg.limits, raise_open_files_limit())]
+        server = aio.server(interceptors=self._interceptors(), options=options)
+        add_to_server(service, server)
+        self.admin_service = AdminService(self.core, service.retry)
+        add_to_server(self.admin_service, server, ADMIN_SERVICE)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME], server
+        )
+        return server
 
     def _health_only_server(self, listen: str) -> aio.Server:
         """Plaintext gRPC health on its own port, for kubelet probes when the main listener is TLS
@@ -369,7 +383,7 @@ class Broker:
             if ok and self._serving is False:
                 log.info("etcd reachable again; health SERVING")
             self._serving = ok
-            for name in ("", SERVICE_NAME, READINESS):
+            for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, READINESS):
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
 
     def _fatal(self, err: BaseException) -> None:
@@ -391,6 +405,8 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.draining = True
+        if self.admin_service is not None:
+            self.admin_service.draining = True
         if self.core is not None:
             self.core.begin_shutdown()
         for task in (self._monitor, self._supervisor):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from lockbroker.server.core.errors import NotAcquiredInfo
-from lockbroker.server.core.model import Entry, Grant, SessionInfo
+from lockbroker.server.core.model import Entry, Grant, Revocation, SessionInfo
 from lockbroker.server.core.names import session_id_of
 from lockbroker.v1 import lock_pb2
 
@@ -56,3 +56,10 @@ def not_acquired(info: NotAcquiredInfo) -> lock_pb2.NotAcquired:
     if info.holder is not None:
         msg.holder.CopyFrom(holder(info.holder, info.holder_expires_at))
     return msg
+
+
+def revoked(revocations: tuple[Revocation, ...]) -> list[lock_pb2.RevokedGrant]:
+    return [
+        lock_pb2.RevokedGrant(name=r.name, fencing_token=r.fencing_token, reason=r.reason, message=r.message)
+        for r in revocations
+    ]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc import aio
 from opentelemetry import trace
@@ -41,8 +42,10 @@ from lockbroker.server.core.errors import (
     FieldViolation,
     InvalidArgument,
     LockBrokerError,
+    NotOwner,
     QuotaExceeded,
     SessionNotFound,
+    SessionRevoked,
     ShuttingDown,
     Unavailable,
 )
@@ -69,6 +72,13 @@ Ctx = aio.ServicerContext[object, object]
 def tenant_of(context: Ctx) -> str:
     """The tenant the call acts for, as identity wrote it on the call's state."""
     return state_of(context).tenant
+
+
+def principal_of(context: Ctx) -> str:
+    """Who the call acts for within its tenant, as session records keep it (core/owners.py):
+    "api-key:<key id>" or "mtls:<identity>"; "" for the anonymous caller."""
+    p = state_of(context).principal
+    return "" if p is None or p.kind == "anonymous" else f"{p.kind}:{p.id}"
 
 
 def _deadline(context: Ctx) -> None:
@@ -119,10 +129,9 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def add_to_server(service: LockService, server: aio.Server) -> None:
-    """Register `service` like the generated add_LockServiceServicer_to_server, with unary requests
+def add_to_server(service: object, server: aio.Server, desc: ServiceDescriptor = _SERVICE_DESC) -> None:
+    """Register `service` like the generated add_<Service>Servicer_to_server, with unary requests
     deserialized by `_tolerant` (streams read their messages in the handler: see `_until_draining`)."""
-    desc = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for m in desc.methods:
         request: Any = getattr(lock_pb2, m.input_type.name)
@@ -157,11 +166,11 @@ class Idempotency(enum.Enum):
         return self is Idempotency.WITH_REQUEST_ID and bool(getattr(request, "request_id", ""))
 
     @staticmethod
-    def of(method: str) -> Idempotency:
+    def of(method: str, service: ServiceDescriptor = _SERVICE_DESC) -> Idempotency:
         """What lock.proto declares for `method`: its `idempotency_level` (NO_SIDE_EFFECTS or
         IDEMPOTENT: always), else a unary request with a `request_id` field (only with one), else
         never. Read from the descriptor so the proto stays the one place that says it."""
-        desc = _SERVICE_DESC.methods_by_name[method]
+        desc = service.methods_by_name[method]
         if desc.GetOptions().idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN:
             return Idempotency.ALWAYS
         if not desc.client_streaming and "request_id" in desc.input_type.fields_by_name:
@@ -245,11 +254,13 @@ Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
 SERVICE = _SERVICE_DESC.full_name
 
 
-def _call_info(name: str, *, streaming: bool) -> CallInfo:
-    return CallInfo(f"/{SERVICE}/{name}", SERVICE, name, streaming, streaming)
+def _call_info(name: str, *, streaming: bool, service: str = SERVICE) -> CallInfo:
+    return CallInfo(f"/{service}/{name}", service, name, streaming, streaming)
 
 
-def rpc() -> Callable[[Handler[Req, Resp]], Callable[[Any, Req, Ctx], Coroutine[Any, Any, Resp]]]:
+def rpc(
+    service: ServiceDescriptor = _SERVICE_DESC,
+) -> Callable[[Handler[Req, Resp]], Callable[[Any, Req, Ctx], Coroutine[Any, Any, Resp]]]:
     """Give a unary handler its deadline, retry it per its method's idempotency in lock.proto
     (`Idempotency.of`) and the servicer's `retry` policy, and turn its final error into a status
     with details.
@@ -260,8 +271,8 @@ def rpc() -> Callable[[Handler[Req, Resp]], Callable[[Any, Req, Ctx], Coroutine[
     """
 
     def decorate(handler: Handler[Req, Resp]) -> Callable[[Any, Req, Ctx], Coroutine[Any, Any, Resp]]:
-        info = _call_info(handler.__name__, streaming=False)
-        idempotency = Idempotency.of(handler.__name__)
+        info = _call_info(handler.__name__, streaming=False, service=service.full_name)
+        idempotency = Idempotency.of(handler.__name__, service)
 
         @functools.wraps(handler)
         async def wrapped(self: Any, request: Req, context: Ctx) -> Resp:
@@ -319,24 +330,26 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         self, request: lock_pb2.CreateSessionRequest, context: Ctx
     ) -> lock_pb2.CreateSessionResponse:
         ttl, owner, request_id = validation.create_session(request, self.limits)
-        s = await self.core.create_session(tenant_of(context), ttl, owner, request_id)
+        s = await self.core.create_session(tenant_of(context), ttl, owner, request_id, principal_of(context))
         ttl_pb, expires = convert.session(s)
         return lock_pb2.CreateSessionResponse(session_id=s.session_id, ttl=ttl_pb, expires_at=expires)
 
     @rpc()
     async def Refresh(self, request: lock_pb2.RefreshRequest, context: Ctx) -> lock_pb2.RefreshResponse:
-        s = await self.core.refresh(tenant_of(context), validation.session_id(request.session_id))
+        lease = validation.session_id(request.session_id)
+        s = await self.core.refresh(tenant_of(context), lease, principal=principal_of(context))
         ttl_pb, expires = convert.session(s)
-        return lock_pb2.RefreshResponse(ttl=ttl_pb, expires_at=expires)
+        return lock_pb2.RefreshResponse(ttl=ttl_pb, expires_at=expires, revoked=convert.revoked(s.revoked))
 
     @rpc()
     async def CloseSession(self, request: lock_pb2.CloseSessionRequest, context: Ctx) -> lock_pb2.CloseSessionResponse:
-        closed = await self.core.close_session(tenant_of(context), validation.session_id(request.session_id))
+        lease = validation.session_id(request.session_id)
+        closed = await self.core.close_session(tenant_of(context), lease, principal_of(context))
         return lock_pb2.CloseSessionResponse(closed=closed)
 
     @rpc()
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Ctx) -> lock_pb2.AcquireResponse:
-        g = await self.core.acquire(tenant_of(context), validation.acquire(request, self.limits))
+        g = await self.core.acquire(tenant_of(context), validation.acquire(request, self.limits, principal_of(context)))
         return lock_pb2.AcquireResponse(
             grant=convert.grant(g), waited=convert.dur(g.waited), queue_position=g.queue_position
         )
@@ -344,7 +357,9 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
     @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
         name, token, lease = validation.release(request, self.limits)
-        released, holds_left = await self.core.release_claim(tenant_of(context), name, token, lease, request.request_id)
+        released, holds_left = await self.core.release_claim(
+            tenant_of(context), name, token, lease, request.request_id, principal=principal_of(context)
+        )
         return lock_pb2.ReleaseResponse(released=released, holds_left=holds_left)
 
     @rpc()
@@ -382,6 +397,13 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             ],
         )
 
+    @rpc()
+    async def CheckFence(self, request: lock_pb2.CheckFenceRequest, context: Ctx) -> lock_pb2.CheckFenceResponse:
+        name, token = validation.check_fence(request, self.limits)
+        fence = await self.core.check_fence(tenant_of(context), name, token)
+        status = lock_pb2.FENCE_STATUS_CURRENT if fence.current else lock_pb2.FENCE_STATUS_STALE
+        return lock_pb2.CheckFenceResponse(status=status, current_fencing_token=fence.holder_token)
+
     async def _until_draining(self, requests: AsyncIterator[T]) -> AsyncIterator[T]:
         """The stream's requests, ending with SHUTTING_DOWN when the broker begins to drain, so
         clients move their keepalives to another replica while their sessions are still alive."""
@@ -414,8 +436,8 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         self, request_iterator: AsyncIterator[lock_pb2.KeepAliveRequest], context: Ctx
     ) -> AsyncIterator[lock_pb2.KeepAliveResponse]:
         context = scoped(context, _KEEPALIVE)
-        tenant = tenant_of(context)
-        owned: set[int] = set()  # sessions of this tenant already seen on this stream
+        tenant, principal = tenant_of(context), principal_of(context)
+        owned: set[int] = set()  # sessions of this tenant (and this principal) already seen on this stream
         opened = False
         try:
             if self.draining:
@@ -429,16 +451,22 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                 try:
                     if isinstance(lease, FieldViolation):
                         raise SessionNotFound(lease.description)
-                    s = await self.core.refresh(tenant, lease, owner_known=lease in owned)
+                    s = await self.core.refresh(tenant, lease, owner_known=lease in owned, principal=principal)
                     owned.add(lease)
-                except SessionNotFound:
-                    # One gone (or never valid) session must not end the stream the others share.
+                except (SessionNotFound, NotOwner) as e:
+                    # One gone (or never valid, or another principal's) session must not end the
+                    # stream the others share; a session that is not the caller's is not refreshed.
                     if isinstance(lease, int):
                         owned.discard(lease)
-                    yield lock_pb2.KeepAliveResponse(session_id=req.session_id, expired=True)
+                    gone = lock_pb2.KeepAliveResponse(session_id=req.session_id, expired=True)
+                    if isinstance(e, SessionRevoked):
+                        gone.revoked.add(reason=e.reason, message=e.metadata.get("admin_reason", ""))
+                    yield gone
                     continue
                 ttl_pb, expires = convert.session(s)
-                yield lock_pb2.KeepAliveResponse(session_id=req.session_id, ttl=ttl_pb, expires_at=expires)
+                yield lock_pb2.KeepAliveResponse(
+                    session_id=req.session_id, ttl=ttl_pb, expires_at=expires, revoked=convert.revoked(s.revoked)
+                )
         except (aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:

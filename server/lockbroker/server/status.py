@@ -14,7 +14,8 @@ from lockbroker.v1.reasons import ErrorReason
 _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (e.NotAcquired, grpc.StatusCode.ABORTED),
-    (e.SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.SessionNotFound, grpc.StatusCode.NOT_FOUND),  # and SessionRevoked
+    (e.NotOwner, grpc.StatusCode.PERMISSION_DENIED),
     (e.SessionLost, grpc.StatusCode.NOT_FOUND),
     (e.AlreadyQueued, grpc.StatusCode.FAILED_PRECONDITION),
     (e.RequestIdReused, grpc.StatusCode.FAILED_PRECONDITION),

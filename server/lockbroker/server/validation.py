@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 
 from google.protobuf import duration_pb2
 
+from lockbroker.interceptors.principal import tenant_problem
 from lockbroker.server.core.acquire import AcquireParams
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument
+from lockbroker.server.core.holds import MIN_HOLD
 from lockbroker.server.core.names import (
     MAX_NAME_BYTES,
     name_problem,
@@ -101,6 +103,14 @@ class _Checker:
             self.bad(field, f"must be at most {limits.max_wait:g}s")
         return value
 
+    def max_hold(self, field: str, d: duration_pb2.Duration) -> float:
+        value = self._seconds(field, d)
+        if value is None:
+            return 0.0
+        if d.nanos != 0 or value < MIN_HOLD:
+            self.bad(field, f"must be a whole number of seconds, at least {MIN_HOLD:g}s")
+        return value
+
     def name(self, field: str, name: str, limits: LockLimits | None) -> None:
         self.check(field, name_problem(name, max_bytes=_max_name(limits)))
 
@@ -137,7 +147,7 @@ def session_id(session: str) -> int:
     return lease
 
 
-def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits) -> AcquireParams:
+def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "") -> AcquireParams:
     c = _Checker()
     c.name("name", req.name, limits)
     lease = c.session("session_id", req.session_id, required=False)
@@ -166,9 +176,19 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits) -> AcquireParams:
         # The claim is named after its request id, so the server picks one if the caller did not.
         request_id = request_id or uuid.uuid4().hex
         claim = new_claim_id(request_id)
+    hold = c.max_hold("max_hold", req.max_hold) if req.HasField("max_hold") else 0.0
     c.done()
     return AcquireParams(
-        req.name, lease, ttl, wait, req.owner, request_id, claim, req.reentrant_owner if req.reentrant else ""
+        req.name,
+        lease,
+        ttl,
+        wait,
+        req.owner,
+        request_id,
+        claim,
+        req.reentrant_owner if req.reentrant else "",
+        principal,
+        hold,
     )
 
 
@@ -209,3 +229,65 @@ def list_locks(req: lock_pb2.ListRequest, limits: LockLimits | None = None) -> t
             c.bad("page_token", "is not a next_page_token returned by List with this prefix")
     c.done()
     return req.prefix, size, after
+
+
+def check_fence(req: lock_pb2.CheckFenceRequest, limits: LockLimits | None = None) -> tuple[str, int]:
+    c = _Checker()
+    c.name("name", req.name, limits)
+    if req.fencing_token <= 0:
+        c.bad("fencing_token", "must be the positive fencing token of a grant")
+    c.done()
+    return req.name, req.fencing_token
+
+
+MAX_ADMIN_REASON = 256
+
+
+def admin_reason(c: _Checker, reason: str) -> None:
+    if not reason.strip():
+        c.bad("reason", "is required: say why (the holder and the audit log are told)")
+    elif len(reason.encode("utf-8", "surrogatepass")) > MAX_ADMIN_REASON:
+        c.bad("reason", f"is longer than {MAX_ADMIN_REASON} bytes")
+    elif any(not ch.isprintable() for ch in reason):
+        c.bad("reason", "contains control or non-printable characters")
+
+
+def admin_tenant(c: _Checker, tenant: str, own: str) -> str:
+    if not tenant:
+        return own
+    c.check("tenant", tenant_problem(tenant))
+    return tenant
+
+
+def force_release(
+    req: lock_pb2.ForceReleaseRequest, own_tenant: str, limits: LockLimits | None = None
+) -> tuple[str, str, str]:
+    c = _Checker()
+    c.name("name", req.name, limits)
+    admin_reason(c, req.reason)
+    tenant = admin_tenant(c, req.tenant, own_tenant)
+    c.done()
+    return tenant, req.name, req.reason
+
+
+def revoke_session(req: lock_pb2.RevokeSessionRequest, own_tenant: str) -> tuple[str, int, str]:
+    c = _Checker()
+    lease = c.session("session_id", req.session_id, required=True)
+    admin_reason(c, req.reason)
+    tenant = admin_tenant(c, req.tenant, own_tenant)
+    c.done()
+    assert lease is not None
+    return tenant, lease, req.reason
+
+
+def list_sessions(req: lock_pb2.ListSessionsRequest, own_tenant: str) -> tuple[str, int, str | None]:
+    c = _Checker()
+    tenant = admin_tenant(c, req.tenant, own_tenant)
+    size = req.page_size or DEFAULT_PAGE_SIZE
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        c.bad("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+    after = req.page_token or None
+    if after is not None and isinstance(parse_session_id(after, "page_token"), FieldViolation):
+        c.bad("page_token", "is not a next_page_token returned by ListSessions")
+    c.done()
+    return tenant, size, after

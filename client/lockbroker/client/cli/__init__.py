@@ -5,8 +5,8 @@ as its `lockbroker` command; the full package adds these subcommands beside `ser
 `tenants`. Exit codes are listed in EPILOG (and in docs/cli.md).
 
 One module per command group, as etcdctl has one file per command: lock.py (acquire, release,
-describe, list), session.py, run.py; _common.py holds exit codes, values and output shapes, and
-_runner.py connects, handles signals and registers commands.
+describe, list), fence.py (check-fence), session.py, run.py, admin.py (admin ...); _common.py
+holds exit codes, values and output shapes, and _runner.py connects, handles signals and registers commands.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 from lockbroker.client.cli._common import EPILOG, EXIT_USAGE, SERVER_COMMANDS
 from lockbroker.client.cli._runner import common_parser
+from lockbroker.client.cli.admin import add_admin_commands
+from lockbroker.client.cli.fence import add_fence_command
 from lockbroker.client.cli.lock import add_lock_commands
 from lockbroker.client.cli.run import add_run_command
 from lockbroker.client.cli.session import add_session_commands
@@ -28,8 +30,10 @@ def add_commands(subparsers: Any) -> None:
     """Register the client subcommands on an argparse subparsers action (`serve`'s parser uses this)."""
     common = common_parser()
     add_lock_commands(subparsers, common)
+    add_fence_command(subparsers, common)
     add_session_commands(subparsers, common)
     add_run_command(subparsers, common)
+    add_admin_commands(subparsers, common)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:

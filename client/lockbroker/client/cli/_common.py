@@ -59,10 +59,11 @@ EXIT_SIGNAL_BASE = 128  # + signal number, as shells report a death by signal
 EPILOG = """\
 exit codes:
   0        success
-  1        not acquired: the lock is held (LOCK_HELD) or the wait ran out (WAIT_EXPIRED)
+  1        not acquired: the lock is held (LOCK_HELD) or the wait ran out (WAIT_EXPIRED);
+           check-fence: the token is STALE
   2        usage: bad flags, or the broker refused an argument (INVALID_ARGUMENT)
   3        lost: the lock or session was lost (run, session keepalive)
-  4        not found: unknown, closed or expired session; release/close found nothing
+  4        not found: unknown, closed or expired session; release/close/admin found nothing
   5        conflict: the session already holds or waits for the lock, or --request-id was reused
   69       unavailable: the broker could not be reached or did not answer in time
   70       internal error

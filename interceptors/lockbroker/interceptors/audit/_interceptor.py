@@ -102,6 +102,7 @@ _REFS: Final = (
     ("session", "session_id"),
     ("fencingToken", "fencing_token"),
     ("requestId", "request_id"),
+    ("adminReason", "reason"),  # AdminService: why the admin acted
 )
 
 
@@ -338,6 +339,8 @@ class AuditInterceptor(WrappingInterceptor):
             "durationMs": round((time.monotonic() - call.started_mono) * 1000, 3),
             "retryAttempts": call.attempts,
             "traceId": _trace_id(),
+            # Only admin calls carry a reason; other records keep their shape.
+            **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
             **extra,
             "_secrets": _secrets(context),
         }
@@ -366,6 +369,7 @@ class AuditInterceptor(WrappingInterceptor):
             "durationMs": None,
             "retryAttempts": None,
             "traceId": _trace_id(),
+            **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
             "_secrets": _secrets(context),
         }
 
@@ -486,7 +490,7 @@ class AuditInterceptor(WrappingInterceptor):
             await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
             return
         received = staged.received  # the request's references were read into it already
-        refs = {key: received[key] for key, _ in _REFS}
+        refs = {key: received.get(key) for key, _ in _REFS}
         _add_response_refs(refs, response)
         try:
             # The RequestReceived record's write (and fsync) ran while the handler worked; the

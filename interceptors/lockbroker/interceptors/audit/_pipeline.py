@@ -42,7 +42,7 @@ MUTATING_METHODS: Final = frozenset(
         "Session/KeepAlive",
         "Session/Close",
     )
-)
+) | frozenset(f"/lockbroker.v1.AdminService/{name}" for name in ("ForceRelease", "RevokeSession"))
 # Metadata whose values are credentials. The interceptor never copies these fields into a record;
 # their values are also scrubbed from `outcome.message`, the one free-text field (a careless
 # handler may echo a header there), and from nothing else: a caller choosing its "key" must not be

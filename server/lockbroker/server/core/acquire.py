@@ -36,7 +36,7 @@ from lockbroker.server.core.backend import (
     WatchInterrupted,
     call_deadline,
 )
-from lockbroker.server.core.claims import find_claim, reenter, release_hold
+from lockbroker.server.core.claims import reenter, release_hold
 from lockbroker.server.core.cleanup import Cleanups
 from lockbroker.server.core.errors import (
     AlreadyQueued,
@@ -44,6 +44,7 @@ from lockbroker.server.core.errors import (
     LockBrokerError,
     LockHeld,
     NotAcquiredInfo,
+    NotOwner,
     QuotaExceeded,
     RequestIdReused,
     SessionLost,
@@ -54,6 +55,7 @@ from lockbroker.server.core.errors import (
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
+from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
 from lockbroker.server.core.resume import RESUME_WINDOW, keep_place
 from lockbroker.server.core.sessions import LeaseClock, check_ttl, session_record
@@ -76,6 +78,8 @@ class AcquireParams:
     # a new claim (new_claim) or the reentrant owner's claim.
     claim: str = ""
     reentrant_owner: str = ""  # set: a reentrant acquire (see core.claims)
+    principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
+    max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -238,7 +242,7 @@ class Acquirer:
         """The enqueue of this call's entry, given the quota slots to claim with it."""
         implicit = p.lease_id is None
         queued_at = time.time()
-        session_value = session_record(p.ttl, p.owner, p.name) if implicit else None
+        session_value = session_record(p.ttl, p.owner, p.name, p.principal) if implicit else None
         reentrant = (p.reentrant_owner, (request_id,)) if p.reentrant_owner else ("", ())
 
         def put(slots: Sequence[bytes]) -> Awaitable[Enqueued]:
@@ -437,18 +441,34 @@ class Acquirer:
         return None
 
     async def release(
-        self, tenant: str, name: str, fencing_token: int, lease_id: int | None, request_id: str = ""
+        self,
+        tenant: str,
+        name: str,
+        fencing_token: int,
+        lease_id: int | None,
+        request_id: str = "",
+        *,
+        owners: SessionOwners | None = None,
+        principal: str = "",
     ) -> tuple[bool, int]:
         """(released, holds left). Release names a claim by its fencing token. With the session
         given, its plain claim is tried first, without a read (the common case); then its other
-        claims (core.claims)."""
+        claims (core.claims). With `owners`, only the grant's own session and the principal that
+        made it may release it (core/owners.py): NotOwner otherwise."""
         ks = self._keyspace(tenant)
         if lease_id is not None:
+            if owners is not None and not await owners.check(tenant, lease_id, principal):
+                return await self._not_mine(ks, name, fencing_token), 0  # the named session is gone
             if await self._delete(ks, ks.entry_key(name, lease_id), fencing_token, lease_id):
                 return True, 0
-            found = await find_claim(self._backend, ks.lock_prefix(name), fencing_token, lease_id)
-        else:
             found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+            if found is not None and found.lease != lease_id:
+                raise _not_owner(name, fencing_token, found)
+        else:
+            # No session named (older clients): the grant's session must be the caller's own.
+            found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+            if found is not None and owners is not None and not await owners.check(tenant, found.lease, principal):
+                return False, 0  # its session ended meanwhile
         if found is None:
             return False, 0
         if found.value.hold_count > 1:
@@ -471,3 +491,19 @@ class Acquirer:
             # The session existed only for this lock; end it now rather than at its TTL.
             await self._cleanups.run(lambda: self._backend.revoke_lease(deleted.lease))
         return True
+
+    async def _not_mine(self, ks: Keyspace, name: str, fencing_token: int) -> bool:
+        """After a Release deleted nothing: False if the grant is gone, NotOwner if another
+        session holds it (a read only on this path)."""
+        found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)
+        if found is None:
+            return False
+        raise _not_owner(name, fencing_token, found)
+
+
+def _not_owner(name: str, fencing_token: int, found: Entry) -> NotOwner:
+    return NotOwner(
+        f"grant {fencing_token} of lock {name!r} is held by session {session_id_of(found.lease)}, "
+        "not by the session named; a grant is released only by its own session",
+        {"lock": name},
+    )

@@ -200,3 +200,31 @@ class LockBackend(Protocol):
     async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
         """Entries with start <= key < end in key order; and whether more follow."""
         ...
+
+    # -- the admin plane and fences (core/admin.py) -------------------------------------------
+
+    async def holder(self, prefix: bytes) -> Entry | None:
+        """The lock's holder (the entry with the smallest create revision), in one read."""
+        ...
+
+    async def get_value(self, key: bytes) -> bytes | None:
+        """The value at `key`, or None."""
+        ...
+
+    async def put_value(self, key: bytes, value: bytes, lease_id: int) -> None:
+        """Put `key` bound to `lease_id` (SessionMissing if the lease is gone)."""
+        ...
+
+    async def delete_value(self, key: bytes) -> None:
+        """Delete `key` (a no-op if it is gone)."""
+        ...
+
+    async def values(self, start: bytes, end: bytes, limit: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
+        """(key, value, lease) of the keys start <= key < end in key order; and whether more follow."""
+        ...
+
+    async def revoke_entry(self, entry: Entry, mark: ReleaseMark, marker: bytes, note: bytes) -> bool:
+        """Delete exactly `entry` (compared on its create revision) with its quota slots, move the
+        session's release mark, and put `marker` = `note` bound to the entry's lease, in one
+        transaction; False if the entry was already gone."""
+        ...

@@ -83,6 +83,18 @@ class SessionLost(LockBrokerError):
     reason = ErrorReason.SESSION_LOST
 
 
+class SessionRevoked(SessionNotFound):
+    """An admin revoked the session (AdminService.RevokeSession)."""
+
+    reason = ErrorReason.REVOKED
+
+
+class NotOwner(LockBrokerError):
+    """The grant or session belongs to another session or principal of the tenant."""
+
+    reason = ErrorReason.NOT_OWNER
+
+
 class AlreadyQueued(LockBrokerError):
     reason = ErrorReason.ALREADY_QUEUED
 

@@ -530,6 +530,48 @@ class MemoryLockBackend:
 
         return await self._call("scan", apply)
 
+    # -- the admin plane and fences ------------------------------------------------------------
+
+    async def holder(self, prefix: bytes) -> Entry | None:
+        def apply() -> Entry | None:
+            queue = self._entries(prefix)
+            return queue[0] if queue else None
+
+        return await self._call("holder", apply)
+
+    async def get_value(self, key: bytes) -> bytes | None:
+        return await self._call("get_value", lambda: self._kv[key].value if key in self._kv else None)
+
+    async def put_value(self, key: bytes, value: bytes, lease_id: int) -> None:
+        def apply() -> None:
+            try:
+                self._commit([(key, value, lease_id)])
+            except _LeaseGone:
+                raise SessionMissing(key.decode()) from None
+
+        await self._call("put_value", apply)
+
+    async def delete_value(self, key: bytes) -> None:
+        await self._call("delete_value", lambda: self._commit(deletes=[key]))
+
+    async def values(self, start: bytes, end: bytes, limit: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
+        def apply() -> tuple[list[tuple[bytes, bytes, int]], bool]:
+            keys = self._range(start, end)
+            shown = keys if limit <= 0 else keys[:limit]
+            return [(k, self._kv[k].value, self._kv[k].lease) for k in shown], len(shown) < len(keys)
+
+        return await self._call("values", apply)
+
+    async def revoke_entry(self, entry: Entry, mark: ReleaseMark, marker: bytes, note: bytes) -> bool:
+        def apply() -> bool:
+            kv = self._kv.get(entry.key)
+            if kv is None or kv.create != entry.create_revision:
+                return False
+            self._commit([(mark.key, b"", mark.lease), (marker, note, kv.lease)], [entry.key, *entry.value.slots])
+            return True
+
+        return await self._call("revoke_entry", apply)
+
 
 _NO_LEASE = _Lease(0, -1.0)
 

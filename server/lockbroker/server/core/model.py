@@ -140,10 +140,35 @@ class Grant:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """An admin took a grant (or, with token 0, the whole session) away from a session."""
+
+    name: str
+    fencing_token: int
+    reason: str  # an ErrorReason value
+    message: str  # the admin's reason
+    admin: str = ""  # the admin's principal
+
+    def encode(self) -> bytes:
+        doc = {"n": self.name, "f": self.fencing_token, "r": self.reason, "m": self.message, "a": self.admin}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> Revocation | None:
+        try:
+            doc = json.loads(raw)
+            return Revocation(str(doc["n"]), int(doc["f"]), str(doc["r"]), str(doc["m"]), str(doc.get("a", "")))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
     session_id: str
     ttl: int
     expires_at: float
+    # Grants of the session an admin revoked (reported on every refresh until the session ends).
+    revoked: tuple[Revocation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

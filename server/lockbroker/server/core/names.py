@@ -10,6 +10,10 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
                                              ("r<owner digest>"), see core.acquire
     <root>/t/<tenant>/m/<lease hex>          the session's release mark: rewritten whenever the broker
                                              deletes one of the session's entries (see LockBackend.enqueue)
+    <root>/t/<tenant>/r/<lease hex>/<token>  an admin's revocation of grant <token> of the session, bound
+                                             to its lease: the session's keepalives report it (core.admin)
+    <root>/t/<tenant>/x/<lease hex>          an admin's revocation of the whole session, on a lease of its
+                                             own (REVOKED_SESSION_TTL), so Refresh can say REVOKED
     <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
     <root>/t/<tenant>/q/e/<i>                quota slot i of the tenant's queue entries
     <root>/t/<tenant>/q/l/<key name>#<i>     quota slot i of lock <name>'s queue
@@ -143,7 +147,7 @@ def prefix_end(prefix: bytes) -> bytes:
 class Keyspace:
     """The etcd keys of one tenant."""
 
-    __slots__ = ("base", "locks_root", "marks_root", "quota_root", "sessions_root")
+    __slots__ = ("base", "locks_root", "marks_root", "quota_root", "revoked_root", "sessions_root", "tombs_root")
 
     def __init__(self, root: str, tenant: str) -> None:
         self.base = f"{root.rstrip('/')}/t/{tenant}/".encode()
@@ -151,6 +155,19 @@ class Keyspace:
         self.sessions_root = self.base + b"s/"
         self.quota_root = self.base + b"q/"
         self.marks_root = self.base + b"m/"
+        self.revoked_root = self.base + b"r/"
+        self.tombs_root = self.base + b"x/"
+
+    def revocations(self, lease_id: int) -> bytes:
+        """The prefix of session `lease_id`'s grant revocation markers."""
+        return self.revoked_root + session_id_of(lease_id).encode() + b"/"
+
+    def revocation(self, lease_id: int, token: int) -> bytes:
+        return self.revocations(lease_id) + str(token).encode()
+
+    def tomb(self, lease_id: int) -> bytes:
+        """Where an admin's revocation of session `lease_id` is remembered after the session is gone."""
+        return self.tombs_root + session_id_of(lease_id).encode()
 
     def session_pool(self, size: int) -> Pool:
         return Pool(self.quota_root + b"s/", size, "max_sessions")

@@ -40,6 +40,7 @@ LIMITS: dict[str, str] = {
         "on one broker replica (token bucket; 0: no limit)"
     ),
     "session_burst": "session calls allowed at once above session_rate (token bucket size)",
+    "max_hold": "longest a grant may be held, in seconds, before the broker revokes it (0: no limit)",
 }
 
 
@@ -60,6 +61,7 @@ class TenantQuota:
     read_burst: int = field(default=2_000, metadata={"help": LIMITS["read_burst"]})
     session_rate: float = field(default=2_000.0, metadata={"help": LIMITS["session_rate"]})
     session_burst: int = field(default=4_000, metadata={"help": LIMITS["session_burst"]})
+    max_hold: float = field(default=0.0, metadata={"help": LIMITS["max_hold"]})
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -11,17 +11,20 @@ from collections.abc import Callable
 
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.cleanup import Cleanups
-from lockbroker.server.core.errors import QuotaExceeded, RequestIdReused, SessionNotFound
-from lockbroker.server.core.model import SessionInfo
-from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
+from lockbroker.server.core.errors import QuotaExceeded, RequestIdReused, SessionNotFound, SessionRevoked
+from lockbroker.server.core.model import Revocation, SessionInfo
+from lockbroker.server.core.names import Keyspace, derived_lease_id, prefix_end, session_id_of
+from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import QuotaLookup, TenantQuota
 from lockbroker.server.core.slots import SlotClaimer
 
 
-def session_record(ttl: int, owner: str, implicit_lock: str | None) -> bytes:
+def session_record(ttl: int, owner: str, implicit_lock: str | None, principal: str = "") -> bytes:
     doc: dict[str, object] = {"ttl": ttl, "owner": owner, "created": round(time.time(), 3)}
     if implicit_lock is not None:
         doc["lock"] = implicit_lock
+    if principal:
+        doc["p"] = principal  # see core/owners.py
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -76,6 +79,7 @@ class Sessions:
         leases: LeaseClock,
         claimer: SlotClaimer,
         cleanups: Cleanups,
+        owners: SessionOwners,
     ) -> None:
         self._backend = backend
         self._keyspace = keyspace
@@ -83,8 +87,9 @@ class Sessions:
         self.leases = leases
         self._claimer = claimer
         self._cleanups = cleanups
+        self.owners = owners
 
-    async def create(self, tenant: str, ttl: int, owner: str, request_id: str) -> SessionInfo:
+    async def create(self, tenant: str, ttl: int, owner: str, request_id: str, principal: str = "") -> SessionInfo:
         ks = self._keyspace(tenant)
         quota = self._quotas(tenant)
         check_ttl(tenant, quota, ttl)
@@ -100,7 +105,7 @@ class Sessions:
             if left < 0:
                 raise SessionNotFound("the session created by this request_id has expired")
             return SessionInfo(session_id_of(lease.lease_id), ttl, time.time() + left)
-        record = session_record(lease.ttl, owner, None)
+        record = session_record(lease.ttl, owner, None, principal)
         try:
             claims = [(ks.session_pool(quota.max_sessions), key)] if quota.max_sessions else []
             await self._claimer.claiming(
@@ -110,25 +115,49 @@ class Sessions:
             await self._cleanups.run(lambda: self._backend.revoke_lease(lease.lease_id))
             raise
         self.leases.note(lease.lease_id, started + lease.ttl)
+        self.owners.note(tenant, lease.lease_id, principal)
         return SessionInfo(session_id_of(lease.lease_id), lease.ttl, started + lease.ttl)
 
-    async def refresh(self, tenant: str, lease_id: int, *, owner_known: bool = False) -> SessionInfo:
+    async def refresh(
+        self, tenant: str, lease_id: int, *, owner_known: bool = False, principal: str = ""
+    ) -> SessionInfo:
         """Refresh once. `owner_known`: the caller already saw this tenant's session record for
-        this lease (a lease never changes tenant, and a gone lease answers TTL 0 below), which
-        saves the read on every refresh of a KeepAlive stream after its first."""
+        this lease and was allowed to use it (a lease never changes tenant or owner, and a gone
+        lease answers TTL 0 below), which saves the check on every refresh of a KeepAlive stream
+        after its first. NotOwner when the session is another principal's.
+
+        The answer lists the grants an admin revoked from the session (one more read)."""
         # The session record is the proof that this lease is a session of this tenant.
-        if not owner_known and not await self._backend.session_exists(self._keyspace(tenant).session_key(lease_id)):
-            raise SessionNotFound(f"session {session_id_of(lease_id)} does not exist or has expired")
+        if not owner_known and not await self.owners.check(tenant, lease_id, principal):
+            raise await self._gone(tenant, lease_id, "does not exist or has expired")
         before = time.time()
         ttl = await self._backend.keepalive(lease_id)
         if ttl <= 0:  # etcd's answer for a lease that is gone: never revived
             self.leases.forget(lease_id)
-            raise SessionNotFound(f"session {session_id_of(lease_id)} has expired")
+            self.owners.forget(tenant, lease_id)
+            raise await self._gone(tenant, lease_id, "has expired")
         self.leases.note(lease_id, before + ttl)
-        return SessionInfo(session_id_of(lease_id), ttl, before + ttl)
+        return SessionInfo(session_id_of(lease_id), ttl, before + ttl, await self._revocations(tenant, lease_id))
 
-    async def close(self, tenant: str, lease_id: int) -> bool:
-        if not await self._backend.session_exists(self._keyspace(tenant).session_key(lease_id)):
+    async def _revocations(self, tenant: str, lease_id: int) -> tuple[Revocation, ...]:
+        prefix = self._keyspace(tenant).revocations(lease_id)
+        found, _ = await self._backend.values(prefix, prefix_end(prefix), 0)
+        return tuple(r for _, raw, _ in found if (r := Revocation.decode(raw)) is not None)
+
+    async def _gone(self, tenant: str, lease_id: int, why: str) -> SessionNotFound:
+        """SessionRevoked if an admin revoked the session (its tombstone says so), else SessionNotFound."""
+        raw = await self._backend.get_value(self._keyspace(tenant).tomb(lease_id))
+        tomb = Revocation.decode(raw) if raw is not None else None
+        if tomb is not None:
+            return SessionRevoked(
+                f"session {session_id_of(lease_id)} was revoked by an admin: {tomb.message}",
+                {"session": session_id_of(lease_id), "admin_reason": tomb.message},
+            )
+        return SessionNotFound(f"session {session_id_of(lease_id)} {why}")
+
+    async def close(self, tenant: str, lease_id: int, principal: str = "") -> bool:
+        if not await self.owners.check(tenant, lease_id, principal):
             return False
         self.leases.forget(lease_id)
+        self.owners.forget(tenant, lease_id)
         return await self._backend.revoke_lease(lease_id)

@@ -420,6 +420,46 @@ class EtcdLockBackend:
         resp = await self.client.range(pb.RangeRequest(key=start, range_end=end, limit=limit))
         return [_entry(kv) for kv in resp.kvs], resp.more
 
+    # -- the admin plane and fences ------------------------------------------------------------
+
+    async def holder(self, prefix: bytes) -> Entry | None:
+        resp = await self.client.range(
+            pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), limit=1, sort_target=_BY_CREATE, sort_order=_ASC)
+        )
+        return _first(resp)
+
+    async def get_value(self, key: bytes) -> bytes | None:
+        resp = await self.client.range(pb.RangeRequest(key=key))
+        return resp.kvs[0].value if resp.kvs else None
+
+    async def put_value(self, key: bytes, value: bytes, lease_id: int) -> None:
+        try:
+            await self.client.put(pb.PutRequest(key=key, value=value, lease=lease_id))
+        except LeaseNotFound:
+            raise SessionMissing(key.decode()) from None
+
+    async def delete_value(self, key: bytes) -> None:
+        await self.client.txn(pb.TxnRequest(success=[_delete(key)]))
+
+    async def values(self, start: bytes, end: bytes, limit: int) -> tuple[list[tuple[bytes, bytes, int]], bool]:
+        resp = await self.client.range(pb.RangeRequest(key=start, range_end=end, limit=limit))
+        return [(kv.key, kv.value, kv.lease) for kv in resp.kvs], resp.more
+
+    async def revoke_entry(self, entry: Entry, mark: ReleaseMark, marker: bytes, note: bytes) -> bool:
+        resp = await self.client.txn(
+            pb.TxnRequest(
+                compare=[_created(entry.key, pb.Compare.EQUAL, entry.create_revision)],
+                success=[
+                    _delete(entry.key),
+                    *(_delete(s) for s in entry.value.slots),
+                    # The entry exists, so its lease does: these puts cannot fail on the lease.
+                    _put(mark.key, b"", mark.lease),
+                    _put(marker, note, entry.lease),
+                ],
+            )
+        )
+        return resp.succeeded
+
     async def ping(self, key: bytes, timeout: float) -> None:
         """A linearizable read: succeeds only while etcd has a leader and a quorum."""
         await self.client.call(
