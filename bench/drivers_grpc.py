@@ -114,8 +114,9 @@ class BrokerDriver:
 class SharedSessionDriver(BrokerDriver):
     """Issue 19's one session per process: every worker of the job shares ONE session (one
     CreateSession, made by the first worker to ask), and each Acquire queues a claim of its own
-    (`new_claim`) with its own request_id; Release names the claim by its fencing token. This is
-    what the Python client sends when threads or tasks of one process share a session."""
+    (`new_claim`) with its own request_id; Release names the claim by its fencing token. The
+    Python client sets `new_claim` only when another thread or task of the session already holds
+    or waits for the name; here every Acquire sets it, so each cycle takes the claim path."""
 
     def __init__(self) -> None:
         super().__init__()
