@@ -27,6 +27,8 @@ from bench.workloads import WORKLOADS, Driver
 DRIVERS: dict[str, tuple[str, str]] = {
     "broker": ("bench.drivers_grpc", "BrokerDriver"),
     "broker-stream": ("bench.drivers_grpc", "BrokerStreamDriver"),
+    "broker-shared": ("bench.drivers_grpc", "SharedSessionDriver"),
+    "broker-lease": ("bench.drivers_grpc", "LeasePerAcquireDriver"),
     "etcd-lock": ("bench.drivers_grpc", "EtcdLockDriver"),
     "etcd-txn": ("bench.drivers_grpc", "EtcdTxnDriver"),
     "echo": ("bench.drivers_grpc", "EchoDriver"),

@@ -1,6 +1,7 @@
-"""Drivers over raw generated stubs: the broker, etcd's Lock service, the least-etcd-work Txn
-floor, and the echo ceiling. Each opens one channel per server for its job, as one client
-process would, and shares it between the job's workers."""
+"""Drivers over raw generated stubs: the broker (a session per worker, one shared session, a lease
+per acquire), etcd's Lock service, the least-etcd-work Txn floor, and the echo ceiling. Each
+opens one channel per server for its job, as one client process would, and shares it between the
+job's workers."""
 
 from __future__ import annotations
 
@@ -210,6 +211,90 @@ class BrokerStreamDriver(BrokerDriver):
         return _kind(exc)
 
 
+class SharedSessionDriver(BrokerDriver):
+    """Issue 19's one session per process: every worker of the job shares ONE session (one
+    CreateSession, made by the first worker to ask), and each Acquire queues a claim of its own
+    (`new_claim`) with its own request_id; Release names the claim by its fencing token. The
+    Python client sets `new_claim` only when another thread or task of the session already holds
+    or waits for the name; here every Acquire sets it, so each cycle takes the claim path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shared: tuple[lock_pb2_grpc.LockServiceAsyncStub, str] | None = None
+        self._making = asyncio.Lock()
+        self._closed = False
+
+    async def session(self) -> tuple[lock_pb2_grpc.LockServiceAsyncStub, str]:
+        async with self._making:
+            if self._shared is None:
+                self._shared = await super().session()
+            return self._shared
+
+    async def end_session(self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str]) -> None:
+        if not self._closed:  # every worker hands the same session back: close it once
+            self._closed = True
+            await super().end_session(session)
+
+    async def acquire(
+        self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str], name: str, wait: float
+    ) -> tuple[int, int]:
+        stub, session_id = session
+        req = lock_pb2.AcquireRequest(
+            name=name,
+            session_id=session_id,
+            wait_timeout=_duration(wait),
+            owner="bench",
+            request_id=uuid.uuid4().hex,
+            new_claim=True,
+        )
+        resp = await stub.Acquire(req, timeout=wait + RPC_SLACK)
+        token = resp.grant.fencing_token
+        return token, token
+
+
+LEASE_PER_ACQUIRE_TTL = 60  # longer than any wait of a run (contended: warm-up + 12 s + 10 s)
+
+
+class LeasePerAcquireDriver(BrokerDriver):
+    """The workaround issue 19 describes, a lease per acquire: no CreateSession; every Acquire is
+    session-less, so the broker creates a session for that one lock (with a TTL) and Release,
+    naming that session, ends it. The TTL outlasts every cycle, so no keepalive is sent: the
+    heartbeat per held lock this workaround costs in real use is not in its figures."""
+
+    async def session(self) -> tuple[lock_pb2_grpc.LockServiceAsyncStub, str]:
+        stub = self.stubs[self._next % len(self.stubs)]
+        self._next += 1
+        return stub, ""
+
+    async def end_session(self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str]) -> None:
+        return None
+
+    async def acquire(  # type: ignore[override]
+        self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str], name: str, wait: float
+    ) -> tuple[int, tuple[int, str]]:
+        stub, _ = session
+        req = lock_pb2.AcquireRequest(
+            name=name,
+            ttl=_duration(LEASE_PER_ACQUIRE_TTL),
+            wait_timeout=_duration(wait),
+            owner="bench",
+            request_id=uuid.uuid4().hex,
+        )
+        resp = await stub.Acquire(req, timeout=wait + RPC_SLACK)
+        return resp.grant.fencing_token, (resp.grant.fencing_token, resp.grant.session_id)
+
+    async def release(  # type: ignore[override]
+        self, session: tuple[lock_pb2_grpc.LockServiceAsyncStub, str], name: str, handle: tuple[int, str]
+    ) -> None:
+        stub, _ = session
+        token, session_id = handle
+        resp = await stub.Release(
+            lock_pb2.ReleaseRequest(name=name, fencing_token=token, session_id=session_id), timeout=30
+        )
+        if not resp.released:
+            raise RuntimeError(f"release of {name} token {token} found nothing")
+
+
 class _Etcd:
     def __init__(self) -> None:
         self.channel: aio.Channel | None = None
@@ -358,4 +443,11 @@ class EchoDriver:
         return _kind(exc)
 
 
-__all__ = ["BrokerDriver", "EchoDriver", "EtcdLockDriver", "EtcdTxnDriver"]
+__all__ = [
+    "BrokerDriver",
+    "EchoDriver",
+    "EtcdLockDriver",
+    "EtcdTxnDriver",
+    "LeasePerAcquireDriver",
+    "SharedSessionDriver",
+]

@@ -99,19 +99,32 @@ class CycleWindow:
 
 
 async def run_cycles(
-    bench: Bench, target: Target, point: Point, on_window: Callable[[float, float], Awaitable[Any]] | None = None
+    bench: Bench,
+    target: Target,
+    point: Point,
+    on_window: Callable[[float, float], Awaitable[Any]] | None = None,
+    *,
+    contended: bool | None = None,
+    driver: str | None = None,
+    procs: int | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
+    """One cycles run; `driver`, `procs` and `contended` override the target's driver, the load
+    agents for C and the point's workload (shared-session runs two drivers in one agent)."""
     s = bench.sizes
     c = point.param
-    contended = point.workload == "contended"
+    contended = point.workload == "contended" if contended is None else contended
     pool = bench.agents[target.spec.interpreter]
-    procs = min(bench.procs_for(c), len(pool), c)
+    procs = min(procs or bench.procs_for(c), len(pool), c)
     agents = pool[:procs]
     # A contended window is stretched until the queue turns over ROTATIONS times (up to
     # CONTENDED_MAX_WINDOW): a Jain index over a window in which most workers could not have
     # had a turn would measure slowness, not fairness.
     longest = max(s.duration, CONTENDED_MAX_WINDOW) if contended else s.duration
-    jobs = cycles_jobs(bench, target, c, contended=contended, procs=procs, longest=longest)
+    jobs = cycles_jobs(bench, target, c, contended=contended, procs=procs, longest=longest, tag=tag)
+    if driver is not None:
+        for job in jobs:
+            job["driver"] = driver
     w = CycleWindow(bench, bench.roles(target, agents), c, contended, on_window)
     try:
         results = await bench.drive(agents, jobs, w.on_barrier)
@@ -127,11 +140,11 @@ async def run_cycles(
 
 
 def cycles_jobs(
-    bench: Bench, target: Target, c: int, *, contended: bool, procs: int, longest: float
+    bench: Bench, target: Target, c: int, *, contended: bool, procs: int, longest: float, tag: str = ""
 ) -> list[dict[str, Any]]:
     """One job per agent, the C workers dealt out round robin."""
     wait = (bench.sizes.warmup + longest + 10.0) if contended else 10.0
-    base = bench.job_base(target, f"r{bench.seq}")
+    base = bench.job_base(target, f"r{bench.seq}{tag}")
     return [
         {
             **base,
@@ -283,4 +296,41 @@ async def run_waiters(bench: Bench, target: Target, point: Point) -> dict[str, A
     }
     if target.brokers:
         rec["broker_peak_rss_mb"] = max((peak_rss_mb(b.pid) or 0.0) for b in target.brokers)
+    return rec
+
+
+# mode: bench.agent driver. "worker" (a session per worker, the uncontended/contended workloads'
+# driver) is the reference: what the same cycles cost without claims and without a session each.
+SHARED_MODES = {"shared": "broker-shared", "lease": "broker-lease", "worker": "broker"}
+
+
+async def run_shared(bench: Bench, target: Target, point: Point, rep: int) -> dict[str, Any]:
+    """Issue 19: C workers in ONE load agent process on one shared session with a claim per
+    Acquire ("shared"), on a lease per acquire (session-less Acquire, Release ends that session:
+    "lease"), and, for reference, on a session per worker ("worker"); the order rotates run by run
+    (ABC, BCA, CAB) so drift does not land on one mode. Each worker on its own lock
+    (shared-session), or all on one lock (shared-session-contended)."""
+    contended = point.workload.endswith("-contended")
+    shift = rep % len(SHARED_MODES)
+    modes = list(SHARED_MODES)[shift:] + list(SHARED_MODES)[:shift]
+    rec: dict[str, Any] = {"order": modes}
+    for mode in modes:
+        one = await run_cycles(
+            bench, target, point, contended=contended, driver=SHARED_MODES[mode], procs=1, tag=f"-{mode}"
+        )
+        if bench.args.quick and not one["completed"]:
+            # As for the cycles runs: a one-second window on a busy machine can fall into a stall.
+            one = await run_cycles(
+                bench, target, point, contended=contended, driver=SHARED_MODES[mode], procs=1, tag=f"-{mode}2"
+            )
+            one["retried"] = True
+        rec[mode] = one
+        await asyncio.sleep(0.2)  # as between runs: one mode's tail is not the next one's start
+    shared, lease = rec["shared"]["rate"], rec["lease"]["rate"]
+    rec["ratio"] = shared / lease if shared is not None and lease else None
+    errors: dict[str, int] = {}
+    for mode in modes:
+        for k, v in rec[mode]["errors"].items():
+            errors[f"{mode}: {k}"] = errors.get(f"{mode}: {k}", 0) + v
+    rec["errors"] = errors
     return rec

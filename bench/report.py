@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bench import report_shared
 from bench.stats import spread
 from bench.targets import TARGETS
 
@@ -446,6 +447,7 @@ def summary(records: list[Record], meta: dict[str, Any]) -> str:
     lines += held_section(res)
     lines += waiters_section(res)
     lines += scale_section(res)
+    lines += report_shared.section(res)
     lines += failures(res, records)
     lines += ["Targets:", ""] + [f"- `{t.name}`: {t.label}" for t in TARGETS.values()] + [""]
     return "\n".join(lines)

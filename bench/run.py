@@ -28,7 +28,7 @@ from bench.procs import REPO
 from bench.runner import Bench, estimate
 from bench.targets import TARGETS, Sizes, plan, quick_sizes
 
-WORKLOADS = ("uncontended", "contended", "held", "waiters")
+WORKLOADS = ("uncontended", "contended", "held", "waiters", "shared-session", "shared-session-contended")
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--held", type=int, help="N locks held at once (default 100,000)")
     p.add_argument("--waiters", type=int, help="W concurrent blocking waiters (default 10,000)")
     p.add_argument("--waiter-locks", type=int, help="locks the waiters queue on (default 100)")
+    p.add_argument(
+        "--shared-c",
+        type=_csv_ints,
+        help="workers of the one process in the shared-session workloads (default 64)",
+    )
     p.add_argument(
         "--scale-peers", action="store_true", help="also run etcd's Lock service in the held and waiters workloads"
     )
@@ -79,6 +84,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         s.waiters = args.waiters
     if args.waiter_locks:
         s.waiter_locks = args.waiter_locks
+    if args.shared_c:
+        s.shared_cs = args.shared_c
     return s
 
 

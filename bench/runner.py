@@ -34,6 +34,9 @@ def estimate(sizes: Sizes, point: Point) -> float:
         "contended": sizes.warmup + sizes.duration + 3.0,
         "held": 5.0 + 2 * point.param / 1000.0,
         "waiters": 5.0 + 2 * point.param / 1000.0,
+        # Three cycles runs (one session, a lease per acquire, a session per worker).
+        "shared-session": 3 * (sizes.warmup + sizes.duration + 2.0),
+        "shared-session-contended": 3 * (sizes.warmup + sizes.duration + 3.0),
     }[point.workload]
 
 
@@ -203,6 +206,8 @@ class Bench:
                     # A one-second window on a busy machine can fall into a stall; the smoke run
                     # wants numbers from every target, not a verdict on one second.
                     rec.update(await measure.run_cycles(self, target, point), retried=True)
+            elif point.workload.startswith("shared-session"):
+                rec.update(await measure.run_shared(self, target, point, rep))
             elif point.workload == "held":
                 rec.update(await measure.run_held(self, target, point))
             else:
@@ -234,6 +239,12 @@ class Bench:
             return (
                 f"{f('rate')} handoffs/s jain {f('jain', 3)} starved {f('starved')} rotations {f('rotations', 1)} "
                 f"wait p99 {f('acquire_p99_ms', 1)} ms{cpu}{err}"
+            )
+        if w.startswith("shared-session"):
+            sh, le = rec["shared"], rec["lease"]
+            return (
+                f"one session {sh['rate'] or 0:,.0f} cycles/s, lease per acquire {le['rate'] or 0:,.0f} cycles/s: "
+                f"ratio {f('ratio', 2)} (session per worker {rec['worker']['rate'] or 0:,.0f}){err}"
             )
         if w == "held":
             return (

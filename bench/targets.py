@@ -97,6 +97,8 @@ class Sizes:
     waiters: int = 10_000
     waiter_locks: int = 100
     profile_duration: float = 10.0
+    # Issue 19: C workers of one process on one session vs on a lease per acquire.
+    shared_cs: list[int] = field(default_factory=lambda: [64])
 
 
 def quick_sizes() -> Sizes:
@@ -114,18 +116,19 @@ def quick_sizes() -> Sizes:
         waiters=200,
         waiter_locks=20,
         profile_duration=2.0,
+        shared_cs=[8],
     )
 
 
 @dataclass(frozen=True)
 class Point:
-    workload: str  # uncontended, contended, held, waiters
+    workload: str  # uncontended, contended, held, waiters, shared-session, shared-session-contended
     param: int  # C, N or W
     targets: tuple[str, ...]
 
     @property
     def key(self) -> str:
-        unit = {"uncontended": "C", "contended": "C", "held": "N", "waiters": "W"}[self.workload]
+        unit = {"held": "N", "waiters": "W"}.get(self.workload, "C")
         return f"{self.workload} {unit}={self.param:,}"
 
 
@@ -159,4 +162,9 @@ def plan(
         points.append(Point("held", sizes.held, only("broker", *big_peers)))
     if "waiters" in workloads:
         points.append(Point("waiters", sizes.waiters, only("broker", *big_peers)))
+    # The ways of one process to take locks (bench/measure.py run_shared) all run inside each run
+    # of the broker target: each worker on its own lock, or all on one lock.
+    for shared in ("shared-session", "shared-session-contended"):
+        if shared in workloads:
+            points.extend(Point(shared, c, only("broker")) for c in sizes.shared_cs)
     return [p for p in points if p.targets]

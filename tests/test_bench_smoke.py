@@ -14,13 +14,19 @@ from bench import micro
 from bench.targets import TARGETS
 from tests.procutil import REPO, clean_env
 
+SHARED_RETRY = "the session's locks kept changing while queueing"
+
 
 def _problems(r: dict[str, Any]) -> list[str]:
     """What is wrong with one run's record (CPU is not checked: in a window under a second the
     kernel's tick accounting may charge a light process nothing)."""
     out = []
-    if r["errors"]:
-        out.append(f"errors {r['errors']}")
+    # A session's claims cycling at once can exhaust the broker's enqueue retries against the
+    # session's release mark (UNAVAILABLE, retryable; bench/README.md, issue 19's section): the
+    # benchmark counts these, the smoke run must not fail on the server's known limit.
+    errors = {k: v for k, v in r["errors"].items() if not k.startswith(f"shared: UNAVAILABLE: {SHARED_RETRY}")}
+    if errors:
+        out.append(f"errors {errors}")
     if r["workload"] in ("uncontended", "contended"):
         if not (r.get("completed", 0) > 0 and (r.get("rate") or 0) > 0):
             out.append("no cycle completed")
@@ -41,6 +47,17 @@ def _problems(r: dict[str, Any]) -> list[str]:
             out.append(f"held {r.get('held')} of {r.get('n')}, p50 {r.get('idle_p50_ms')} / {r.get('held_p50_ms')}")
         if r["target"] == "broker" and not r.get("rss_held_mb", {}).get("broker"):
             out.append("no broker RSS while held")
+    if r["workload"].startswith("shared-session"):
+        # One session with a claim per Acquire, a lease per acquire, a session per worker: each
+        # a cycles run of its own, and the ratio of the first two.
+        for mode in ("shared", "lease", "worker"):
+            run = r.get(mode) or {}
+            if not (run.get("completed", 0) > 0 and (run.get("rate") or 0) > 0):
+                out.append(f"{mode}: no cycle completed")
+            elif not 0 < run["p50_ms"] <= run["p99_ms"]:
+                out.append(f"{mode}: latencies p50 {run['p50_ms']} p99 {run['p99_ms']}")
+        if not (r.get("ratio") or 0) > 0:
+            out.append(f"ratio {r.get('ratio')}")
     if r["workload"] == "waiters" and not (r.get("granted") == r.get("w") and r.get("fifo_violations") == 0):
         # Every waiter granted exactly once, each lock's grants in queue order.
         out.append(f"granted {r.get('granted')} of {r.get('w')}, FIFO violations {r.get('fifo_violations')}")
@@ -68,7 +85,14 @@ def test_quick_run_writes_every_output(tmp_path):
     assert not failed, (failed, proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {r["target"] for r in records} == set(TARGETS), "every target runs (aetcd in its own venv)"
-    assert {r["workload"] for r in records} == {"uncontended", "contended", "held", "waiters"}
+    assert {r["workload"] for r in records} == {
+        "uncontended",
+        "contended",
+        "held",
+        "waiters",
+        "shared-session",
+        "shared-session-contended",
+    }
 
     problems = [(r["workload"], r["target"], p) for r in records for p in _problems(r)]
     assert not problems, problems
@@ -81,6 +105,7 @@ def test_quick_run_writes_every_output(tmp_path):
 
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary
+    assert "## One session per process against a lease per acquire (issue 19)" in summary
     for name in TARGETS:
         assert f"| {name} |" in summary, name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
