@@ -54,6 +54,7 @@ LOCK_METHODS = {
     "Describe",
     "List",
     "CheckFence",
+    "Session",
 }
 
 
@@ -380,10 +381,11 @@ async def test_reflection_lists_and_describes(broker: Broker) -> None:
     assert SERVICE in services
     assert HEALTH in services
     assert set(methods) == LOCK_METHODS
-    assert len(methods) == 9
+    assert len(methods) == 10
     assert "lockbroker.v1.AdminService" in services
     assert methods["Acquire"] == ("lockbroker.v1.AcquireRequest", "lockbroker.v1.AcquireResponse", False, False)
     assert methods["KeepAlive"] == ("lockbroker.v1.KeepAliveRequest", "lockbroker.v1.KeepAliveResponse", True, True)
+    assert methods["Session"] == ("lockbroker.v1.SessionRequest", "lockbroker.v1.SessionResponse", True, True)
 
 
 # -- graceful shutdown -----------------------------------------------------------------------

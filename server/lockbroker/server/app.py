@@ -195,7 +195,10 @@ class Broker:
         etcd_cfg = self.client_config
         self.core = LockCore(self.backend, etcd_cfg.key_root, self.quotas)
         self.core.holds.on_revoked = revocation_auditor(self.audit_log)
-        self.core.start()
+        # Background work (the max-hold sweep) is not traced: its task copies this context, so a
+        # read every quarter second does not make a root trace of its own (as the health probe).
+        with suppress_instrumentation():
+            self.core.start()
         self.service = LockService(
             self.core, cfg.limits, RetryPolicy(max_attempts=cfg.retry.max_attempts), quotas=self.quotas
         )
