@@ -1,7 +1,7 @@
 """The Session stream: sessions and their lock operations as messages on one bidirectional stream.
 
 A message on an open stream costs the broker about a third of a unary call
-(/work/shared/notes/throughput.md: ~160 us against ~525 us of server CPU), so a client that
+(measured on the project machine: ~160 us against ~525 us of server CPU), so a client that
 acquires and releases many times goes several times further on one stream. The semantics are
 the unary RPCs', by construction rather than by copy: each message is served by the service's
 own unary handler (`LockService.Acquire`...: its validation, retry, draining and the one error
