@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from lockbroker.server.core import memory
+from lockbroker.server.core import memory_store
 from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
@@ -89,7 +89,7 @@ async def test_wait_deleted_is_served_from_the_revision_read(monkeypatch: pytest
     await asyncio.wait_for(waiting, 1)
     assert b.watches == 0
     # Revisions older than the kept history are compacted: the caller must read again.
-    monkeypatch.setattr(memory, "HISTORY", 1)
+    monkeypatch.setattr(memory_store, "HISTORY", 1)  # the store keeps the deletion events
     rev3 = await put_entry(b, b"b", lease)
     await b.delete_entry(b"l/x#b", rev3)
     with pytest.raises(WatchInterrupted):
