@@ -4,6 +4,7 @@ asyncio first (`Client`), with a blocking facade (`SyncClient`) over the same co
 """
 
 from lockbroker.client._retry import Backoff
+from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
 from lockbroker.client.errors import (
     AlreadyQueued,
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidArgument",
     "LockBrokerError",
     "LockContext",
+    "LockEvent",
     "LockHeld",
     "LockLost",
     "LockState",

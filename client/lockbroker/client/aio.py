@@ -41,6 +41,7 @@ from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
+from lockbroker.client._watch import LockEvent, watch_events
 from lockbroker.client.admin import AdminClient
 from lockbroker.client.types import (
     FenceCheck,
@@ -512,6 +513,18 @@ class Client:
         async for page in self.list_pages(prefix, page_size, timeout=timeout):
             for item in page:
                 yield item
+
+    def watch(
+        self, name: str, prefix: bool = False, start_revision: int | None = None
+    ) -> AsyncGenerator[LockEvent, None]:
+        """The events of lock `name` (with `prefix`, of every lock whose name starts with it):
+        `async for event in client.watch("orders/42")`. Without `start_revision` the first events
+        are a snapshot (event.snapshot: the holder as GRANTED, waiters as WAITER_QUEUED). A dropped
+        stream is resumed from the last revision received, so nothing is missed or repeated."""
+        check_utf8(name=name)
+        return watch_events(
+            self._stub, self._metadata, name, prefix=prefix, start_revision=start_revision, backoff=self._backoff
+        )
 
 
 def _current_task_identity() -> str:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.backend import (
     ANSWER_MARGIN,
     BackendError,
@@ -80,6 +81,7 @@ class AcquireParams:
     reentrant_owner: str = ""  # set: a reentrant acquire (see core.claims)
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
+    lock_delay: float = 0.0  # seconds; 0: the tenant's lock_delay (core/delay.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -146,6 +148,8 @@ class Acquirer:
                 f"wait_timeout {p.wait:g}s is above tenant {tenant!r}'s max_wait of {quota.max_wait:g}s",
                 None,
             )
+        if p.lock_delay:
+            lock_delay.delay_of(tenant, quota, p.lock_delay)  # above the tenant's maximum: refused
         if p.wait <= 0:
             yield
             return
@@ -213,6 +217,7 @@ class Acquirer:
                     self._claimer.remember(mine)
                 if pos.predecessor is not None:
                     await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                await self._delayed(tenant, quota, ks, p, mine, started)
                 expires_at = expires_at or self._leases.get(lease_id)
                 if expires_at is None:
                     # Ask how long a session has left (one this replica has not seen refreshed).
@@ -235,6 +240,18 @@ class Acquirer:
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
             )
+
+    async def _delayed(  # noqa: PLR0917 - one call site
+        self, tenant: str, quota: TenantQuota, ks: Keyspace, p: AcquireParams, mine: Entry, started: float
+    ) -> None:
+        """A lost holder's lock-delay holds this grant back; this grant's own delay is recorded."""
+        if not lock_delay.enabled(quota):
+            return
+        closing = self._closing()
+        await lock_delay.hold_back(self._backend, ks, p.name, mine, wait=p.wait, started=started, closing=closing)
+        delay = lock_delay.delay_of(tenant, quota, p.lock_delay)
+        if delay:
+            await lock_delay.remember(self._backend, ks, p.name, mine.create_revision, delay)
 
     def _putter(
         self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, attempt: str

@@ -177,6 +177,7 @@ class LockState:
     holder: Entry | None
     holder_expires_at: float | None
     waiters: list[Entry]
+    delay_until: float = 0.0  # a running lock-delay's end (unix seconds; core/delay.py), 0: none
 
 
 @dataclass(frozen=True, slots=True)
