@@ -105,9 +105,11 @@ async def start_now(backend: LockBackend, ks: Keyspace, name: str, token: int) -
     return doc["u"]
 
 
-async def until(backend: LockBackend, ks: Keyspace, name: str, token: int | None = None) -> float:
-    """The end of the lock's running delay (unix seconds; 0: none), starting the delay of every
-    lost grant older than `token`. Without `token` (Describe) nothing is written."""
+async def until(backend: LockBackend, ks: Keyspace, name: str, token: int, *, start: bool = True) -> float:
+    """The end of the lock's running delay (unix seconds; 0: none), given that grant `token` heads
+    the queue: every grant older than it is gone. start: start the delay of each lost grant not yet
+    started (and delete delays that are over); without it (Describe) nothing is written and an
+    unstarted delay is shown as starting now."""
     prefix = _prefix(ks, name)
     rows, _ = await backend.values(prefix, prefix_end(prefix), 0)
     now, end = time.time(), 0.0
@@ -116,17 +118,15 @@ async def until(backend: LockBackend, ks: Keyspace, name: str, token: int | None
             lost = int(key[len(prefix) :])
         except ValueError:
             continue
-        doc = _doc(raw)
-        if token is None:
-            end = max(end, doc.get("u", 0.0))
-            continue
         if lost >= token:
             continue  # this grant's own key (or a newer grant's): not a loss before it
+        doc = _doc(raw)
         if "u" not in doc:
             # Older than the queue's head, so its entry is gone, and no clean release took the key.
             doc["u"] = now + doc.get("d", 0.0)
-            await backend.put_value(key, _encode(doc), 0)
-        if doc["u"] <= now:
+            if start:
+                await backend.put_value(key, _encode(doc), 0)
+        if doc["u"] <= now and start:
             await backend.delete_value(key)  # over: nothing else will read it
         end = max(end, doc["u"])
     return end if end > now else 0.0

@@ -151,7 +151,8 @@ class LockCore:
     async def describe(self, tenant: str, name: str) -> LockState:
         state = await describe(self._backend, self.keyspace(tenant), name)
         if lock_delay.enabled(self._quotas(tenant)):
-            until = await lock_delay.until(self._backend, self.keyspace(tenant), name)
+            head = state.holder.create_revision if state.holder is not None else 2**63
+            until = await lock_delay.until(self._backend, self.keyspace(tenant), name, head, start=False)
             state = dataclasses.replace(state, delay_until=until)
         return state
 
