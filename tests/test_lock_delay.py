@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
 
+from lockbroker.client import Client, InvalidArgument, LockHeld
 from lockbroker.server.app import Broker
 from lockbroker.server.config import Config
 from lockbroker.server.core.quota import TenantQuota
@@ -139,3 +140,22 @@ async def test_a_broker_restart_inside_the_delay_keeps_it(etcd: EmbeddedEtcd, ke
             assert g.session_id == c
     finally:
         await second.stop(grace=0.5)
+
+
+async def test_the_python_client_sends_lock_delay_and_shows_delay_until(etcd: EmbeddedEtcd, key_root: str) -> None:
+    b = Broker(_config(etcd, key_root))
+    await b.start()
+    try:
+        async with Client(f"127.0.0.1:{b.port}") as client:
+            with pytest.raises(InvalidArgument):
+                await client.acquire("ld/client", ttl=10, lock_delay=11)
+            s = await client.create_session(ttl=10)
+            await client.acquire("ld/client", session_id=s.session_id, lock_delay=5)
+            before = time.time()
+            await client.close_session(s.session_id)
+            with pytest.raises(LockHeld):
+                await client.acquire("ld/client", ttl=10)
+            state = await client.describe("ld/client")
+            assert state.delay_until is not None and state.delay_until.timestamp() >= before + 5 - 0.1, "5 s, not 2"
+    finally:
+        await b.stop(grace=0.5)

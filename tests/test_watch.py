@@ -7,7 +7,10 @@ the events a watcher got, in order.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import signal
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +21,7 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
 
-from lockbroker.client import Client, LockEvent
+from lockbroker.client import Client, LockEvent, SyncClient
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuthConfig, Config
@@ -28,6 +31,8 @@ from lockbroker.v1.reasons import ErrorReason
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
 from tests.lockutil import eventually, expect_error, rich
+from tests.procutil import clean_env, lockbroker_command, stop_process
+from tests.test_grpcurl import grpcurl
 
 
 def _with(cfg: Config, **sections: Any) -> Config:
@@ -282,3 +287,69 @@ async def test_a_compacted_start_revision_is_out_of_range_with_the_compact_revis
         _first(env.lock.Watch(req, metadata=env.md())), grpc.StatusCode.OUT_OF_RANGE, "REVISION_COMPACTED"
     )
     assert r.info is not None and int(r.info.metadata["compact_revision"]) == rev
+
+
+async def test_the_sync_client_iterates_events(env: Env) -> None:
+    s = await env.session()
+    start = await env.revision()
+    await env.acquire("sync/x", s)
+    seen: list[tuple[str, str]] = []
+
+    def follow() -> None:
+        with SyncClient(env.target, api_key=env.keys["acme"]) as client:
+            for event in client.watch("sync/x", start_revision=start):
+                seen.append((event.type, event.session_id))
+                break  # leaving the loop closes the stream
+
+    await asyncio.wait_for(asyncio.to_thread(follow), 20)
+    assert seen == [("GRANTED", s)]
+
+
+async def test_the_cli_prints_one_json_line_per_event(env: Env) -> None:
+    s = await env.session()
+    start = await env.revision()
+    g = await env.acquire("cli/x", s)
+    await env.release("cli/x", g)
+    proc = await asyncio.create_subprocess_exec(
+        *lockbroker_command(),
+        "watch",
+        "cli/x",
+        "--start-revision",
+        str(start),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(LOCKBROKER_TARGET=env.target, LOCKBROKER_API_KEY=env.keys["acme"]),
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 30)) for _ in range(2)]
+        os.kill(proc.pid, signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        await stop_process(proc)
+    assert [(d["type"], d["name"], d["session_id"], d["fencing_token"]) for d in lines] == [
+        ("GRANTED", "cli/x", s, str(g.fencing_token)),
+        ("RELEASED", "cli/x", s, str(g.fencing_token)),
+    ]
+
+
+async def test_grpcurl_can_watch(env: Env) -> None:
+    s = await env.session()
+    start = await env.revision()
+    await env.acquire("curl/x", s)
+    body = json.dumps({"name": "curl/x", "start_revision": str(start)})
+    # A watch never ends by itself: -max-time ends it, with DEADLINE_EXCEEDED (exit 64 + 4).
+    out = await grpcurl(
+        "-plaintext",
+        "-H",
+        f"x-api-key: {env.keys['acme']}",
+        "-max-time",
+        "3",
+        "-d",
+        body,
+        env.target,
+        "lockbroker.v1.LockService/Watch",
+        expect_rc=68,
+    )
+    assert "LOCK_EVENT_TYPE_GRANTED" in out and s in out
