@@ -20,12 +20,16 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lockbroker.client import Client, LockEvent, SyncClient
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
-from lockbroker.server.config import AuthConfig, Config
+from lockbroker.server.config import AuditConfig, AuthConfig, Config
 from lockbroker.server.embedded import EmbeddedEtcd
+from lockbroker.server.telemetry import tracing_for
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from lockbroker.v1.reasons import ErrorReason
 from tests.conftest import broker_config
@@ -353,3 +357,45 @@ async def test_grpcurl_can_watch(env: Env) -> None:
         expect_rc=68,
     )
     assert "LOCK_EVENT_TYPE_GRANTED" in out and s in out
+
+
+async def test_one_span_and_one_audit_record_per_watch_not_per_event(
+    etcd: EmbeddedEtcd, key_root: str, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    audit = tmp_path / "audit.jsonl"
+    cfg = _with(broker_config(etcd.endpoint, key_root), audit=AuditConfig(file=str(audit)))
+    broker = Broker(cfg, tracing=tracing_for(provider, {}))
+    await broker.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
+            stub: Any = lock_pb2_grpc.LockServiceStub(ch)
+            sessions = []
+            for _ in range(3):
+                req = lock_pb2.CreateSessionRequest(ttl=duration_pb2.Duration(seconds=30))
+                sessions.append((await stub.CreateSession(req)).session_id)
+            call = stub.Watch(lock_pb2.WatchRequest(name="span/x"))
+            assert (await call.read()).snapshot
+            for s in sessions:  # three grants, two handoffs: each release is classified by reads
+                g = (await stub.Acquire(lock_pb2.AcquireRequest(name="span/x", session_id=s))).grant
+                await stub.Release(lock_pb2.ReleaseRequest(name="span/x", fencing_token=g.fencing_token, session_id=s))
+            events: list[lock_pb2.LockEvent] = []
+            while len(events) < 6:
+                events.extend((await asyncio.wait_for(call.read(), 10)).events)
+            call.cancel()
+            await asyncio.sleep(0.3)
+    finally:
+        await broker.stop(grace=1.0)
+    assert [lock_pb2.LockEventType.Name(e.type) for e in events] == [
+        "LOCK_EVENT_TYPE_GRANTED",
+        "LOCK_EVENT_TYPE_RELEASED",
+    ] * 3
+    spans = exporter.get_finished_spans()
+    [server] = [s for s in spans if s.name.endswith("LockService/Watch")]
+    inside = [s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id]
+    assert len(inside) <= 1, [s.name for s in inside]  # the first read; no span per event
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    watches = [r for r in records if r["method"].endswith("/Watch") and r.get("stage") != "RequestReceived"]
+    assert len(watches) == 1 and watches[0]["lock"] == "span/x", watches
