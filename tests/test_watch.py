@@ -399,3 +399,26 @@ async def test_one_span_and_one_audit_record_per_watch_not_per_event(
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     watches = [r for r in records if r["method"].endswith("/Watch") and r.get("stage") != "RequestReceived"]
     assert len(watches) == 1 and watches[0]["lock"] == "span/x", watches
+
+
+async def test_a_lapsed_ttl_is_expired_and_max_hold_is_revoked_with_its_reason(env: Env) -> None:
+    start = await env.revision()
+    short = str(
+        (
+            await env.lock.CreateSession(
+                lock_pb2.CreateSessionRequest(ttl=duration_pb2.Duration(seconds=2)), metadata=env.md()
+            )
+        ).session_id
+    )
+    await env.acquire("e/ttl", short)  # nobody refreshes it: it lapses
+    held = await env.session()
+    req = lock_pb2.AcquireRequest(name="e/hold", session_id=held, max_hold=duration_pb2.Duration(seconds=2))
+    await env.lock.Acquire(req, metadata=env.md())
+    w = Watcher(env, "e/", prefix=True, start_revision=start)
+    try:
+        events = await w.until(4, timeout=20)
+    finally:
+        await w.close()
+    ended = {e.name: e for e in events if e.type != "GRANTED"}
+    assert (ended["e/ttl"].type, ended["e/ttl"].session_id) == ("EXPIRED", short)
+    assert (ended["e/hold"].type, ended["e/hold"].reason) == ("REVOKED", ErrorReason.MAX_HOLD_EXCEEDED)
