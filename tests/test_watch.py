@@ -28,10 +28,12 @@ from lockbroker.client import Client, LockEvent, SyncClient
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuditConfig, AuthConfig, Config
+from lockbroker.server.core.quota import TenantQuota
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.telemetry import tracing_for
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from lockbroker.v1.reasons import ErrorReason
+from tests.abuse_util import served
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
 from tests.lockutil import eventually, expect_error, rich
@@ -422,3 +424,38 @@ async def test_a_lapsed_ttl_is_expired_and_max_hold_is_revoked_with_its_reason(e
     ended = {e.name: e for e in events if e.type != "GRANTED"}
     assert (ended["e/ttl"].type, ended["e/ttl"].session_id) == ("EXPIRED", short)
     assert (ended["e/hold"].type, ended["e/hold"].reason) == ("REVOKED", ErrorReason.MAX_HOLD_EXCEEDED)
+
+
+async def test_watches_count_against_max_streams(etcd: EmbeddedEtcd, key_root: str) -> None:
+    cfg = _with(broker_config(etcd.endpoint, key_root), quota=TenantQuota(max_streams=1))
+    broker = Broker(cfg)
+    await broker.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{broker.port}") as ch:
+            stub: Any = lock_pb2_grpc.LockServiceStub(ch)
+            first = stub.Watch(lock_pb2.WatchRequest(name="m/x"))
+            assert (await first.read()).snapshot
+            r = await expect_error(
+                _first(stub.Watch(lock_pb2.WatchRequest(name="m/y"))),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "QUOTA_EXCEEDED",
+            )
+            assert r.info is not None and r.info.metadata["limit"] == "max_streams"
+            first.cancel()
+
+            async def second_opens() -> bool:
+                try:
+                    return bool((await stub.Watch(lock_pb2.WatchRequest(name="m/y")).read()).snapshot)
+                except aio.AioRpcError:
+                    return False
+
+            assert await eventually(second_opens, 5, "a watch once the first one ended")
+    finally:
+        await broker.stop(grace=1.0)
+
+
+async def test_the_memory_backend_answers_unimplemented(tmp_path: Path) -> None:
+    async with served(tmp_path, names=("acme",)) as s:
+        with pytest.raises(aio.AioRpcError) as ei:
+            await _first(s.stub.Watch(lock_pb2.WatchRequest(name="x"), metadata=s.md("acme")))
+    assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -424,8 +424,10 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                 raise InvalidArgument([FieldViolation("request", f"is not a valid request message: {request.error}")])
             name, prefix, start = validation.watch(request, self.limits)
             backend = self.core.backend
-            if self.draining or not isinstance(backend, EtcdLockBackend):
-                raise ShuttingDown("this broker cannot serve Watch now (draining, or not over etcd)", retry_after=0.5)
+            if not isinstance(backend, EtcdLockBackend):  # the memory backend keeps no event history
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch needs the etcd backend")
+            if self.draining:
+                raise ShuttingDown("the broker is shutting down; watch again on another replica", retry_after=0.5)
             self._open_stream(tenant)  # a Watch holds what a KeepAlive stream holds: the same max_streams
             opened = True
             ks = self.core.keyspace(tenant)
