@@ -14,6 +14,9 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
                                              to its lease: the session's keepalives report it (core.admin)
     <root>/t/<tenant>/x/<lease hex>          an admin's revocation of the whole session, on a lease of its
                                              own (REVOKED_SESSION_TTL), so Refresh can say REVOKED
+    <root>/t/<tenant>/d/<key name>#p<token>  the lock-delay of grant <token> of lock <name>, no lease:
+                                             deleted by a clean release, started when the grant is
+                                             lost (core.delay)
     <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
     <root>/t/<tenant>/q/e/<i>                quota slot i of the tenant's queue entries
     <root>/t/<tenant>/q/l/<key name>#<i>     quota slot i of lock <name>'s queue
