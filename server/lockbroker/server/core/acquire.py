@@ -217,7 +217,9 @@ class Acquirer:
                     self._claimer.remember(mine)
                 if pos.predecessor is not None:
                     await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
-                await self._delayed(tenant, quota, ks, p, mine, started)
+                await lock_delay.before_grant(
+                    self._backend, tenant, quota, ks, mine, p.name, p.lock_delay, p.wait, started, self._closing
+                )
                 expires_at = expires_at or self._leases.get(lease_id)
                 if expires_at is None:
                     # Ask how long a session has left (one this replica has not seen refreshed).
@@ -240,18 +242,6 @@ class Acquirer:
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
             )
-
-    async def _delayed(  # noqa: PLR0917 - one call site
-        self, tenant: str, quota: TenantQuota, ks: Keyspace, p: AcquireParams, mine: Entry, started: float
-    ) -> None:
-        """A lost holder's lock-delay holds this grant back; this grant's own delay is recorded."""
-        if not lock_delay.enabled(quota):
-            return
-        closing = self._closing()
-        await lock_delay.hold_back(self._backend, ks, p.name, mine, wait=p.wait, started=started, closing=closing)
-        delay = lock_delay.delay_of(tenant, quota, p.lock_delay)
-        if delay:
-            await lock_delay.remember(self._backend, ks, p.name, mine.create_revision, delay)
 
     def _putter(
         self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, attempt: str

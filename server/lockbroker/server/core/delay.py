@@ -186,6 +186,28 @@ def _not_yet(name: str, end: float, wait: float, started: float, rpc_deadline: f
     return err
 
 
+async def before_grant(  # noqa: PLR0917 - the one hook in core/acquire.py, kept to one line there
+    backend: LockBackend,
+    tenant: str,
+    quota: TenantQuota,
+    ks: Keyspace,
+    mine: Entry,
+    name: str,
+    requested: float,
+    wait: float,
+    started: float,
+    closing: Callable[[], asyncio.Future[None]],
+) -> None:
+    """Just before `mine` (the queue's head) is granted: wait out a lost holder's delay, then
+    record this grant's own. A no-op for tenants without lock-delay."""
+    if not enabled(quota):
+        return
+    await hold_back(backend, ks, name, mine, wait=wait, started=started, closing=closing())
+    delay = delay_of(tenant, quota, requested)
+    if delay:
+        await remember(backend, ks, name, mine.create_revision, delay)
+
+
 async def release_cleanly(
     backend: LockBackend, ks: Keyspace, name: str, token: int, release: Callable[[], Awaitable[tuple[bool, int]]]
 ) -> tuple[bool, int]:
@@ -208,4 +230,4 @@ async def release_cleanly(
                     await backend.put_value(key, raw, 0)
 
 
-__all__ = ["delay_of", "enabled", "hold_back", "release_cleanly", "remember", "start_now", "until"]
+__all__ = ["before_grant", "delay_of", "enabled", "hold_back", "release_cleanly", "remember", "start_now", "until"]
