@@ -258,7 +258,7 @@ class Acquirer:
                 new_session_value=session_value,
                 only_if_free=p.wait <= 0,
                 slots=slots,
-                mark=ks.mark(lease_id).key,
+                mark=ks.mark(lease_id).base,
             )
 
         return put
