@@ -224,7 +224,7 @@ class Acquirer:
             except BaseException as exc:
                 await self._give_up(exc, p, ks, key, mine, created_lease, attempt)
                 raise
-            self._claim_keys.remember(tenant, mine)
+            self._claim_keys.remember(mine)
             return Grant(
                 p.name,
                 mine.create_revision,
@@ -462,7 +462,7 @@ class Acquirer:
         if lease_id is not None:
             if owners is not None and not await owners.check(tenant, lease_id, principal):
                 return await self._not_mine(ks, name, fencing_token), 0  # the named session is gone
-            known = self._claim_keys.take(tenant, lease_id, fencing_token, ks.lock_prefix(name))
+            known = self._claim_keys.take(lease_id, fencing_token, ks.lock_prefix(name))
             if known is not None:
                 # The token's claim of this session was at `known`: deleted, or already gone.
                 return await self._delete(ks, known, fencing_token, lease_id), 0

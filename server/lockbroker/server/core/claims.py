@@ -45,7 +45,7 @@ REMEMBERED_CLAIMS = 16384
 
 
 class ClaimKeys:
-    """The keys of the new_claim claims granted on this replica, by (tenant, session, token).
+    """The keys of the new_claim claims granted on this replica, by (session, token, lock prefix).
 
     A new_claim key embeds the Acquire's request id, which Release does not name: without this, a
     Release of such a claim costs a failed delete of the session's plain claim, a read to find the
@@ -53,33 +53,31 @@ class ClaimKeys:
     is; a claim granted elsewhere (another replica, or forgotten here) takes the read path.
 
     A remembered key is exact, not a hint: an entry's create revision is its token, so the claim
-    of a token, if it is still queued, is at that key, and a failed delete there means it is gone.
+    of a token on a lock, if it is still queued, is at that key, and a failed delete there means
+    it is gone. The lock is part of what it is remembered by: entries of one batch (etcd/batch.py)
+    share a create revision, so one session's claims on two locks can have the same token; two
+    entries of one lock never do. The lock prefix names the tenant too.
     Reentrant claims are not remembered: their Release may take off one hold, not delete."""
 
     def __init__(self, size: int = REMEMBERED_CLAIMS) -> None:
         self._size = size
-        self._keys: dict[tuple[str, int, int], bytes] = {}
+        self._keys: dict[tuple[int, int, bytes], bytes] = {}
 
-    def remember(self, tenant: str, entry: Entry) -> None:
+    def remember(self, entry: Entry) -> None:
         """Remember `entry`'s key if it is a new_claim claim (see the module docstring)."""
-        at = entry.key.rindex(b"#") + 17  # past "#<lease hex>"
+        lock = entry.key.rindex(b"#") + 1
+        at = lock + 16  # past "#<lease hex>"
         if entry.key[at : at + 2] != b".c":
             return
         if len(self._keys) >= self._size:
             for k in list(self._keys)[: self._size // 2]:  # the oldest half, in insertion order
                 del self._keys[k]
-        self._keys[(tenant, entry.lease, entry.create_revision)] = entry.key
+        self._keys[(entry.lease, entry.create_revision, entry.key[:lock])] = entry.key
 
-    def take(self, tenant: str, lease_id: int, fencing_token: int, prefix: bytes) -> bytes | None:
-        """The key of the claim of `fencing_token` if it was granted here on the lock of `prefix`
-        (then forgotten); None if not known here. A token of the session's claim on another lock
-        is left remembered: this Release names the wrong lock and releases nothing."""
-        at = (tenant, lease_id, fencing_token)
-        key = self._keys.get(at)
-        if key is None or not key.startswith(prefix):
-            return None
-        del self._keys[at]
-        return key
+    def take(self, lease_id: int, fencing_token: int, prefix: bytes) -> bytes | None:
+        """The key of session `lease_id`'s claim of `fencing_token` on the lock of `prefix` if it
+        was granted here (then forgotten); None if not known here."""
+        return self._keys.pop((lease_id, fencing_token, prefix), None)
 
 
 async def find_claim(backend: LockBackend, prefix: bytes, fencing_token: int, lease_id: int) -> Entry | None:
