@@ -8,7 +8,7 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
                                              session's lease; ".<claim>" only on claims made with
                                              new_claim ("c<request id>") or reentrant
                                              ("r<owner digest>"), see core.acquire
-    <root>/t/<tenant>/m/<lease hex>/<b>      one of the session's release marks (b: 3 hex digits, a hash
+    <root>/t/<tenant>/m/<lease hex>/<b>      one of the session's release marks (b: 2 hex digits, a hash
                                              of the entry key, see model.mark_key): rewritten whenever the
                                              broker deletes an entry of the session that hashes to it
                                              (see LockBackend.enqueue)
