@@ -14,9 +14,9 @@ from dataclasses import dataclass
 # collide on one key in a group commit. Bounded, unlike one mark per claim (a new_claim key is
 # new on every acquire, and the marks live as long as the session): at most 256 empty keys per
 # session, and only as many as it has released distinct claims. More buckets would make chance
-# conflicts rarer still (at 256 about 2% of enqueues retry once with 64 claims cycling, the
-# estimate: ~5 releases of the session commit while one enqueue is in flight), at the cost of
-# more keys for etcd and for every scan of the key space (the metrics' tally).
+# conflicts rarer still, at the cost of more keys for etcd and for every scan of the key space
+# (the metrics' tally): with 64 claims of one session cycling on their own locks over a real
+# etcd, 4-6% of enqueues were tried twice at 256 buckets, 1-1.5% at 1024 (none failed).
 MARK_BUCKETS = 256
 
 
