@@ -64,7 +64,7 @@ class ClaimKeys:
         self._keys: dict[tuple[int, int, bytes], bytes] = {}
 
     def remember(self, entry: Entry) -> None:
-        """Remember `entry`'s key if it is a new_claim claim (see the module docstring)."""
+        """Remember `entry`'s key if it is a new_claim claim (see the class docstring)."""
         lock = entry.key.rindex(b"#") + 1
         at = lock + 16  # past "#<lease hex>"
         if entry.key[at : at + 2] != b".c":
