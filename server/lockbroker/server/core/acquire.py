@@ -37,7 +37,7 @@ from lockbroker.server.core.backend import (
     WatchInterrupted,
     call_deadline,
 )
-from lockbroker.server.core.claims import reenter, release_hold
+from lockbroker.server.core.claims import ClaimKeys, reenter, release_hold
 from lockbroker.server.core.cleanup import Cleanups
 from lockbroker.server.core.errors import (
     AlreadyQueued,
@@ -136,6 +136,7 @@ class Acquirer:
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
         # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).
         self.resume_window = RESUME_WINDOW
+        self._claim_keys = ClaimKeys()  # for the release of new_claim claims granted here
 
     @contextlib.contextmanager
     def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> Iterator[None]:
@@ -230,6 +231,7 @@ class Acquirer:
             except BaseException as exc:
                 await self._give_up(exc, p, ks, key, mine, created_lease, attempt)
                 raise
+            self._claim_keys.remember(mine)
             return Grant(
                 p.name,
                 mine.create_revision,
@@ -265,7 +267,7 @@ class Acquirer:
                 new_session_value=session_value,
                 only_if_free=p.wait <= 0,
                 slots=slots,
-                mark=ks.mark(lease_id).key,
+                mark=ks.mark(lease_id).base,
             )
 
         return put
@@ -459,13 +461,18 @@ class Acquirer:
         principal: str = "",
     ) -> tuple[bool, int]:
         """(released, holds left). Release names a claim by its fencing token. With the session
-        given, its plain claim is tried first, without a read (the common case); then its other
+        given, a new_claim claim granted here is deleted at its remembered key, and otherwise the
+        session's plain claim is tried, each without a read (the common cases); then its other
         claims (core.claims). With `owners`, only the grant's own session and the principal that
         made it may release it (core/owners.py): NotOwner otherwise."""
         ks = self._keyspace(tenant)
         if lease_id is not None:
             if owners is not None and not await owners.check(tenant, lease_id, principal):
                 return await self._not_mine(ks, name, fencing_token), 0  # the named session is gone
+            known = self._claim_keys.take(lease_id, fencing_token, ks.lock_prefix(name))
+            if known is not None:
+                # The token's claim of this session was at `known`: deleted, or already gone.
+                return await self._delete(ks, known, fencing_token, lease_id), 0
             if await self._delete(ks, ks.entry_key(name, lease_id), fencing_token, lease_id):
                 return True, 0
             found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)

@@ -8,8 +8,10 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
                                              session's lease; ".<claim>" only on claims made with
                                              new_claim ("c<request id>") or reentrant
                                              ("r<owner digest>"), see core.acquire
-    <root>/t/<tenant>/m/<lease hex>          the session's release mark: rewritten whenever the broker
-                                             deletes one of the session's entries (see LockBackend.enqueue)
+    <root>/t/<tenant>/m/<lease hex>/<b>      one of the session's release marks (b: 2 hex digits, a hash
+                                             of the entry key, see model.mark_key): rewritten whenever the
+                                             broker deletes an entry of the session that hashes to it
+                                             (see LockBackend.enqueue)
     <root>/t/<tenant>/r/<lease hex>/<token>  an admin's revocation of grant <token> of the session, bound
                                              to its lease: the session's keepalives report it (core.admin)
     <root>/t/<tenant>/x/<lease hex>          an admin's revocation of the whole session, on a lease of its
@@ -185,7 +187,7 @@ class Keyspace:
         return self.sessions_root + session_id_of(lease_id).encode()
 
     def mark(self, lease_id: int) -> ReleaseMark:
-        """The release mark of session `lease_id` (see LockBackend.enqueue), bound to its lease."""
+        """The release marks of session `lease_id` (see LockBackend.enqueue), bound to its lease."""
         return ReleaseMark(self.marks_root + session_id_of(lease_id).encode(), lease_id)
 
     def lock_prefix(self, name: str) -> bytes:
