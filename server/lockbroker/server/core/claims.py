@@ -80,12 +80,6 @@ class ClaimKeys:
         return self._keys.pop((lease_id, fencing_token, prefix), None)
 
 
-async def find_claim(backend: LockBackend, prefix: bytes, fencing_token: int, lease_id: int) -> Entry | None:
-    """The claim of session `lease_id` with this fencing token, if it is still queued."""
-    found = await backend.find_entry(prefix, fencing_token)
-    return found if found is not None and found.lease == lease_id else None
-
-
 async def reenter(  # noqa: PLR0917 - one call site, in Acquirer.acquire
     backend: LockBackend, leases: LeaseClock, p: AcquireParams, existing: Entry, request_id: str, started: float
 ) -> Grant:
