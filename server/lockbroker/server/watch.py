@@ -139,7 +139,7 @@ class EventMapper:
                     ev.reason = note.reason if note is not None else ErrorReason.REVOKED
                     ev.message = note.message if note is not None else ""
                     return ev
-                mark = await client.range(pb.RangeRequest(key=ks.mark(e.lease).key, revision=revision))
+                mark = await client.range(pb.RangeRequest(key=ks.mark(e.lease).of(e.key), revision=revision))
                 if mark.kvs and mark.kvs[0].mod_revision == revision:
                     ev.type = E.LOCK_EVENT_TYPE_RELEASED
                     return ev

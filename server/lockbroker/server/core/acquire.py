@@ -221,13 +221,7 @@ class Acquirer:
                 await lock_delay.before_grant(
                     self._backend, tenant, quota, ks, mine, p.name, p.lock_delay, p.wait, started, self._closing
                 )
-                expires_at = expires_at or self._leases.get(lease_id)
-                if expires_at is None:
-                    # Ask how long a session has left (one this replica has not seen refreshed).
-                    left = await self._backend.lease_ttl(lease_id)
-                    if left < 0:
-                        raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
-                    expires_at = time.time() + left
+                expires_at = expires_at or self._leases.get(lease_id) or await self._expiry(lease_id)
             except BaseException as exc:
                 await self._give_up(exc, p, ks, key, mine, created_lease, attempt)
                 raise
@@ -244,6 +238,13 @@ class Acquirer:
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
             )
+
+    async def _expiry(self, lease_id: int) -> float:
+        """When a session this replica has not seen refreshed expires: asked of etcd."""
+        left = await self._backend.lease_ttl(lease_id)
+        if left < 0:
+            raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
+        return time.time() + left
 
     def _putter(
         self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, attempt: str
