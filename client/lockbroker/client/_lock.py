@@ -130,6 +130,8 @@ class LockContext:
         timeout: float | None,
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> None:
         self._client = client
         self._reentrant_owner = reentrant_owner
@@ -144,6 +146,8 @@ class LockContext:
         self._on_lost = on_lost
         self._timeout = timeout
         self._max_hold = max_hold
+        self._shared = shared
+        self._limit = limit
         self._own_session: SessionKeeper | None = None
         self._keeper: SessionKeeper | None = None
         self.held: HeldLock | None = None
@@ -173,6 +177,8 @@ class LockContext:
                 new_claim=new_claim,
                 reentrant_owner=self._reentrant_owner,
                 max_hold=self._max_hold,
+                shared=self._shared,
+                limit=self._limit,
             )
         except BaseException as exc:
             await self._abandon(exc)

@@ -368,6 +368,8 @@ class Client:
         new_claim: bool = False,
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Grant:
         """Take a lock: try once (wait=0) or queue up to `wait` seconds.
 
@@ -381,6 +383,10 @@ class Client:
         fencing token; release it by that token); `reentrant_owner` makes a reentrant acquire for
         that owner identity (a second acquire while it holds the lock counts a hold on the same
         grant; release once per acquire). See docs/locks.md.
+
+        `shared=True` takes a shared (read) claim: held together with other shared claims, after
+        every exclusive claim queued ahead of it. `limit=N` takes a permit of the counting
+        semaphore `name` with N permits (every user must name the same N: LimitMismatch).
         """
         check_utf8(name=name, owner=owner, reentrant_owner=reentrant_owner or "")
         rid = request_id or str(uuid.uuid4())
@@ -396,6 +402,8 @@ class Client:
                 new_claim=new_claim,
                 reentrant=reentrant_owner is not None,
                 reentrant_owner=reentrant_owner or "",
+                mode=lock_pb2.LOCK_MODE_SHARED if shared else lock_pb2.LOCK_MODE_UNSPECIFIED,
+                limit=limit,
             )
             if ttl is not None:
                 req.ttl.CopyFrom(duration(ttl))
@@ -458,6 +466,8 @@ class Client:
         timeout: float | None = None,
         reentrant: bool | str = False,
         max_hold: float | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> LockContext:
         """`async with client.lock(name) as held:` hold `name` for the block.
 
@@ -472,6 +482,10 @@ class Client:
         outermost block ends. A string instead of True names the owner identity explicitly.
         With `max_hold`, the broker revokes the grant once held that long: `held.lost` fires with
         `lost_cause == "MAX_HOLD_EXCEEDED"`.
+
+        `shared=True`: a shared (read) lock, held together with other shared holders; exclusive
+        (the default) is the write lock. `limit=N`: a permit of the counting semaphore `name`
+        (at most N holders at once, FIFO).
         """
         owner_id: str | None = None
         if reentrant:
@@ -489,6 +503,8 @@ class Client:
             timeout=timeout,
             reentrant_owner=owner_id,
             max_hold=max_hold,
+            shared=shared,
+            limit=limit,
         )
 
     async def list_pages(

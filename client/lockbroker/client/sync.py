@@ -240,6 +240,8 @@ class SyncClient:
         timeout: float | None = None,
         new_claim: bool = False,
         reentrant_owner: str | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Grant:
         return self._call(
             self._client.acquire(
@@ -252,6 +254,8 @@ class SyncClient:
                 timeout=timeout,
                 new_claim=new_claim,
                 reentrant_owner=reentrant_owner,
+                shared=shared,
+                limit=limit,
             )
         )
 
@@ -330,6 +334,8 @@ class SyncClient:
         on_lost: Callable[[SyncHeldLock], object] | None = None,
         timeout: float | None = None,
         reentrant: bool = False,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Iterator[SyncHeldLock]:
         """`with client.lock(name) as held:`; same contract as Client.lock().
 
@@ -348,6 +354,8 @@ class SyncClient:
                 session=session._keeper if session is not None else None,
                 timeout=timeout,
                 reentrant=owner_id,
+                shared=shared,
+                limit=limit,
             )
             held = await ctx.__aenter__()
             # Registered on the loop thread, which owns the asyncio side of HeldLock.

@@ -44,6 +44,7 @@ class ErrorReason(StrEnum):
     NOT_OWNER = "NOT_OWNER"
     REVOKED = "REVOKED"
     MAX_HOLD_EXCEEDED = "MAX_HOLD_EXCEEDED"
+    LIMIT_MISMATCH = "LIMIT_MISMATCH"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

@@ -377,9 +377,15 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
                     waited=convert.dur(max(0.0, now - w.value.queued_at)),
                     fencing_token=w.create_revision,
                     request_id=w.request_id,
+                    mode=convert.mode(w.value.shared),
                 )
                 for i, w in enumerate(state.waiters, start=1)
             ],
+            # The first holder's session expiry is read; the others' would cost a read each.
+            holders=[
+                convert.holder(h, state.holder_expires_at if i == 0 else None) for i, h in enumerate(state.holders)
+            ],
+            limit=state.limit,
         )
         if state.holder is not None:
             resp.holder.CopyFrom(convert.holder(state.holder, state.holder_expires_at))

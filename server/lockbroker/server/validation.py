@@ -17,6 +17,7 @@ from lockbroker.interceptors.principal import tenant_problem
 from lockbroker.server.core.acquire import AcquireParams
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument
 from lockbroker.server.core.holds import MIN_HOLD
+from lockbroker.server.core.modes import MAX_LIMIT
 from lockbroker.server.core.names import (
     MAX_NAME_BYTES,
     name_problem,
@@ -177,6 +178,7 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
         request_id = request_id or uuid.uuid4().hex
         claim = new_claim_id(request_id)
     hold = c.max_hold("max_hold", req.max_hold) if req.HasField("max_hold") else 0.0
+    shared = _mode(c, req)
     c.done()
     return AcquireParams(
         req.name,
@@ -189,7 +191,23 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
         req.reentrant_owner if req.reentrant else "",
         principal,
         hold,
+        shared,
+        req.limit,
     )
+
+
+def _mode(c: _Checker, req: lock_pb2.AcquireRequest) -> bool:
+    """Whether the claim is shared; checks `mode` and `limit` (core/modes.py)."""
+    if req.mode not in lock_pb2.LockMode.values():
+        c.bad("mode", f"unknown mode {req.mode}: use LOCK_MODE_EXCLUSIVE or LOCK_MODE_SHARED")
+    shared = req.mode == lock_pb2.LOCK_MODE_SHARED
+    if req.limit < 0 or req.limit > MAX_LIMIT:
+        c.bad("limit", f"must be 1 to {MAX_LIMIT} permits for a semaphore, or unset for a lock")
+    elif req.limit and shared:
+        c.bad("mode", "must be unset (or exclusive) with limit: a semaphore's permits have no mode")
+    if (shared or req.limit) and req.reentrant:
+        c.bad("reentrant", "only an exclusive lock is reentrant (unset mode and limit)")
+    return shared
 
 
 def release(req: lock_pb2.ReleaseRequest, limits: LockLimits | None = None) -> tuple[str, int, int | None]:

@@ -54,6 +54,7 @@ from lockbroker.server.core.errors import (
     WaitExpired,
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
+from lockbroker.server.core.modes import wait_turn as modes_wait
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
 from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
@@ -80,6 +81,8 @@ class AcquireParams:
     reentrant_owner: str = ""  # set: a reentrant acquire (see core.claims)
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
+    shared: bool = False  # a shared (read) claim (core/modes.py)
+    limit: int = 0  # a semaphore permit of this many; 0: a lock (core/modes.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -212,7 +215,13 @@ class Acquirer:
                 if mine.value.slots:
                     self._claimer.remember(mine)
                 if pos.predecessor is not None:
-                    await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                    # Shared claims and permits (or a lock asked for where a semaphore is): core.modes.
+                    modes = p.shared or p.limit or (pos.holder is not None and pos.holder.value.limit)
+                    await (
+                        modes_wait(self._backend, p, ks.lock_prefix(p.name), mine, started, self)
+                        if modes
+                        else self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                    )
                 expires_at = expires_at or self._leases.get(lease_id)
                 if expires_at is None:
                     # Ask how long a session has left (one this replica has not seen refreshed).
@@ -234,6 +243,8 @@ class Acquirer:
                 time.monotonic() - started,
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
+                mine.value.shared,
+                mine.value.limit,
             )
 
     def _putter(
@@ -252,11 +263,15 @@ class Acquirer:
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
                 ks.entry_key(p.name, lease_id, p.claim),
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant).moded(
+                    p.shared, p.limit
+                ),
                 lease_id,
                 session_key=ks.session_key(lease_id),
                 new_session_value=session_value,
-                only_if_free=p.wait <= 0,
+                # A shared claim or a permit may be granted behind others: it is put, and removed
+                # if it does not hold at once (core.modes).
+                only_if_free=p.wait <= 0 and not (p.shared or p.limit),
                 slots=slots,
                 mark=ks.mark(lease_id).key,
             )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.model import Entry, Revocation
+from lockbroker.server.core.modes import holders
 from lockbroker.server.core.names import Keyspace, prefix_end, session_id_of
 from lockbroker.server.core.owners import SessionOwners, record_principal
 from lockbroker.v1.reasons import ErrorReason
@@ -53,8 +54,13 @@ class Admin:
         self._owners = owners
 
     async def check_fence(self, tenant: str, name: str, token: int) -> Fence:
-        holder = await self._backend.holder(self._keyspace(tenant).lock_prefix(name))
+        prefix = self._keyspace(tenant).lock_prefix(name)
+        holder = await self._backend.holder(prefix)
         held = holder.create_revision if holder is not None else 0
+        if holder is not None and held < token and (holder.value.shared or holder.value.limit):
+            # Shared claims and permits: any entry that holds is current (core.modes).
+            _, entries = await self._backend.queue_at(prefix)
+            return Fence(any(e.create_revision == token for e in holders(entries)), held)
         return Fence(held == token, held)
 
     async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> Entry | None:

@@ -6,6 +6,7 @@ import time
 
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.model import Entry, HeldLock, LockState, Page
+from lockbroker.server.core.modes import holders
 from lockbroker.server.core.names import Keyspace, prefix_end
 
 
@@ -15,7 +16,10 @@ async def describe(backend: LockBackend, ks: Keyspace, name: str) -> LockState:
         return LockState(name, None, None, [])
     holder = entries[0]
     left = await backend.lease_ttl(holder.lease)
-    return LockState(name, holder, time.time() + left if left >= 0 else None, entries[1:])
+    # Shared claims and semaphore permits: more than one entry may hold (core.modes).
+    held = holders(entries)
+    expires = time.time() + left if left >= 0 else None
+    return LockState(name, holder, expires, entries[len(held) :], held, holder.value.limit)
 
 
 async def list_locks(backend: LockBackend, ks: Keyspace, prefix: str, page_size: int, after: str | None) -> Page:
