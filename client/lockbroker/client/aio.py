@@ -35,9 +35,11 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
+from lockbroker.client import _many
 from lockbroker.client._checks import check_utf8
 from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._lock import HeldLock, LockContext, LostCallback
+from lockbroker.client._many import LockSpec, ManyLockContext
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
@@ -505,6 +507,46 @@ class Client:
             max_hold=max_hold,
             shared=shared,
             limit=limit,
+        )
+
+    async def acquire_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        session_id: str,
+        wait: float = 0.0,
+        owner: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> builtins.list[Grant]:
+        """Take several locks for one session, all or none (AcquireMany): each of `locks` is a
+        name (exclusive) or (name, shared). The grants come in the order given; release them one
+        by one or together. No deadlock with other callers naming the same locks in any order."""
+        return await _many.acquire_many(
+            self, locks, session_id=session_id, wait=wait, owner=owner, request_id=request_id, timeout=timeout
+        )
+
+    def lock_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        ttl: float | None = 10,
+        wait: float = 5.0,
+        owner: str = "",
+        session: SessionKeeper | None = None,
+        timeout: float | None = None,
+    ) -> ManyLockContext:
+        """`async with client.lock_many(["a", ("b", True)]) as grants:` hold every lock for the
+        block (all granted or none, see acquire_many); released on exit. Without `session`, a
+        session of `ttl` is made for the block and closed after it."""
+        return ManyLockContext(
+            self,
+            locks,
+            ttl=None if session is not None else ttl,
+            wait=wait,
+            owner=owner,
+            session=session,
+            timeout=timeout,
         )
 
     async def list_pages(

@@ -756,6 +756,106 @@ class AcquireRequest(_message.Message):
 Global___AcquireRequest: _TypeAlias = AcquireRequest  # noqa: Y015
 
 @_typing.final
+class LockClaim(_message.Message):
+    """LockClaim names one lock of an AcquireMany."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Lock name, as AcquireRequest.name."""
+    mode: Global___LockMode.ValueType
+    """Shared or exclusive (unset: exclusive), as AcquireRequest.mode."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mode: Global___LockMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockClaim: _TypeAlias = LockClaim  # noqa: Y015
+
+@_typing.final
+class AcquireManyRequest(_message.Message):
+    """AcquireManyRequest asks for several locks at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCKS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to hold every lock with (required)."""
+    owner: _builtins.str
+    """Owner label of every grant, as AcquireRequest.owner."""
+    request_id: _builtins.str
+    """Idempotency key, as AcquireRequest.request_id; each lock's claim gets
+    "<request_id>:<index>".
+    """
+    @_builtins.property
+    def locks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockClaim]:
+        """The locks: 1 to 16, each name at most once."""
+
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for all of them together. Unset or zero: try each once."""
+
+    def __init__(
+        self,
+        *,
+        locks: _abc.Iterable[Global___LockClaim] | None = ...,
+        session_id: _builtins.str = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
+        owner: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_timeout", b"wait_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locks", b"locks", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireManyRequest: _TypeAlias = AcquireManyRequest  # noqa: Y015
+
+@_typing.final
+class AcquireManyResponse(_message.Message):
+    """AcquireManyResponse carries one grant per lock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    WAITED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """The grants, in the order of the request's locks."""
+
+    @_builtins.property
+    def waited(self) -> _duration_pb2.Duration:
+        """How long the call waited before the last grant."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
+        waited: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waited", b"waited"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "waited", b"waited"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireManyResponse: _TypeAlias = AcquireManyResponse  # noqa: Y015
+
+@_typing.final
 class AcquireResponse(_message.Message):
     """AcquireResponse carries the grant."""
 

@@ -355,6 +355,13 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         )
 
     @rpc()
+    async def AcquireMany(self, request: lock_pb2.AcquireManyRequest, context: Ctx) -> lock_pb2.AcquireManyResponse:
+        p = validation.acquire_many(request, self.limits, principal_of(context))
+        grants = await self.core.acquire_many(tenant_of(context), p)
+        waited = sum(g.waited for g in grants)  # one lock after the other
+        return lock_pb2.AcquireManyResponse(grants=[convert.grant(g) for g in grants], waited=convert.dur(waited))
+
+    @rpc()
     async def Release(self, request: lock_pb2.ReleaseRequest, context: Ctx) -> lock_pb2.ReleaseResponse:
         name, token, lease = validation.release(request, self.limits)
         released, holds_left = await self.core.release_claim(
