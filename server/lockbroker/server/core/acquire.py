@@ -92,8 +92,9 @@ def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, sess
     if quota.max_locks:
         claims.append((ks.entry_pool(quota.max_locks), key))
     if quota.max_waiters_per_lock:
-        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters.
-        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + 1), key))
+        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters (a
+        # semaphore's N permit holders + waiters; shared holders count as waiters, core.modes).
+        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + max(1, p.limit)), key))
     return claims
 
 
