@@ -171,3 +171,27 @@ async def test_semaphore_limit_is_set_again_once_unused(env: Env) -> None:
     g = await env.acquire(name, lease, limit=2)
     assert await env.release(name, g.fencing_token)
     assert (await env.acquire(name, lease, limit=5)).limit == 5
+
+
+async def test_a_cut_off_reader_keeping_its_place_never_holds(env: Env) -> None:
+    """A shared waiter whose call was cancelled keeps its place for a retry (core.resume), as a
+    waiter only: once it would hold (every claim ahead shared) it is removed, not left holding."""
+    env.core._acquirer.resume_window = 30.0
+    name = "rw/resume"
+    x = await env.acquire(name, await env.session())
+    r0 = asyncio.create_task(env.acquire(name, await env.session(), wait=30, shared=True))
+    await env.wait_waiters(name, 1)
+    cut = asyncio.create_task(env.acquire(name, await env.session(), wait=30, shared=True, request_id="cut-1"))
+    await env.wait_waiters(name, 2)
+    cut.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cut
+    assert len((await env.describe(name)).waiters) == 2  # kept for a retry
+    assert await env.release(name, x.fencing_token)
+    reader = await done_soon(r0)
+
+    async def only_the_reader() -> bool:
+        d = await env.describe(name)
+        return [h.create_revision for h in d.holders] == [reader.fencing_token] and not d.waiters
+
+    await eventually(only_the_reader, 5.0, "the cut-off reader's entry is removed when it would hold")
