@@ -10,7 +10,7 @@ import pytest
 
 from lockbroker.server.core.errors import LimitMismatch, LockHeld, WaitExpired
 from lockbroker.server.core.model import Grant
-from tests.core.conftest import Env, eventually
+from tests.core.conftest import TENANT, Env, eventually
 
 
 async def done_soon(task: asyncio.Task[Grant], timeout: float = 5.0) -> Grant:
@@ -195,3 +195,21 @@ async def test_a_cut_off_reader_keeping_its_place_never_holds(env: Env) -> None:
         return [h.create_revision for h in d.holders] == [reader.fencing_token] and not d.waiters
 
     await eventually(only_the_reader, 5.0, "the cut-off reader's entry is removed when it would hold")
+
+
+async def test_list_and_list_sessions_count_every_holder(env: Env) -> None:
+    a, b, w = await env.session(), await env.session(), await env.session()
+    ga = await env.acquire("rw/listed", a, shared=True)
+    gb = await env.acquire("rw/listed", b, shared=True)
+    writer = asyncio.create_task(env.acquire("rw/listed", w, wait=30))
+    await env.wait_waiters("rw/listed", 1)
+    page = await env.core.list(TENANT, "rw/listed", 10, None)
+    assert [(h.name, h.holder.create_revision, h.waiters) for h in page.locks] == [("rw/listed", ga.fencing_token, 1)]
+    sessions, _ = await env.core.list_sessions(TENANT, 100, None)
+    by_lease = {s.lease: s for s in sessions}
+    assert by_lease[a].held == [("rw/listed", ga.fencing_token)]
+    assert by_lease[b].held == [("rw/listed", gb.fencing_token)]
+    assert by_lease[w].held == [] and by_lease[w].waiting == ["rw/listed"]
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer

@@ -101,18 +101,19 @@ class Admin:
         waiting: dict[int, list[str]] = {lease: [] for lease in leases}
         if leases:
             entries, _ = await self._backend.scan(ks.locks_root, prefix_end(ks.locks_root), 0)
-            holders: dict[str, Entry] = {}
+            queues: dict[str, list[Entry]] = {}
             for e in entries:
-                n = ks.name_of(e.key)
-                if n not in holders or e.create_revision < holders[n].create_revision:
-                    holders[n] = e
-            for e in entries:
-                if e.lease in leases:
-                    n = ks.name_of(e.key)
-                    if holders[n] is e:
-                        held[e.lease].append((n, e.create_revision))
-                    else:
-                        waiting[e.lease].append(n)
+                queues.setdefault(ks.name_of(e.key), []).append(e)
+            for n, queue in queues.items():
+                queue.sort(key=lambda e: e.create_revision)
+                # Shared claims and permits: more than one may hold (core.modes).
+                holding = {e.create_revision for e in holders(queue)}
+                for e in queue:
+                    if e.lease in leases:
+                        if e.create_revision in holding:
+                            held[e.lease].append((n, e.create_revision))
+                        else:
+                            waiting[e.lease].append(n)
         out: list[SessionSummary] = []
         for lease, raw in leases.items():
             try:
