@@ -11,6 +11,7 @@ import pytest
 from lockbroker.client import Client, LimitMismatch, LockHeld
 from lockbroker.client.aio import TRANSPORT_ENV
 from tests.client.conftest import target_of
+from tests.test_cli_client import cli  # a subprocess per call: the CLI as users run it
 
 
 @pytest.fixture(params=["stream", "unary"])
@@ -44,3 +45,22 @@ async def test_at_most_n_permits_and_a_mismatched_limit_is_refused(broker: Any, 
             with pytest.raises(LimitMismatch) as ei:
                 await c.acquire("pool", ttl=10, limit=3, wait=1)
             assert ei.value.limit == 2
+
+
+async def test_cli_acquire_takes_permits_and_shared_locks(broker: Any) -> None:
+    target = target_of(broker)
+    for _ in range(2):
+        r = await cli(target, "acquire", "cli/sem", "--permits", "2", "--ttl", "10", "-o", "json")
+        assert r.code == 0, r
+    r = await cli(target, "acquire", "cli/sem", "--permits", "2", "--ttl", "10", "-o", "json")
+    assert r.code == 1, r  # not acquired: both permits are held
+    for _ in range(2):
+        r = await cli(target, "acquire", "cli/read", "--shared", "--ttl", "10", "-o", "json")
+        assert r.code == 0, r
+    async with Client(target, default_timeout=5.0) as c:
+        assert len((await c.describe("cli/sem")).holders) == 2
+        state = await c.describe("cli/read")
+        assert len(state.holders) == 2 and all(h.shared for h in state.holders)
+        for name in ("cli/sem", "cli/read"):
+            for h in (await c.describe(name)).holders:
+                await c.close_session(h.session_id)
