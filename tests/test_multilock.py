@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lockbroker.client import Client, WaitExpired
+from lockbroker.client import Client, SyncClient, WaitExpired
 from lockbroker.client.types import Grant
 from tests.client.conftest import target_of
 from tests.etcdutil import EtcdProbe
@@ -92,3 +92,17 @@ async def test_grants_are_released_one_by_one_and_modes_apply(broker: Any) -> No
         again = await c.acquire_many(["y/1", "y/2"], session_id=s.session_id, request_id="many-1")
         same = await c.acquire_many(["y/1", "y/2"], session_id=s.session_id, request_id="many-1")
         assert [g.fencing_token for g in same] == [g.fencing_token for g in again]
+
+
+async def test_sync_client_lock_many(broker: Any) -> None:
+    await asyncio.to_thread(_sync_lock_many, broker)  # the broker serves on this test's loop
+
+
+def _sync_lock_many(broker: Any) -> None:
+    with SyncClient(target_of(broker), default_timeout=5.0) as c, c.session(ttl=30) as s:
+        with c.lock_many(["s/b", ("s/a", True)], session=s) as grants:
+            assert [(g.name, g.shared) for g in grants] == [("s/b", False), ("s/a", True)]
+            assert c.describe("s/b").held
+        assert not c.describe("s/b").held and not c.describe("s/a").held
+        grants2 = c.acquire_many(["s/c"], session_id=s.session_id)
+        assert c.release("s/c", grants2[0].fencing_token, session_id=s.session_id)

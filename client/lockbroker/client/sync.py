@@ -13,6 +13,7 @@ short and do not call SyncClient methods from them (that would wait on the loop 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from lockbroker.client._lock import HeldLock, LockContext
+from lockbroker.client._many import LockSpec, ManyLockContext
 from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
 from lockbroker.client.aio import Client, Transport
@@ -368,6 +370,47 @@ class SyncClient:
             self._call(ctx.__aexit__(type(e), e, e.__traceback__))
             raise
         self._call(ctx.__aexit__(None, None, None))
+
+    def acquire_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        session_id: str,
+        wait: float = 0.0,
+        owner: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> builtins.list[Grant]:
+        """Several locks for one session, all or none; same contract as Client.acquire_many()."""
+        return self._call(
+            self._client.acquire_many(
+                locks, session_id=session_id, wait=wait, owner=owner, request_id=request_id, timeout=timeout
+            )
+        )
+
+    @contextmanager
+    def lock_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        ttl: float | None = 10,
+        wait: float = 5.0,
+        owner: str = "",
+        session: SyncSession | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[tuple[Grant, ...]]:
+        """`with client.lock_many(["a", ("b", True)]) as grants:`; same contract as Client.lock_many()."""
+
+        async def enter() -> tuple[ManyLockContext, tuple[Grant, ...]]:
+            keeper = session._keeper if session is not None else None
+            ctx = self._client.lock_many(locks, ttl=ttl, wait=wait, owner=owner, session=keeper, timeout=timeout)
+            return ctx, await ctx.__aenter__()
+
+        ctx, grants = self._call(enter())
+        try:
+            yield grants
+        finally:
+            self._call(ctx.__aexit__(None, None, None))
 
 
 __all__ = ["SyncClient", "SyncHeldLock", "SyncSession"]
