@@ -50,12 +50,12 @@ async def test_at_most_n_permits_and_a_mismatched_limit_is_refused(broker: Any, 
 async def test_cli_acquire_takes_permits_and_shared_locks(broker: Any) -> None:
     target = target_of(broker)
     for _ in range(2):
-        r = await cli(target, "acquire", "cli/sem", "--permits", "2", "--ttl", "10", "-o", "json")
+        r = await cli(target, "acquire", "cli/sem", "--permits", "2", "--ttl", "120", "-o", "json")
         assert r.code == 0, r
-    r = await cli(target, "acquire", "cli/sem", "--permits", "2", "--ttl", "10", "-o", "json")
+    r = await cli(target, "acquire", "cli/sem", "--permits", "2", "--ttl", "120", "-o", "json")
     assert r.code == 1, r  # not acquired: both permits are held
     for _ in range(2):
-        r = await cli(target, "acquire", "cli/read", "--shared", "--ttl", "10", "-o", "json")
+        r = await cli(target, "acquire", "cli/read", "--shared", "--ttl", "120", "-o", "json")
         assert r.code == 0, r
     async with Client(target, default_timeout=5.0) as c:
         assert len((await c.describe("cli/sem")).holders) == 2
