@@ -56,6 +56,7 @@ LOCK_METHODS = {
     "List",
     "CheckFence",
     "Session",
+    "Watch",
 }
 
 
@@ -382,7 +383,7 @@ async def test_reflection_lists_and_describes(broker: Broker) -> None:
     assert SERVICE in services
     assert HEALTH in services
     assert set(methods) == LOCK_METHODS
-    assert len(methods) == len(LOCK_METHODS) == 11
+    assert len(methods) == len(LOCK_METHODS) == 12
     assert methods["AcquireMany"] == (
         "lockbroker.v1.AcquireManyRequest",
         "lockbroker.v1.AcquireManyResponse",

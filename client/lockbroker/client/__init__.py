@@ -4,6 +4,7 @@ asyncio first (`Client`), with a blocking facade (`SyncClient`) over the same co
 """
 
 from lockbroker.client._retry import Backoff
+from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
 from lockbroker.client.errors import (
     AlreadyQueued,
@@ -18,6 +19,7 @@ from lockbroker.client.errors import (
     PermissionDenied,
     QuotaExceeded,
     RequestIdReused,
+    RevisionCompacted,
     RichStatus,
     SessionLost,
     SessionNotFound,
@@ -55,6 +57,7 @@ __all__ = [
     "LimitMismatch",
     "LockBrokerError",
     "LockContext",
+    "LockEvent",
     "LockHeld",
     "LockLost",
     "LockState",
@@ -64,6 +67,7 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RevisionCompacted",
     "RichStatus",
     "Session",
     "SessionKeeper",

@@ -130,6 +130,7 @@ class LockContext:
         timeout: float | None,
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
+        lock_delay: float | None = None,
         shared: bool = False,
         limit: int = 0,
     ) -> None:
@@ -146,6 +147,7 @@ class LockContext:
         self._on_lost = on_lost
         self._timeout = timeout
         self._max_hold = max_hold
+        self._lock_delay = lock_delay
         self._shared = shared
         self._limit = limit
         self._own_session: SessionKeeper | None = None
@@ -177,6 +179,7 @@ class LockContext:
                 new_claim=new_claim,
                 reentrant_owner=self._reentrant_owner,
                 max_hold=self._max_hold,
+                lock_delay=self._lock_delay,
                 shared=self._shared,
                 limit=self._limit,
             )

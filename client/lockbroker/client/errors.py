@@ -229,6 +229,13 @@ class SessionRevoked(SessionNotFound):
     """An admin revoked the session (AdminService.RevokeSession); `metadata["admin_reason"]` says why."""
 
 
+class RevisionCompacted(LockBrokerError):
+    """Watch's start_revision is older than etcd keeps: `metadata["compact_revision"]` says from
+    where. Read the lock again and watch without start_revision."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class LockLost(LockBrokerError):
     """Raised by the client itself (no RPC): the lock can no longer be assumed held.
 
@@ -272,6 +279,7 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.REVOKED: SessionRevoked,
     # Never a call's status (it names revoked grants in keepalive answers): the base, if ever seen.
     ErrorReason.MAX_HOLD_EXCEEDED: LockBrokerError,
+    ErrorReason.REVISION_COMPACTED: RevisionCompacted,
     ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
 }
 
@@ -407,6 +415,7 @@ __all__ = [
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RevisionCompacted",
     "RichStatus",
     "SessionLost",
     "SessionNotFound",

@@ -28,6 +28,7 @@ from lockbroker.client._lock import HeldLock, LockContext
 from lockbroker.client._many import LockSpec, ManyLockContext
 from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
+from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, Transport
 from lockbroker.client.errors import LockLost
 from lockbroker.client.types import FenceCheck, Grant, LockState, LockSummary, Session
@@ -302,6 +303,23 @@ class SyncClient:
     def list(self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None) -> Iterator[LockSummary]:
         for page in self.list_pages(prefix, page_size, timeout=timeout):
             yield from page
+
+    def watch(self, name: str, prefix: bool = False, start_revision: int | None = None) -> Iterator[LockEvent]:
+        """The events of a lock (or name prefix), blocking for each: see Client.watch."""
+        events = self._client.watch(name, prefix, start_revision)
+
+        async def next_event() -> LockEvent | None:
+            try:
+                return await anext(events)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (event := self._call(next_event())) is not None:
+                yield event
+        finally:
+            if not self._closed:
+                self._call(events.aclose())
 
     # -- sessions and locks -----------------------------------------------------------------
 

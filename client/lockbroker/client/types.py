@@ -86,6 +86,8 @@ class LockState:
     name: str
     holder: Holder | None
     waiters: tuple[Waiter, ...]
+    # A running lock-delay's end: the holder shown is next in line, granted then.
+    delay_until: datetime | None = None
     # Every claim holding the lock, oldest first: more than one for shared claims and semaphore
     # permits (holder is the first).
     holders: tuple[Holder, ...] = ()
@@ -170,6 +172,7 @@ def lock_state_of(resp: lock_pb2.DescribeResponse) -> LockState:
             )
             for w in resp.waiters
         ),
+        delay_until=timestamp(resp.delay_until) if resp.HasField("delay_until") else None,
         holders=tuple(holder_of(h) for h in resp.holders),
         limit=resp.limit,
     )

@@ -45,6 +45,7 @@ class ErrorReason(StrEnum):
     REVOKED = "REVOKED"
     MAX_HOLD_EXCEEDED = "MAX_HOLD_EXCEEDED"
     LIMIT_MISMATCH = "LIMIT_MISMATCH"
+    REVISION_COMPACTED = "REVISION_COMPACTED"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

@@ -22,6 +22,7 @@ _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.LimitMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (e.RevisionCompacted, grpc.StatusCode.OUT_OF_RANGE),
     (e.BackendNoSpace, grpc.StatusCode.UNAVAILABLE),  # before Unavailable, its base: see the class
     (e.Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
