@@ -23,6 +23,7 @@ PUBLIC = [
     "HeldLock",
     "Holder",
     "InvalidArgument",
+    "LimitMismatch",
     "LockBrokerError",
     "LockContext",
     "LockEvent",

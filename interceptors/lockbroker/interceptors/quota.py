@@ -56,6 +56,7 @@ _SERVICE = "/lockbroker.v1.LockService/"
 # to the service without a bucket fails tests/test_abuse_rates.py.
 BUCKETS: dict[str, str] = {
     _SERVICE + "Acquire": "acquire",
+    _SERVICE + "AcquireMany": "acquire",
     _SERVICE + "Describe": "read",
     _SERVICE + "List": "read",
     _SERVICE + "CheckFence": "read",

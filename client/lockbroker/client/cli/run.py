@@ -24,6 +24,7 @@ from lockbroker.client.cli._common import (
     Output,
     _exit_code_arg,
     _positive,
+    add_mode_arguments,
     default_owner,
     duration_arg,
     error_json,
@@ -122,7 +123,9 @@ class _Run:
         self.interactive = _interactive()
         self.summary: dict[str, Any] = {"name": args.name, "command": self.cmd, "child_started": False}
         owner = args.owner if args.owner is not None else default_owner(f" pid {os.getpid()}")
-        self.ctx = client.lock(args.name, ttl=args.ttl, wait=args.wait, owner=owner)
+        self.ctx = client.lock(
+            args.name, ttl=args.ttl, wait=args.wait, owner=owner, shared=args.shared, limit=args.permits or 0
+        )
         self.acquiring: asyncio.Future[HeldLock] | None = None
         self.child: _Child | None = None
 
@@ -233,6 +236,7 @@ def add_run_command(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--grace", type=duration_arg, default=DEFAULT_GRACE, help="SIGTERM to SIGKILL delay on a lost lock"
     )
     run.add_argument("--owner", help="owner label (default user@host pid N)")
+    add_mode_arguments(run)
     run.add_argument(
         "--conflict-exit-code",
         type=_exit_code_arg,

@@ -30,6 +30,7 @@ MUTATING_METHODS: Final = frozenset(
     for name in (
         "CreateSession",
         "Acquire",
+        "AcquireMany",
         "Release",
         "CloseSession",
         "KeepAlive",

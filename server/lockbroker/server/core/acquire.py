@@ -55,6 +55,7 @@ from lockbroker.server.core.errors import (
     WaitExpired,
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
+from lockbroker.server.core.modes import wait_turn as modes_wait
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
 from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
@@ -82,6 +83,8 @@ class AcquireParams:
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
     lock_delay: float = 0.0  # seconds; 0: the tenant's lock_delay (core/delay.py)
+    shared: bool = False  # a shared (read) claim (core/modes.py)
+    limit: int = 0  # a semaphore permit of this many; 0: a lock (core/modes.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -91,8 +94,9 @@ def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, sess
     if quota.max_locks:
         claims.append((ks.entry_pool(quota.max_locks), key))
     if quota.max_waiters_per_lock:
-        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters.
-        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + 1), key))
+        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters (a
+        # semaphore's N permit holders + waiters; shared holders count as waiters, core.modes).
+        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + max(1, p.limit)), key))
     return claims
 
 
@@ -170,7 +174,7 @@ class Acquirer:
             if not self._waiting[tenant]:
                 del self._waiting[tenant]
 
-    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
+    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:  # noqa: PLR0915 - kept flat: the frame budget
         quota = self._quotas(tenant)
         if p.lease_id is None:
             check_ttl(tenant, quota, p.ttl)
@@ -217,7 +221,12 @@ class Acquirer:
                 if mine.value.slots:
                     self._claimer.remember(mine)
                 if pos.predecessor is not None:
-                    await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                    # Shared claims and permits (or a lock asked for where a semaphore is): core.modes.
+                    await (
+                        modes_wait(self._backend, p, ks.lock_prefix(p.name), mine, started, self)
+                        if p.shared or p.limit or (pos.holder is not None and pos.holder.value.limit)
+                        else self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                    )
                 await lock_delay.before_grant(
                     self._backend, tenant, quota, ks, mine, p.name, p.lock_delay, p.wait, started, self._closing
                 )
@@ -237,6 +246,8 @@ class Acquirer:
                 time.monotonic() - started,
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
+                mine.value.shared,
+                mine.value.limit,
             )
 
     async def _expiry(self, lease_id: int) -> float:
@@ -262,11 +273,15 @@ class Acquirer:
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
                 ks.entry_key(p.name, lease_id, p.claim),
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant).moded(
+                    p.shared, p.limit
+                ),
                 lease_id,
                 session_key=ks.session_key(lease_id),
                 new_session_value=session_value,
-                only_if_free=p.wait <= 0,
+                # A shared claim or a permit may be granted behind others: it is put, and removed
+                # if it does not hold at once (core.modes).
+                only_if_free=p.wait <= 0 and not (p.shared or p.limit),
                 slots=slots,
                 mark=ks.mark(lease_id).base,
             )

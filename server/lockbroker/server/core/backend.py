@@ -199,6 +199,11 @@ class LockBackend(Protocol):
         """Every entry of the lock, holder first."""
         ...
 
+    async def queue_at(self, prefix: bytes) -> tuple[int, list[Entry]]:
+        """Every entry of the lock, oldest first, and the revision of the read (core.modes waits
+        for deletions after it)."""
+        ...
+
     async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
         """Entries with start <= key < end in key order; and whether more follow."""
         ...
