@@ -174,7 +174,7 @@ class Acquirer:
             if not self._waiting[tenant]:
                 del self._waiting[tenant]
 
-    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:  # noqa: PLR0915 - kept flat: the frame budget
+    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
         quota = self._quotas(tenant)
         if p.lease_id is None:
             check_ttl(tenant, quota, p.ttl)
