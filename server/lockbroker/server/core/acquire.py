@@ -165,7 +165,7 @@ class Acquirer:
             if not self._waiting[tenant]:
                 del self._waiting[tenant]
 
-    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
+    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:  # noqa: PLR0915 - flat: see the module docstring
         quota = self._quotas(tenant)
         if p.lease_id is None:
             check_ttl(tenant, quota, p.ttl)
@@ -194,6 +194,13 @@ class Acquirer:
                 try:
                     try:
                         enq = await put(slots)
+                        if not enq.created and enq.position.mine is None and p.wait > 0:
+                            # A retry found the entry of its request's earlier attempt and lost it
+                            # while adopting it: that attempt's clean-up (its resume window ending,
+                            # or its turn coming unadopted: core.resume) removed it in between.
+                            # The session is alive (the enqueue checked), so queue anew, once;
+                            # the place is lost but never the session (a second miss is answered).
+                            enq = await put(slots)
                     except SlotsTaken as e:
                         enq = await self._claimer.again(tenant, claims, slots, e, put)
                 except (SessionMissing, SessionTaken, EntryConflict) as e:
