@@ -294,15 +294,32 @@ class Acquirer:
                 raise await self._not_acquired(WaitExpired, p.name, latest, started)
             handed: Position | None = None
             try:
-                handed = await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine)
-            except WatchInterrupted as e:
-                log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
-                await asyncio.sleep(0.05)
+                try:
+                    handed = await self._until_deleted(
+                        prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine
+                    )
+                except WatchInterrupted as e:
+                    log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                    await asyncio.sleep(0.05)
+                # Handed over by a release on this replica: its transaction read our entry at the
+                # head of the queue at its revision, which is the read we would make now.
+                pos = (
+                    handed
+                    if handed is not None
+                    else await self._backend.position(prefix, mine.key, mine.create_revision)
+                )
             except TimeoutError:
                 continue
-            # Handed over by a release on this replica: its transaction read our entry at the head
-            # of the queue at its revision, which is the read we would make now.
-            pos = handed if handed is not None else await self._backend.position(prefix, mine.key, mine.create_revision)
+            except ShuttingDown:
+                raise
+            except Unavailable as e:
+                # etcd briefly away (a leader election, a member lost): the wait goes on while it
+                # has time, and keeps its place. Failing the call here made the broker delete the
+                # entry while the client's retry (same request id) was adopting it, and put the
+                # waiter at the back of the queue at every election.
+                log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
+                await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
+                continue
             if pos.mine is None:
                 raise SessionLost(
                     f"the claim of session {session_id_of(mine.lease)} on {p.name!r} was removed while waiting "
