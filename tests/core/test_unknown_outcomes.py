@@ -8,9 +8,11 @@ remove what landed (core/acquire.py: _abandon, _late_entry).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
+from lockbroker.server.core.backend import BackendError
 from lockbroker.server.core.errors import Unavailable, WaitExpired
 from lockbroker.server.core.locks import AcquireParams, LockCore
 from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
@@ -113,6 +115,34 @@ async def test_clean_up_retries_while_the_backend_is_away(env: Env) -> None:
     with pytest.raises(WaitExpired):
         await env.acquire(name, w, wait=0.2)
     await env.core.drain_cleanups(3.0)
+    assert (await env.describe(name)).waiters == []
+    assert await env.release(name, held.fencing_token)
+    assert (await env.describe(name)).holder is None
+
+
+async def test_clean_up_retries_after_an_error_the_store_has_no_status_for(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only "unavailable": a clean-up that fails with any error of the store is tried again
+    (tests/fault saw a stray entry left after a partition), so the entry never becomes a holder."""
+    name = "unknown/cleanup-error"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+    real = env.backend.delete_entry
+    failed: list[bytes] = []
+
+    async def odd(key: bytes, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(key)
+            raise BackendError("etcd UNKNOWN: something etcd has no status for")
+        return await real(key, *args, **kwargs)
+
+    monkeypatch.setattr(env.backend, "delete_entry", odd)
+    with pytest.raises((WaitExpired, Unavailable)):
+        await env.acquire(name, w, wait=0.2)
+    await env.core.drain_cleanups(3.0)
+    assert failed, "the premise: the clean-up's first delete failed"
     assert (await env.describe(name)).waiters == []
     assert await env.release(name, held.fencing_token)
     assert (await env.describe(name)).holder is None

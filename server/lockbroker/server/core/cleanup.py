@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from lockbroker.server.core.backend import ANSWER_MARGIN, call_deadline
+from lockbroker.server.core.backend import ANSWER_MARGIN, BackendError, call_deadline
 from lockbroker.server.core.errors import Unavailable
 
 log = logging.getLogger("lockbroker.core")
@@ -18,6 +18,8 @@ log = logging.getLogger("lockbroker.core")
 # retrying in the background while the backend is unreachable.
 CLEANUP_TIMEOUT = 3.0
 CLEANUP_WINDOW = 60.0
+# The longest pause between two tries of a clean-up.
+MAX_DELAY = 1.0
 
 
 class Cleanups:
@@ -58,15 +60,22 @@ class Cleanups:
                 try:
                     await work()
                     return True
-                except Unavailable as e:
+                except (Unavailable, BackendError) as e:
+                    # Any answer of the store, not only "unavailable": an error etcd has no
+                    # status for during an election is no reason to leave an entry that becomes
+                    # a holder nobody knows of. Only the window ends the retries.
                     if time.monotonic() + delay >= give_up:
                         log.warning("clean-up gave up; the session's lease will remove it: %s", e)
                         return False
+                    if not isinstance(e, Unavailable):
+                        log.info("clean-up failed (%s); retrying", e)
                 except Exception as e:
                     log.warning("clean-up failed; the session's lease will remove it: %s", e)
                     return False
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                # At most MAX_DELAY apart: once etcd is back (a partition healed) the clean-up
+                # lands within a second, before anyone reads the queue expecting it gone.
+                delay = min(delay * 2, MAX_DELAY)
 
         task = asyncio.ensure_future(retrying())
         self._tasks.add(task)
