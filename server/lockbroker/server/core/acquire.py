@@ -274,6 +274,7 @@ class Acquirer:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
         wait_until = started + p.wait
         rpc_deadline = call_deadline.get()
+        away = False
         while pos.predecessor is not None:
             if p.wait <= 0:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
@@ -317,7 +318,9 @@ class Acquirer:
                 # has time, and keeps its place. Failing the call here made the broker delete the
                 # entry while the client's retry (same request id) was adopting it, and put the
                 # waiter at the back of the queue at every election.
-                log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
+                if not away:  # once per wait: an outage fails every waiter's reads
+                    log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
+                away = True
                 await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
                 continue
             if pos.mine is None:
