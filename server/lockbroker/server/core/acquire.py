@@ -385,7 +385,12 @@ class Acquirer:
     ) -> None:
         """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window;
         raise instead of `exc` when `exc` would promise more than is known."""
-        mark = ks.mark(Keyspace.lease_of(key))
+        lease_id = Keyspace.lease_of(key)
+        mark = ks.mark(lease_id)
+
+        async def lease_gone() -> bool:  # what is left to remove ends with the session at the latest
+            return await self._backend.lease_ttl(lease_id) < 0
+
         if (
             mine is not None
             and isinstance(exc, asyncio.CancelledError)
@@ -398,7 +403,8 @@ class Acquirer:
             closing = self._closing()
             until = time.monotonic() + self.resume_window
             self._cleanups.start(
-                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing)
+                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing),
+                lease_gone,
             )
             return
         # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
@@ -408,7 +414,9 @@ class Acquirer:
             or (isinstance(exc, Unavailable) and exc.outcome_unknown)
             or not isinstance(exc, LockBrokerError)
         )
-        removed = await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
+        removed = await self._cleanups.run(
+            self._abandon(key, mine, created_lease, attempt if unknown else None, mark), lease_gone
+        )
         if isinstance(exc, WaitExpired) and not removed:
             # "Not acquired" is a promise that no entry of ours is left to become the holder.
             # Unconfirmed (etcd unreachable), the honest answer is "unknown": the clean-up goes on
