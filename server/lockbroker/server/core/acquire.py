@@ -195,11 +195,9 @@ class Acquirer:
                     try:
                         enq = await put(slots)
                         if not enq.created and enq.position.mine is None and p.wait > 0:
-                            # A retry found the entry of its request's earlier attempt and lost it
-                            # while adopting it: that attempt's clean-up (its resume window ending,
-                            # or its turn coming unadopted: core.resume) removed it in between.
-                            # The session is alive (the enqueue checked), so queue anew, once;
-                            # the place is lost but never the session (a second miss is answered).
+                            # The earlier attempt's entry this retry was adopting was removed by
+                            # that attempt's clean-up (core.resume) in between; the session is alive
+                            # (checked), so queue anew, once: the place is lost, never the session.
                             enq = await put(slots)
                     except SlotsTaken as e:
                         enq = await self._claimer.again(tenant, claims, slots, e, put)
@@ -304,20 +302,14 @@ class Acquirer:
                     await asyncio.sleep(0.05)
                 # Handed over by a release on this replica: its transaction read our entry at the
                 # head of the queue at its revision, which is the read we would make now.
-                pos = (
-                    handed
-                    if handed is not None
-                    else await self._backend.position(prefix, mine.key, mine.create_revision)
-                )
+                pos = handed or await self._backend.position(prefix, mine.key, mine.create_revision)
             except TimeoutError:
                 continue
             except ShuttingDown:
                 raise
             except Unavailable as e:
-                # etcd briefly away (a leader election, a member lost): the wait goes on while it
-                # has time, and keeps its place. Failing the call here made the broker delete the
-                # entry while the client's retry (same request id) was adopting it, and put the
-                # waiter at the back of the queue at every election.
+                # etcd briefly away (an election): wait on, keeping the place. Failing here deleted
+                # the entry under the client's retry, and sent waiters to the back at every election.
                 if not away:  # once per wait: an outage fails every waiter's reads
                     log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
                 away = True
