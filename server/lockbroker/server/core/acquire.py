@@ -203,6 +203,11 @@ class Acquirer:
                 try:
                     try:
                         enq = await put(slots)
+                        if not enq.created and enq.position.mine is None and p.wait > 0:
+                            # The earlier attempt's entry this retry was adopting was removed by
+                            # that attempt's clean-up (core.resume) in between; the session is alive
+                            # (checked), so queue anew, once: the place is lost, never the session.
+                            enq = await put(slots)
                     except SlotsTaken as e:
                         enq = await self._claimer.again(tenant, claims, slots, e, put)
                 except (SessionMissing, SessionTaken, EntryConflict) as e:
@@ -292,6 +297,7 @@ class Acquirer:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
         wait_until = started + p.wait
         rpc_deadline = call_deadline.get()
+        away = False
         while pos.predecessor is not None:
             if p.wait <= 0:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
@@ -312,15 +318,28 @@ class Acquirer:
                 raise await self._not_acquired(WaitExpired, p.name, latest, started)
             handed: Position | None = None
             try:
-                handed = await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine)
-            except WatchInterrupted as e:
-                log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
-                await asyncio.sleep(0.05)
+                try:
+                    handed = await self._until_deleted(
+                        prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine
+                    )
+                except WatchInterrupted as e:
+                    log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                    await asyncio.sleep(0.05)
+                # Handed over by a release on this replica: its transaction read our entry at the
+                # head of the queue at its revision, which is the read we would make now.
+                pos = handed or await self._backend.position(prefix, mine.key, mine.create_revision)
             except TimeoutError:
                 continue
-            # Handed over by a release on this replica: its transaction read our entry at the head
-            # of the queue at its revision, which is the read we would make now.
-            pos = handed if handed is not None else await self._backend.position(prefix, mine.key, mine.create_revision)
+            except ShuttingDown:
+                raise
+            except Unavailable as e:
+                # etcd briefly away (an election): wait on, keeping the place. Failing here deleted
+                # the entry under the client's retry, and sent waiters to the back at every election.
+                if not away:  # once per wait: an outage fails every waiter's reads
+                    log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
+                away = True
+                await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
+                continue
             if pos.mine is None:
                 raise SessionLost(
                     f"the claim of session {session_id_of(mine.lease)} on {p.name!r} was removed while waiting "
@@ -383,7 +402,12 @@ class Acquirer:
     ) -> None:
         """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window;
         raise instead of `exc` when `exc` would promise more than is known."""
-        mark = ks.mark(Keyspace.lease_of(key))
+        lease_id = Keyspace.lease_of(key)
+        mark = ks.mark(lease_id)
+
+        async def lease_gone() -> bool:  # what is left to remove ends with the session at the latest
+            return await self._backend.lease_ttl(lease_id) < 0
+
         if (
             mine is not None
             and isinstance(exc, asyncio.CancelledError)
@@ -396,7 +420,8 @@ class Acquirer:
             closing = self._closing()
             until = time.monotonic() + self.resume_window
             self._cleanups.start(
-                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing)
+                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing),
+                lease_gone,
             )
             return
         # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
@@ -406,7 +431,9 @@ class Acquirer:
             or (isinstance(exc, Unavailable) and exc.outcome_unknown)
             or not isinstance(exc, LockBrokerError)
         )
-        removed = await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
+        removed = await self._cleanups.run(
+            self._abandon(key, mine, created_lease, attempt if unknown else None, mark), lease_gone
+        )
         if isinstance(exc, WaitExpired) and not removed:
             # "Not acquired" is a promise that no entry of ours is left to become the holder.
             # Unconfirmed (etcd unreachable), the honest answer is "unknown": the clean-up goes on
