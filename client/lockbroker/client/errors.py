@@ -218,6 +218,24 @@ class SessionRevoked(SessionNotFound):
     """An admin revoked the session (AdminService.RevokeSession); `metadata["admin_reason"]` says why."""
 
 
+class NotLeader(LockBrokerError):
+    """FAILED_PRECONDITION from Proclaim: the leadership no longer leads; nothing was changed."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NoLeader(LockBrokerError):
+    """NOT_FOUND from Leader: nobody leads the election."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class RevisionCompacted(LockBrokerError):
+    """OUT_OF_RANGE from Observe: the revision to resume from is no longer in etcd's history."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class LockLost(LockBrokerError):
     """Raised by the client itself (no RPC): the lock can no longer be assumed held.
 
@@ -258,6 +276,9 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.AUDIT_UNAVAILABLE: Unavailable,
     ErrorReason.NOT_OWNER: NotOwner,
     ErrorReason.REVOKED: SessionRevoked,
+    ErrorReason.NOT_LEADER: NotLeader,
+    ErrorReason.NO_LEADER: NoLeader,
+    ErrorReason.REVISION_COMPACTED: RevisionCompacted,
     # Never a call's status (it names revoked grants in keepalive answers): the base, if ever seen.
     ErrorReason.MAX_HOLD_EXCEEDED: LockBrokerError,
     ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
@@ -389,11 +410,14 @@ __all__ = [
     "LockBrokerError",
     "LockHeld",
     "LockLost",
+    "NoLeader",
     "NotAcquired",
+    "NotLeader",
     "NotOwner",
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RevisionCompacted",
     "RichStatus",
     "SessionLost",
     "SessionNotFound",

@@ -155,6 +155,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     retryable as such (acquire again). Details and metadata: none (the
     RevokedGrant names the lock and token).
     """
+    ERROR_REASON_NOT_LEADER: _ErrorReason.ValueType  # 21
+    """Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
+    named is no longer the election's leader (it resigned, its session ended,
+    or it never led); nothing was changed. Not retryable: campaign again.
+    Metadata: "election", "fencing_token".
+    """
+    ERROR_REASON_NO_LEADER: _ErrorReason.ValueType  # 22
+    """Code NOT_FOUND, from ElectionService.Leader: nobody leads the election.
+    Retryable once a candidate has campaigned. Metadata: "election".
+    """
+    ERROR_REASON_REVISION_COMPACTED: _ErrorReason.ValueType  # 23
+    """Code OUT_OF_RANGE, from ElectionService.Observe: after_revision is older
+    than etcd's compacted history, so the changes since cannot be replayed.
+    Not retryable as such: observe again without after_revision. Metadata:
+    "after_revision", "compact_revision".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is every google.rpc.ErrorInfo.reason the broker sends, in
@@ -280,6 +296,22 @@ held longer than its maximum hold time (AcquireRequest.max_hold or the
 tenant's max_hold) and the broker revoked it. The lock is gone; not
 retryable as such (acquire again). Details and metadata: none (the
 RevokedGrant names the lock and token).
+"""
+ERROR_REASON_NOT_LEADER: ErrorReason.ValueType  # 21
+"""Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
+named is no longer the election's leader (it resigned, its session ended,
+or it never led); nothing was changed. Not retryable: campaign again.
+Metadata: "election", "fencing_token".
+"""
+ERROR_REASON_NO_LEADER: ErrorReason.ValueType  # 22
+"""Code NOT_FOUND, from ElectionService.Leader: nobody leads the election.
+Retryable once a candidate has campaigned. Metadata: "election".
+"""
+ERROR_REASON_REVISION_COMPACTED: ErrorReason.ValueType  # 23
+"""Code OUT_OF_RANGE, from ElectionService.Observe: after_revision is older
+than etcd's compacted history, so the changes since cannot be replayed.
+Not retryable as such: observe again without after_revision. Metadata:
+"after_revision", "compact_revision".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

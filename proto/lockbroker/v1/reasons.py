@@ -44,6 +44,9 @@ class ErrorReason(StrEnum):
     NOT_OWNER = "NOT_OWNER"
     REVOKED = "REVOKED"
     MAX_HOLD_EXCEEDED = "MAX_HOLD_EXCEEDED"
+    NOT_LEADER = "NOT_LEADER"
+    NO_LEADER = "NO_LEADER"
+    REVISION_COMPACTED = "REVISION_COMPACTED"
 
     @property
     def proto(self) -> lock_pb2.ErrorReason.ValueType:

@@ -80,6 +80,7 @@ class AcquireParams:
     reentrant_owner: str = ""  # set: a reentrant acquire (see core.claims)
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
+    data: bytes = b""  # stored with the entry: an election candidate's value (core/election.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -252,7 +253,9 @@ class Acquirer:
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
                 ks.entry_key(p.name, lease_id, p.claim),
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant).with_data(
+                    p.data
+                ),
                 lease_id,
                 session_key=ks.session_key(lease_id),
                 new_session_value=session_value,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -26,6 +29,11 @@ class EntryValue:
     # The request ids of the last Releases that each took a hold off, so a retried one does not
     # take a second (see core.claims).
     released: tuple[str, ...] = ()
+    # An election candidate's value (ElectionService: Campaign, Proclaim); empty for locks.
+    data: bytes = b""
+
+    def with_data(self, data: bytes) -> EntryValue:
+        return dataclasses.replace(self, data=data) if data else self
 
     @property
     def hold_count(self) -> int:
@@ -44,6 +52,8 @@ class EntryValue:
             doc["h"] = list(self.holds)
             if self.released:
                 doc["rr"] = list(self.released)
+        if self.data:
+            doc["v"] = base64.b64encode(self.data).decode()
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -60,8 +70,9 @@ class EntryValue:
                 str(doc.get("ro", "")),
                 tuple(str(h) for h in doc.get("h", ())),
                 tuple(str(r) for r in doc.get("rr", ())),
+                base64.b64decode(str(doc.get("v", ""))),
             )
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, binascii.Error):
             # A key someone wrote by hand under our prefix: still an entry in the queue.
             return EntryValue("", "", 0.0)
 
