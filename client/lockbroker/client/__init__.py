@@ -5,6 +5,7 @@ asyncio first (`Client`), with a blocking facade (`SyncClient`) over the same co
 
 from lockbroker.client._retry import Backoff
 from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
+from lockbroker.client.election import Election, Leader, LeaderChange, Leadership
 from lockbroker.client.errors import (
     AlreadyQueued,
     DeadlineExceeded,
@@ -12,11 +13,14 @@ from lockbroker.client.errors import (
     LockBrokerError,
     LockHeld,
     LockLost,
+    NoLeader,
     NotAcquired,
+    NotLeader,
     NotOwner,
     PermissionDenied,
     QuotaExceeded,
     RequestIdReused,
+    RevisionCompacted,
     RichStatus,
     SessionLost,
     SessionNotFound,
@@ -27,7 +31,7 @@ from lockbroker.client.errors import (
     from_rpc_error,
     rich_status,
 )
-from lockbroker.client.sync import SyncClient, SyncHeldLock, SyncSession
+from lockbroker.client.sync import SyncClient, SyncElection, SyncHeldLock, SyncLeadership, SyncSession
 from lockbroker.client.types import (
     FenceCheck,
     Grant,
@@ -45,23 +49,30 @@ __all__ = [
     "Backoff",
     "Client",
     "DeadlineExceeded",
+    "Election",
     "ErrorReason",
     "FenceCheck",
     "Grant",
     "HeldLock",
     "Holder",
     "InvalidArgument",
+    "Leader",
+    "LeaderChange",
+    "Leadership",
     "LockBrokerError",
     "LockContext",
     "LockHeld",
     "LockLost",
     "LockState",
     "LockSummary",
+    "NoLeader",
     "NotAcquired",
+    "NotLeader",
     "NotOwner",
     "PermissionDenied",
     "QuotaExceeded",
     "RequestIdReused",
+    "RevisionCompacted",
     "RichStatus",
     "Session",
     "SessionKeeper",
@@ -70,7 +81,9 @@ __all__ = [
     "SessionRevoked",
     "SessionSummary",
     "SyncClient",
+    "SyncElection",
     "SyncHeldLock",
+    "SyncLeadership",
     "SyncSession",
     "Unauthenticated",
     "Unavailable",

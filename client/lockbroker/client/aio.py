@@ -42,6 +42,7 @@ from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
 from lockbroker.client.admin import AdminClient
+from lockbroker.client.election import Election
 from lockbroker.client.types import (
     FenceCheck,
     Grant,
@@ -490,6 +491,11 @@ class Client:
             reentrant_owner=owner_id,
             max_hold=max_hold,
         )
+
+    def election(self, name: str) -> Election:
+        """Leader election `name` of the caller's tenant (ElectionService): `campaign()`, `observe()`,
+        `leader()`; see lockbroker.client.election."""
+        return Election(self, name)
 
     async def list_pages(
         self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None
