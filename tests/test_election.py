@@ -13,6 +13,12 @@ import grpc
 import pytest
 from grpc import aio
 
+from lockbroker.server.core.election import Campaign as ElectionCampaign
+from lockbroker.server.core.election import ElectionCore, NoLeader, NotLeader
+from lockbroker.server.core.locks import LockCore
+from lockbroker.server.core.memory import MemoryLockBackend
+from lockbroker.server.core.model import EntryValue
+from lockbroker.server.core.quota import UNLIMITED
 from lockbroker.v1 import election_pb2, election_pb2_grpc, lock_pb2
 from lockbroker.v1.reasons import ErrorReason
 from tests.etcdutil import EtcdProbe
@@ -273,3 +279,32 @@ async def test_election_and_lock_of_one_name_are_unrelated(elect: Any, stub: Any
     got = await stub.Acquire(lock_pb2.AcquireRequest(name="same", session_id=s))
     assert got.grant.name == "same"
     assert not (await stub.Describe(lock_pb2.DescribeRequest(name="same"))).waiters
+
+
+async def test_elections_on_the_memory_backend() -> None:
+    """The core needs nothing etcd-only for Campaign, Proclaim, Leader and Resign (serve --backend
+    memory): the candidate's value travels in the entry like the rest of it."""
+    backend = MemoryLockBackend()
+    core = LockCore(backend, "/m")
+    elections = ElectionCore(
+        backend, "/m", quotas=lambda _t: UNLIMITED, leases=core.leases, owners=core.owners, closing=lambda: core.closing
+    )
+    a = int((await core.create_session("t", 10, "a", "")).session_id, 16)
+    b = int((await core.create_session("t", 10, "b", "")).session_id, 16)
+    won = await elections.campaign("t", ElectionCampaign("m", a, b"va", 0.0, "a", "", ""))
+    assert (await elections.leader("t", "m")).value.data == b"va"
+    await elections.proclaim("t", "m", lease_id=a, token=won.fencing_token, value=b"vb", principal="")
+    assert (await elections.leader("t", "m")).value.data == b"vb"
+    with pytest.raises(NotLeader):
+        await elections.proclaim("t", "m", lease_id=b, token=won.fencing_token, value=b"x", principal="")
+    assert await elections.resign("t", "m", a, won.fencing_token, "")
+    with pytest.raises(NoLeader):
+        await elections.leader("t", "m")
+
+
+def test_entry_values_without_data_encode_as_before() -> None:
+    # Lock entries carry no "v": replicas without elections read them unchanged.
+    plain = EntryValue("o", "r", 1.5)
+    assert b'"v"' not in plain.encode() and EntryValue.decode(plain.encode()) == plain
+    with_data = plain.with_data(b"\x00\xffvalue")
+    assert EntryValue.decode(with_data.encode()).data == b"\x00\xffvalue"
