@@ -114,6 +114,50 @@ async def test_concurrent_acquires_of_distinct_locks_share_a_txn_and_each_gets_i
     assert backend.batch.batched >= 2
 
 
+async def test_acquires_of_one_session_on_distinct_locks_share_a_txn(
+    setup: tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str],
+) -> None:
+    """One session, many locks (issue 19's one session per process): its enqueues only compare its
+    record, and each compares its own key's release mark, so they share a batch like those of
+    distinct sessions (they did not while the record and one mark per session were conflict keys)."""
+    core, _backend, wire, probe, root = setup
+    (lease,) = await _sessions(core, 1)
+    wire.sent.clear()
+    grants = await asyncio.gather(*(_acquire(core, f"one/{i}", lease, f"o-{i}") for i in range(8)))
+    assert wire.batches(), "no batch was sent"
+    assert len(wire.sent) < len(grants), "every acquire of the session went to etcd alone"
+    kvs = {kv.key: kv for kv in await probe.kvs(f"/t/{TENANT}/l/")}
+    for i, g in enumerate(grants):
+        assert kvs[Keyspace(root, TENANT).entry_key(f"one/{i}", lease)].create_revision == g.fencing_token
+
+
+async def test_claims_of_one_session_with_tied_tokens_are_each_released_in_one_delete(
+    setup: tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str],
+) -> None:
+    """new_claim claims of one session queued in one batch share a create revision, so their
+    tokens tie across locks: the replica's memory of their keys (core.claims.ClaimKeys) tells
+    them apart by lock, and each Release is one delete, with no read to find the claim."""
+    core, backend, _wire, probe, _root = setup
+    (lease,) = await _sessions(core, 1)
+    names = [f"tied/{i}" for i in range(8)]
+    grants = await asyncio.gather(
+        *(core.acquire(TENANT, AcquireParams(n, lease, 30, 5.0, "", f"t-{i}", f"ct-{i}")) for i, n in enumerate(names))
+    )
+    assert len({g.fencing_token for g in grants}) < len(grants), "no two claims shared a batch"
+    reads: list[bytes] = []
+    real = backend.find_entry
+
+    async def find_entry(prefix: bytes, create_revision: int) -> Any:
+        reads.append(prefix)
+        return await real(prefix, create_revision)
+
+    backend.find_entry = find_entry  # type: ignore[method-assign]
+    for n, g in zip(names, grants, strict=True):
+        assert await core.release(TENANT, n, g.fencing_token, lease)
+    assert reads == []
+    assert await probe.kvs(f"/t/{TENANT}/l/") == []
+
+
 async def test_entries_of_one_lock_never_share_a_txn(
     setup: tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str],
 ) -> None:
@@ -147,7 +191,11 @@ async def test_entries_of_one_lock_never_share_a_txn(
     batches = wire.batches()
     assert batches, "nothing was batched"
     for batch in batches:
-        prefixes = [op.request_txn.success[-2].request_range.key for op in batch.success]  # an enqueue's holder read
+        # Each member's last op reads its lock's queue: an enqueue's "mine and the one before", a
+        # release's new head. (Two releases in one batch once read as the same lock b"" here, when
+        # the enqueue's holder read, success[-2], was taken for every member's.)
+        prefixes = [op.request_txn.success[-1].request_range.key for op in batch.success]
+        assert all(prefixes), f"a batch member without a read of its lock: {batch}"
         assert len(prefixes) == len(set(prefixes)), f"one lock twice in a batch: {prefixes}"
     for name in ("one/0", "one/1"):
         tokens = [g.fencing_token for g in grants if g.name == name]

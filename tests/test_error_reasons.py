@@ -150,6 +150,7 @@ LEVELS = {
     "List": Level.NO_SIDE_EFFECTS,
     "Session": Level.IDEMPOTENCY_UNKNOWN,  # a stream; each message is what its unary RPC is
     "CheckFence": Level.NO_SIDE_EFFECTS,
+    "Watch": Level.NO_SIDE_EFFECTS,  # a server stream that only reads
 }
 
 
@@ -169,6 +170,7 @@ def test_idempotency_levels_are_declared_and_agree_with_the_server_retry() -> No
         "List": Idempotency.ALWAYS,
         "Session": Idempotency.NEVER,  # the stream itself; its messages run through the unary handlers
         "CheckFence": Idempotency.ALWAYS,
+        "Watch": Idempotency.ALWAYS,  # not retried by the edge (a stream); the client resumes it
     }
     assert {m.name: Idempotency.of(m.name) for m in SERVICE.methods} == expected
     # The admin plane: the reads are retried, the forced changes only once.

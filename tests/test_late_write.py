@@ -22,10 +22,10 @@ from lockbroker.server.core.names import derived_lease_id
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.backend import EtcdLockBackend
-from lockbroker.v1 import lock_pb2_grpc
+from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.conftest import broker_config
 from tests.etcdutil import EtcdProbe
-from tests.lockutil import Tracker, acquire, lock_keys, release
+from tests.lockutil import Tracker, acquire, dur, lock_keys, release
 
 
 class HeldUp:
@@ -41,6 +41,9 @@ class HeldUp:
         self.marker = f"/l/{name}#".encode()
         self.kept: list[pb.TxnRequest] = []
         self.sent: list[pb.TxnRequest] = []
+        # Set: the replica is cut off from etcd after its enqueue (it died, or a partition):
+        # nothing it sends to move a release mark (its clean-up's seal) reaches etcd.
+        self.cut_off = False
         batch = broker.backend.batch
         self._txn = batch.txn
 
@@ -49,6 +52,8 @@ class HeldUp:
             if any(self.marker in k for k in puts):
                 self.kept.append(req)
                 raise Unavailable("etcd: held up", retry_after=0.1, outcome_unknown=True)
+            if self.cut_off and any(b"/m/" in k for k in puts):
+                raise Unavailable("etcd: unreachable", retry_after=0.1)
             self.sent.append(req)
             return await self._txn(req, keys, urgent=urgent)
 
@@ -89,20 +94,43 @@ async def stubs(replicas: tuple[Broker, Broker]) -> AsyncIterator[tuple[Any, Any
         yield lock_pb2_grpc.LockServiceStub(ca), lock_pb2_grpc.LockServiceStub(cb)
 
 
+async def acquire_claim(stub: Any, name: str, session_id: str, request_id: str, timeout: float) -> Any:
+    """An Acquire with new_claim: a claim keyed by its request id, beside the session's plain one."""
+    req = lock_pb2.AcquireRequest(name=name, session_id=session_id, request_id=request_id, new_claim=True)
+    req.wait_timeout.CopyFrom(dur(5))
+    return await stub.Acquire(req, timeout=timeout)
+
+
+@pytest.mark.parametrize("cut_off", [False, True], ids=["a-sealed", "a-cut-off"])
+@pytest.mark.parametrize("new_claim", [False, True], ids=["plain", "new-claim"])
 @pytest.mark.parametrize("guarded", [True, False], ids=["release-mark", "without-the-mark"])
-async def test_late_enqueue_after_retry_grant_and_release_is_refused(
-    replicas: tuple[Broker, Broker], stubs: tuple[Any, Any], probe: EtcdProbe, guarded: bool
+async def test_late_enqueue_after_retry_grant_and_release_is_refused(  # noqa: PLR0917 - fixtures and parameters
+    replicas: tuple[Broker, Broker],
+    stubs: tuple[Any, Any],
+    probe: EtcdProbe,
+    guarded: bool,
+    new_claim: bool,
+    cut_off: bool,
 ) -> None:
+    """With A cut off, A's clean-up cannot seal its enqueue's mark: only the mark that B's release
+    moves (the released claim's own, model.mark_key) refuses the late write."""
     a, _ = replicas
     stub_a, stub_b = stubs
     tracker = Tracker(stub_b, probe)
     held = HeldUp(a, "jobs/late")
+    held.cut_off = cut_off
     try:
         session = await tracker.session(ttl=30)
         with pytest.raises(aio.AioRpcError) as failed:
-            await acquire(stub_a, "jobs/late", session, wait=5, request_id="late-1", timeout=3)
+            if new_claim:
+                await acquire_claim(stub_a, "jobs/late", session, "late-1", timeout=3)
+            else:
+                await acquire(stub_a, "jobs/late", session, wait=5, request_id="late-1", timeout=3)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-        granted = await acquire(stub_b, "jobs/late", session, wait=5, request_id="late-1", timeout=5)
+        if new_claim:
+            granted = await acquire_claim(stub_b, "jobs/late", session, "late-1", timeout=5)
+        else:
+            granted = await acquire(stub_b, "jobs/late", session, wait=5, request_id="late-1", timeout=5)
         assert await release(stub_b, "jobs/late", granted.grant.fencing_token, session)
         assert await lock_keys(probe, "jobs/late") == []
 
@@ -153,25 +181,36 @@ async def test_late_enqueue_of_an_abandoned_acquire_is_refused(
         await tracker.cleanup()
 
 
+@pytest.mark.parametrize("released", ["jobs/two", "jobs/one"], ids=["same-claim", "another-lock"])
 async def test_acquire_after_a_release_elsewhere_in_the_same_session(
-    replicas: tuple[Broker, Broker], stubs: tuple[Any, Any], probe: EtcdProbe
+    replicas: tuple[Broker, Broker], stubs: tuple[Any, Any], probe: EtcdProbe, released: str
 ) -> None:
-    """Replica A has not seen the release mark that replica B just moved: its first enqueue is refused
-    by the guard, and it tries once more at the revision etcd reported, instead of failing the call."""
+    """Replica A has not seen the release mark that replica B just moved: when B released the very
+    claim A now queues, A's first enqueue is refused by the guard, and it tries once more at the
+    revision etcd reported, instead of failing the call. A release of the session's claim on
+    another lock moves another mark (model.mark_key), so A's enqueue goes through at once."""
     a, _ = replicas
     stub_a, stub_b = stubs
     tracker = Tracker(stub_b, probe)
     held = HeldUp(a, "never")  # only counts
     try:
         session = await tracker.session(ttl=30)
+        lease = int(session, 16)
+        assert a.core is not None
+        ks = a.core.keyspace("default")
+        marks = {ks.mark(lease).of(ks.entry_key(n, lease)) for n in ("jobs/one", "jobs/two")}
+        assert len(marks) == 2, "the two locks' plain claims must not share a mark for this test"
         await acquire(stub_a, "warm", session, wait=1)  # A has seen etcd now, before B's release below
-        other = await acquire(stub_b, "jobs/one", session, wait=1)
-        assert await release(stub_b, "jobs/one", other.grant.fencing_token, session)
+        other = await acquire(stub_b, released, session, wait=1)
+        assert await release(stub_b, released, other.grant.fencing_token, session)
         held.sent.clear()
         got = await acquire(stub_a, "jobs/two", session, wait=1, request_id="two")
         assert got.grant.fencing_token > other.grant.fencing_token
         enqueues = [r for r in held.sent if any(b"/l/jobs/two#" in op.request_put.key for op in r.success)]
-        assert len(enqueues) == 2, "expected one refused try and one applied"
+        if released == "jobs/two":
+            assert len(enqueues) == 2, "expected one refused try and one applied"
+        else:
+            assert len(enqueues) == 1, "a release of another lock of the session refused the enqueue"
         assert [k for k in await lock_keys(probe) if b"jobs/two" in k]
     finally:
         await tracker.cleanup()

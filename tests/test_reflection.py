@@ -89,6 +89,7 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
             "List",
             "Session",
             "CheckFence",
+            "Watch",
         }
         # The idempotency levels travel with the descriptors, for clients that decide retries by them.
         levels = {m.name: m.GetOptions().idempotency_level for m in svc.service.methods}
@@ -98,6 +99,7 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
             "Describe",
             "List",
             "CheckFence",
+            "Watch",
         }
         assert (
             levels["Describe"] == levels["List"] == levels["CheckFence"] == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS

@@ -96,6 +96,10 @@ class LossyProxy(lock_pb2_grpc.LockServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         yield lock_pb2.SessionResponse()  # an async generator, like every stream behavior
 
+    async def Watch(self, request: lock_pb2.WatchRequest, context: Ctx) -> AsyncIterator[lock_pb2.WatchResponse]:
+        async for response in self.up.Watch(request):
+            yield response
+
 
 class RunningProxy:
     def __init__(self, broker_port: int, listen_port: int = 0) -> None:

@@ -29,6 +29,7 @@ PUBLIC = [
     "Leadership",
     "LockBrokerError",
     "LockContext",
+    "LockEvent",
     "LockHeld",
     "LockLost",
     "LockState",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,65 @@ async def test_a_retried_release_takes_one_hold_off(env: Env) -> None:
     assert await rel(TENANT, name, g.fencing_token, s, "rel-3") == (True, 0)
     assert await rel(TENANT, name, g.fencing_token, s, "rel-3") == (False, 0)  # gone, as for any lock
     assert await env.lock_keys() == []
+
+
+def count_calls(env: Env, *methods: str) -> list[str]:
+    """The names of the backend's `methods` as the core calls them, in order, from now on."""
+    calls: list[str] = []
+    for method in methods:
+        real = getattr(env.backend, method)
+
+        def counted(*args: Any, _real: Any = real, _method: str = method, **kwargs: Any) -> Any:
+            calls.append(_method)
+            return _real(*args, **kwargs)
+
+        setattr(env.backend, method, counted)
+    return calls
+
+
+BACKEND_CALLS = ("delete_entry", "find_entry", "position", "update_entry", "queue")
+
+
+async def test_a_new_claim_granted_here_is_released_in_one_delete(env: Env) -> None:
+    """Release of a new_claim claim is the one delete Txn a plain claim's is: the replica that
+    granted it knows its key (core.claims.ClaimKeys), so there is no failed delete of the plain
+    claim and no read to find it by token."""
+    name = "claims/one-call"
+    s = await env.session(ttl=30)
+    first = await claim(env, name, s, "one-a")
+    second = asyncio.ensure_future(claim(env, name, s, "one-b", wait=30))
+    await env.wait_waiters(name, 1)
+    calls = count_calls(env, *BACKEND_CALLS)
+    assert await release(env, name, first.fencing_token, s) == (True, 0)
+    assert calls == ["delete_entry"]
+    granted = await asyncio.wait_for(second, 5)
+    calls.clear()
+    assert await release(env, name, granted.fencing_token, s) == (True, 0)
+    assert calls == ["delete_entry"]
+    # Released: the token is forgotten, and a second Release finds nothing (by the read path).
+    assert await release(env, name, granted.fencing_token, s) == (False, 0)
+    assert await env.lock_keys() == []
+
+
+async def test_a_claim_token_named_with_the_wrong_lock_releases_nothing(env: Env) -> None:
+    s = await env.session(ttl=30)
+    got = await claim(env, "claims/right", s, "wrong-a")
+    assert await release(env, "claims/wrong", got.fencing_token, s) == (False, 0)
+    assert len(await env.lock_keys("claims/right")) == 1
+    # Still known under its own lock: released there in one delete.
+    calls = count_calls(env, *BACKEND_CALLS)
+    assert await release(env, "claims/right", got.fencing_token, s) == (True, 0)
+    assert calls == ["delete_entry"]
+    assert await env.lock_keys() == []
+
+
+async def test_a_new_claim_granted_elsewhere_is_found_by_its_token(env: Env) -> None:
+    """Another replica (another LockCore over the same store) never saw the grant: it finds the
+    claim by token, as before, and the replica that granted it then finds it gone."""
+    name = "claims/elsewhere"
+    s = await env.session(ttl=30)
+    got = await claim(env, name, s, "else-a")
+    other = LockCore(env.backend, env.root.decode())
+    assert await other.release_claim(TENANT, name, got.fencing_token, s) == (True, 0)
+    assert await env.lock_keys() == []
+    assert await release(env, name, got.fencing_token, s) == (False, 0)

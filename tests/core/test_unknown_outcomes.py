@@ -8,6 +8,7 @@ remove what landed (core/acquire.py: _abandon, _late_entry).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -29,8 +30,9 @@ async def test_unknown_enqueue_leaves_nothing_and_the_lock_free(env: Env, applie
     assert ei.value.outcome_unknown
     await env.core.drain_cleanups(3.0)
     assert await env.lock_keys(name) == []
-    # The session's release mark moved (sealed) or the entry was deleted (which moves it too).
-    assert env.root + f"/t/{TENANT}/m/{sid(s)}".encode() in await env.keys(f"/t/{TENANT}/m/")
+    # The entry's release mark moved (sealed) or the entry was deleted (which moves it too).
+    ks = env.core.keyspace(TENANT)
+    assert await env.keys(f"/t/{TENANT}/m/") == [ks.mark(s).of(ks.entry_key(name, s))]
     # The same request, retried, is granted: nothing of the first attempt is in its way.
     got = await env.acquire(name, s, wait=wait, request_id="u-1")
     assert got.session_id == sid(s)
@@ -93,7 +95,7 @@ async def test_a_late_enqueue_is_refused_after_the_seal() -> None:
             session_key=ks.session_key(s),
             new_session_value=None,
             only_if_free=False,
-            mark=ks.mark(s).key,
+            mark=ks.mark(s).base,
         )
     gate2.set()
     for _ in range(3):
@@ -116,3 +118,73 @@ async def test_clean_up_retries_while_the_backend_is_away(env: Env) -> None:
     assert (await env.describe(name)).waiters == []
     assert await env.release(name, held.fencing_token)
     assert (await env.describe(name)).holder is None
+
+
+async def _held_core() -> tuple[MemoryLockBackend, LockCore, int]:
+    mem = MemoryLockBackend(ManualClock())
+    core = LockCore(mem, "/marks")
+    s = int((await core.create_session(TENANT, 30, "", "")).session_id, 16)
+    return mem, core, s
+
+
+def _enqueue(mem: MemoryLockBackend, core: LockCore, name: str, s: int, *, claim: str, request_id: str) -> Any:
+    ks = core.keyspace(TENANT)
+    return mem.enqueue(
+        ks.lock_prefix(name),
+        ks.entry_key(name, s, claim),
+        EntryValue("o", request_id, 0.0),
+        s,
+        session_key=ks.session_key(s),
+        new_session_value=None,
+        only_if_free=False,
+        mark=ks.mark(s).base,
+    )
+
+
+async def _land() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("claim", ["", "cretry-1"], ids=["plain", "new-claim"])
+async def test_a_late_enqueue_is_refused_after_its_retry_was_granted_and_released(claim: str) -> None:
+    """The guarantee of the release marks (LockBackend.enqueue): an enqueue held in the network
+    that lands after the same request was retried, granted and released must not queue the
+    released claim again, for the plain claim as for a new_claim claim (whose mark is its own
+    key's, not the session's: model.mark_key). On etcd: tests/test_late_write.py."""
+    mem, core, s = await _held_core()
+    ks = core.keyspace(TENANT)
+    name, key = "marks/late", ks.entry_key("marks/late", s, claim)
+    gate = asyncio.Event()
+    mem.fail("enqueue", applied=True, gate=gate)
+    with pytest.raises(Unavailable):
+        await _enqueue(mem, core, name, s, claim=claim, request_id="retry-1")  # held up in the network
+    retried = await _enqueue(mem, core, name, s, claim=claim, request_id="retry-1")
+    assert retried.created and retried.position.mine is not None and retried.position.predecessor is None
+    assert await mem.delete_entry(key, retried.position.mine.create_revision, mark=ks.mark(s)) is not None
+    gate.set()
+    await _land()
+    assert mem.keys(ks.lock_prefix(name)) == []
+    await mem.close()
+
+
+async def test_a_release_of_another_claim_does_not_refuse_an_enqueue_in_flight() -> None:
+    """Each claim's enqueue compares its own key's mark, so a release of another claim of the
+    same session (here one whose mark differs) no longer refuses it: 64 claims of one session do
+    not retry each other's enqueues (issue 19's bench)."""
+    mem, core, s = await _held_core()
+    ks = core.keyspace(TENANT)
+    name = "marks/other"
+    mine, other = ks.entry_key(name, s, "cmine"), ks.entry_key(name, s, "cother")
+    assert ks.mark(s).of(mine) != ks.mark(s).of(other)
+    held = await _enqueue(mem, core, name, s, claim="cother", request_id="other")
+    assert held.position.mine is not None
+    gate = asyncio.Event()
+    mem.fail("enqueue", applied=True, gate=gate)
+    with pytest.raises(Unavailable):
+        await _enqueue(mem, core, name, s, claim="cmine", request_id="mine")
+    assert await mem.delete_entry(other, held.position.mine.create_revision, mark=ks.mark(s)) is not None
+    gate.set()
+    await _land()
+    assert mem.keys(ks.lock_prefix(name)) == [mine]
+    await mem.close()

@@ -4,6 +4,7 @@ asyncio first (`Client`), with a blocking facade (`SyncClient`) over the same co
 """
 
 from lockbroker.client._retry import Backoff
+from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
 from lockbroker.client.election import Election, Leader, LeaderChange, Leadership
 from lockbroker.client.errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "Leadership",
     "LockBrokerError",
     "LockContext",
+    "LockEvent",
     "LockHeld",
     "LockLost",
     "LockState",

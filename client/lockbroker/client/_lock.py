@@ -130,6 +130,7 @@ class LockContext:
         timeout: float | None,
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
+        lock_delay: float | None = None,
     ) -> None:
         self._client = client
         self._reentrant_owner = reentrant_owner
@@ -144,6 +145,7 @@ class LockContext:
         self._on_lost = on_lost
         self._timeout = timeout
         self._max_hold = max_hold
+        self._lock_delay = lock_delay
         self._own_session: SessionKeeper | None = None
         self._keeper: SessionKeeper | None = None
         self.held: HeldLock | None = None
@@ -173,6 +175,7 @@ class LockContext:
                 new_claim=new_claim,
                 reentrant_owner=self._reentrant_owner,
                 max_hold=self._max_hold,
+                lock_delay=self._lock_delay,
             )
         except BaseException as exc:
             await self._abandon(exc)

@@ -41,6 +41,7 @@ from lockbroker.client._lock import HeldLock, LockContext, LostCallback
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
+from lockbroker.client._watch import LockEvent, watch_events
 from lockbroker.client.admin import AdminClient
 from lockbroker.client.election import Election
 from lockbroker.client.types import (
@@ -369,13 +370,16 @@ class Client:
         new_claim: bool = False,
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
+        lock_delay: float | None = None,
     ) -> Grant:
         """Take a lock: try once (wait=0) or queue up to `wait` seconds.
 
         Without session_id the broker creates a session of `ttl` for this one lock; keep it alive
         or it lapses. `timeout` bounds the whole call including retries (default: wait +
         default_timeout). `max_hold` (whole seconds, at least 2): the broker revokes the grant
-        once held this long (default: the tenant's max_hold, if any). Raises LockHeld /
+        once held this long (default: the tenant's max_hold, if any). `lock_delay`: if this grant
+        is lost (not released), the lock is not granted again for this long (default: the
+        tenant's lock_delay; above its max_lock_delay: InvalidArgument). Raises LockHeld /
         WaitExpired (both NotAcquired) when not granted.
 
         With a session: `new_claim` queues another, independent claim of the session (its own
@@ -402,6 +406,8 @@ class Client:
                 req.ttl.CopyFrom(duration(ttl))
             if max_hold is not None:
                 req.max_hold.CopyFrom(duration(max_hold))
+            if lock_delay is not None:
+                req.lock_delay.CopyFrom(duration(lock_delay))
             if wait > 0:
                 # A retry resumes the same place in the queue; it should not restart the wait.
                 req.wait_timeout.CopyFrom(duration(max(wait - (time.monotonic() - started), 0.001)))
@@ -459,6 +465,7 @@ class Client:
         timeout: float | None = None,
         reentrant: bool | str = False,
         max_hold: float | None = None,
+        lock_delay: float | None = None,
     ) -> LockContext:
         """`async with client.lock(name) as held:` hold `name` for the block.
 
@@ -472,7 +479,7 @@ class Client:
         reentrant=True)` in the same task gets the same grant, and the lock is released when the
         outermost block ends. A string instead of True names the owner identity explicitly.
         With `max_hold`, the broker revokes the grant once held that long: `held.lost` fires with
-        `lost_cause == "MAX_HOLD_EXCEEDED"`.
+        `lost_cause == "MAX_HOLD_EXCEEDED"`. `lock_delay`: see `acquire`.
         """
         owner_id: str | None = None
         if reentrant:
@@ -490,6 +497,7 @@ class Client:
             timeout=timeout,
             reentrant_owner=owner_id,
             max_hold=max_hold,
+            lock_delay=lock_delay,
         )
 
     def election(self, name: str) -> Election:
@@ -518,6 +526,18 @@ class Client:
         async for page in self.list_pages(prefix, page_size, timeout=timeout):
             for item in page:
                 yield item
+
+    def watch(
+        self, name: str, prefix: bool = False, start_revision: int | None = None
+    ) -> AsyncGenerator[LockEvent, None]:
+        """The events of lock `name` (with `prefix`, of every lock whose name starts with it):
+        `async for event in client.watch("orders/42")`. Without `start_revision` the first events
+        are a snapshot (event.snapshot: the holder as GRANTED, waiters as WAITER_QUEUED). A dropped
+        stream is resumed from the last revision received, so nothing is missed or repeated."""
+        check_utf8(name=name)
+        return watch_events(
+            self._stub, self._metadata, name, prefix=prefix, start_revision=start_revision, backoff=self._backoff
+        )
 
 
 def _current_task_identity() -> str:

@@ -231,7 +231,8 @@ class NoLeader(LockBrokerError):
 
 
 class RevisionCompacted(LockBrokerError):
-    """OUT_OF_RANGE from Observe: the revision to resume from is no longer in etcd's history."""
+    """Watch's start_revision (or Observe's after_revision) is older than etcd keeps:
+    `metadata["compact_revision"]` says from where. Read again and watch (observe) without it."""
 
     default_code = grpc.StatusCode.OUT_OF_RANGE
 
@@ -278,9 +279,9 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.REVOKED: SessionRevoked,
     ErrorReason.NOT_LEADER: NotLeader,
     ErrorReason.NO_LEADER: NoLeader,
-    ErrorReason.REVISION_COMPACTED: RevisionCompacted,
     # Never a call's status (it names revoked grants in keepalive answers): the base, if ever seen.
     ErrorReason.MAX_HOLD_EXCEEDED: LockBrokerError,
+    ErrorReason.REVISION_COMPACTED: RevisionCompacted,
     ErrorReason.INTERNAL: LockBrokerError,  # a broker bug: nothing to catch it as but the base
 }
 

@@ -26,6 +26,7 @@ import grpc
 from lockbroker.client._lock import HeldLock, LockContext
 from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
+from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, Transport
 from lockbroker.client.election import CampaignContext, Election, Leader, LeaderChange, Leadership
 from lockbroker.client.errors import LockLost
@@ -386,6 +387,23 @@ class SyncClient:
     def election(self, name: str) -> SyncElection:
         """Leader election `name` (see Client.election)."""
         return SyncElection(self, self._client.election(name))
+
+    def watch(self, name: str, prefix: bool = False, start_revision: int | None = None) -> Iterator[LockEvent]:
+        """The events of a lock (or name prefix), blocking for each: see Client.watch."""
+        events = self._client.watch(name, prefix, start_revision)
+
+        async def next_event() -> LockEvent | None:
+            try:
+                return await anext(events)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (event := self._call(next_event())) is not None:
+                yield event
+        finally:
+            if not self._closed:
+                self._call(events.aclose())
 
     # -- sessions and locks -----------------------------------------------------------------
 

@@ -80,6 +80,8 @@ class LockState:
     name: str
     holder: Holder | None
     waiters: tuple[Waiter, ...]
+    # A running lock-delay's end: the holder shown is next in line, granted then.
+    delay_until: datetime | None = None
 
     @property
     def held(self) -> bool:
@@ -156,6 +158,7 @@ def lock_state_of(resp: lock_pb2.DescribeResponse) -> LockState:
             )
             for w in resp.waiters
         ),
+        delay_until=timestamp(resp.delay_until) if resp.HasField("delay_until") else None,
     )
 
 

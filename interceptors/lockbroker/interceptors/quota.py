@@ -60,6 +60,7 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "Describe": "read",
     _SERVICE + "List": "read",
     _SERVICE + "CheckFence": "read",
+    _SERVICE + "Watch": "read",  # one token per stream opened; max_streams bounds the open ones
     _SERVICE + "CreateSession": "session",
     _SERVICE + "Refresh": "session",
     _SERVICE + "CloseSession": "session",

@@ -155,21 +155,23 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     retryable as such (acquire again). Details and metadata: none (the
     RevokedGrant names the lock and token).
     """
-    ERROR_REASON_NOT_LEADER: _ErrorReason.ValueType  # 21
+    ERROR_REASON_REVISION_COMPACTED: _ErrorReason.ValueType  # 40
+    """Code OUT_OF_RANGE: Watch's start_revision is older than etcd's compact
+    revision, so the events after it are gone. Not retryable as is: read
+    the state again (Describe) and watch without start_revision. Metadata:
+    "compact_revision", "start_revision". Also from ElectionService.Observe,
+    for an after_revision etcd has compacted: observe again without it
+    (metadata "after_revision", "compact_revision").
+    """
+    ERROR_REASON_NOT_LEADER: _ErrorReason.ValueType  # 41
     """Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
     named is no longer the election's leader (it resigned, its session ended,
     or it never led); nothing was changed. Not retryable: campaign again.
     Metadata: "election", "fencing_token".
     """
-    ERROR_REASON_NO_LEADER: _ErrorReason.ValueType  # 22
+    ERROR_REASON_NO_LEADER: _ErrorReason.ValueType  # 42
     """Code NOT_FOUND, from ElectionService.Leader: nobody leads the election.
     Retryable once a candidate has campaigned. Metadata: "election".
-    """
-    ERROR_REASON_REVISION_COMPACTED: _ErrorReason.ValueType  # 23
-    """Code OUT_OF_RANGE, from ElectionService.Observe: after_revision is older
-    than etcd's compacted history, so the changes since cannot be replayed.
-    Not retryable as such: observe again without after_revision. Metadata:
-    "after_revision", "compact_revision".
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -297,21 +299,23 @@ tenant's max_hold) and the broker revoked it. The lock is gone; not
 retryable as such (acquire again). Details and metadata: none (the
 RevokedGrant names the lock and token).
 """
-ERROR_REASON_NOT_LEADER: ErrorReason.ValueType  # 21
+ERROR_REASON_REVISION_COMPACTED: ErrorReason.ValueType  # 40
+"""Code OUT_OF_RANGE: Watch's start_revision is older than etcd's compact
+revision, so the events after it are gone. Not retryable as is: read
+the state again (Describe) and watch without start_revision. Metadata:
+"compact_revision", "start_revision". Also from ElectionService.Observe,
+for an after_revision etcd has compacted: observe again without it
+(metadata "after_revision", "compact_revision").
+"""
+ERROR_REASON_NOT_LEADER: ErrorReason.ValueType  # 41
 """Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
 named is no longer the election's leader (it resigned, its session ended,
 or it never led); nothing was changed. Not retryable: campaign again.
 Metadata: "election", "fencing_token".
 """
-ERROR_REASON_NO_LEADER: ErrorReason.ValueType  # 22
+ERROR_REASON_NO_LEADER: ErrorReason.ValueType  # 42
 """Code NOT_FOUND, from ElectionService.Leader: nobody leads the election.
 Retryable once a candidate has campaigned. Metadata: "election".
-"""
-ERROR_REASON_REVISION_COMPACTED: ErrorReason.ValueType  # 23
-"""Code OUT_OF_RANGE, from ElectionService.Observe: after_revision is older
-than etcd's compacted history, so the changes since cannot be replayed.
-Not retryable as such: observe again without after_revision. Metadata:
-"after_revision", "compact_revision".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -342,6 +346,46 @@ FENCE_STATUS_STALE: FenceStatus.ValueType  # 2
 is free (released, expired, revoked). Refuse the write.
 """
 Global___FenceStatus: _TypeAlias = FenceStatus  # noqa: Y015
+
+class _LockEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LockEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LockEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOCK_EVENT_TYPE_UNSPECIFIED: _LockEventType.ValueType  # 0
+    """Never sent."""
+    LOCK_EVENT_TYPE_GRANTED: _LockEventType.ValueType  # 1
+    """The lock was granted to the entry described."""
+    LOCK_EVENT_TYPE_RELEASED: _LockEventType.ValueType  # 2
+    """The holder released the lock (Release)."""
+    LOCK_EVENT_TYPE_EXPIRED: _LockEventType.ValueType  # 3
+    """The holder's session ended (its TTL lapsed, or it was closed)."""
+    LOCK_EVENT_TYPE_REVOKED: _LockEventType.ValueType  # 4
+    """An admin or the maximum hold time took the grant away (see reason)."""
+    LOCK_EVENT_TYPE_WAITER_QUEUED: _LockEventType.ValueType  # 5
+    """An entry joined the queue behind the holder."""
+    LOCK_EVENT_TYPE_WAITER_LEFT: _LockEventType.ValueType  # 6
+    """A waiter left the queue without being granted the lock."""
+
+class LockEventType(_LockEventType, metaclass=_LockEventTypeEnumTypeWrapper):
+    """LockEventType is what happened to a lock."""
+
+LOCK_EVENT_TYPE_UNSPECIFIED: LockEventType.ValueType  # 0
+"""Never sent."""
+LOCK_EVENT_TYPE_GRANTED: LockEventType.ValueType  # 1
+"""The lock was granted to the entry described."""
+LOCK_EVENT_TYPE_RELEASED: LockEventType.ValueType  # 2
+"""The holder released the lock (Release)."""
+LOCK_EVENT_TYPE_EXPIRED: LockEventType.ValueType  # 3
+"""The holder's session ended (its TTL lapsed, or it was closed)."""
+LOCK_EVENT_TYPE_REVOKED: LockEventType.ValueType  # 4
+"""An admin or the maximum hold time took the grant away (see reason)."""
+LOCK_EVENT_TYPE_WAITER_QUEUED: LockEventType.ValueType  # 5
+"""An entry joined the queue behind the holder."""
+LOCK_EVENT_TYPE_WAITER_LEFT: LockEventType.ValueType  # 6
+"""A waiter left the queue without being granted the lock."""
+Global___LockEventType: _TypeAlias = LockEventType  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
@@ -641,6 +685,7 @@ class AcquireRequest(_message.Message):
     REENTRANT_FIELD_NUMBER: _builtins.int
     REENTRANT_OWNER_FIELD_NUMBER: _builtins.int
     MAX_HOLD_FIELD_NUMBER: _builtins.int
+    LOCK_DELAY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lock name: any UTF-8 text without control characters (U+0000-U+001F,
     U+007F-U+009F), 1 to 1024 bytes (the server's limits.max_name_bytes).
@@ -703,6 +748,15 @@ class AcquireRequest(_message.Message):
         tenant's max_hold: RESOURCE_EXHAUSTED (QUOTA_EXCEEDED).
         """
 
+    @_builtins.property
+    def lock_delay(self) -> _duration_pb2.Duration:
+        """Lock-delay of this grant: if it ends without a clean Release (its
+        session expires, is closed or revoked, or the grant is revoked), the
+        lock is not granted again until this long after the loss was seen;
+        waiters keep their places. Unset: the tenant's lock_delay (0 by
+        default). Above the tenant's max_lock_delay: INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -716,10 +770,11 @@ class AcquireRequest(_message.Message):
         reentrant: _builtins.bool = ...,
         reentrant_owner: _builtins.str = ...,
         max_hold: _duration_pb2.Duration | None = ...,
+        lock_delay: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay", "max_hold", b"max_hold", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hold", b"max_hold", "name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay", "max_hold", b"max_hold", "name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -963,6 +1018,7 @@ class DescribeResponse(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     WAITERS_FIELD_NUMBER: _builtins.int
+    DELAY_UNTIL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The lock name."""
     @_builtins.property
@@ -973,16 +1029,24 @@ class DescribeResponse(_message.Message):
     def waiters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Waiter]:
         """Sessions waiting for the lock, first in line first."""
 
+    @_builtins.property
+    def delay_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while the lock is in a lock-delay (its last holder was lost): it
+        is not granted before this time; the first waiter is shown as holder
+        and gets the grant then.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         holder: Global___LockHolder | None = ...,
         waiters: _abc.Iterable[Global___Waiter] | None = ...,
+        delay_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "holder", b"holder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "name", b"name", "waiters", b"waiters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "holder", b"holder", "name", b"name", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1756,3 +1820,122 @@ class HeldGrant(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeldGrant: _TypeAlias = HeldGrant  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    """WatchRequest names the lock (or name prefix) to follow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    START_REVISION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The lock name, validated like AcquireRequest.name; with prefix, a name
+    prefix (may be empty: every lock of the tenant).
+    """
+    prefix: _builtins.bool
+    """Treat `name` as a prefix of lock names."""
+    start_revision: _builtins.int
+    """Resume after this etcd revision (the `revision` of the last
+    WatchResponse received): only events after it are sent. 0: start now,
+    with a snapshot. Negative: INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        prefix: _builtins.bool = ...,
+        start_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "prefix", b"prefix", "start_revision", b"start_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchResponse(_message.Message):
+    """WatchResponse carries the events of one or more etcd revisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Every event up to this revision has been sent; resume from it."""
+    snapshot: _builtins.bool
+    """True for the first message of a watch without start_revision: its
+    events (GRANTED, WAITER_QUEUED) describe the state at `revision`.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockEvent]:
+        """The events, in the order they happened."""
+
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        events: _abc.Iterable[Global___LockEvent] | None = ...,
+        snapshot: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "revision", b"revision", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class LockEvent(_message.Message):
+    """LockEvent is one change of a lock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    type: Global___LockEventType.ValueType
+    """What happened."""
+    name: _builtins.str
+    """The lock name."""
+    revision: _builtins.int
+    """The etcd revision it happened at (several events may share one)."""
+    owner: _builtins.str
+    """The entry's owner label."""
+    session_id: _builtins.str
+    """The entry's session."""
+    fencing_token: _builtins.int
+    """The entry's fencing token (its create revision)."""
+    reason: _builtins.str
+    """REVOKED: the ErrorReason name (REVOKED, MAX_HOLD_EXCEEDED)."""
+    message: _builtins.str
+    """REVOKED: the admin's reason, when one was given."""
+    def __init__(
+        self,
+        *,
+        type: Global___LockEventType.ValueType = ...,
+        name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        owner: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "message", b"message", "name", b"name", "owner", b"owner", "reason", b"reason", "revision", b"revision", "session_id", b"session_id", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockEvent: _TypeAlias = LockEvent  # noqa: Y015

@@ -85,6 +85,11 @@ class LockServiceStub:
                 request_serializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceRequest.SerializeToString,
                 response_deserializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/lockbroker.v1.LockService/Watch',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.WatchRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class LockServiceServicer:
@@ -223,6 +228,23 @@ class LockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Watch streams the events of one lock (or, with prefix, of every lock
+        whose name starts with `name`) of the caller's tenant: granted,
+        released, expired, revoked, waiter queued, waiter left. Each message
+        holds every event of the etcd revisions it covers, so a client that
+        resumes with start_revision = the last message's revision misses and
+        repeats nothing. Without start_revision the first message is a
+        snapshot of the current holders and waiters. A start_revision etcd has
+        compacted away: OUT_OF_RANGE with the compact revision in the
+        ErrorInfo metadata ("compact_revision"); read the state again
+        (Describe) and watch without start_revision. Counts against the
+        tenant's max_streams on the replica. A read: NO_SIDE_EFFECTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +297,11 @@ def add_LockServiceServicer_to_server(servicer, server):
                     servicer.CheckFence,
                     request_deserializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceRequest.FromString,
                     response_serializer=lockbroker_dot_v1_dot_lock__pb2.CheckFenceResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.WatchRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -548,6 +575,33 @@ class LockService:
             '/lockbroker.v1.LockService/CheckFence',
             lockbroker_dot_v1_dot_lock__pb2.CheckFenceRequest.SerializeToString,
             lockbroker_dot_v1_dot_lock__pb2.CheckFenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lockbroker.v1.LockService/Watch',
+            lockbroker_dot_v1_dot_lock__pb2.WatchRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

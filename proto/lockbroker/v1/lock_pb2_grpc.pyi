@@ -141,6 +141,19 @@ class LockServiceStub:
     when a newer grant exists or the lock is free since (Chubby's
     CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
     """
+    Watch: _grpc.UnaryStreamMultiCallable[_lock_pb2.WatchRequest, _lock_pb2.WatchResponse]
+    """Watch streams the events of one lock (or, with prefix, of every lock
+    whose name starts with `name`) of the caller's tenant: granted,
+    released, expired, revoked, waiter queued, waiter left. Each message
+    holds every event of the etcd revisions it covers, so a client that
+    resumes with start_revision = the last message's revision misses and
+    repeats nothing. Without start_revision the first message is a
+    snapshot of the current holders and waiters. A start_revision etcd has
+    compacted away: OUT_OF_RANGE with the compact revision in the
+    ErrorInfo metadata ("compact_revision"); read the state again
+    (Describe) and watch without start_revision. Counts against the
+    tenant's max_streams on the replica. A read: NO_SIDE_EFFECTS.
+    """
 
 @_typing.type_check_only
 class LockServiceAsyncStub(LockServiceStub):
@@ -238,6 +251,19 @@ class LockServiceAsyncStub(LockServiceStub):
     CURRENT when the grant with this token is the lock's holder now, STALE
     when a newer grant exists or the lock is free since (Chubby's
     CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_lock_pb2.WatchRequest, _lock_pb2.WatchResponse]  # type: ignore[assignment]
+    """Watch streams the events of one lock (or, with prefix, of every lock
+    whose name starts with `name`) of the caller's tenant: granted,
+    released, expired, revoked, waiter queued, waiter left. Each message
+    holds every event of the etcd revisions it covers, so a client that
+    resumes with start_revision = the last message's revision misses and
+    repeats nothing. Without start_revision the first message is a
+    snapshot of the current holders and waiters. A start_revision etcd has
+    compacted away: OUT_OF_RANGE with the compact revision in the
+    ErrorInfo metadata ("compact_revision"); read the state again
+    (Describe) and watch without start_revision. Counts against the
+    tenant's max_streams on the replica. A read: NO_SIDE_EFFECTS.
     """
 
 class LockServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -393,6 +419,25 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         CURRENT when the grant with this token is the lock's holder now, STALE
         when a newer grant exists or the lock is free since (Chubby's
         CheckSequencer). One etcd read. A read: NO_SIDE_EFFECTS.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _lock_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lock_pb2.WatchResponse], _abc.AsyncIterator[_lock_pb2.WatchResponse]]:
+        """Watch streams the events of one lock (or, with prefix, of every lock
+        whose name starts with `name`) of the caller's tenant: granted,
+        released, expired, revoked, waiter queued, waiter left. Each message
+        holds every event of the etcd revisions it covers, so a client that
+        resumes with start_revision = the last message's revision misses and
+        repeats nothing. Without start_revision the first message is a
+        snapshot of the current holders and waiters. A start_revision etcd has
+        compacted away: OUT_OF_RANGE with the compact revision in the
+        ErrorInfo metadata ("compact_revision"); read the state again
+        (Describe) and watch without start_revision. Counts against the
+        tenant's max_streams on the replica. A read: NO_SIDE_EFFECTS.
         """
 
 def add_LockServiceServicer_to_server(servicer: LockServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -52,7 +52,9 @@ from lockbroker.server.core.errors import (
 from lockbroker.server.core.names import parse_session_id, session_id_of
 from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
 from lockbroker.server.core.slots import QUOTA_RETRY_AFTER
+from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.session_stream import SessionStreams
+from lockbroker.server.watch import key_range, watch
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 
 _SERVICE_DESC = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
@@ -140,6 +142,12 @@ def add_to_server(service: object, server: aio.Server, desc: ServiceDescriptor =
         if m.client_streaming:
             handlers[m.name] = grpc.stream_stream_rpc_method_handler(
                 behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+        elif m.server_streaming:
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
+                behavior,
+                request_deserializer=_tolerant(request.FromString),
+                response_serializer=response.SerializeToString,
             )
         else:
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
@@ -307,6 +315,7 @@ def rpc(
 
 _KEEPALIVE = _call_info("KeepAlive", streaming=True)
 _SESSION = _call_info("Session", streaming=True)
+_WATCH = CallInfo(f"/{SERVICE}/Watch", SERVICE, "Watch", False, True)
 
 
 class LockService(lock_pb2_grpc.LockServiceServicer):
@@ -383,6 +392,8 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         )
         if state.holder is not None:
             resp.holder.CopyFrom(convert.holder(state.holder, state.holder_expires_at))
+        if state.delay_until:
+            resp.delay_until.CopyFrom(convert.ts(state.delay_until))
         return resp
 
     @rpc()
@@ -403,6 +414,32 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
         fence = await self.core.check_fence(tenant_of(context), name, token)
         status = lock_pb2.FENCE_STATUS_CURRENT if fence.current else lock_pb2.FENCE_STATUS_STALE
         return lock_pb2.CheckFenceResponse(status=status, current_fencing_token=fence.holder_token)
+
+    async def Watch(self, request: lock_pb2.WatchRequest, context: Ctx) -> AsyncIterator[lock_pb2.WatchResponse]:
+        """Lock events of one lock or name prefix of the caller's tenant: see watch.py."""
+        context = scoped(context, _WATCH)
+        tenant, opened = tenant_of(context), False
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument([FieldViolation("request", f"is not a valid request message: {request.error}")])
+            name, prefix, start = validation.watch(request, self.limits)
+            backend = self.core.backend
+            if not isinstance(backend, EtcdLockBackend):  # the memory backend keeps no event history
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch needs the etcd backend")
+            if self.draining:
+                raise ShuttingDown("the broker is shutting down; watch again on another replica", retry_after=0.5)
+            self._open_stream(tenant)  # a Watch holds what a KeepAlive stream holds: the same max_streams
+            opened = True
+            ks = self.core.keyspace(tenant)
+            async for response in watch(backend, ks, key_range(ks, name, prefix), start, self.core.closing):
+                yield response
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _fail(context, exc, "Watch")
+        finally:
+            if opened:
+                self._close_stream(tenant)
 
     async def _until_draining(self, requests: AsyncIterator[T]) -> AsyncIterator[T]:
         """The stream's requests, ending with SHUTTING_DOWN when the broker begins to drain, so

@@ -103,6 +103,10 @@ class _Checker:
             self.bad(field, f"must be at most {limits.max_wait:g}s")
         return value
 
+    def seconds(self, field: str, d: duration_pb2.Duration) -> float:
+        """A duration >= 0 in seconds (0 when invalid, with the violation recorded)."""
+        return self._seconds(field, d) or 0.0
+
     def max_hold(self, field: str, d: duration_pb2.Duration) -> float:
         value = self._seconds(field, d)
         if value is None:
@@ -177,6 +181,7 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
         request_id = request_id or uuid.uuid4().hex
         claim = new_claim_id(request_id)
     hold = c.max_hold("max_hold", req.max_hold) if req.HasField("max_hold") else 0.0
+    delay = c.seconds("lock_delay", req.lock_delay) if req.HasField("lock_delay") else 0.0
     c.done()
     return AcquireParams(
         req.name,
@@ -189,6 +194,7 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
         req.reentrant_owner if req.reentrant else "",
         principal,
         hold,
+        delay,
     )
 
 
@@ -238,6 +244,19 @@ def check_fence(req: lock_pb2.CheckFenceRequest, limits: LockLimits | None = Non
         c.bad("fencing_token", "must be the positive fencing token of a grant")
     c.done()
     return req.name, req.fencing_token
+
+
+def watch(req: lock_pb2.WatchRequest, limits: LockLimits | None = None) -> tuple[str, bool, int]:
+    """(name or prefix, prefix?, start revision)."""
+    c = _Checker()
+    if req.prefix:
+        c.check("name", name_problem(req.name, max_bytes=_max_name(limits), prefix=True))
+    else:
+        c.name("name", req.name, limits)
+    if req.start_revision < 0:
+        c.bad("start_revision", "must not be negative (0: start now; else the revision of the last WatchResponse)")
+    c.done()
+    return req.name, req.prefix, req.start_revision
 
 
 MAX_ADMIN_REASON = 256

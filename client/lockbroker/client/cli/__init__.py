@@ -5,7 +5,7 @@ as its `lockbroker` command; the full package adds these subcommands beside `ser
 `tenants`. Exit codes are listed in EPILOG (and in docs/cli.md).
 
 One module per command group, as etcdctl has one file per command: lock.py (acquire, release,
-describe, list), fence.py (check-fence), session.py, run.py, elect.py, admin.py (admin ...); _common.py
+describe, list), fence.py (check-fence), session.py, run.py, elect.py, admin.py (admin ...), watch.py; _common.py
 holds exit codes, values and output shapes, and _runner.py connects, handles signals and registers commands.
 """
 
@@ -25,6 +25,7 @@ from lockbroker.client.cli.fence import add_fence_command
 from lockbroker.client.cli.lock import add_lock_commands
 from lockbroker.client.cli.run import add_run_command
 from lockbroker.client.cli.session import add_session_commands
+from lockbroker.client.cli.watch import add_watch_command
 
 
 def add_commands(subparsers: Any) -> None:
@@ -36,6 +37,7 @@ def add_commands(subparsers: Any) -> None:
     add_run_command(subparsers, common)
     add_elect_command(subparsers, common)
     add_admin_commands(subparsers, common)
+    add_watch_command(subparsers, common)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:

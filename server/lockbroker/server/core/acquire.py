@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.backend import (
     ANSWER_MARGIN,
     BackendError,
@@ -36,7 +37,7 @@ from lockbroker.server.core.backend import (
     WatchInterrupted,
     call_deadline,
 )
-from lockbroker.server.core.claims import reenter, release_hold
+from lockbroker.server.core.claims import ClaimKeys, reenter, release_hold
 from lockbroker.server.core.cleanup import Cleanups
 from lockbroker.server.core.errors import (
     AlreadyQueued,
@@ -80,6 +81,7 @@ class AcquireParams:
     reentrant_owner: str = ""  # set: a reentrant acquire (see core.claims)
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
+    lock_delay: float = 0.0  # seconds; 0: the tenant's lock_delay (core/delay.py)
     data: bytes = b""  # stored with the entry: an election candidate's value (core/election.py)
 
 
@@ -135,6 +137,7 @@ class Acquirer:
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
         # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).
         self.resume_window = RESUME_WINDOW
+        self._claim_keys = ClaimKeys()  # for the release of new_claim claims granted here
 
     @contextlib.contextmanager
     def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> Iterator[None]:
@@ -147,6 +150,8 @@ class Acquirer:
                 f"wait_timeout {p.wait:g}s is above tenant {tenant!r}'s max_wait of {quota.max_wait:g}s",
                 None,
             )
+        if p.lock_delay:
+            lock_delay.delay_of(tenant, quota, p.lock_delay)  # above the tenant's maximum: refused
         if p.wait <= 0:
             yield
             return
@@ -214,16 +219,14 @@ class Acquirer:
                     self._claimer.remember(mine)
                 if pos.predecessor is not None:
                     await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
-                expires_at = expires_at or self._leases.get(lease_id)
-                if expires_at is None:
-                    # Ask how long a session has left (one this replica has not seen refreshed).
-                    left = await self._backend.lease_ttl(lease_id)
-                    if left < 0:
-                        raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
-                    expires_at = time.time() + left
+                await lock_delay.before_grant(
+                    self._backend, tenant, quota, ks, mine, p.name, p.lock_delay, p.wait, started, self._closing
+                )
+                expires_at = expires_at or self._leases.get(lease_id) or await self._expiry(lease_id)
             except BaseException as exc:
                 await self._give_up(exc, p, ks, key, mine, created_lease, attempt)
                 raise
+            self._claim_keys.remember(mine)
             return Grant(
                 p.name,
                 mine.create_revision,
@@ -236,6 +239,13 @@ class Acquirer:
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
             )
+
+    async def _expiry(self, lease_id: int) -> float:
+        """When a session this replica has not seen refreshed expires: asked of etcd."""
+        left = await self._backend.lease_ttl(lease_id)
+        if left < 0:
+            raise SessionLost(f"session {session_id_of(lease_id)} expired as the lock was granted")
+        return time.time() + left
 
     def _putter(
         self, ks: Keyspace, p: AcquireParams, lease_id: int, request_id: str, attempt: str
@@ -261,7 +271,7 @@ class Acquirer:
                 new_session_value=session_value,
                 only_if_free=p.wait <= 0,
                 slots=slots,
-                mark=ks.mark(lease_id).key,
+                mark=ks.mark(lease_id).base,
             )
 
         return put
@@ -455,13 +465,18 @@ class Acquirer:
         principal: str = "",
     ) -> tuple[bool, int]:
         """(released, holds left). Release names a claim by its fencing token. With the session
-        given, its plain claim is tried first, without a read (the common case); then its other
+        given, a new_claim claim granted here is deleted at its remembered key, and otherwise the
+        session's plain claim is tried, each without a read (the common cases); then its other
         claims (core.claims). With `owners`, only the grant's own session and the principal that
         made it may release it (core/owners.py): NotOwner otherwise."""
         ks = self._keyspace(tenant)
         if lease_id is not None:
             if owners is not None and not await owners.check(tenant, lease_id, principal):
                 return await self._not_mine(ks, name, fencing_token), 0  # the named session is gone
+            known = self._claim_keys.take(lease_id, fencing_token, ks.lock_prefix(name))
+            if known is not None:
+                # The token's claim of this session was at `known`: deleted, or already gone.
+                return await self._delete(ks, known, fencing_token, lease_id), 0
             if await self._delete(ks, ks.entry_key(name, lease_id), fencing_token, lease_id):
                 return True, 0
             found = await self._backend.find_entry(ks.lock_prefix(name), fencing_token)

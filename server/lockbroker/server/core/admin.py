@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.model import Entry, Revocation
 from lockbroker.server.core.names import Keyspace, prefix_end, session_id_of
@@ -68,6 +69,7 @@ class Admin:
             note = Revocation(name, holder.create_revision, ErrorReason.REVOKED, reason, admin)
             marker = ks.revocation(holder.lease, holder.create_revision)
             if await self._backend.revoke_entry(holder, ks.mark(holder.lease), marker, note.encode()):
+                await lock_delay.start_now(self._backend, ks, name, holder.create_revision)
                 return holder
         return None
 

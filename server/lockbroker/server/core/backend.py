@@ -114,11 +114,13 @@ class LockBackend(Protocol):
     ) -> Enqueued:
         """Put `key` at the end of the queue under `prefix`, if the session has no entry there yet.
 
-        mark: the session's release mark, which `delete_entry` rewrites. The write is applied only
-        if the mark has not changed since this call began, so a write held up in the network (a
+        mark: the base of the session's release marks (ReleaseMark.base); `key`'s own mark
+        (model.mark_key), which `delete_entry` of `key` rewrites. The write is applied only if
+        that mark has not changed since this call began, so a write held up in the network (a
         partition, a frozen etcd member) that arrives after the request was retried elsewhere,
         granted and released cannot queue the entry again. A mark that changed for another reason
-        (another lock of the session released meanwhile) costs this call a second try, not a failure.
+        (another claim of the session sharing the mark released meanwhile, one in MARK_BUCKETS)
+        costs this call a second try, not a failure.
 
         slots: quota slot keys put with the entry (bound to the same lease) if every one is free;
         if one is taken, nothing is put and SlotsTaken names them (checked after the conditions below).
@@ -163,7 +165,7 @@ class LockBackend(Protocol):
         mark: ReleaseMark | None = None,
     ) -> Entry | None:
         """Delete exactly this entry (and, if mod_revision is given, only as last written by the
-        caller), with the quota slots it holds, and rewrite the session's release mark; the deleted
+        caller), with the quota slots it holds, and rewrite its release mark (mark.of(key)); the deleted
         entry, or None if it was already gone or adopted by another call."""
         ...
 
@@ -173,7 +175,7 @@ class LockBackend(Protocol):
         ...
 
     async def seal_entry(self, key: bytes, mark: ReleaseMark) -> Entry | None:
-        """The entry at `key` if there is one; if not, move the session's release mark in the same
+        """The entry at `key` if there is one; if not, move its release mark (mark.of(key)) in the same
         transaction, so that no enqueue of `key` sent before this call can still be applied.
         None as well if the session has ended (then no such enqueue can be applied either)."""
         ...
@@ -225,6 +227,6 @@ class LockBackend(Protocol):
 
     async def revoke_entry(self, entry: Entry, mark: ReleaseMark, marker: bytes, note: bytes) -> bool:
         """Delete exactly `entry` (compared on its create revision) with its quota slots, move the
-        session's release mark, and put `marker` = `note` bound to the entry's lease, in one
+        entry's release mark, and put `marker` = `note` bound to the entry's lease, in one
         transaction; False if the entry was already gone."""
         ...

@@ -40,10 +40,44 @@ _TRIES = 4
 _RELEASES_KEPT = 16
 
 
-async def find_claim(backend: LockBackend, prefix: bytes, fencing_token: int, lease_id: int) -> Entry | None:
-    """The claim of session `lease_id` with this fencing token, if it is still queued."""
-    found = await backend.find_entry(prefix, fencing_token)
-    return found if found is not None and found.lease == lease_id else None
+# new_claim claims whose keys a replica remembers for their release: about 200 bytes each.
+REMEMBERED_CLAIMS = 16384
+
+
+class ClaimKeys:
+    """The keys of the new_claim claims granted on this replica, by (session, token, lock prefix).
+
+    A new_claim key embeds the Acquire's request id, which Release does not name: without this, a
+    Release of such a claim costs a failed delete of the session's plain claim, a read to find the
+    claim by its token, and the delete. With it, the Release is the one delete Txn a plain claim's
+    is; a claim granted elsewhere (another replica, or forgotten here) takes the read path.
+
+    A remembered key is exact, not a hint: an entry's create revision is its token, so the claim
+    of a token on a lock, if it is still queued, is at that key, and a failed delete there means
+    it is gone. The lock is part of what it is remembered by: entries of one batch (etcd/batch.py)
+    share a create revision, so one session's claims on two locks can have the same token; two
+    entries of one lock never do. The lock prefix names the tenant too.
+    Reentrant claims are not remembered: their Release may take off one hold, not delete."""
+
+    def __init__(self, size: int = REMEMBERED_CLAIMS) -> None:
+        self._size = size
+        self._keys: dict[tuple[int, int, bytes], bytes] = {}
+
+    def remember(self, entry: Entry) -> None:
+        """Remember `entry`'s key if it is a new_claim claim (see the class docstring)."""
+        lock = entry.key.rindex(b"#") + 1
+        at = lock + 16  # past "#<lease hex>"
+        if entry.key[at : at + 2] != b".c":
+            return
+        if len(self._keys) >= self._size:
+            for k in list(self._keys)[: self._size // 2]:  # the oldest half, in insertion order
+                del self._keys[k]
+        self._keys[(entry.lease, entry.create_revision, entry.key[:lock])] = entry.key
+
+    def take(self, lease_id: int, fencing_token: int, prefix: bytes) -> bytes | None:
+        """The key of session `lease_id`'s claim of `fencing_token` on the lock of `prefix` if it
+        was granted here (then forgotten); None if not known here."""
+        return self._keys.pop((lease_id, fencing_token, prefix), None)
 
 
 async def reenter(  # noqa: PLR0917 - one call site, in Acquirer.acquire

@@ -53,12 +53,6 @@ class NoLeader(LockBrokerError):
     reason = ErrorReason.NO_LEADER
 
 
-class RevisionCompacted(LockBrokerError):
-    """OUT_OF_RANGE: Observe's after_revision is older than etcd's compacted history."""
-
-    reason = ErrorReason.REVISION_COMPACTED
-
-
 class ElectionKeyspace(Keyspace):
     """A tenant's keys with elections where locks would be: the queue logic is shared unchanged."""
 

@@ -120,6 +120,20 @@ class QuotaExceeded(LockBrokerError):
         self.retry_after = retry_after
 
 
+class RevisionCompacted(LockBrokerError):
+    """Watch's start_revision is below etcd's compact revision: the events after it are gone."""
+
+    reason = ErrorReason.REVISION_COMPACTED
+
+    def __init__(self, start_revision: int, compact_revision: int) -> None:
+        super().__init__(
+            f"start_revision {start_revision} is compacted (etcd keeps revisions from {compact_revision}); "
+            "read the lock again and watch without start_revision",
+            {"start_revision": str(start_revision), "compact_revision": str(compact_revision)},
+        )
+        self.compact_revision = compact_revision
+
+
 class DeadlineExceeded(LockBrokerError):
     """The RPC deadline passed before an answer (the wait was cleaned up)."""
 

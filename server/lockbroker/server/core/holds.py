@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.errors import QuotaExceeded, Unavailable
 from lockbroker.server.core.model import Revocation
@@ -141,6 +142,7 @@ class HoldSweeper:
         marker = ks.revocation(entry.lease, token)
         if not await self._backend.revoke_entry(entry, ks.mark(entry.lease), marker, note.encode()):
             return False
+        await lock_delay.start_now(self._backend, ks, name, token)  # a revocation starts its lock-delay
         log.warning(
             "revoked lock %r (fencing token %d, session %s) of tenant %r: maximum hold time exceeded",
             name,

@@ -16,7 +16,10 @@ tests and `lockbroker serve --backend memory`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Awaitable
 
+from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.acquire import AcquireParams, Acquirer
 from lockbroker.server.core.admin import Admin, Fence, SessionSummary
 from lockbroker.server.core.backend import LockBackend
@@ -64,6 +67,11 @@ class LockCore:
             closing=lambda: self.closing,
         )
         self.holds = HoldSweeper(backend, key_root, self.keyspace)
+
+    @property
+    def backend(self) -> LockBackend:
+        """The store (the Watch RPC reads etcd's event history through it)."""
+        return self._backend
 
     def keyspace(self, tenant: str) -> Keyspace:
         ks = self._keyspaces.get(tenant)
@@ -117,9 +125,16 @@ class LockCore:
         """(released, holds left): a reentrant grant held more than once loses one hold (once per
         request id: a retried Release takes no second hold off). Only the grant's own session, and
         only for the principal that made it (core/owners.py): NotOwner otherwise."""
-        return await self._acquirer.release(
-            tenant, name, fencing_token, lease_id, request_id, owners=self.owners, principal=principal
-        )
+
+        def release() -> Awaitable[tuple[bool, int]]:
+            return self._acquirer.release(
+                tenant, name, fencing_token, lease_id, request_id, owners=self.owners, principal=principal
+            )
+
+        if not lock_delay.enabled(self._quotas(tenant)):
+            return await release()
+        # A clean release: the grant's lock-delay (core/delay.py) must not apply.
+        return await lock_delay.release_cleanly(self._backend, self.keyspace(tenant), name, fencing_token, release)
 
     async def check_fence(self, tenant: str, name: str, fencing_token: int) -> Fence:
         return await self.admin.check_fence(tenant, name, fencing_token)
@@ -134,7 +149,12 @@ class LockCore:
         return await self.admin.list_sessions(tenant, page_size, after)
 
     async def describe(self, tenant: str, name: str) -> LockState:
-        return await describe(self._backend, self.keyspace(tenant), name)
+        state = await describe(self._backend, self.keyspace(tenant), name)
+        if lock_delay.enabled(self._quotas(tenant)):
+            head = state.holder.create_revision if state.holder is not None else 2**63
+            until = await lock_delay.until(self._backend, self.keyspace(tenant), name, head, start=False)
+            state = dataclasses.replace(state, delay_until=until)
+        return state
 
     async def list(self, tenant: str, prefix: str, page_size: int, after: str | None) -> Page:
         return await list_locks(self._backend, self.keyspace(tenant), prefix, page_size, after)

@@ -32,7 +32,7 @@ from lockbroker.server.core.backend import (
 )
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.memory_store import HISTORY, ManualClock, MemoryStore, _end, _Lease, _LeaseGone
-from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark, mark_key
 
 _T = TypeVar("_T")
 
@@ -195,9 +195,10 @@ class MemoryLockBackend(MemoryStore):
         mark: bytes = b"",
     ) -> Enqueued:
         # The revision this call was sent at: a write applied later (see `fail`) is refused if the
-        # session's release mark moved since, as the etcd adapter's guard does.
+        # release mark of `key` moved since, as the etcd adapter's guard does.
         seen = self._rev
         raw = value.encode()
+        mark = mark_key(mark, key) if mark else b""
 
         def apply() -> Enqueued:
             queue = self._entries(prefix)
@@ -312,7 +313,7 @@ class MemoryLockBackend(MemoryStore):
             entry = self._entry(key)
             # The put of the mark cannot fail: the entry exists, so its lease (the mark's) does.
             self._hand_off(key[: key.rindex(b"#") + 1], key)
-            self._commit([(mark.key, b"", mark.lease)] if mark is not None else [], [key, *slots])
+            self._commit([(mark.of(key), b"", mark.lease)] if mark is not None else [], [key, *slots])
             return entry
 
         return await self._call("delete_entry", apply)
@@ -332,7 +333,7 @@ class MemoryLockBackend(MemoryStore):
             if key in self._kv:
                 return self._entry(key)
             with contextlib.suppress(_LeaseGone):  # the session has ended: nothing can land
-                self._commit([(mark.key, b"", mark.lease)])
+                self._commit([(mark.of(key), b"", mark.lease)])
             return None
 
         return await self._call("seal_entry", apply)
@@ -405,7 +406,8 @@ class MemoryLockBackend(MemoryStore):
             kv = self._kv.get(entry.key)
             if kv is None or kv.create != entry.create_revision:
                 return False
-            self._commit([(mark.key, b"", mark.lease), (marker, note, kv.lease)], [entry.key, *entry.value.slots])
+            puts = [(mark.of(entry.key), b"", mark.lease), (marker, note, kv.lease)]
+            self._commit(puts, [entry.key, *entry.value.slots])
             return True
 
         return await self._call("revoke_entry", apply)

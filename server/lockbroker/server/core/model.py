@@ -6,7 +6,21 @@ import base64
 import binascii
 import dataclasses
 import json
+import zlib
 from dataclasses import dataclass
+
+# A session's release marks (see LockBackend.enqueue) are spread over this many keys by a hash of
+# the entry key they guard. A release moves only its own entry's mark, so an enqueue conflicts
+# with a release of the same key (which it must) and, by chance, with one of the about 1/256 of
+# the session's other claims that share its mark, instead of with every release of the session:
+# 64 claims of one session no longer retry each other's enqueues, and their writes no longer
+# collide on one key in a group commit. Bounded, unlike one mark per claim (a new_claim key is
+# new on every acquire, and the marks live as long as the session): at most 256 empty keys per
+# session, and only as many as it has released distinct claims. More buckets would make chance
+# conflicts rarer still, at the cost of more keys for etcd and for every scan of the key space
+# (the metrics' tally): with 64 claims of one session cycling on their own locks over a real
+# etcd, 4-6% of enqueues were tried twice at 256 buckets, 1-1.5% at 1024 (none failed).
+MARK_BUCKETS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +93,21 @@ class EntryValue:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseMark:
-    """A session's release mark (see LockBackend.enqueue): its key and the session's lease."""
+    """A session's release marks (see LockBackend.enqueue): the key they share as a prefix, and
+    the session's lease, which each is bound to."""
 
-    key: bytes
+    base: bytes
     lease: int
+
+    def of(self, entry_key: bytes) -> bytes:
+        """The mark that guards the enqueues of `entry_key`."""
+        return mark_key(self.base, entry_key)
+
+
+def mark_key(base: bytes, entry_key: bytes) -> bytes:
+    """The release mark under `base` that guards `entry_key`: the same on every replica (crc32 is
+    fixed, unlike hash()), so a release anywhere moves the mark an enqueue anywhere compares."""
+    return base + b"/%02x" % (zlib.crc32(entry_key) % MARK_BUCKETS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +213,7 @@ class LockState:
     holder: Entry | None
     holder_expires_at: float | None
     waiters: list[Entry]
+    delay_until: float = 0.0  # a running lock-delay's end (unix seconds; core/delay.py), 0: none
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,12 +8,17 @@ Key layout, under a configurable root (default "/lockbroker/v1"):
                                              session's lease; ".<claim>" only on claims made with
                                              new_claim ("c<request id>") or reentrant
                                              ("r<owner digest>"), see core.acquire
-    <root>/t/<tenant>/m/<lease hex>          the session's release mark: rewritten whenever the broker
-                                             deletes one of the session's entries (see LockBackend.enqueue)
+    <root>/t/<tenant>/m/<lease hex>/<b>      one of the session's release marks (b: 2 hex digits, a hash
+                                             of the entry key, see model.mark_key): rewritten whenever the
+                                             broker deletes an entry of the session that hashes to it
+                                             (see LockBackend.enqueue)
     <root>/t/<tenant>/r/<lease hex>/<token>  an admin's revocation of grant <token> of the session, bound
                                              to its lease: the session's keepalives report it (core.admin)
     <root>/t/<tenant>/x/<lease hex>          an admin's revocation of the whole session, on a lease of its
                                              own (REVOKED_SESSION_TTL), so Refresh can say REVOKED
+    <root>/t/<tenant>/d/<key name>#p<token>  the lock-delay of grant <token> of lock <name>, no lease:
+                                             deleted by a clean release, started when the grant is
+                                             lost (core.delay)
     <root>/t/<tenant>/q/s/<i>                quota slot i of the tenant's sessions (see core.quota)
     <root>/t/<tenant>/q/e/<i>                quota slot i of the tenant's queue entries
     <root>/t/<tenant>/q/l/<key name>#<i>     quota slot i of lock <name>'s queue
@@ -182,7 +187,7 @@ class Keyspace:
         return self.sessions_root + session_id_of(lease_id).encode()
 
     def mark(self, lease_id: int) -> ReleaseMark:
-        """The release mark of session `lease_id` (see LockBackend.enqueue), bound to its lease."""
+        """The release marks of session `lease_id` (see LockBackend.enqueue), bound to its lease."""
         return ReleaseMark(self.marks_root + session_id_of(lease_id).encode(), lease_id)
 
     def lock_prefix(self, name: str) -> bytes:

@@ -41,6 +41,11 @@ LIMITS: dict[str, str] = {
     ),
     "session_burst": "session calls allowed at once above session_rate (token bucket size)",
     "max_hold": "longest a grant may be held, in seconds, before the broker revokes it (0: no limit)",
+    "lock_delay": (
+        "seconds a lock stays ungranted after its holder was lost (session expired, closed or revoked; grant "
+        "revoked), not after a clean release (0: none)"
+    ),
+    "max_lock_delay": "longest lock_delay an Acquire may ask for, in seconds (at least lock_delay)",
 }
 
 
@@ -62,6 +67,8 @@ class TenantQuota:
     session_rate: float = field(default=2_000.0, metadata={"help": LIMITS["session_rate"]})
     session_burst: int = field(default=4_000, metadata={"help": LIMITS["session_burst"]})
     max_hold: float = field(default=0.0, metadata={"help": LIMITS["max_hold"]})
+    lock_delay: float = field(default=0.0, metadata={"help": LIMITS["lock_delay"]})
+    max_lock_delay: float = field(default=0.0, metadata={"help": LIMITS["max_lock_delay"]})
 
     def __post_init__(self) -> None:
         for f in fields(self):

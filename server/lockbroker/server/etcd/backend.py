@@ -18,7 +18,7 @@ from lockbroker.server.core.backend import (
     remaining,
 )
 from lockbroker.server.core.errors import Unavailable
-from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark, mark_key
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.batch import TxnBatcher
@@ -29,8 +29,9 @@ _ASC = pb.RangeRequest.ASCEND
 _DESC = pb.RangeRequest.DESCEND
 _BY_CREATE = pb.RangeRequest.CREATE
 
-# An enqueue whose session's release mark moved while it was in flight is tried again this often:
-# each try needs another lock of the same session to be released in between.
+# An enqueue whose release mark moved while it was in flight is tried again this often: each try
+# needs a release, in between, of another claim of the same session that shares the mark (one in
+# MARK_BUCKETS of them), or of this very key by another replica.
 _MARK_TRIES = 4
 
 
@@ -200,6 +201,8 @@ class EtcdLockBackend:
             _holder(prefix),
             *(_get(s, count_only=True) for s in slots),
         ]
+        # The mark of this key (model.mark_key): every deletion of `key` moves it.
+        mark = mark_key(mark, key) if mark else b""
         if mark:
             failure.append(_get(mark))
         # Every revision this client has seen was committed before this write was sent, and a
@@ -207,7 +210,17 @@ class EtcdLockBackend:
         # committed after it: "mark unchanged since `seen`" tells the two apart. A missing mark
         # has mod revision 0.
         seen = self.client.revision
-        keys = (prefix, key, session_key, *slots, *((mark,) if mark else ()))
+        # Conflict keys (etcd/batch.py): the session record only when this Txn writes it. An
+        # existing session's record is only compared (exists) and counted here, and no batched
+        # Txn deletes it (its lease's end does), so enqueues of one session can share a batch:
+        # in any order the batch applies them, each sees what it would see alone.
+        keys = (
+            prefix,
+            key,
+            *((session_key,) if new_session_value is not None else ()),
+            *slots,
+            *((mark,) if mark else ()),
+        )
         for _ in range(_MARK_TRIES):
             guard = [_modified_before(mark, seen + 1)] if mark else []
             try:
@@ -327,13 +340,13 @@ class EtcdLockBackend:
                         # Slots were put in the entry's own transaction: same create revision, same lease.
                         *(_delete(s) for s in slots),
                         # The entry exists, so its lease does: this put cannot fail on the lease.
-                        *([_put(mark.key, b"", mark.lease)] if mark is not None else []),
+                        *([_put(mark.of(key), b"", mark.lease)] if mark is not None else []),
                         # The head of the queue once the entry is gone, read at the deletion's
                         # revision: the next holder, if it waits on this replica, learns it here.
                         _holder(prefix),
                     ],
                 ),
-                (prefix, key, *slots, *((mark.key,) if mark is not None else ())),
+                (prefix, key, *slots, *((mark.of(key),) if mark is not None else ())),
                 # Not held behind a commit in flight when a waiter here waits on it; with none (an
                 # uncontended lock, or waiters only on other replicas) it may wait to share a batch.
                 urgent=self.watches.waiting_on(prefix),
@@ -369,10 +382,10 @@ class EtcdLockBackend:
             resp = await self.batch.txn(
                 pb.TxnRequest(
                     compare=[_created(key, pb.Compare.EQUAL, 0)],
-                    success=[_put(mark.key, b"", mark.lease)],
+                    success=[_put(mark.of(key), b"", mark.lease)],
                     failure=[_get(key)],
                 ),
-                (_lock_of(key), key, mark.key),
+                (_lock_of(key), key, mark.of(key)),
             )
         except LeaseNotFound:
             return None
@@ -453,7 +466,7 @@ class EtcdLockBackend:
                     _delete(entry.key),
                     *(_delete(s) for s in entry.value.slots),
                     # The entry exists, so its lease does: these puts cannot fail on the lease.
-                    _put(mark.key, b"", mark.lease),
+                    _put(mark.of(entry.key), b"", mark.lease),
                     _put(marker, note, entry.lease),
                 ],
             )

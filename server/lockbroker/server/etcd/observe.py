@@ -19,8 +19,7 @@ import grpc
 from grpc import aio
 
 from lockbroker.server.core.backend import BackendError
-from lockbroker.server.core.election import RevisionCompacted
-from lockbroker.server.core.errors import Unavailable
+from lockbroker.server.core.errors import RevisionCompacted, Unavailable
 from lockbroker.server.core.model import Entry, EntryValue
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as pb
@@ -49,10 +48,14 @@ def _lead(candidates: dict[bytes, Entry]) -> Entry | None:
 
 
 def _compacted(after: int, compact: int) -> RevisionCompacted:
-    return RevisionCompacted(
-        f"revision {after} is compacted in etcd (history kept from {compact}); observe again without after_revision",
-        {"after_revision": str(after), "compact_revision": str(compact)},
+    """The Watch API's error (core/errors.py), in Observe's words."""
+    err = RevisionCompacted(after, compact)
+    err.message = (
+        f"revision {after} is compacted in etcd (history kept from {compact}); observe again without after_revision"
     )
+    err.args = (err.message,)
+    err.metadata = {"after_revision": str(after), "compact_revision": str(compact)}
+    return err
 
 
 async def leader_changes(client: EtcdClient, prefix: bytes, after_revision: int = 0) -> AsyncIterator[LeaderState]:
