@@ -145,6 +145,7 @@ LEVELS = {
     "Refresh": Level.IDEMPOTENT,
     "CloseSession": Level.IDEMPOTENT,
     "Acquire": Level.IDEMPOTENCY_UNKNOWN,  # idempotent only with a request_id
+    "AcquireMany": Level.IDEMPOTENCY_UNKNOWN,  # likewise
     "Release": Level.IDEMPOTENCY_UNKNOWN,  # a repeat answers released = false
     "Describe": Level.NO_SIDE_EFFECTS,
     "List": Level.NO_SIDE_EFFECTS,
@@ -165,6 +166,7 @@ def test_idempotency_levels_are_declared_and_agree_with_the_server_retry() -> No
         "Refresh": Idempotency.ALWAYS,
         "CloseSession": Idempotency.ALWAYS,
         "Acquire": Idempotency.WITH_REQUEST_ID,
+        "AcquireMany": Idempotency.WITH_REQUEST_ID,
         "Release": Idempotency.WITH_REQUEST_ID,
         "Describe": Idempotency.ALWAYS,
         "List": Idempotency.ALWAYS,

@@ -101,6 +101,17 @@ async def test_node_client_session_acquire_describe_refuse_release(broker: Broke
 
     assert summary["released"] is True
     assert summary["released_again"] is False
+    # Issue 17: a shared lock held by both sessions at once, and a semaphore of one permit.
+    readers = summary["shared"]["tokens"]
+    assert summary["shared"]["holders"] == [[t, "LOCK_MODE_SHARED"] for t in readers]
+    sem = summary["semaphore"]
+    assert sem["limit"] == 1 and sem["described_limit"] == 1 and sem["holders"] == 1
+    assert sem["busy"] == ["ABORTED", "LOCK_HELD"]
+    assert sem["other"] == [
+        "FAILED_PRECONDITION",
+        "LIMIT_MISMATCH",
+        {"lock": f"{name}/sem", "limit": "1", "requested": "2"},
+    ]
     assert summary["closed"] == [True, True]
 
     # Nothing left behind: no lock, queue or session keys under this test's root, and both

@@ -84,6 +84,7 @@ async def test_reflection_alone_drives_a_session_and_a_lock(broker: Broker, prob
             "Refresh",
             "CloseSession",
             "Acquire",
+            "AcquireMany",
             "Release",
             "Describe",
             "List",

@@ -50,11 +50,13 @@ LOCK_METHODS = {
     "Refresh",
     "CloseSession",
     "Acquire",
+    "AcquireMany",
     "Release",
     "Describe",
     "List",
     "CheckFence",
     "Session",
+    "Watch",
 }
 
 
@@ -381,7 +383,13 @@ async def test_reflection_lists_and_describes(broker: Broker) -> None:
     assert SERVICE in services
     assert HEALTH in services
     assert set(methods) == LOCK_METHODS
-    assert len(methods) == 10
+    assert len(methods) == len(LOCK_METHODS) == 12
+    assert methods["AcquireMany"] == (
+        "lockbroker.v1.AcquireManyRequest",
+        "lockbroker.v1.AcquireManyResponse",
+        False,
+        False,
+    )
     assert "lockbroker.v1.AdminService" in services
     assert methods["Acquire"] == ("lockbroker.v1.AcquireRequest", "lockbroker.v1.AcquireResponse", False, False)
     assert methods["KeepAlive"] == ("lockbroker.v1.KeepAliveRequest", "lockbroker.v1.KeepAliveResponse", True, True)

@@ -64,6 +64,9 @@ class LossyProxy(lock_pb2_grpc.LockServiceServicer):
     async def CheckFence(self, request: lock_pb2.CheckFenceRequest, context: Ctx) -> Any:
         return await self.up.CheckFence(request, timeout=context.time_remaining())
 
+    async def AcquireMany(self, request: lock_pb2.AcquireManyRequest, context: Ctx) -> Any:
+        return await self.up.AcquireMany(request, timeout=context.time_remaining())
+
     async def Acquire(self, request: lock_pb2.AcquireRequest, context: Ctx) -> Any:
         self._seen(context)
         self.acquires.append(request)

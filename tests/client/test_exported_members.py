@@ -27,6 +27,7 @@ PUBLIC = [
     "Leader",
     "LeaderChange",
     "Leadership",
+    "LimitMismatch",
     "LockBrokerError",
     "LockContext",
     "LockEvent",

@@ -137,8 +137,11 @@ class Env:
         owner: str = "",
         request_id: str = "",
         ttl: int = 10,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Grant:
-        return await self.core.acquire(TENANT, AcquireParams(name, lease, ttl, wait, owner, request_id))
+        p = AcquireParams(name, lease, ttl, wait, owner, request_id, shared=shared, limit=limit)
+        return await self.core.acquire(TENANT, p)
 
     async def release(self, name: str, token: int, lease: int | None = None) -> bool:
         return await self.core.release(TENANT, name, token, lease)

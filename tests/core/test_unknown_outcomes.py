@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from lockbroker.server.core import cleanup
+from lockbroker.server.core.backend import BackendError
 from lockbroker.server.core.errors import Unavailable, WaitExpired
 from lockbroker.server.core.locks import AcquireParams, LockCore
 from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
 from lockbroker.server.core.model import EntryValue
-from tests.core.conftest import TENANT, Env, sid
+from tests.core.conftest import TENANT, Env, eventually, sid
 
 
 @pytest.mark.parametrize("applied", [True, False], ids=["applied", "lost"])
@@ -188,3 +190,75 @@ async def test_a_release_of_another_claim_does_not_refuse_an_enqueue_in_flight()
     await _land()
     assert mem.keys(ks.lock_prefix(name)) == [mine]
     await mem.close()
+
+
+async def test_clean_up_retries_after_an_error_the_store_has_no_status_for(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only "unavailable": a clean-up that fails with any error of the store is tried again
+    (tests/fault saw a stray entry left after a partition), so the entry never becomes a holder."""
+    name = "unknown/cleanup-error"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+    real = env.backend.delete_entry
+    failed: list[bytes] = []
+
+    async def odd(key: bytes, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(key)
+            raise BackendError("etcd UNKNOWN: something etcd has no status for")
+        return await real(key, *args, **kwargs)
+
+    monkeypatch.setattr(env.backend, "delete_entry", odd)
+    with pytest.raises((WaitExpired, Unavailable)):
+        await env.acquire(name, w, wait=0.2)
+    await env.core.drain_cleanups(3.0)
+    assert failed, "the premise: the clean-up's first delete failed"
+    assert (await env.describe(name)).waiters == []
+    assert await env.release(name, held.fencing_token)
+    assert (await env.describe(name)).holder is None
+
+
+async def test_clean_up_outlasts_its_window_while_the_session_lives(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CLEANUP_WINDOW the clean-up goes on while the session may be alive (its entry could
+    still become a holder), and stops once the session's lease is gone."""
+    monkeypatch.setattr(cleanup, "CLEANUP_WINDOW", 0.3)
+    monkeypatch.setattr(cleanup, "LATE_DELAY", 0.1)
+    name = "unknown/late-cleanup"
+    h = await env.session(ttl=30)
+    held = await env.acquire(name, h)
+    w = await env.session(ttl=30)
+    real = env.backend.delete_entry
+    failing = True
+    tries: list[float] = []
+
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        if failing:
+            tries.append(asyncio.get_running_loop().time())
+            raise Unavailable("injected: etcd unreachable", retry_after=0.1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(env.backend, "delete_entry", away)
+    with pytest.raises(Unavailable):  # the removal is not confirmed: the outcome is unknown
+        await env.acquire(name, w, wait=0.2, request_id="late-1")
+    await asyncio.sleep(1.0)  # well past the (shortened) window
+    assert env.core._cleanups.pending == 1, "the clean-up gave up while the session lives"
+    failing = False
+    await env.core.drain_cleanups(3.0)
+    assert (await env.describe(name)).waiters == []
+    assert tries[-1] - tries[0] > 0.5
+
+    # A clean-up whose session has ended stops: etcd removed its keys with the lease.
+    failing = True
+    again = await env.session(ttl=30)
+    with pytest.raises(Unavailable):
+        await env.acquire(name, again, wait=0.2, request_id="late-2")
+    await env.backend.revoke_lease(again)
+
+    async def stopped() -> bool:
+        return env.core._cleanups.pending == 0
+
+    await eventually(stopped, 5.0, "the clean-up of a gone session stops")
+    failing = False
+    assert await env.release(name, held.fencing_token)

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable, WaitExpired
-from tests.core.conftest import Env, sid
+from tests.core.conftest import Env, eventually, sid
 
 
 def fail_calls(env: Env, method: str, count: int) -> None:
@@ -93,3 +94,41 @@ async def test_a_turn_the_watch_missed_is_granted_when_the_wait_runs_out(
     assert got.session_id == sid(w)
     state = await env.describe(name)
     assert state.holder is not None and state.holder.create_revision == got.fencing_token
+
+
+async def test_a_wait_outlives_a_short_outage_and_keeps_its_place(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """etcd away for a moment mid-wait (a leader election: the watch breaks, the re-read fails):
+    the wait goes on and the waiter keeps its entry and fencing token. It used to fail the call,
+    delete the entry, and race the client's retry with the same request id into SESSION_LOST
+    (tests/fault/test_faults.py::test_killed_client_frees_its_lock[leader-killed])."""
+    name = "expiry/outage"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+    real = env.backend.wait_deleted
+    broken: list[bool] = []
+
+    async def breaks_once(*args: Any) -> Any:
+        if not broken:
+            broken.append(True)
+            raise WatchInterrupted("injected: the watch stream was lost")
+        return await real(*args)
+
+    monkeypatch.setattr(env.backend, "wait_deleted", breaks_once)
+    fail_calls(env, "position", 1)  # and the re-read after it fails
+    waiting = asyncio.ensure_future(env.acquire(name, w, wait=10, request_id="expiry-4"))
+    try:
+        token = (await env.wait_waiters(name, 1)).waiters[0].create_revision
+
+        async def rewatched() -> bool:
+            return waiting.done() or (bool(broken) and env.watches() == 1)
+
+        await eventually(rewatched, 5.0, "the waiter watches again after the outage")
+        assert not waiting.done(), f"the wait ended with the outage: {waiting.exception()!r}"
+        assert await env.release(name, held.fencing_token)
+        got = await asyncio.wait_for(waiting, 5)
+    finally:
+        waiting.cancel()
+    assert got.session_id == sid(w) and got.fencing_token == token
+    state = await env.describe(name)
+    assert state.holder is not None and state.holder.create_revision == token

@@ -4,6 +4,7 @@ The Python client's retry is tested in tests/client/test_call_with_retry.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -20,6 +21,7 @@ from lockbroker.interceptors.base import Context
 from lockbroker.interceptors.retry import SERVICE_CONFIG, SERVICE_CONFIG_JSON
 from lockbroker.interceptors.rpcstatus import error_reason
 from lockbroker.server import status
+from lockbroker.server.core.backend import ANSWER_MARGIN, call_deadline
 from lockbroker.server.core.errors import (
     FieldViolation,
     InvalidArgument,
@@ -204,6 +206,30 @@ async def test_retries_stop_before_the_deadline_and_the_caller_sees_the_real_err
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # not a DEADLINE_EXCEEDED of our making
     assert elapsed < 0.6
     assert flaky.attempts["Acquire"] >= 2
+
+
+class HungThenFlaky(Flaky):
+    """Its first attempt waits out its etcd budget (a hung etcd: the call ends ANSWER_MARGIN before
+    the RPC's deadline), then fails; later attempts fail at once."""
+
+    async def _attempt(self, name: str, context: Context) -> None:
+        if not self.attempts.get(name):
+            deadline = call_deadline.get()
+            assert deadline is not None
+            await asyncio.sleep(max(0.0, deadline - ANSWER_MARGIN - time.monotonic()))
+        await super()._attempt(name, context)
+
+
+async def test_no_retry_starts_inside_the_answer_margin():
+    """A retry begun inside the margin cannot reach etcd: it only pushed the answer past the
+    caller's deadline (the fault suite's quorum loss saw Releases answered late)."""
+    policy = RetryPolicy(max_attempts=5, multiplier=0.001, max_backoff=0.001)
+    flaky = HungThenFlaky(10, Unavailable("etcd did not answer"), retry=policy)  # type: ignore[abstract]
+    async with lock_server(flaky, []) as stub:
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.Acquire(acquire(), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert flaky.attempts["Acquire"] == 1
 
 
 async def test_without_a_deadline_retries_are_bounded_by_attempts_and_elapsed_time():

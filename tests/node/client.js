@@ -11,7 +11,8 @@
 // checks that a try-lock from the second session fails ABORTED with ErrorInfo reason LOCK_HELD and a
 // NotAcquired detail (both decoded from the grpc-status-details-bin trailer), checks the fencing
 // token with CheckFence (CURRENT while held, STALE after the release), releases, closes both
-// sessions and prints one JSON summary on stdout. Any failed check exits 1 with the reason on stderr.
+// sessions and prints one JSON summary on stdout. On the way it takes a shared lock with both sessions
+// and a semaphore permit (issue 17), checking Describe and the refusals. Any failed check exits 1 with the reason on stderr.
 "use strict";
 
 const fs = require("node:fs");
@@ -184,6 +185,35 @@ async function run(target, name) {
     const free = await unary(client, "Describe", { name });
     check(free.holder === null, "Describe shows the lock free after Release");
 
+    // A shared (read) lock: both sessions hold it at once; Describe lists both holders and modes.
+    const sharedName = `${name}/shared`;
+    const readers = [];
+    for (const session_id of [a.session_id, b.session_id]) {
+      const r = await unary(client, "Acquire", { name: sharedName, session_id, mode: "LOCK_MODE_SHARED" });
+      check(r.grant.mode === "LOCK_MODE_SHARED", `a shared grant: ${r.grant.mode}`);
+      readers.push(r.grant.fencing_token);
+    }
+    const sharedState = await unary(client, "Describe", { name: sharedName });
+    for (const token of readers) {
+      await unary(client, "Release", { name: sharedName, fencing_token: token });
+    }
+
+    // A semaphore of 1 permit: the second session's try is refused, and another limit is refused.
+    const semName = `${name}/sem`;
+    const permit = await unary(client, "Acquire", { name: semName, session_id: a.session_id, limit: 1 });
+    const busy = await expectError(
+      unary(client, "Acquire", { name: semName, session_id: b.session_id, limit: 1 }),
+      "a second permit of a semaphore of 1",
+    );
+    const busyDetails = decodeStatusDetails(busy);
+    const other = await expectError(
+      unary(client, "Acquire", { name: semName, session_id: b.session_id, limit: 2, wait_timeout: seconds(1) }),
+      "a permit with another limit",
+    );
+    const otherDetails = decodeStatusDetails(other);
+    const semState = await unary(client, "Describe", { name: semName });
+    await unary(client, "Release", { name: semName, fencing_token: permit.grant.fencing_token });
+
     const closed = [];
     while (sessions.length > 0) {
       closed.push((await unary(client, "CloseSession", { session_id: sessions.shift() })).closed);
@@ -206,6 +236,17 @@ async function run(target, name) {
       fence_after: { status: fenceAfter.status, current_fencing_token: fenceAfter.current_fencing_token },
       released: released.released,
       released_again: again.released,
+      shared: {
+        tokens: readers,
+        holders: sharedState.holders.map((h) => [h.fencing_token, h.mode]),
+      },
+      semaphore: {
+        limit: permit.grant.limit,
+        busy: [grpc.status[busy.code], busyDetails.error_info.reason],
+        other: [grpc.status[other.code], otherDetails.error_info.reason, otherDetails.error_info.metadata],
+        described_limit: semState.limit,
+        holders: semState.holders.length,
+      },
       closed,
     };
   } finally {

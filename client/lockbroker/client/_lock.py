@@ -131,6 +131,8 @@ class LockContext:
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
         lock_delay: float | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> None:
         self._client = client
         self._reentrant_owner = reentrant_owner
@@ -146,6 +148,8 @@ class LockContext:
         self._timeout = timeout
         self._max_hold = max_hold
         self._lock_delay = lock_delay
+        self._shared = shared
+        self._limit = limit
         self._own_session: SessionKeeper | None = None
         self._keeper: SessionKeeper | None = None
         self.held: HeldLock | None = None
@@ -176,6 +180,8 @@ class LockContext:
                 reentrant_owner=self._reentrant_owner,
                 max_hold=self._max_hold,
                 lock_delay=self._lock_delay,
+                shared=self._shared,
+                limit=self._limit,
             )
         except BaseException as exc:
             await self._abandon(exc)

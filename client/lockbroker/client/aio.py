@@ -35,9 +35,11 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
+from lockbroker.client import _many
 from lockbroker.client._checks import check_utf8
 from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._lock import HeldLock, LockContext, LostCallback
+from lockbroker.client._many import LockSpec, ManyLockContext
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
@@ -371,6 +373,8 @@ class Client:
         reentrant_owner: str | None = None,
         max_hold: float | None = None,
         lock_delay: float | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Grant:
         """Take a lock: try once (wait=0) or queue up to `wait` seconds.
 
@@ -386,6 +390,10 @@ class Client:
         fencing token; release it by that token); `reentrant_owner` makes a reentrant acquire for
         that owner identity (a second acquire while it holds the lock counts a hold on the same
         grant; release once per acquire). See docs/locks.md.
+
+        `shared=True` takes a shared (read) claim: held together with other shared claims, after
+        every exclusive claim queued ahead of it. `limit=N` takes a permit of the counting
+        semaphore `name` with N permits (every user must name the same N: LimitMismatch).
         """
         check_utf8(name=name, owner=owner, reentrant_owner=reentrant_owner or "")
         rid = request_id or str(uuid.uuid4())
@@ -401,6 +409,8 @@ class Client:
                 new_claim=new_claim,
                 reentrant=reentrant_owner is not None,
                 reentrant_owner=reentrant_owner or "",
+                mode=lock_pb2.LOCK_MODE_SHARED if shared else lock_pb2.LOCK_MODE_UNSPECIFIED,
+                limit=limit,
             )
             if ttl is not None:
                 req.ttl.CopyFrom(duration(ttl))
@@ -466,6 +476,8 @@ class Client:
         reentrant: bool | str = False,
         max_hold: float | None = None,
         lock_delay: float | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> LockContext:
         """`async with client.lock(name) as held:` hold `name` for the block.
 
@@ -480,6 +492,10 @@ class Client:
         outermost block ends. A string instead of True names the owner identity explicitly.
         With `max_hold`, the broker revokes the grant once held that long: `held.lost` fires with
         `lost_cause == "MAX_HOLD_EXCEEDED"`. `lock_delay`: see `acquire`.
+
+        `shared=True`: a shared (read) lock, held together with other shared holders; exclusive
+        (the default) is the write lock. `limit=N`: a permit of the counting semaphore `name`
+        (at most N holders at once, FIFO).
         """
         owner_id: str | None = None
         if reentrant:
@@ -498,6 +514,48 @@ class Client:
             reentrant_owner=owner_id,
             max_hold=max_hold,
             lock_delay=lock_delay,
+            shared=shared,
+            limit=limit,
+        )
+
+    async def acquire_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        session_id: str,
+        wait: float = 0.0,
+        owner: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> builtins.list[Grant]:
+        """Take several locks for one session, all or none (AcquireMany): each of `locks` is a
+        name (exclusive) or (name, shared). The grants come in the order given; release them one
+        by one or together. No deadlock with other callers naming the same locks in any order."""
+        return await _many.acquire_many(
+            self, locks, session_id=session_id, wait=wait, owner=owner, request_id=request_id, timeout=timeout
+        )
+
+    def lock_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        ttl: float | None = 10,
+        wait: float = 5.0,
+        owner: str = "",
+        session: SessionKeeper | None = None,
+        timeout: float | None = None,
+    ) -> ManyLockContext:
+        """`async with client.lock_many(["a", ("b", True)]) as grants:` hold every lock for the
+        block (all granted or none, see acquire_many); released on exit. Without `session`, a
+        session of `ttl` is made for the block and closed after it."""
+        return ManyLockContext(
+            self,
+            locks,
+            ttl=None if session is not None else ttl,
+            wait=wait,
+            owner=owner,
+            session=session,
+            timeout=timeout,
         )
 
     def election(self, name: str) -> Election:

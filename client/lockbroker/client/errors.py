@@ -126,6 +126,17 @@ class SessionLost(LockBrokerError):
     default_code = grpc.StatusCode.NOT_FOUND
 
 
+class LimitMismatch(LockBrokerError):
+    """The lock is in use as a semaphore with another limit (or as a lock): use the limit it has."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+    @property
+    def limit(self) -> int:
+        """The limit in use (0: a lock)."""
+        return int(self.metadata.get("limit", "0") or 0)
+
+
 class AlreadyQueued(LockBrokerError):
     """The session already holds or waits for this lock under another request_id (not reentrant)."""
 
@@ -266,6 +277,7 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.SESSION_LOST: SessionLost,
     ErrorReason.ALREADY_QUEUED: AlreadyQueued,
     ErrorReason.REQUEST_ID_REUSED: RequestIdReused,
+    ErrorReason.LIMIT_MISMATCH: LimitMismatch,
     ErrorReason.INVALID_ARGUMENT: InvalidArgument,
     ErrorReason.UNAUTHENTICATED: Unauthenticated,
     ErrorReason.PERMISSION_DENIED: PermissionDenied,
@@ -408,6 +420,7 @@ __all__ = [
     "AlreadyQueued",
     "DeadlineExceeded",
     "InvalidArgument",
+    "LimitMismatch",
     "LockBrokerError",
     "LockHeld",
     "LockLost",

@@ -13,6 +13,7 @@ short and do not call SyncClient methods from them (that would wait on the loop 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from lockbroker.client._lock import HeldLock, LockContext
+from lockbroker.client._many import LockSpec, ManyLockContext
 from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
 from lockbroker.client._watch import LockEvent
@@ -327,6 +329,8 @@ class SyncClient:
         timeout: float | None = None,
         new_claim: bool = False,
         reentrant_owner: str | None = None,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Grant:
         return self._call(
             self._client.acquire(
@@ -339,6 +343,8 @@ class SyncClient:
                 timeout=timeout,
                 new_claim=new_claim,
                 reentrant_owner=reentrant_owner,
+                shared=shared,
+                limit=limit,
             )
         )
 
@@ -438,6 +444,8 @@ class SyncClient:
         on_lost: Callable[[SyncHeldLock], object] | None = None,
         timeout: float | None = None,
         reentrant: bool = False,
+        shared: bool = False,
+        limit: int = 0,
     ) -> Iterator[SyncHeldLock]:
         """`with client.lock(name) as held:`; same contract as Client.lock().
 
@@ -456,6 +464,8 @@ class SyncClient:
                 session=session._keeper if session is not None else None,
                 timeout=timeout,
                 reentrant=owner_id,
+                shared=shared,
+                limit=limit,
             )
             held = await ctx.__aenter__()
             # Registered on the loop thread, which owns the asyncio side of HeldLock.
@@ -468,6 +478,47 @@ class SyncClient:
             self._call(ctx.__aexit__(type(e), e, e.__traceback__))
             raise
         self._call(ctx.__aexit__(None, None, None))
+
+    def acquire_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        session_id: str,
+        wait: float = 0.0,
+        owner: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> builtins.list[Grant]:
+        """Several locks for one session, all or none; same contract as Client.acquire_many()."""
+        return self._call(
+            self._client.acquire_many(
+                locks, session_id=session_id, wait=wait, owner=owner, request_id=request_id, timeout=timeout
+            )
+        )
+
+    @contextmanager
+    def lock_many(
+        self,
+        locks: Sequence[LockSpec],
+        *,
+        ttl: float | None = 10,
+        wait: float = 5.0,
+        owner: str = "",
+        session: SyncSession | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[tuple[Grant, ...]]:
+        """`with client.lock_many(["a", ("b", True)]) as grants:`; same contract as Client.lock_many()."""
+
+        async def enter() -> tuple[ManyLockContext, tuple[Grant, ...]]:
+            keeper = session._keeper if session is not None else None
+            ctx = self._client.lock_many(locks, ttl=ttl, wait=wait, owner=owner, session=keeper, timeout=timeout)
+            return ctx, await ctx.__aenter__()
+
+        ctx, grants = self._call(enter())
+        try:
+            yield grants
+        finally:
+            self._call(ctx.__aexit__(None, None, None))
 
 
 __all__ = ["SyncClient", "SyncElection", "SyncHeldLock", "SyncLeadership", "SyncSession"]

@@ -41,6 +41,10 @@ class Grant:
     queue_position: int = 0
     # Holds counted on a reentrant grant (1 otherwise); see Client.lock(reentrant=True).
     hold_count: int = 1
+    # A shared (read) grant; see Client.lock(shared=True).
+    shared: bool = False
+    # A semaphore permit: the semaphore's limit; 0 for a lock. See Client.lock(limit=N).
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,7 @@ class Holder:
     # The request id of the Acquire that made this claim ("" from a broker older than claims).
     request_id: str = ""
     hold_count: int = 1
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,7 @@ class Waiter:
     # claims of one session (0 and "" from a broker older than claims).
     fencing_token: int = 0
     request_id: str = ""
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,10 @@ class LockState:
     waiters: tuple[Waiter, ...]
     # A running lock-delay's end: the holder shown is next in line, granted then.
     delay_until: datetime | None = None
+    # Every claim holding the lock, oldest first: more than one for shared claims and semaphore
+    # permits (holder is the first).
+    holders: tuple[Holder, ...] = ()
+    limit: int = 0  # the semaphore's limit; 0 for a lock
 
     @property
     def held(self) -> bool:
@@ -123,6 +133,7 @@ def holder_of(msg: lock_pb2.LockHolder) -> Holder:
         expires_at=timestamp(msg.expires_at) if msg.HasField("expires_at") else None,
         request_id=msg.request_id,
         hold_count=msg.hold_count or 1,
+        shared=msg.mode == lock_pb2.LOCK_MODE_SHARED,
     )
 
 
@@ -139,6 +150,8 @@ def grant_of(resp: lock_pb2.AcquireResponse) -> Grant:
         waited=seconds(resp.waited),
         queue_position=resp.queue_position,
         hold_count=g.hold_count or 1,
+        shared=g.mode == lock_pb2.LOCK_MODE_SHARED,
+        limit=g.limit,
     )
 
 
@@ -155,10 +168,13 @@ def lock_state_of(resp: lock_pb2.DescribeResponse) -> LockState:
                 waited=seconds(w.waited),
                 fencing_token=w.fencing_token,
                 request_id=w.request_id,
+                shared=w.mode == lock_pb2.LOCK_MODE_SHARED,
             )
             for w in resp.waiters
         ),
         delay_until=timestamp(resp.delay_until) if resp.HasField("delay_until") else None,
+        holders=tuple(holder_of(h) for h in resp.holders),
+        limit=resp.limit,
     )
 
 

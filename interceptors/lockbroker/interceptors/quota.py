@@ -57,6 +57,7 @@ _ELECTION = "/lockbroker.v1.ElectionService/"
 # to the service without a bucket fails tests/test_abuse_rates.py.
 BUCKETS: dict[str, str] = {
     _SERVICE + "Acquire": "acquire",
+    _SERVICE + "AcquireMany": "acquire",
     _SERVICE + "Describe": "read",
     _SERVICE + "List": "read",
     _SERVICE + "CheckFence": "read",

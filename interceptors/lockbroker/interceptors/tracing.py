@@ -46,6 +46,16 @@ def _request_attributes(request: object) -> dict[str, str | int]:
     ):
         if name in fields and (value := getattr(request, name)):
             attrs[attr] = value
+    # Shared claims and semaphores (issue 17): the mode by its enum name, the semaphore's limit.
+    r: Any = request
+    mode_field = fields.get("mode")
+    if mode_field is not None and mode_field.enum_type is not None and r.mode:
+        known = mode_field.enum_type.values_by_number.get(r.mode)
+        attrs["lockbroker.lock.mode"] = known.name if known is not None else r.mode
+    if "limit" in fields and r.limit:
+        attrs["lockbroker.lock.limit"] = r.limit
+    if "locks" in fields and r.locks:  # AcquireMany
+        attrs["lockbroker.lock.names"] = ",".join(c.name for c in r.locks)
     return attrs
 
 

@@ -163,6 +163,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     for an after_revision etcd has compacted: observe again without it
     (metadata "after_revision", "compact_revision").
     """
+    ERROR_REASON_LIMIT_MISMATCH: _ErrorReason.ValueType  # 21
+    """Code FAILED_PRECONDITION, from Acquire: the lock is in use as a semaphore
+    with another limit (AcquireRequest.limit), or as a lock while this
+    request asked for a semaphore, or the reverse; nothing was queued. Not
+    retryable as such: use the limit the semaphore has. Metadata: "lock",
+    "limit" (the limit in use, "0" for a lock) and "requested".
+    """
     ERROR_REASON_NOT_LEADER: _ErrorReason.ValueType  # 41
     """Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
     named is no longer the election's leader (it resigned, its session ended,
@@ -307,6 +314,13 @@ the state again (Describe) and watch without start_revision. Metadata:
 for an after_revision etcd has compacted: observe again without it
 (metadata "after_revision", "compact_revision").
 """
+ERROR_REASON_LIMIT_MISMATCH: ErrorReason.ValueType  # 21
+"""Code FAILED_PRECONDITION, from Acquire: the lock is in use as a semaphore
+with another limit (AcquireRequest.limit), or as a lock while this
+request asked for a semaphore, or the reverse; nothing was queued. Not
+retryable as such: use the limit the semaphore has. Metadata: "lock",
+"limit" (the limit in use, "0" for a lock) and "requested".
+"""
 ERROR_REASON_NOT_LEADER: ErrorReason.ValueType  # 41
 """Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
 named is no longer the election's leader (it resigned, its session ended,
@@ -318,6 +332,36 @@ ERROR_REASON_NO_LEADER: ErrorReason.ValueType  # 42
 Retryable once a candidate has campaigned. Metadata: "election".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+class _LockMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LockModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LockMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOCK_MODE_UNSPECIFIED: _LockMode.ValueType  # 0
+    """Unset: exclusive, as before modes existed."""
+    LOCK_MODE_EXCLUSIVE: _LockMode.ValueType  # 1
+    """Exclusive (write): granted only at the head of the queue, alone."""
+    LOCK_MODE_SHARED: _LockMode.ValueType  # 2
+    """Shared (read): granted once every claim ahead of it in the queue is
+    shared too, so readers share, a writer waits for the readers ahead of it
+    and the readers behind a writer wait for it (FIFO, no writer starvation).
+    """
+
+class LockMode(_LockMode, metaclass=_LockModeEnumTypeWrapper):
+    """LockMode says whether a claim shares its lock with other claims."""
+
+LOCK_MODE_UNSPECIFIED: LockMode.ValueType  # 0
+"""Unset: exclusive, as before modes existed."""
+LOCK_MODE_EXCLUSIVE: LockMode.ValueType  # 1
+"""Exclusive (write): granted only at the head of the queue, alone."""
+LOCK_MODE_SHARED: LockMode.ValueType  # 2
+"""Shared (read): granted once every claim ahead of it in the queue is
+shared too, so readers share, a writer waits for the readers ahead of it
+and the readers behind a writer wait for it (FIFO, no writer starvation).
+"""
+Global___LockMode: _TypeAlias = LockMode  # noqa: Y015
 
 class _FenceStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -686,6 +730,8 @@ class AcquireRequest(_message.Message):
     REENTRANT_OWNER_FIELD_NUMBER: _builtins.int
     MAX_HOLD_FIELD_NUMBER: _builtins.int
     LOCK_DELAY_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lock name: any UTF-8 text without control characters (U+0000-U+001F,
     U+007F-U+009F), 1 to 1024 bytes (the server's limits.max_name_bytes).
@@ -724,6 +770,20 @@ class AcquireRequest(_message.Message):
     """Who re-enters with `reentrant`: a thread or task identity chosen by the
     client, 1-128 bytes, unique within the session. Required with
     `reentrant`, must be unset without it.
+    """
+    mode: Global___LockMode.ValueType
+    """Shared or exclusive (unset: exclusive). A fencing token is the claim's
+    create revision in both modes, so a writer's token is greater than that
+    of every reader granted before it. Must be unset with `limit`.
+    """
+    limit: _builtins.int
+    """Use the lock as a counting semaphore with this many permits: the claim
+    is granted while fewer than `limit` claims are ahead of it in the queue
+    (FIFO). 1 to 10000; unset or 0: a lock. The limit is kept with the
+    permits: every claim of a semaphore must name the same limit while any
+    exists (another: FAILED_PRECONDITION, LIMIT_MISMATCH), and once none is
+    left the next Acquire sets it anew. A permit counts as a held lock for
+    the tenant's quotas.
     """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
@@ -771,14 +831,116 @@ class AcquireRequest(_message.Message):
         reentrant_owner: _builtins.str = ...,
         max_hold: _duration_pb2.Duration | None = ...,
         lock_delay: _duration_pb2.Duration | None = ...,
+        mode: Global___LockMode.ValueType = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay", "max_hold", b"max_hold", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_delay", b"lock_delay", "max_hold", b"max_hold", "name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "lock_delay", b"lock_delay", "max_hold", b"max_hold", "mode", b"mode", "name", b"name", "new_claim", b"new_claim", "owner", b"owner", "reentrant", b"reentrant", "reentrant_owner", b"reentrant_owner", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcquireRequest: _TypeAlias = AcquireRequest  # noqa: Y015
+
+@_typing.final
+class LockClaim(_message.Message):
+    """LockClaim names one lock of an AcquireMany."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Lock name, as AcquireRequest.name."""
+    mode: Global___LockMode.ValueType
+    """Shared or exclusive (unset: exclusive), as AcquireRequest.mode."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mode: Global___LockMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockClaim: _TypeAlias = LockClaim  # noqa: Y015
+
+@_typing.final
+class AcquireManyRequest(_message.Message):
+    """AcquireManyRequest asks for several locks at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCKS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to hold every lock with (required)."""
+    owner: _builtins.str
+    """Owner label of every grant, as AcquireRequest.owner."""
+    request_id: _builtins.str
+    """Idempotency key, as AcquireRequest.request_id; each lock's claim gets
+    "<request_id>:<index>".
+    """
+    @_builtins.property
+    def locks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockClaim]:
+        """The locks: 1 to 16, each name at most once."""
+
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for all of them together. Unset or zero: try each once."""
+
+    def __init__(
+        self,
+        *,
+        locks: _abc.Iterable[Global___LockClaim] | None = ...,
+        session_id: _builtins.str = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
+        owner: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_timeout", b"wait_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locks", b"locks", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireManyRequest: _TypeAlias = AcquireManyRequest  # noqa: Y015
+
+@_typing.final
+class AcquireManyResponse(_message.Message):
+    """AcquireManyResponse carries one grant per lock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    WAITED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """The grants, in the order of the request's locks."""
+
+    @_builtins.property
+    def waited(self) -> _duration_pb2.Duration:
+        """How long the call waited before the last grant."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
+        waited: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waited", b"waited"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "waited", b"waited"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireManyResponse: _TypeAlias = AcquireManyResponse  # noqa: Y015
 
 @_typing.final
 class AcquireResponse(_message.Message):
@@ -830,6 +992,8 @@ class Grant(_message.Message):
     QUEUED_AT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     HOLD_COUNT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The lock name."""
     fencing_token: _builtins.int
@@ -847,6 +1011,10 @@ class Grant(_message.Message):
     """Holds counted on this grant: 1, or more for a reentrant grant acquired
     again by its owner (AcquireRequest.reentrant).
     """
+    mode: Global___LockMode.ValueType
+    """The grant's mode (EXCLUSIVE or SHARED)."""
+    limit: _builtins.int
+    """The semaphore's limit for a permit; 0 for a lock."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the session lapses unless refreshed (server clock, at grant time)."""
@@ -866,10 +1034,12 @@ class Grant(_message.Message):
         queued_at: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
         hold_count: _builtins.int = ...,
+        mode: Global___LockMode.ValueType = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "queued_at", b"queued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "hold_count", b"hold_count", "name", b"name", "owner", b"owner", "queued_at", b"queued_at", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "hold_count", b"hold_count", "limit", b"limit", "mode", b"mode", "name", b"name", "owner", b"owner", "queued_at", b"queued_at", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1018,9 +1188,13 @@ class DescribeResponse(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     WAITERS_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     DELAY_UNTIL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The lock name."""
+    limit: _builtins.int
+    """The semaphore's limit; 0 for a lock."""
     @_builtins.property
     def holder(self) -> Global___LockHolder:
         """The holder; unset when the lock is free."""
@@ -1028,6 +1202,13 @@ class DescribeResponse(_message.Message):
     @_builtins.property
     def waiters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Waiter]:
         """Sessions waiting for the lock, first in line first."""
+
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockHolder]:
+        """Every claim holding the lock, oldest first: the holder alone for an
+        exclusive grant, the run of shared claims at the head of the queue, or
+        a semaphore's permit holders (`holder` is the first of them).
+        """
 
     @_builtins.property
     def delay_until(self) -> _timestamp_pb2.Timestamp:
@@ -1042,11 +1223,13 @@ class DescribeResponse(_message.Message):
         name: _builtins.str = ...,
         holder: Global___LockHolder | None = ...,
         waiters: _abc.Iterable[Global___Waiter] | None = ...,
+        holders: _abc.Iterable[Global___LockHolder] | None = ...,
+        limit: _builtins.int = ...,
         delay_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "holder", b"holder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "holder", b"holder", "name", b"name", "waiters", b"waiters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "holder", b"holder", "holders", b"holders", "limit", b"limit", "name", b"name", "waiters", b"waiters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1065,6 +1248,7 @@ class LockHolder(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     HOLD_COUNT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Owner label given at Acquire."""
     session_id: _builtins.str
@@ -1075,6 +1259,8 @@ class LockHolder(_message.Message):
     """The request_id of the Acquire that made this claim."""
     hold_count: _builtins.int
     """Holds counted on a reentrant grant (1 otherwise)."""
+    mode: Global___LockMode.ValueType
+    """The claim's mode (EXCLUSIVE or SHARED)."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """When the holder entered the queue (server clock)."""
@@ -1095,10 +1281,11 @@ class LockHolder(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
         hold_count: _builtins.int = ...,
+        mode: Global___LockMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "hold_count", b"hold_count", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "fencing_token", b"fencing_token", "hold_count", b"hold_count", "mode", b"mode", "owner", b"owner", "request_id", b"request_id", "session_id", b"session_id", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1117,6 +1304,7 @@ class Waiter(_message.Message):
     WAITED_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """1 for the first in line after the holder."""
     owner: _builtins.str
@@ -1129,6 +1317,8 @@ class Waiter(_message.Message):
     """
     request_id: _builtins.str
     """The request_id of the Acquire that made this claim."""
+    mode: Global___LockMode.ValueType
+    """The claim's mode (EXCLUSIVE or SHARED)."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """When it entered the queue (server clock)."""
@@ -1147,10 +1337,11 @@ class Waiter(_message.Message):
         waited: _duration_pb2.Duration | None = ...,
         fencing_token: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        mode: Global___LockMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "waited", b"waited"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "owner", b"owner", "position", b"position", "request_id", b"request_id", "session_id", b"session_id", "since", b"since", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "mode", b"mode", "owner", b"owner", "position", b"position", "request_id", b"request_id", "session_id", b"session_id", "since", b"since", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

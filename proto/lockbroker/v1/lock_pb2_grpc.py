@@ -60,6 +60,11 @@ class LockServiceStub:
                 request_serializer=lockbroker_dot_v1_dot_lock__pb2.AcquireRequest.SerializeToString,
                 response_deserializer=lockbroker_dot_v1_dot_lock__pb2.AcquireResponse.FromString,
                 _registered_method=True)
+        self.AcquireMany = channel.unary_unary(
+                '/lockbroker.v1.LockService/AcquireMany',
+                request_serializer=lockbroker_dot_v1_dot_lock__pb2.AcquireManyRequest.SerializeToString,
+                response_deserializer=lockbroker_dot_v1_dot_lock__pb2.AcquireManyResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/lockbroker.v1.LockService/Release',
                 request_serializer=lockbroker_dot_v1_dot_lock__pb2.ReleaseRequest.SerializeToString,
@@ -153,6 +158,21 @@ class LockServiceServicer:
 
         Not marked idempotent: that holds only with a request_id (a repeat
         without one is a new request and can queue a second entry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireMany(self, request, context):
+        """AcquireMany takes several locks (each shared or exclusive) for one
+        session: all are granted, or none. The broker queues for them one by one
+        in the order of their names, so AcquireMany calls never deadlock with
+        each other (nor with Acquire, which holds one lock at a time), whatever
+        order the request lists them in. Each lock gets its own fencing token and
+        is released with Release, one by one or all together. When one lock is
+        not granted within wait_timeout (ABORTED, as Acquire), or the call fails
+        or is cancelled, the locks it had granted are released before it
+        answers. Retrying with the same request_id finds the same claims.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,6 +292,11 @@ def add_LockServiceServicer_to_server(servicer, server):
                     servicer.Acquire,
                     request_deserializer=lockbroker_dot_v1_dot_lock__pb2.AcquireRequest.FromString,
                     response_serializer=lockbroker_dot_v1_dot_lock__pb2.AcquireResponse.SerializeToString,
+            ),
+            'AcquireMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireMany,
+                    request_deserializer=lockbroker_dot_v1_dot_lock__pb2.AcquireManyRequest.FromString,
+                    response_serializer=lockbroker_dot_v1_dot_lock__pb2.AcquireManyResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -440,6 +465,33 @@ class LockService:
             '/lockbroker.v1.LockService/Acquire',
             lockbroker_dot_v1_dot_lock__pb2.AcquireRequest.SerializeToString,
             lockbroker_dot_v1_dot_lock__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockbroker.v1.LockService/AcquireMany',
+            lockbroker_dot_v1_dot_lock__pb2.AcquireManyRequest.SerializeToString,
+            lockbroker_dot_v1_dot_lock__pb2.AcquireManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

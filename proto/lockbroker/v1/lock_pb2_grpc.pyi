@@ -91,6 +91,17 @@ class LockServiceStub:
     Not marked idempotent: that holds only with a request_id (a repeat
     without one is a new request and can queue a second entry).
     """
+    AcquireMany: _grpc.UnaryUnaryMultiCallable[_lock_pb2.AcquireManyRequest, _lock_pb2.AcquireManyResponse]
+    """AcquireMany takes several locks (each shared or exclusive) for one
+    session: all are granted, or none. The broker queues for them one by one
+    in the order of their names, so AcquireMany calls never deadlock with
+    each other (nor with Acquire, which holds one lock at a time), whatever
+    order the request lists them in. Each lock gets its own fencing token and
+    is released with Release, one by one or all together. When one lock is
+    not granted within wait_timeout (ABORTED, as Acquire), or the call fails
+    or is cancelled, the locks it had granted are released before it
+    answers. Retrying with the same request_id finds the same claims.
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ReleaseRequest, _lock_pb2.ReleaseResponse]
     """Release deletes exactly the grant with this fencing token. If that grant
     is already gone (released, expired, session closed) it succeeds with
@@ -201,6 +212,17 @@ class LockServiceAsyncStub(LockServiceStub):
 
     Not marked idempotent: that holds only with a request_id (a repeat
     without one is a new request and can queue a second entry).
+    """
+    AcquireMany: _aio.UnaryUnaryMultiCallable[_lock_pb2.AcquireManyRequest, _lock_pb2.AcquireManyResponse]  # type: ignore[assignment]
+    """AcquireMany takes several locks (each shared or exclusive) for one
+    session: all are granted, or none. The broker queues for them one by one
+    in the order of their names, so AcquireMany calls never deadlock with
+    each other (nor with Acquire, which holds one lock at a time), whatever
+    order the request lists them in. Each lock gets its own fencing token and
+    is released with Release, one by one or all together. When one lock is
+    not granted within wait_timeout (ABORTED, as Acquire), or the call fails
+    or is cancelled, the locks it had granted are released before it
+    answers. Retrying with the same request_id finds the same claims.
     """
     Release: _aio.UnaryUnaryMultiCallable[_lock_pb2.ReleaseRequest, _lock_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Release deletes exactly the grant with this fencing token. If that grant
@@ -339,6 +361,23 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Not marked idempotent: that holds only with a request_id (a repeat
         without one is a new request and can queue a second entry).
+        """
+
+    @_abc_1.abstractmethod
+    def AcquireMany(
+        self,
+        request: _lock_pb2.AcquireManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lock_pb2.AcquireManyResponse, _abc.Awaitable[_lock_pb2.AcquireManyResponse]]:
+        """AcquireMany takes several locks (each shared or exclusive) for one
+        session: all are granted, or none. The broker queues for them one by one
+        in the order of their names, so AcquireMany calls never deadlock with
+        each other (nor with Acquire, which holds one lock at a time), whatever
+        order the request lists them in. Each lock gets its own fencing token and
+        is released with Release, one by one or all together. When one lock is
+        not granted within wait_timeout (ABORTED, as Acquire), or the call fails
+        or is cancelled, the locks it had granted are released before it
+        answers. Retrying with the same request_id finds the same claims.
         """
 
     @_abc_1.abstractmethod

@@ -28,6 +28,7 @@ def holder(entry: Entry, expires_at: float | None = None) -> lock_pb2.LockHolder
         since=ts(entry.value.queued_at),
         request_id=entry.request_id,
         hold_count=entry.value.hold_count,
+        mode=mode(entry.value.shared),
     )
     if expires_at is not None:
         msg.expires_at.CopyFrom(ts(expires_at))
@@ -44,7 +45,13 @@ def grant(g: Grant) -> lock_pb2.Grant:
         queued_at=ts(g.queued_at),
         request_id=g.request_id,
         hold_count=g.hold_count,
+        mode=mode(g.shared),
+        limit=g.limit,
     )
+
+
+def mode(shared: bool) -> lock_pb2.LockMode.ValueType:
+    return lock_pb2.LOCK_MODE_SHARED if shared else lock_pb2.LOCK_MODE_EXCLUSIVE
 
 
 def session(s: SessionInfo) -> tuple[duration_pb2.Duration, timestamp_pb2.Timestamp]:

@@ -20,6 +20,7 @@ _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.SessionLost, grpc.StatusCode.NOT_FOUND),
     (e.AlreadyQueued, grpc.StatusCode.FAILED_PRECONDITION),
     (e.RequestIdReused, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.LimitMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.RevisionCompacted, grpc.StatusCode.OUT_OF_RANGE),

@@ -17,6 +17,8 @@ from lockbroker.interceptors.principal import tenant_problem
 from lockbroker.server.core.acquire import AcquireParams
 from lockbroker.server.core.errors import FieldViolation, InvalidArgument
 from lockbroker.server.core.holds import MIN_HOLD
+from lockbroker.server.core.modes import MAX_LIMIT
+from lockbroker.server.core.multi import MAX_LOCKS, ManyParams
 from lockbroker.server.core.names import (
     MAX_NAME_BYTES,
     name_problem,
@@ -182,6 +184,7 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
         claim = new_claim_id(request_id)
     hold = c.max_hold("max_hold", req.max_hold) if req.HasField("max_hold") else 0.0
     delay = c.seconds("lock_delay", req.lock_delay) if req.HasField("lock_delay") else 0.0
+    shared = _mode(c, req)
     c.done()
     return AcquireParams(
         req.name,
@@ -195,7 +198,47 @@ def acquire(req: lock_pb2.AcquireRequest, limits: LockLimits, principal: str = "
         principal,
         hold,
         delay,
+        shared,
+        req.limit,
     )
+
+
+def _mode_of(c: _Checker, field: str, mode: int) -> bool:
+    if mode not in lock_pb2.LockMode.values():
+        c.bad(field, f"unknown mode {mode}: use LOCK_MODE_EXCLUSIVE or LOCK_MODE_SHARED")
+    return mode == lock_pb2.LOCK_MODE_SHARED
+
+
+def acquire_many(req: lock_pb2.AcquireManyRequest, limits: LockLimits, principal: str = "") -> ManyParams:
+    c = _Checker()
+    if not 1 <= len(req.locks) <= MAX_LOCKS:
+        c.bad("locks", f"must name 1 to {MAX_LOCKS} locks (got {len(req.locks)})")
+    seen: set[str] = set()
+    for i, claim in enumerate(req.locks):
+        c.name(f"locks[{i}].name", claim.name, limits)
+        if claim.name in seen:
+            c.bad(f"locks[{i}].name", f"names {claim.name!r} a second time: each lock at most once")
+        seen.add(claim.name)
+    locks = tuple((claim.name, _mode_of(c, f"locks[{i}].mode", claim.mode)) for i, claim in enumerate(req.locks))
+    lease = c.session("session_id", req.session_id, required=True)
+    wait = c.wait("wait_timeout", req.HasField("wait_timeout"), req.wait_timeout, limits)
+    c.check("owner", owner_problem(req.owner))
+    c.check("request_id", request_id_problem(req.request_id))
+    c.done()
+    assert lease is not None
+    return ManyParams(locks, lease, wait, req.owner, req.request_id, principal)
+
+
+def _mode(c: _Checker, req: lock_pb2.AcquireRequest) -> bool:
+    """Whether the claim is shared; checks `mode` and `limit` (core/modes.py)."""
+    shared = _mode_of(c, "mode", req.mode)
+    if req.limit < 0 or req.limit > MAX_LIMIT:
+        c.bad("limit", f"must be 1 to {MAX_LIMIT} permits for a semaphore, or unset for a lock")
+    elif req.limit and shared:
+        c.bad("mode", "must be unset (or exclusive) with limit: a semaphore's permits have no mode")
+    if (shared or req.limit) and req.reentrant:
+        c.bad("reentrant", "only an exclusive lock is reentrant (unset mode and limit)")
+    return shared
 
 
 def release(req: lock_pb2.ReleaseRequest, limits: LockLimits | None = None) -> tuple[str, int, int | None]:

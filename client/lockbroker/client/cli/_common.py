@@ -301,3 +301,15 @@ class Output:
             err = {"code": "USAGE", "reason": "USAGE", "message": message, "exit_code": EXIT_USAGE}
             print(json.dumps({"error": err}), file=self.stream, flush=True)
         return EXIT_USAGE
+
+
+def add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """--shared and --permits (issue 17), for acquire and run."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--shared", action="store_true", help="a shared (read) lock: held together with other readers")
+    mode.add_argument(
+        "--permits",
+        type=int,
+        metavar="N",
+        help="take one of N permits of the semaphore NAME (like consul lock -n); every user names the same N",
+    )

@@ -14,6 +14,7 @@ from lockbroker.client.cli._common import (
     Output,
     _positive,
     _when,
+    add_mode_arguments,
     default_owner,
     duration_arg,
     grant_json,
@@ -33,6 +34,8 @@ async def cmd_acquire(client: Client, args: argparse.Namespace, out: Output, sig
         wait=args.wait,
         owner=owner,
         request_id=args.request_id,
+        shared=args.shared,
+        limit=args.permits or 0,
     )
     out.result(
         {**grant_json(grant), "own_session": not args.session},
@@ -144,6 +147,7 @@ def add_lock_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     acq.add_argument("--owner", help="owner label shown by describe/list (default user@host)")
     acq.add_argument("--session", metavar="ID", help="acquire on this session (from `session create`)")
     acq.add_argument("--request-id", help="idempotency key: a retry with the same id gets the same grant")
+    add_mode_arguments(acq)
 
     rel = add_command(subparsers, "release", cmd_release, "release a lock by its fencing token", common)
     rel.add_argument("name")

@@ -24,6 +24,7 @@ from lockbroker.client.cli._common import (
     Output,
     _exit_code_arg,
     _positive,
+    add_mode_arguments,
     default_owner,
     duration_arg,
     error_json,
@@ -131,7 +132,9 @@ class _Run:
             value = (args.value if args.value is not None else owner).encode()
             self.ctx = client.election(args.name).campaign(value, ttl=args.ttl, wait=args.wait, owner=owner)
         else:
-            self.ctx = client.lock(args.name, ttl=args.ttl, wait=args.wait, owner=owner)
+            self.ctx = client.lock(
+                args.name, ttl=args.ttl, wait=args.wait, owner=owner, shared=args.shared, limit=args.permits or 0
+            )
         self.acquiring: asyncio.Future[HeldLock] | None = None
         self.child: _Child | None = None
 
@@ -243,6 +246,7 @@ def add_run_command(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--grace", type=duration_arg, default=DEFAULT_GRACE, help="SIGTERM to SIGKILL delay on a lost lock"
     )
     run.add_argument("--owner", help="owner label (default user@host pid N)")
+    add_mode_arguments(run)
     run.add_argument(
         "--conflict-exit-code",
         type=_exit_code_arg,

@@ -123,7 +123,27 @@ def _request_refs(request: object) -> dict[str, str | None]:
     if isinstance(request, Message):
         for key, name in _ref_fields(request):
             refs[key] = _str_or_none(getattr(request, name))
+        _add_mode_refs(refs, request)
     return refs
+
+
+def _add_mode_refs(refs: dict[str, str | None], request: Message) -> None:
+    """Shared claims, semaphores and AcquireMany (issue 17): the mode by name, the limit, the names."""
+    fields = request.DESCRIPTOR.fields_by_name
+    r: Any = request
+    mode = fields.get("mode")
+    if mode is not None and mode.enum_type is not None and r.mode:
+        known = mode.enum_type.values_by_number.get(r.mode)
+        refs["lockMode"] = known.name.removeprefix("LOCK_MODE_") if known is not None else str(r.mode)
+    if "limit" in fields and r.limit:
+        refs["semaphoreLimit"] = str(r.limit)
+    if "locks" in fields and r.locks:
+        refs["lock"] = truncated(",".join(c.name for c in r.locks))
+
+
+def _mode_fields(refs: Mapping[str, str | None]) -> dict[str, str]:
+    """The record's mode keys, only when the request set them (other records keep their shape)."""
+    return {key: value for key in ("lockMode", "semaphoreLimit") if (value := refs.get(key))}
 
 
 def _add_response_refs(refs: dict[str, str | None], response: object) -> None:
@@ -341,6 +361,7 @@ class AuditInterceptor(WrappingInterceptor):
             "traceId": _trace_id(),
             # Only admin calls carry a reason; other records keep their shape.
             **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
+            **_mode_fields(refs),
             **extra,
             "_secrets": _secrets(context),
         }
@@ -370,6 +391,7 @@ class AuditInterceptor(WrappingInterceptor):
             "retryAttempts": None,
             "traceId": _trace_id(),
             **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
+            **_mode_fields(refs),
             "_secrets": _secrets(context),
         }
 

@@ -31,6 +31,7 @@ MUTATING_METHODS: Final = (
         for name in (
             "CreateSession",
             "Acquire",
+            "AcquireMany",
             "Release",
             "CloseSession",
             "KeepAlive",

@@ -55,6 +55,7 @@ from lockbroker.server.core.errors import (
     WaitExpired,
 )
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
+from lockbroker.server.core.modes import wait_turn as modes_wait
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
 from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import Pool, QuotaLookup, TenantQuota
@@ -82,6 +83,8 @@ class AcquireParams:
     principal: str = ""  # who asks (core/owners.py): recorded in a session made for this lock
     max_hold: float = 0.0  # seconds; 0: the tenant's max_hold (core/holds.py)
     lock_delay: float = 0.0  # seconds; 0: the tenant's lock_delay (core/delay.py)
+    shared: bool = False  # a shared (read) claim (core/modes.py)
+    limit: int = 0  # a semaphore permit of this many; 0: a lock (core/modes.py)
     data: bytes = b""  # stored with the entry: an election candidate's value (core/election.py)
 
 
@@ -92,8 +95,9 @@ def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, sess
     if quota.max_locks:
         claims.append((ks.entry_pool(quota.max_locks), key))
     if quota.max_waiters_per_lock:
-        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters.
-        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + 1), key))
+        # The holder takes a slot too: the pool bounds the whole queue at holder + waiters (a
+        # semaphore's N permit holders + waiters; shared holders count as waiters, core.modes).
+        claims.append((ks.lock_pool(p.name, quota.max_waiters_per_lock + max(1, p.limit)), key))
     return claims
 
 
@@ -200,6 +204,11 @@ class Acquirer:
                 try:
                     try:
                         enq = await put(slots)
+                        if not enq.created and enq.position.mine is None and p.wait > 0:
+                            # The earlier attempt's entry this retry was adopting was removed by
+                            # that attempt's clean-up (core.resume) in between; the session is alive
+                            # (checked), so queue anew, once: the place is lost, never the session.
+                            enq = await put(slots)
                     except SlotsTaken as e:
                         enq = await self._claimer.again(tenant, claims, slots, e, put)
                 except (SessionMissing, SessionTaken, EntryConflict) as e:
@@ -218,7 +227,12 @@ class Acquirer:
                 if mine.value.slots:
                     self._claimer.remember(mine)
                 if pos.predecessor is not None:
-                    await self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                    # Shared claims and permits (or a lock asked for where a semaphore is): core.modes.
+                    await (
+                        modes_wait(self._backend, p, ks.lock_prefix(p.name), mine, started, self)
+                        if p.shared or p.limit or (pos.holder is not None and pos.holder.value.limit)
+                        else self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                    )
                 await lock_delay.before_grant(
                     self._backend, tenant, quota, ks, mine, p.name, p.lock_delay, p.wait, started, self._closing
                 )
@@ -238,6 +252,8 @@ class Acquirer:
                 time.monotonic() - started,
                 pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
                 mine.value.hold_count,
+                mine.value.shared,
+                mine.value.limit,
             )
 
     async def _expiry(self, lease_id: int) -> float:
@@ -263,13 +279,15 @@ class Acquirer:
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
                 ks.entry_key(p.name, lease_id, p.claim),
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant).with_data(
-                    p.data
-                ),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant)
+                .moded(p.shared, p.limit)
+                .with_data(p.data),
                 lease_id,
                 session_key=ks.session_key(lease_id),
                 new_session_value=session_value,
-                only_if_free=p.wait <= 0,
+                # A shared claim or a permit may be granted behind others: it is put, and removed
+                # if it does not hold at once (core.modes).
+                only_if_free=p.wait <= 0 and not (p.shared or p.limit),
                 slots=slots,
                 mark=ks.mark(lease_id).base,
             )
@@ -280,6 +298,7 @@ class Acquirer:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
         wait_until = started + p.wait
         rpc_deadline = call_deadline.get()
+        away = False
         while pos.predecessor is not None:
             if p.wait <= 0:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
@@ -300,15 +319,28 @@ class Acquirer:
                 raise await self._not_acquired(WaitExpired, p.name, latest, started)
             handed: Position | None = None
             try:
-                handed = await self._until_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine)
-            except WatchInterrupted as e:
-                log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
-                await asyncio.sleep(0.05)
+                try:
+                    handed = await self._until_deleted(
+                        prefix, (pos.predecessor.key, mine.key), pos.revision, left, mine
+                    )
+                except WatchInterrupted as e:
+                    log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                    await asyncio.sleep(0.05)
+                # Handed over by a release on this replica: its transaction read our entry at the
+                # head of the queue at its revision, which is the read we would make now.
+                pos = handed or await self._backend.position(prefix, mine.key, mine.create_revision)
             except TimeoutError:
                 continue
-            # Handed over by a release on this replica: its transaction read our entry at the head
-            # of the queue at its revision, which is the read we would make now.
-            pos = handed if handed is not None else await self._backend.position(prefix, mine.key, mine.create_revision)
+            except ShuttingDown:
+                raise
+            except Unavailable as e:
+                # etcd briefly away (an election): wait on, keeping the place. Failing here deleted
+                # the entry under the client's retry, and sent waiters to the back at every election.
+                if not away:  # once per wait: an outage fails every waiter's reads
+                    log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
+                away = True
+                await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
+                continue
             if pos.mine is None:
                 raise SessionLost(
                     f"the claim of session {session_id_of(mine.lease)} on {p.name!r} was removed while waiting "
@@ -371,7 +403,12 @@ class Acquirer:
     ) -> None:
         """Remove what a failed Acquire queued, at once or (a waiter cut off) after its resume window;
         raise instead of `exc` when `exc` would promise more than is known."""
-        mark = ks.mark(Keyspace.lease_of(key))
+        lease_id = Keyspace.lease_of(key)
+        mark = ks.mark(lease_id)
+
+        async def lease_gone() -> bool:  # what is left to remove ends with the session at the latest
+            return await self._backend.lease_ttl(lease_id) < 0
+
         if (
             mine is not None
             and isinstance(exc, asyncio.CancelledError)
@@ -384,7 +421,8 @@ class Acquirer:
             closing = self._closing()
             until = time.monotonic() + self.resume_window
             self._cleanups.start(
-                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing)
+                lambda: keep_place(self._backend, ks.lock_prefix(p.name), mine, mark, until=until, closing=closing),
+                lease_gone,
             )
             return
         # Did our enqueue perhaps reach the store? A cancelled or failed call in flight may
@@ -394,7 +432,9 @@ class Acquirer:
             or (isinstance(exc, Unavailable) and exc.outcome_unknown)
             or not isinstance(exc, LockBrokerError)
         )
-        removed = await self._cleanups.run(self._abandon(key, mine, created_lease, attempt if unknown else None, mark))
+        removed = await self._cleanups.run(
+            self._abandon(key, mine, created_lease, attempt if unknown else None, mark), lease_gone
+        )
         if isinstance(exc, WaitExpired) and not removed:
             # "Not acquired" is a promise that no entry of ours is left to become the holder.
             # Unconfirmed (etcd unreachable), the honest answer is "unknown": the clean-up goes on

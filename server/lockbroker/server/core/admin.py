@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.model import Entry, Revocation
+from lockbroker.server.core.modes import holders
 from lockbroker.server.core.names import Keyspace, prefix_end, session_id_of
 from lockbroker.server.core.owners import SessionOwners, record_principal
 from lockbroker.v1.reasons import ErrorReason
@@ -54,8 +55,13 @@ class Admin:
         self._owners = owners
 
     async def check_fence(self, tenant: str, name: str, token: int) -> Fence:
-        holder = await self._backend.holder(self._keyspace(tenant).lock_prefix(name))
+        prefix = self._keyspace(tenant).lock_prefix(name)
+        holder = await self._backend.holder(prefix)
         held = holder.create_revision if holder is not None else 0
+        if holder is not None and held < token and (holder.value.shared or holder.value.limit):
+            # Shared claims and permits: any entry that holds is current (core.modes).
+            _, entries = await self._backend.queue_at(prefix)
+            return Fence(any(e.create_revision == token for e in holders(entries)), held)
         return Fence(held == token, held)
 
     async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> Entry | None:
@@ -97,18 +103,19 @@ class Admin:
         waiting: dict[int, list[str]] = {lease: [] for lease in leases}
         if leases:
             entries, _ = await self._backend.scan(ks.locks_root, prefix_end(ks.locks_root), 0)
-            holders: dict[str, Entry] = {}
+            queues: dict[str, list[Entry]] = {}
             for e in entries:
-                n = ks.name_of(e.key)
-                if n not in holders or e.create_revision < holders[n].create_revision:
-                    holders[n] = e
-            for e in entries:
-                if e.lease in leases:
-                    n = ks.name_of(e.key)
-                    if holders[n] is e:
-                        held[e.lease].append((n, e.create_revision))
-                    else:
-                        waiting[e.lease].append(n)
+                queues.setdefault(ks.name_of(e.key), []).append(e)
+            for n, queue in queues.items():
+                queue.sort(key=lambda e: e.create_revision)
+                # Shared claims and permits: more than one may hold (core.modes).
+                holding = {e.create_revision for e in holders(queue)}
+                for e in queue:
+                    if e.lease in leases:
+                        if e.create_revision in holding:
+                            held[e.lease].append((n, e.create_revision))
+                        else:
+                            waiting[e.lease].append(n)
         out: list[SessionSummary] = []
         for lease, raw in leases.items():
             try:

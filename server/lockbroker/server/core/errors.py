@@ -103,6 +103,12 @@ class RequestIdReused(LockBrokerError):
     reason = ErrorReason.REQUEST_ID_REUSED
 
 
+class LimitMismatch(LockBrokerError):
+    """The lock is in use with another semaphore limit (0: as a lock) than the request names."""
+
+    reason = ErrorReason.LIMIT_MISMATCH
+
+
 class QuotaExceeded(LockBrokerError):
     """A tenant limit (see lockbroker.server.core.quota.LIMITS) would be exceeded; nothing was changed.
 

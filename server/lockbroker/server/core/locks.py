@@ -26,6 +26,7 @@ from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.cleanup import Cleanups
 from lockbroker.server.core.holds import HoldSweeper, hold_limit, start_hold
 from lockbroker.server.core.model import Entry, Grant, LockState, Page, SessionInfo
+from lockbroker.server.core.multi import ManyParams, acquire_many
 from lockbroker.server.core.names import Keyspace
 from lockbroker.server.core.owners import SessionOwners
 from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
@@ -106,6 +107,10 @@ class LockCore:
             await self._cleanups.run(lambda: self.release(tenant, g.name, g.fencing_token, lease, p.principal))
             raise
         return g
+
+    async def acquire_many(self, tenant: str, p: ManyParams) -> list[Grant]:
+        """Several locks of one session, all granted or none (core/multi.py)."""
+        return await acquire_many(tenant, p, self.acquire, self.release, self._cleanups)
 
     async def release(
         self, tenant: str, name: str, fencing_token: int, lease_id: int | None, principal: str = ""

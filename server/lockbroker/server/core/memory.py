@@ -360,6 +360,9 @@ class MemoryLockBackend(MemoryStore):
     async def queue(self, prefix: bytes) -> list[Entry]:
         return await self._call("queue", lambda: self._entries(prefix))
 
+    async def queue_at(self, prefix: bytes) -> tuple[int, list[Entry]]:
+        return await self._call("queue_at", lambda: (self._rev, self._entries(prefix)))
+
     async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
         def apply() -> tuple[list[Entry], bool]:
             keys = self._range(start, end)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 # A session's release marks (see LockBackend.enqueue) are spread over this many keys by a hash of
 # the entry key they guard. A release moves only its own entry's mark, so an enqueue conflicts
@@ -43,11 +42,21 @@ class EntryValue:
     # The request ids of the last Releases that each took a hold off, so a retried one does not
     # take a second (see core.claims).
     released: tuple[str, ...] = ()
+    # A shared (read) claim; False: exclusive (core/modes.py decides who holds).
+    shared: bool = False
+    # A semaphore permit of a semaphore with this many permits; 0: a lock. Every entry carries
+    # it, so the limit lives exactly as long as the semaphore has claims (nothing else to clean up).
+    limit: int = 0
     # An election candidate's value (ElectionService: Campaign, Proclaim); empty for locks.
     data: bytes = b""
 
+    def moded(self, shared: bool, limit: int) -> EntryValue:
+        """This value with a mode and a semaphore limit (itself for an exclusive lock)."""
+        return self if not (shared or limit) else replace(self, shared=shared, limit=limit)
+
     def with_data(self, data: bytes) -> EntryValue:
-        return dataclasses.replace(self, data=data) if data else self
+        """This value with an election candidate's value (itself without one)."""
+        return replace(self, data=data) if data else self
 
     @property
     def hold_count(self) -> int:
@@ -66,6 +75,10 @@ class EntryValue:
             doc["h"] = list(self.holds)
             if self.released:
                 doc["rr"] = list(self.released)
+        if self.shared:
+            doc["s"] = 1
+        if self.limit:
+            doc["n"] = self.limit
         if self.data:
             doc["v"] = base64.b64encode(self.data).decode()
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -84,6 +97,8 @@ class EntryValue:
                 str(doc.get("ro", "")),
                 tuple(str(h) for h in doc.get("h", ())),
                 tuple(str(r) for r in doc.get("rr", ())),
+                bool(doc.get("s", 0)),
+                int(doc.get("n", 0)),
                 base64.b64decode(str(doc.get("v", ""))),
             )
         except (ValueError, TypeError, AttributeError, binascii.Error):
@@ -173,6 +188,8 @@ class Grant:
     waited: float
     queue_position: int
     hold_count: int = 1
+    shared: bool = False
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +230,9 @@ class LockState:
     holder: Entry | None
     holder_expires_at: float | None
     waiters: list[Entry]
+    # Every entry holding the lock (holder first): more than one for shared claims and permits.
+    holders: list[Entry] = field(default_factory=list)
+    limit: int = 0  # the semaphore's limit; 0 for a lock
     delay_until: float = 0.0  # a running lock-delay's end (unix seconds; core/delay.py), 0: none
 
 

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lockbroker.server.core.backend import WatchInterrupted
+from lockbroker.server.core.modes import blockers
 
 if TYPE_CHECKING:
     from lockbroker.server.core.backend import LockBackend
@@ -36,19 +37,32 @@ async def keep_place(
     """Keep `mine` queued until monotonic time `until` for a retry to adopt; then (or once it
     would become the holder unadopted) delete it, unless a retry has adopted it by then."""
     while True:
-        pos = await backend.position(prefix, mine.key, mine.create_revision)
-        current = pos.mine
+        current, block, revision = await _standing(backend, prefix, mine)
         if current is None or current.mod_revision != mine.mod_revision:
             return  # gone (session ended, released), or adopted: the retry owns it now
         left = until - time.monotonic()
-        if pos.predecessor is None or left <= 0 or closing.done():
+        if not block or left <= 0 or closing.done():
             # The delete compares the mod revision too: a retry adopting it meanwhile keeps it.
             await backend.delete_entry(mine.key, mine.create_revision, mine.mod_revision, mine.value.slots, mark)
             return
-        watch = backend.wait_deleted(prefix, (pos.predecessor.key, mine.key), pos.revision)
+        watch = backend.wait_deleted(prefix, (*block, mine.key), revision)
         try:
             await asyncio.wait_for(watch, left)
         except TimeoutError:
             pass
         except WatchInterrupted:
             await asyncio.sleep(0.05)
+
+
+async def _standing(backend: LockBackend, prefix: bytes, mine: Entry) -> tuple[Entry | None, tuple[bytes, ...], int]:
+    """`mine` as stored now (None: gone), the keys whose deletion would make it hold (none: it
+    would hold now), and the revision of the read. A shared claim or a permit may hold behind
+    others (core.modes), so for those the whole queue is read."""
+    if not (mine.value.shared or mine.value.limit):
+        pos = await backend.position(prefix, mine.key, mine.create_revision)
+        return pos.mine, (pos.predecessor.key,) if pos.predecessor is not None else (), pos.revision
+    revision, queue = await backend.queue_at(prefix)
+    for at, e in enumerate(queue):
+        if e.key == mine.key and e.create_revision == mine.create_revision:
+            return e, tuple(b.key for b in blockers(mine.value, queue[:at])), revision
+    return None, (), revision

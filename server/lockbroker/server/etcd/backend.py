@@ -429,6 +429,12 @@ class EtcdLockBackend:
         )
         return [_entry(kv) for kv in resp.kvs]
 
+    async def queue_at(self, prefix: bytes) -> tuple[int, list[Entry]]:
+        resp = await self.client.range(
+            pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), sort_target=_BY_CREATE, sort_order=_ASC)
+        )
+        return resp.header.revision, [_entry(kv) for kv in resp.kvs]
+
     async def scan(self, start: bytes, end: bytes, limit: int) -> tuple[list[Entry], bool]:
         resp = await self.client.range(pb.RangeRequest(key=start, range_end=end, limit=limit))
         return [_entry(kv) for kv in resp.kvs], resp.more
