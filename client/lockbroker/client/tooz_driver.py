@@ -27,10 +27,11 @@ What maps, and how:
 - tooz leader election (watch_elected_as_leader + run_watchers, get_leader, stand_down_group_leader):
   ElectionService, one election "tooz/<group id>" per group; the leader's value is its member id.
   run_watchers campaigns without waiting (tooz's model: every call tries once).
+- acquire(shared=True): the broker's shared (read) mode: readers share, a writer waits for the
+  readers ahead of it and blocks those behind it (FIFO).
 - Not supported (tooz.NotImplemented, so tooz's own tests skip them): group membership (lockbroker
-  keeps no state outside sessions, so a group that outlives its members has nowhere to live),
-  shared locks (until the broker's shared mode lands: `_SHARED` is the hook), and Lock.break_()
-  (a forced release is AdminService.ForceRelease: it needs an admin API key, see `break_`).
+  keeps no state outside sessions, so a group that outlives its members has nowhere to live), and
+  Lock.break_() without an admin key (a forced release is AdminService.ForceRelease, see `break_`).
 """
 
 from __future__ import annotations
@@ -63,9 +64,6 @@ DEFAULT_TIMEOUT = 10.0
 # A lock acquired with blocking=True waits in rounds this long (under the broker's default
 # max_wait of 300 s), queueing again after each: tooz has no "forever" a single call could carry.
 _ROUND = 60.0
-# Shared (read) locks: the broker's shared mode (issue 17 item 1) is being built on another
-# branch. Once AcquireRequest has a mode, pass it where this is checked.
-_SHARED = False
 
 
 @contextlib.contextmanager
@@ -102,18 +100,18 @@ class LockbrokerLock(locking.Lock):
         super().__init__(name)
         self._coord = coord
         self._lb_name = lock_name(name)
-        self._grant: Grant | None = None
+        # The grants held through this object, last acquired last: shared claims stack (tooz lets
+        # one Lock object take a shared lock twice and release it twice); exclusive ones never do.
+        self._grants: list[Grant] = []
         self._mutex = threading.Lock()
 
     @property
     def fencing_token(self) -> int | None:
         """The current grant's fencing token (None while not held): pass it to what the lock protects."""
-        grant = self._grant
-        return grant.fencing_token if grant is not None else None
+        grants = self._grants
+        return grants[-1].fencing_token if grants else None
 
     def acquire(self, blocking: bool | float = True, shared: bool = False, timeout: int | None = None) -> bool:
-        if shared and not _SHARED:
-            raise tooz.NotImplemented("shared locks need the broker's shared mode (not in this broker yet)")
         client, session = self._coord._connection()
         wait: float | None
         if blocking is False:
@@ -133,6 +131,7 @@ class LockbrokerLock(locking.Lock):
                         owner=self._coord.owner,
                         request_id=uuid.uuid4().hex,
                         new_claim=True,
+                        shared=shared,
                     )
                 except NotAcquired:
                     if wait is None:
@@ -140,14 +139,15 @@ class LockbrokerLock(locking.Lock):
                     return False
                 break
         with self._mutex:
-            self._grant = grant
+            self._grants.append(grant)
             self._coord._held.add(self)
         return True
 
     def release(self) -> bool:
         with self._mutex:
-            grant, self._grant = self._grant, None
-            self._coord._held.discard(self)
+            grant = self._grants.pop() if self._grants else None
+            if not self._grants:
+                self._coord._held.discard(self)
         if grant is None:
             return False
         client, _ = self._coord._connection()
@@ -155,9 +155,9 @@ class LockbrokerLock(locking.Lock):
             return client.release(grant.name, grant.fencing_token, session_id=grant.session_id)
 
     def is_still_owner(self) -> bool:
-        grant = self._grant
-        if grant is None:
+        if not self._grants:
             return False
+        grant = self._grants[-1]
         client, _ = self._coord._connection()
         with _translated():
             return client.check_fence(grant.name, grant.fencing_token).current
@@ -179,7 +179,7 @@ class LockbrokerLock(locking.Lock):
 
     def heartbeat(self) -> bool:
         """Whether the lock is held; the session's keepalive keeps it (see LockbrokerDriver.heartbeat)."""
-        return self._grant is not None
+        return bool(self._grants)
 
 
 class LockbrokerDriver(coordination.CoordinationDriver):
