@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (bench/v3lock.proto -> bench.v3lock_pb2): it is a peer the benchmark measures against, not part
 # of the broker, and the broker's package does not ship it.
 PROTOS: list[tuple[str, list[str]]] = [
-    ("proto", ["lockbroker/v1/lock.proto"]),
+    ("proto", ["lockbroker/v1/lock.proto", "lockbroker/v1/election.proto"]),
     ("server", ["lockbroker/server/etcd/rpc.proto"]),
     (".", ["bench/v3lock.proto"]),
 ]

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 
 from lockbroker.interceptors.quota import BUCKETS, peer_address
 from lockbroker.server.core.quota import TenantQuota
-from lockbroker.v1 import lock_pb2
+from lockbroker.v1 import election_pb2, lock_pb2
 from tests.abuse_util import outcome, served
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -26,9 +26,13 @@ TTL = duration_pb2.Duration(seconds=30)
 def test_every_lockservice_method_spends_from_a_bucket() -> None:
     service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
     methods = {f"/{service.full_name}/{m.name}" for m in service.methods}
+    # ElectionService's methods too: a Campaign is charged as an Acquire.
+    election = election_pb2.DESCRIPTOR.services_by_name["ElectionService"]
+    methods |= {f"/{election.full_name}/{m.name}" for m in election.methods}
     # Plus the Session stream's Acquire messages, charged to the acquire bucket like the unary call.
     assert methods | {f"/{service.full_name}/Session/Acquire"} == set(BUCKETS)
     assert BUCKETS[f"/{service.full_name}/Session/Acquire"] == "acquire"
+    assert BUCKETS[f"/{election.full_name}/Campaign"] == "acquire"
 
 
 def test_peer_address_is_the_host_not_the_connection() -> None:

@@ -204,7 +204,7 @@ async def test_readme_grpcurl_block_runs_as_written(broker: Broker, probe: EtcdP
         _check_exit(*pending)
 
     assert {"CreateSession", "Acquire", "Describe", "Release", "CloseSession"} <= set(methods), methods
-    assert set(variables) == {"SESSION", "TOKEN"}
+    assert set(variables) == {"SESSION", "TOKEN", "LEADER"}
     assert checked >= 6, f"only {checked} answers were checked"
     # The walk-through cleans up after itself: no lock, queue entry or session is left in etcd.
     assert await probe.keys() == []

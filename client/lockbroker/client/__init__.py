@@ -6,6 +6,7 @@ asyncio first (`Client`), with a blocking facade (`SyncClient`) over the same co
 from lockbroker.client._retry import Backoff
 from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, HeldLock, LockContext, SessionKeeper
+from lockbroker.client.election import Election, Leader, LeaderChange, Leadership
 from lockbroker.client.errors import (
     AlreadyQueued,
     DeadlineExceeded,
@@ -14,7 +15,9 @@ from lockbroker.client.errors import (
     LockBrokerError,
     LockHeld,
     LockLost,
+    NoLeader,
     NotAcquired,
+    NotLeader,
     NotOwner,
     PermissionDenied,
     QuotaExceeded,
@@ -30,7 +33,7 @@ from lockbroker.client.errors import (
     from_rpc_error,
     rich_status,
 )
-from lockbroker.client.sync import SyncClient, SyncHeldLock, SyncSession
+from lockbroker.client.sync import SyncClient, SyncElection, SyncHeldLock, SyncLeadership, SyncSession
 from lockbroker.client.types import (
     FenceCheck,
     Grant,
@@ -48,12 +51,16 @@ __all__ = [
     "Backoff",
     "Client",
     "DeadlineExceeded",
+    "Election",
     "ErrorReason",
     "FenceCheck",
     "Grant",
     "HeldLock",
     "Holder",
     "InvalidArgument",
+    "Leader",
+    "LeaderChange",
+    "Leadership",
     "LimitMismatch",
     "LockBrokerError",
     "LockContext",
@@ -62,7 +69,9 @@ __all__ = [
     "LockLost",
     "LockState",
     "LockSummary",
+    "NoLeader",
     "NotAcquired",
+    "NotLeader",
     "NotOwner",
     "PermissionDenied",
     "QuotaExceeded",
@@ -76,7 +85,9 @@ __all__ = [
     "SessionRevoked",
     "SessionSummary",
     "SyncClient",
+    "SyncElection",
     "SyncHeldLock",
+    "SyncLeadership",
     "SyncSession",
     "Unauthenticated",
     "Unavailable",

@@ -45,6 +45,7 @@ from lockbroker.client._session import ClientSupport, SessionKeeper
 from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
 from lockbroker.client._watch import LockEvent, watch_events
 from lockbroker.client.admin import AdminClient
+from lockbroker.client.election import Election
 from lockbroker.client.types import (
     FenceCheck,
     Grant,
@@ -556,6 +557,11 @@ class Client:
             session=session,
             timeout=timeout,
         )
+
+    def election(self, name: str) -> Election:
+        """Leader election `name` of the caller's tenant (ElectionService): `campaign()`, `observe()`,
+        `leader()`; see lockbroker.client.election."""
+        return Election(self, name)
 
     async def list_pages(
         self, prefix: str = "", page_size: int = 100, *, timeout: float | None = None

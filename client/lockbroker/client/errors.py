@@ -229,9 +229,21 @@ class SessionRevoked(SessionNotFound):
     """An admin revoked the session (AdminService.RevokeSession); `metadata["admin_reason"]` says why."""
 
 
+class NotLeader(LockBrokerError):
+    """FAILED_PRECONDITION from Proclaim: the leadership no longer leads; nothing was changed."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NoLeader(LockBrokerError):
+    """NOT_FOUND from Leader: nobody leads the election."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
 class RevisionCompacted(LockBrokerError):
-    """Watch's start_revision is older than etcd keeps: `metadata["compact_revision"]` says from
-    where. Read the lock again and watch without start_revision."""
+    """Watch's start_revision (or Observe's after_revision) is older than etcd keeps:
+    `metadata["compact_revision"]` says from where. Read again and watch (observe) without it."""
 
     default_code = grpc.StatusCode.OUT_OF_RANGE
 
@@ -277,6 +289,8 @@ _BY_REASON: dict[str, type[LockBrokerError]] = {
     ErrorReason.AUDIT_UNAVAILABLE: Unavailable,
     ErrorReason.NOT_OWNER: NotOwner,
     ErrorReason.REVOKED: SessionRevoked,
+    ErrorReason.NOT_LEADER: NotLeader,
+    ErrorReason.NO_LEADER: NoLeader,
     # Never a call's status (it names revoked grants in keepalive answers): the base, if ever seen.
     ErrorReason.MAX_HOLD_EXCEEDED: LockBrokerError,
     ErrorReason.REVISION_COMPACTED: RevisionCompacted,
@@ -410,7 +424,9 @@ __all__ = [
     "LockBrokerError",
     "LockHeld",
     "LockLost",
+    "NoLeader",
     "NotAcquired",
+    "NotLeader",
     "NotOwner",
     "PermissionDenied",
     "QuotaExceeded",

@@ -30,6 +30,7 @@ from lockbroker.client._retry import Backoff
 from lockbroker.client._session import SessionKeeper
 from lockbroker.client._watch import LockEvent
 from lockbroker.client.aio import Client, Transport
+from lockbroker.client.election import CampaignContext, Election, Leader, LeaderChange, Leadership
 from lockbroker.client.errors import LockLost
 from lockbroker.client.types import FenceCheck, Grant, LockState, LockSummary, Session
 
@@ -126,6 +127,91 @@ class SyncHeldLock:
                 fencing_token=self.fencing_token,
                 cause=self._held.lost_cause,
             )
+
+
+class SyncLeadership(SyncHeldLock):
+    """Leadership inside `with client.election(name).campaign(value) as leadership:`; see Leadership."""
+
+    def __init__(
+        self, client: SyncClient, leadership: Leadership, on_lost: Callable[[SyncHeldLock], object] | None
+    ) -> None:
+        super().__init__(leadership, on_lost)
+        self._client = client
+        self._leadership = leadership
+
+    @property
+    def value(self) -> bytes:
+        return self._leadership.value
+
+    def proclaim(self, value: bytes, *, timeout: float | None = None) -> int:
+        """Set the value observers see; NotLeader if this leadership is gone. The etcd revision."""
+        return self._client._call(self._leadership.proclaim(value, timeout=timeout))
+
+    def resign(self, *, timeout: float | None = None) -> bool:
+        return self._client._call(self._leadership.resign(timeout=timeout))
+
+
+class SyncElection:
+    """One election: `client.election(name)`; the same methods as Election, blocking."""
+
+    def __init__(self, client: SyncClient, election: Election) -> None:
+        self._client = client
+        self._election = election
+
+    @property
+    def name(self) -> str:
+        return self._election.name
+
+    def leader(self, *, timeout: float | None = None) -> Leader | None:
+        return self._client._call(self._election.leader(timeout=timeout))
+
+    def observe(self, after_revision: int = 0) -> Iterator[LeaderChange]:
+        """Every leader change (see Election.observe); stop by leaving the loop."""
+        changes = self._election.observe(after_revision)
+
+        async def step() -> LeaderChange:
+            return await anext(changes)
+
+        try:
+            while True:
+                yield self._client._call(step())
+        finally:
+            if not self._client._closed:
+                self._client._call(changes.aclose())
+
+    @contextmanager
+    def campaign(
+        self,
+        value: bytes = b"",
+        *,
+        session: SyncSession | None = None,
+        ttl: float | None = 10,
+        wait: float | None = None,
+        owner: str = "",
+        on_lost: Callable[[SyncHeldLock], object] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[SyncLeadership]:
+        """`with election.campaign(value) as leadership:`; same contract as Election.campaign()."""
+
+        async def enter() -> tuple[CampaignContext, SyncLeadership]:
+            ctx = self._election.campaign(
+                value,
+                session=session._keeper if session is not None else None,
+                ttl=ttl,
+                wait=wait,
+                owner=owner,
+                timeout=timeout,
+            )
+            leadership = await ctx.__aenter__()
+            return ctx, SyncLeadership(self._client, leadership, on_lost)
+
+        ctx, leadership = self._client._call(enter())
+        try:
+            yield leadership
+        except BaseException as e:
+            self._client._call(ctx.__aexit__(type(e), e, e.__traceback__))
+            raise
+        self._client._call(ctx.__aexit__(None, None, None))
 
 
 class SyncClient:
@@ -304,6 +390,10 @@ class SyncClient:
         for page in self.list_pages(prefix, page_size, timeout=timeout):
             yield from page
 
+    def election(self, name: str) -> SyncElection:
+        """Leader election `name` (see Client.election)."""
+        return SyncElection(self, self._client.election(name))
+
     def watch(self, name: str, prefix: bool = False, start_revision: int | None = None) -> Iterator[LockEvent]:
         """The events of a lock (or name prefix), blocking for each: see Client.watch."""
         events = self._client.watch(name, prefix, start_revision)
@@ -431,4 +521,4 @@ class SyncClient:
             self._call(ctx.__aexit__(None, None, None))
 
 
-__all__ = ["SyncClient", "SyncHeldLock", "SyncSession"]
+__all__ = ["SyncClient", "SyncElection", "SyncHeldLock", "SyncLeadership", "SyncSession"]

@@ -52,6 +52,7 @@ from lockbroker.v1.reasons import ErrorReason
 
 RATE_LIMITED = ErrorReason.RATE_LIMITED
 _SERVICE = "/lockbroker.v1.LockService/"
+_ELECTION = "/lockbroker.v1.ElectionService/"
 # The bucket each method spends a token from. Every LockService method is here: a method added
 # to the service without a bucket fails tests/test_abuse_rates.py.
 BUCKETS: dict[str, str] = {
@@ -69,6 +70,13 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "Session": "session",  # likewise; its messages are charged as the unary calls are
     # Acquire messages on a Session stream are charged like the unary call (server/session_stream.py).
     _SERVICE + "Session/Acquire": "acquire",
+    # ElectionService (server/election_service.py): a campaign is an Acquire, reads are reads, and
+    # Proclaim and Resign are charged as Release is.
+    _ELECTION + "Campaign": "acquire",
+    _ELECTION + "Leader": "read",
+    _ELECTION + "Observe": "read",  # one token per stream opened
+    _ELECTION + "Proclaim": "session",
+    _ELECTION + "Resign": "session",
 }
 LIMITED_METHODS = frozenset(BUCKETS)
 _WHAT = {"acquire": "Acquire", "read": "read (Describe, List, CheckFence)", "session": "session (and Release)"}

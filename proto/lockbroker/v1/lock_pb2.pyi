@@ -159,7 +159,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Code OUT_OF_RANGE: Watch's start_revision is older than etcd's compact
     revision, so the events after it are gone. Not retryable as is: read
     the state again (Describe) and watch without start_revision. Metadata:
-    "compact_revision", "start_revision".
+    "compact_revision", "start_revision". Also from ElectionService.Observe,
+    for an after_revision etcd has compacted: observe again without it
+    (metadata "after_revision", "compact_revision").
     """
     ERROR_REASON_LIMIT_MISMATCH: _ErrorReason.ValueType  # 21
     """Code FAILED_PRECONDITION, from Acquire: the lock is in use as a semaphore
@@ -167,6 +169,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     request asked for a semaphore, or the reverse; nothing was queued. Not
     retryable as such: use the limit the semaphore has. Metadata: "lock",
     "limit" (the limit in use, "0" for a lock) and "requested".
+    """
+    ERROR_REASON_NOT_LEADER: _ErrorReason.ValueType  # 41
+    """Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
+    named is no longer the election's leader (it resigned, its session ended,
+    or it never led); nothing was changed. Not retryable: campaign again.
+    Metadata: "election", "fencing_token".
+    """
+    ERROR_REASON_NO_LEADER: _ErrorReason.ValueType  # 42
+    """Code NOT_FOUND, from ElectionService.Leader: nobody leads the election.
+    Retryable once a candidate has campaigned. Metadata: "election".
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -298,7 +310,9 @@ ERROR_REASON_REVISION_COMPACTED: ErrorReason.ValueType  # 40
 """Code OUT_OF_RANGE: Watch's start_revision is older than etcd's compact
 revision, so the events after it are gone. Not retryable as is: read
 the state again (Describe) and watch without start_revision. Metadata:
-"compact_revision", "start_revision".
+"compact_revision", "start_revision". Also from ElectionService.Observe,
+for an after_revision etcd has compacted: observe again without it
+(metadata "after_revision", "compact_revision").
 """
 ERROR_REASON_LIMIT_MISMATCH: ErrorReason.ValueType  # 21
 """Code FAILED_PRECONDITION, from Acquire: the lock is in use as a semaphore
@@ -306,6 +320,16 @@ with another limit (AcquireRequest.limit), or as a lock while this
 request asked for a semaphore, or the reverse; nothing was queued. Not
 retryable as such: use the limit the semaphore has. Metadata: "lock",
 "limit" (the limit in use, "0" for a lock) and "requested".
+"""
+ERROR_REASON_NOT_LEADER: ErrorReason.ValueType  # 41
+"""Code FAILED_PRECONDITION, from ElectionService.Proclaim: the leadership
+named is no longer the election's leader (it resigned, its session ended,
+or it never led); nothing was changed. Not retryable: campaign again.
+Metadata: "election", "fencing_token".
+"""
+ERROR_REASON_NO_LEADER: ErrorReason.ValueType  # 42
+"""Code NOT_FOUND, from ElectionService.Leader: nobody leads the election.
+Retryable once a candidate has campaigned. Metadata: "election".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -30,10 +30,12 @@ from lockbroker.server.admin_service import ADMIN_SERVICE, AdminService, revocat
 from lockbroker.server.auth import tenants
 from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
 from lockbroker.server.config import Config, ConfigError, LockLimits
+from lockbroker.server.core.election import ElectionCore
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.memory import MemoryLockBackend
 from lockbroker.server.core.quota import Quotas, TenantQuota
+from lockbroker.server.election_service import ELECTION_SERVICE, ElectionService, add_election_service
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
@@ -47,6 +49,7 @@ log = logging.getLogger("lockbroker.server")
 
 SERVICE_NAME = lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name
 ADMIN_SERVICE_NAME = ADMIN_SERVICE.full_name
+ELECTION_SERVICE_NAME = ELECTION_SERVICE.full_name
 # Kubernetes: livenessProbe on LIVENESS (SERVING while the process can serve: a restart would not
 # help while etcd is down), readinessProbe on READINESS (SERVING only while etcd answers). "" and
 # the LockService name follow readiness, as before.
@@ -151,6 +154,7 @@ class Broker:
         self.core: LockCore | None = None
         self.service: LockService | None = None
         self.admin_service: AdminService | None = None
+        self.election_service: ElectionService | None = None
         self.health = health_aio.HealthServicer()
         self.server: aio.Server | None = None
         self.port = 0
@@ -244,10 +248,24 @@ class Broker:
         add_to_server(service, server)
         self.admin_service = AdminService(self.core, service.retry)
         add_to_server(self.admin_service, server, ADMIN_SERVICE)
+        assert self.backend is not None
+        core = self.core
+        elections = ElectionCore(
+            self.backend,
+            self.client_config.key_root,
+            quotas=self.quotas,
+            leases=core.leases,
+            owners=core.owners,
+            closing=lambda: core.closing,
+        )
+        self.election_service = ElectionService(
+            elections, cfg.limits, locks=service, etcd=self.client, retry=service.retry, quotas=self.quotas
+        )
+        add_election_service(self.election_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
-            [SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME], server
+            [SERVICE_NAME, ADMIN_SERVICE_NAME, ELECTION_SERVICE_NAME, health_name, reflection.SERVICE_NAME], server
         )
         return server
 
@@ -386,7 +404,7 @@ class Broker:
             if ok and self._serving is False:
                 log.info("etcd reachable again; health SERVING")
             self._serving = ok
-            for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, READINESS):
+            for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, ELECTION_SERVICE_NAME, READINESS):
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
 
     def _fatal(self, err: BaseException) -> None:
@@ -410,6 +428,8 @@ class Broker:
             self.service.draining = True
         if self.admin_service is not None:
             self.admin_service.draining = True
+        if self.election_service is not None:
+            self.election_service.draining = True
         if self.core is not None:
             self.core.begin_shutdown()
         for task in (self._monitor, self._supervisor):
@@ -423,6 +443,8 @@ class Broker:
             await self.health_server.stop(0)
         if self.core is not None:
             await self.core.drain_cleanups(timeout=max(1.0, grace))
+        if self.election_service is not None:
+            await self.election_service.core.drain(timeout=max(1.0, grace))
         if self.audit_log is not None:
             await self.audit_log.close()
         if self.backend is not None:

@@ -9,6 +9,7 @@ from google.rpc import error_details_pb2
 from lockbroker.interceptors.rpcstatus import DOMAIN, Trailers, quota_details, trailers
 from lockbroker.server import convert
 from lockbroker.server.core import errors as e
+from lockbroker.server.core.election import NoLeader, NotLeader
 from lockbroker.v1.reasons import ErrorReason
 
 _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
@@ -23,6 +24,8 @@ _CODES: list[tuple[type[e.LockBrokerError], grpc.StatusCode]] = [
     (e.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.RevisionCompacted, grpc.StatusCode.OUT_OF_RANGE),
+    (NotLeader, grpc.StatusCode.FAILED_PRECONDITION),
+    (NoLeader, grpc.StatusCode.NOT_FOUND),
     (e.BackendNoSpace, grpc.StatusCode.UNAVAILABLE),  # before Unavailable, its base: see the class
     (e.Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]

@@ -5,7 +5,7 @@ as its `lockbroker` command; the full package adds these subcommands beside `ser
 `tenants`. Exit codes are listed in EPILOG (and in docs/cli.md).
 
 One module per command group, as etcdctl has one file per command: lock.py (acquire, release,
-describe, list), fence.py (check-fence), session.py, run.py, admin.py (admin ...), watch.py; _common.py
+describe, list), fence.py (check-fence), session.py, run.py, elect.py, admin.py (admin ...), watch.py; _common.py
 holds exit codes, values and output shapes, and _runner.py connects, handles signals and registers commands.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 from lockbroker.client.cli._common import EPILOG, EXIT_USAGE, SERVER_COMMANDS
 from lockbroker.client.cli._runner import common_parser
 from lockbroker.client.cli.admin import add_admin_commands
+from lockbroker.client.cli.elect import add_elect_command
 from lockbroker.client.cli.fence import add_fence_command
 from lockbroker.client.cli.lock import add_lock_commands
 from lockbroker.client.cli.run import add_run_command
@@ -34,6 +35,7 @@ def add_commands(subparsers: Any) -> None:
     add_fence_command(subparsers, common)
     add_session_commands(subparsers, common)
     add_run_command(subparsers, common)
+    add_elect_command(subparsers, common)
     add_admin_commands(subparsers, common)
     add_watch_command(subparsers, common)
 
@@ -46,13 +48,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     tail: list[str] | None = None
-    if args_list[:1] == ["run"] and "--" in args_list:
+    if args_list[:1] in (["run"], ["elect"]) and "--" in args_list:
         i = args_list.index("--")
         args_list, tail = args_list[:i], args_list[i + 1 :]
     args = parser.parse_args(args_list)
     if tail is not None:
         if args.cmd:
-            parser.error("run: give the command after --, not before it")
+            parser.error(f"{args_list[0]}: give the command after --, not before it")
         args.cmd = tail
     return args
 

@@ -175,8 +175,10 @@ def _check(args: argparse.Namespace) -> None:
     """What argparse cannot say about combinations of flags, checked before connecting."""
     if args.cli_command == "acquire" and args.session and args.ttl is not None:
         raise UsageError("--ttl applies only without --session (a session has its own TTL)")
-    if args.cli_command == "run" and not args.cmd:
-        raise UsageError("name the command to run after --: lockbroker run NAME [options] -- CMD [ARGS...]")
+    if args.cli_command in ("run", "elect") and not args.cmd:
+        raise UsageError(
+            f"name the command to run after --: lockbroker {args.cli_command} NAME [options] -- CMD [ARGS...]"
+        )
 
 
 def _setup_logging(verbose: int) -> None:

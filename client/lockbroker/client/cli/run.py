@@ -32,6 +32,7 @@ from lockbroker.client.cli._common import (
     exit_code_of,
 )
 from lockbroker.client.cli._runner import Signals, add_command
+from lockbroker.client.election import CampaignContext
 from lockbroker.client.errors import LockBrokerError, LockLost, NotAcquired
 
 
@@ -115,7 +116,10 @@ async def _supervise(child: _Child, held: HeldLock, grace: float) -> tuple[int, 
 class _Run:
     """One `lockbroker run`: acquire, start the command, watch it and the lock, release."""
 
-    def __init__(self, client: Client, args: argparse.Namespace, out: Output, signals: Signals) -> None:
+    def __init__(
+        self, client: Client, args: argparse.Namespace, out: Output, signals: Signals, *, campaign: bool = False
+    ) -> None:
+        """`campaign`: lead election args.name instead of holding lock args.name (`lockbroker elect`)."""
         self.args = args
         self.out = out
         self.signals = signals
@@ -123,9 +127,14 @@ class _Run:
         self.interactive = _interactive()
         self.summary: dict[str, Any] = {"name": args.name, "command": self.cmd, "child_started": False}
         owner = args.owner if args.owner is not None else default_owner(f" pid {os.getpid()}")
-        self.ctx = client.lock(
-            args.name, ttl=args.ttl, wait=args.wait, owner=owner, shared=args.shared, limit=args.permits or 0
-        )
+        self.ctx: LockContext | CampaignContext
+        if campaign:
+            value = (args.value if args.value is not None else owner).encode()
+            self.ctx = client.election(args.name).campaign(value, ttl=args.ttl, wait=args.wait, owner=owner)
+        else:
+            self.ctx = client.lock(
+                args.name, ttl=args.ttl, wait=args.wait, owner=owner, shared=args.shared, limit=args.permits or 0
+            )
         self.acquiring: asyncio.Future[HeldLock] | None = None
         self.child: _Child | None = None
 
@@ -205,11 +214,12 @@ async def cmd_run(client: Client, args: argparse.Namespace, out: Output, signals
     return await _Run(client, args, out, signals)()
 
 
-async def _release(ctx: LockContext, out: Output) -> None:
+async def _release(ctx: LockContext | CampaignContext, out: Output) -> None:
     try:
         await ctx.__aexit__(None, None, None)
     except LockBrokerError as e:
-        out.note(f"could not release {ctx.held.name if ctx.held else 'the lock'}: {e}; it lapses with its session")
+        held = ctx.held if isinstance(ctx, LockContext) else ctx.leadership
+        out.note(f"could not release {held.name if held else 'the lock'}: {e}; it lapses with its session")
 
 
 def add_run_command(subparsers: Any, common: argparse.ArgumentParser) -> None:

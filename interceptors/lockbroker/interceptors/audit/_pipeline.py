@@ -25,25 +25,29 @@ AUDIT_UNAVAILABLE: Final = ErrorReason.AUDIT_UNAVAILABLE
 REQUEST_RECEIVED: Final = "RequestReceived"
 RESPONSE_COMPLETE: Final = "ResponseComplete"
 LOCK_SERVICE: Final = "lockbroker.v1.LockService"
-MUTATING_METHODS: Final = frozenset(
-    f"/{LOCK_SERVICE}/{name}"
-    for name in (
-        "CreateSession",
-        "Acquire",
-        "AcquireMany",
-        "Release",
-        "CloseSession",
-        "KeepAlive",
-        "Refresh",
-        # The Session stream and the lock operations it carries, one record each (server/session_stream.py).
-        "Session",
-        "Session/Open",
-        "Session/Acquire",
-        "Session/Release",
-        "Session/KeepAlive",
-        "Session/Close",
+MUTATING_METHODS: Final = (
+    frozenset(
+        f"/{LOCK_SERVICE}/{name}"
+        for name in (
+            "CreateSession",
+            "Acquire",
+            "AcquireMany",
+            "Release",
+            "CloseSession",
+            "KeepAlive",
+            "Refresh",
+            # The Session stream and the lock operations it carries, one record each (server/session_stream.py).
+            "Session",
+            "Session/Open",
+            "Session/Acquire",
+            "Session/Release",
+            "Session/KeepAlive",
+            "Session/Close",
+        )
     )
-) | frozenset(f"/lockbroker.v1.AdminService/{name}" for name in ("ForceRelease", "RevokeSession"))
+    | frozenset(f"/lockbroker.v1.AdminService/{name}" for name in ("ForceRelease", "RevokeSession"))
+    | frozenset(f"/lockbroker.v1.ElectionService/{name}" for name in ("Campaign", "Proclaim", "Resign"))
+)
 # Metadata whose values are credentials. The interceptor never copies these fields into a record;
 # their values are also scrubbed from `outcome.message`, the one free-text field (a careless
 # handler may echo a header there), and from nothing else: a caller choosing its "key" must not be

@@ -85,6 +85,7 @@ class AcquireParams:
     lock_delay: float = 0.0  # seconds; 0: the tenant's lock_delay (core/delay.py)
     shared: bool = False  # a shared (read) claim (core/modes.py)
     limit: int = 0  # a semaphore permit of this many; 0: a lock (core/modes.py)
+    data: bytes = b""  # stored with the entry: an election candidate's value (core/election.py)
 
 
 def _claims(ks: Keyspace, quota: TenantQuota, p: AcquireParams, key: bytes, session_key: bytes) -> list[Claim]:
@@ -278,9 +279,9 @@ class Acquirer:
             return self._backend.enqueue(
                 ks.lock_prefix(p.name),
                 ks.entry_key(p.name, lease_id, p.claim),
-                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant).moded(
-                    p.shared, p.limit
-                ),
+                EntryValue(p.owner, request_id, queued_at, implicit, entry_slots, attempt, *reentrant)
+                .moded(p.shared, p.limit)
+                .with_data(p.data),
                 lease_id,
                 session_key=ks.session_key(lease_id),
                 new_session_value=session_value,

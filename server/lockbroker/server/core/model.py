@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import zlib
 from dataclasses import dataclass, field, replace
@@ -45,10 +47,16 @@ class EntryValue:
     # A semaphore permit of a semaphore with this many permits; 0: a lock. Every entry carries
     # it, so the limit lives exactly as long as the semaphore has claims (nothing else to clean up).
     limit: int = 0
+    # An election candidate's value (ElectionService: Campaign, Proclaim); empty for locks.
+    data: bytes = b""
 
     def moded(self, shared: bool, limit: int) -> EntryValue:
         """This value with a mode and a semaphore limit (itself for an exclusive lock)."""
         return self if not (shared or limit) else replace(self, shared=shared, limit=limit)
+
+    def with_data(self, data: bytes) -> EntryValue:
+        """This value with an election candidate's value (itself without one)."""
+        return replace(self, data=data) if data else self
 
     @property
     def hold_count(self) -> int:
@@ -71,6 +79,8 @@ class EntryValue:
             doc["s"] = 1
         if self.limit:
             doc["n"] = self.limit
+        if self.data:
+            doc["v"] = base64.b64encode(self.data).decode()
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -89,8 +99,9 @@ class EntryValue:
                 tuple(str(r) for r in doc.get("rr", ())),
                 bool(doc.get("s", 0)),
                 int(doc.get("n", 0)),
+                base64.b64decode(str(doc.get("v", ""))),
             )
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, binascii.Error):
             # A key someone wrote by hand under our prefix: still an entry in the queue.
             return EntryValue("", "", 0.0)
 
