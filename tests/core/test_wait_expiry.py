@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from lockbroker.server.core import acquire
 from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable, WaitExpired
 from tests.core.conftest import Env, eventually, sid
@@ -132,3 +133,36 @@ async def test_a_wait_outlives_a_short_outage_and_keeps_its_place(env: Env, monk
     assert got.session_id == sid(w) and got.fencing_token == token
     state = await env.describe(name)
     assert state.holder is not None and state.holder.create_revision == token
+
+
+async def test_an_outage_longer_than_an_election_ends_the_wait_unavailable(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Riding out an outage is bounded (acquire.OUTAGE_RIDE_OUT): past it the waiter is answered
+    UNAVAILABLE well before its wait ends, and its entry is removed once etcd answers again."""
+    monkeypatch.setattr(acquire, "OUTAGE_RIDE_OUT", 0.3)
+    name = "expiry/long-outage"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+
+    async def broken(*args: Any) -> Any:
+        raise WatchInterrupted("injected: the watch stream was lost")
+
+    monkeypatch.setattr(env.backend, "wait_deleted", broken)
+    waiting = asyncio.ensure_future(env.acquire(name, w, wait=30, request_id="expiry-long"))
+    try:
+        await env.wait_waiters(name, 1)
+        fail_calls(env, "position", 1000)  # every re-read fails: etcd is gone
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        waiting.cancel()
+        fail_calls(env, "position", 0)
+    monkeypatch.setattr(env.backend, "wait_deleted", type(env.backend).wait_deleted.__get__(env.backend))
+
+    async def removed() -> bool:
+        return not (await env.describe(name)).waiters
+
+    await eventually(removed, 10.0, "the cut-off waiter's entry removed once etcd answers")
+    assert await env.release(name, held.fencing_token)

@@ -68,6 +68,12 @@ log = logging.getLogger("lockbroker.core")
 Claim = tuple[Pool, bytes]
 
 
+# How long a waiter keeps its place through an etcd outage (its watch broken, its reads failing)
+# before it is answered UNAVAILABLE: longer than an etcd leader election under load (about 1-3 s
+# with the default 1 s election timeout), far shorter than a dead etcd.
+OUTAGE_RIDE_OUT = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class AcquireParams:
     name: str
@@ -298,7 +304,7 @@ class Acquirer:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
         wait_until = started + p.wait
         rpc_deadline = call_deadline.get()
-        away = False
+        away: float | None = None  # since when etcd has been away, in this wait
         while pos.predecessor is not None:
             if p.wait <= 0:
                 raise await self._not_acquired(LockHeld, p.name, pos, started)
@@ -336,10 +342,15 @@ class Acquirer:
             except Unavailable as e:
                 # etcd briefly away (an election): wait on, keeping the place. Failing here deleted
                 # the entry under the client's retry, and sent waiters to the back at every election.
-                if not away:  # once per wait: an outage fails every waiter's reads
+                # An outage longer than an election is answered UNAVAILABLE (the entry removed in
+                # the background): the caller learns etcd is gone instead of waiting on blind.
+                now = time.monotonic()
+                if away is None:  # logged once per wait: an outage fails every waiter's reads
                     log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
-                away = True
-                await asyncio.sleep(min(0.25, max(0.0, until - time.monotonic())))
+                    away = now
+                elif now - away > OUTAGE_RIDE_OUT:
+                    raise
+                await asyncio.sleep(min(0.25, max(0.0, until - now)))
                 continue
             if pos.mine is None:
                 raise SessionLost(
