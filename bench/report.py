@@ -476,7 +476,8 @@ def _lines(ax: Any, res: Results, workload: str, path: str, *, ylabel: str, titl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a run of other workloads leaves this chart empty
+        ax.legend(fontsize=7)
 
 
 def _cpu_bars(ax: Any, res: Results) -> None:
