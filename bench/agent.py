@@ -33,6 +33,9 @@ DRIVERS: dict[str, tuple[str, str]] = {
     "etcd-txn": ("bench.drivers_grpc", "EtcdTxnDriver"),
     "echo": ("bench.drivers_grpc", "EchoDriver"),
     "aetcd": ("bench.drivers_aetcd", "AetcdDriver"),
+    "broker-client": ("bench.drivers_prims", "BrokerClientDriver"),
+    "etcd-rwmutex": ("bench.drivers_prims", "EtcdRWMutexDriver"),
+    "etcd-semaphore": ("bench.drivers_prims", "EtcdSemaphoreDriver"),
 }
 
 

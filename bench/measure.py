@@ -113,7 +113,9 @@ async def run_cycles(
     agents for C and the point's workload (shared-session runs two drivers in one agent)."""
     s = bench.sizes
     c = point.param
-    contended = point.workload == "contended" if contended is None else contended
+    # A semaphore's waiters take turns as a contended lock's do: handoffs, fairness, the window
+    # stretched to turn the queue over. Shared readers all hold at once: cycles, as uncontended.
+    contended = point.workload in ("contended", "semaphore") if contended is None else contended
     pool = bench.agents[target.spec.interpreter]
     procs = min(procs or bench.procs_for(c), len(pool), c)
     agents = pool[:procs]
@@ -122,6 +124,11 @@ async def run_cycles(
     # had a turn would measure slowness, not fairness.
     longest = max(s.duration, CONTENDED_MAX_WINDOW) if contended else s.duration
     jobs = cycles_jobs(bench, target, c, contended=contended, procs=procs, longest=longest, tag=tag)
+    if point.workload in ("shared-read", "semaphore"):
+        for job in jobs:
+            job["one_lock"] = True  # every worker on one name
+            job["shared"] = point.workload == "shared-read"
+            job["limit"] = s.semaphore_limit if point.workload == "semaphore" else 0
     if driver is not None:
         for job in jobs:
             job["driver"] = driver
@@ -134,6 +141,8 @@ async def run_cycles(
         raise AgentError("the measurement window never closed")
     rec = cycles_record(results, w.window, c, contended)
     rec["loadgen_procs"] = procs
+    if point.workload == "semaphore":
+        rec["limit"] = s.semaphore_limit
     if "extra" in w.window:
         rec["window_extra"] = w.window["extra"]
     return rec

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import report_shared
+from bench import report_prims, report_shared
 from bench.stats import spread
 from bench.targets import TARGETS
 
@@ -448,6 +448,7 @@ def summary(records: list[Record], meta: dict[str, Any]) -> str:
     lines += waiters_section(res)
     lines += scale_section(res)
     lines += report_shared.section(res)
+    lines += report_prims.section(res)
     lines += failures(res, records)
     lines += ["Targets:", ""] + [f"- `{t.name}`: {t.label}" for t in TARGETS.values()] + [""]
     return "\n".join(lines)
@@ -475,7 +476,8 @@ def _lines(ax: Any, res: Results, workload: str, path: str, *, ylabel: str, titl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a run of other workloads leaves this chart empty
+        ax.legend(fontsize=7)
 
 
 def _cpu_bars(ax: Any, res: Results) -> None:

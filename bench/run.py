@@ -28,7 +28,16 @@ from bench.procs import REPO
 from bench.runner import Bench, estimate
 from bench.targets import TARGETS, Sizes, plan, quick_sizes
 
-WORKLOADS = ("uncontended", "contended", "held", "waiters", "shared-session", "shared-session-contended")
+WORKLOADS = (
+    "uncontended",
+    "contended",
+    "held",
+    "waiters",
+    "shared-session",
+    "shared-session-contended",
+    "shared-read",
+    "semaphore",
+)
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -51,6 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--shared-c",
         type=_csv_ints,
         help="workers of the one process in the shared-session workloads (default 64)",
+    )
+    p.add_argument(
+        "--semaphore-limit",
+        type=int,
+        help="permits of the semaphore workload's semaphore (default 4; C from --c, points with C <= N skipped)",
     )
     p.add_argument(
         "--scale-peers", action="store_true", help="also run etcd's Lock service in the held and waiters workloads"
@@ -86,6 +100,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         s.waiter_locks = args.waiter_locks
     if args.shared_c:
         s.shared_cs = args.shared_c
+    if args.semaphore_limit:
+        s.semaphore_limit = args.semaphore_limit
     return s
 
 

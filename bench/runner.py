@@ -37,6 +37,8 @@ def estimate(sizes: Sizes, point: Point) -> float:
         # Three cycles runs (one session, a lease per acquire, a session per worker).
         "shared-session": 3 * (sizes.warmup + sizes.duration + 2.0),
         "shared-session-contended": 3 * (sizes.warmup + sizes.duration + 3.0),
+        "shared-read": sizes.warmup + sizes.duration + 2.0,
+        "semaphore": sizes.warmup + sizes.duration + 3.0,
     }[point.workload]
 
 
@@ -200,7 +202,7 @@ class Bench:
         }
         started = time.monotonic()
         try:
-            if point.workload in ("uncontended", "contended"):
+            if point.workload in ("uncontended", "contended", "shared-read", "semaphore"):
                 rec.update(await measure.run_cycles(self, target, point))
                 if self.args.quick and not rec["completed"]:
                     # A one-second window on a busy machine can fall into a stall; the smoke run
@@ -233,9 +235,9 @@ class Bench:
         err = f", errors {sum(rec['errors'].values())}" if rec.get("errors") else ""
         cores = rec.get("cpu_cores", {})
         cpu = " cpu " + "/".join(f"{k} {v:.2f}" for k, v in cores.items() if not k.startswith("agent"))
-        if w == "uncontended":
+        if w in ("uncontended", "shared-read"):
             return f"{f('rate')} cycles/s p50 {f('p50_ms', 2)} ms p99 {f('p99_ms', 2)} ms{cpu}{err}"
-        if w == "contended":
+        if w in ("contended", "semaphore"):
             return (
                 f"{f('rate')} handoffs/s jain {f('jain', 3)} starved {f('starved')} rotations {f('rotations', 1)} "
                 f"wait p99 {f('acquire_p99_ms', 1)} ms{cpu}{err}"

@@ -73,6 +73,25 @@ TARGETS: dict[str, TargetSpec] = {
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
         TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),
         TargetSpec("echo", "echo", "trivial Python grpc.aio echo server, 2 RPCs per cycle", "echo"),
+        # Issue 17: shared locks and semaphores (bench/drivers_prims.py).
+        TargetSpec(
+            "broker-client",
+            "broker-client",
+            "broker through the Python client (Client, default transport: the Session stream), a session per worker",
+            "broker",
+        ),
+        TargetSpec(
+            "etcd-rwmutex",
+            "etcd-rwmutex",
+            "etcd contrib/recipes' RWMutex (written in bench/ from its docs), lease per worker",
+            "none",
+        ),
+        TargetSpec(
+            "etcd-semaphore",
+            "etcd-semaphore",
+            "a semaphore recipe on etcd: lease-bound keys, the first N by create revision hold",
+            "none",
+        ),
     )
 }
 
@@ -99,6 +118,8 @@ class Sizes:
     profile_duration: float = 10.0
     # Issue 19: C workers of one process on one session vs on a lease per acquire.
     shared_cs: list[int] = field(default_factory=lambda: [64])
+    # Issue 17: the permits of the semaphore workload's one semaphore (its C comes from `cs`).
+    semaphore_limit: int = 4
 
 
 def quick_sizes() -> Sizes:
@@ -122,7 +143,7 @@ def quick_sizes() -> Sizes:
 
 @dataclass(frozen=True)
 class Point:
-    workload: str  # uncontended, contended, held, waiters, shared-session, shared-session-contended
+    workload: str  # uncontended, contended, held, waiters, shared-session(-contended), shared-read, semaphore
     param: int  # C, N or W
     targets: tuple[str, ...]
 
@@ -167,4 +188,14 @@ def plan(
     for shared in ("shared-session", "shared-session-contended"):
         if shared in workloads:
             points.extend(Point(shared, c, only("broker")) for c in sizes.shared_cs)
+    # Issue 17: C readers of one shared lock, and C workers on one semaphore of N permits (C > N,
+    # else no one waits), the broker through its Python client against an etcd recipe each.
+    if "shared-read" in workloads:
+        points.extend(Point("shared-read", c, only("broker-client", "etcd-rwmutex")) for c in sizes.cs)
+    if "semaphore" in workloads:
+        points.extend(
+            Point("semaphore", c, only("broker-client", "etcd-semaphore"))
+            for c in sizes.cs
+            if c > sizes.semaphore_limit
+        )
     return [p for p in points if p.targets]

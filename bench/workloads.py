@@ -89,6 +89,8 @@ class _Cycles:
     def __init__(self, driver: Driver, job: Job, t1: float, t2: float) -> None:
         self.driver = driver
         self.contended: bool = job["contended"]
+        # Every worker on one name: a contended lock, or issue 17's shared lock or semaphore.
+        self.one_lock: bool = job.get("one_lock", self.contended)
         self.prefix: str = job["prefix"]
         self.wait: float = job["wait"]
         self.max_cycles: int = job["max_cycles"]
@@ -103,7 +105,7 @@ class _Cycles:
         self.drained_at = 0.0
 
     async def worker(self, wid: int, session: Any) -> None:
-        name = f"{self.prefix}/c" if self.contended else f"{self.prefix}/u{wid}"
+        name = f"{self.prefix}/c" if self.one_lock else f"{self.prefix}/u{wid}"
         failures = 0
         for _ in range(self.max_cycles):
             start = time.monotonic()

@@ -3,6 +3,7 @@ target produces numbers, and the outputs parse. Never a timing: speed is for the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from bench import micro
+from bench.drivers_prims import EtcdRWMutexDriver, EtcdSemaphoreDriver
 from bench.targets import TARGETS
 from tests.procutil import REPO, clean_env
 
@@ -27,7 +29,7 @@ def _problems(r: dict[str, Any]) -> list[str]:
     errors = {k: v for k, v in r["errors"].items() if not k.startswith(f"shared: UNAVAILABLE: {SHARED_RETRY}")}
     if errors:
         out.append(f"errors {errors}")
-    if r["workload"] in ("uncontended", "contended"):
+    if r["workload"] in ("uncontended", "contended", "shared-read", "semaphore"):
         if not (r.get("completed", 0) > 0 and (r.get("rate") or 0) > 0):
             out.append("no cycle completed")
         elif not 0 < r["p50_ms"] <= r["p99_ms"]:
@@ -40,7 +42,7 @@ def _problems(r: dict[str, Any]) -> list[str]:
             audited = r["target"] != "broker-noaudit"
             if (r.get("audit_bytes", 0) > 0) != audited:
                 out.append(f"audit log bytes {r.get('audit_bytes')}")
-        if r["workload"] == "contended" and not 0 < (r.get("jain") or 0) <= 1:
+        if r["workload"] in ("contended", "semaphore") and not 0 < (r.get("jain") or 0) <= 1:
             out.append(f"jain {r.get('jain')}")
     if r["workload"] == "held":
         if r.get("held") != r.get("n") or not r.get("idle_p50_ms") or not r.get("held_p50_ms"):
@@ -92,7 +94,18 @@ def test_quick_run_writes_every_output(tmp_path):
         "waiters",
         "shared-session",
         "shared-session-contended",
+        "shared-read",
+        "semaphore",
     }
+    # Issue 17: the broker (through its Python client) and the etcd recipe, each with a row.
+    prims = {(r["workload"], r["target"]) for r in records if r["workload"] in ("shared-read", "semaphore")}
+    assert prims == {
+        ("shared-read", "broker-client"),
+        ("shared-read", "etcd-rwmutex"),
+        ("semaphore", "broker-client"),
+        ("semaphore", "etcd-semaphore"),
+    }, prims
+    assert all(r["limit"] == 4 for r in records if r["workload"] == "semaphore")
 
     problems = [(r["workload"], r["target"], p) for r in records for p in _problems(r)]
     assert not problems, problems
@@ -106,6 +119,9 @@ def test_quick_run_writes_every_output(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary
     assert "## One session per process against a lease per acquire (issue 19)" in summary
+    assert "## Shared locks and semaphores (issue 17)" in summary
+    assert "| **broker-client / etcd-rwmutex** |" in summary
+    assert "| **broker-client / etcd-semaphore** |" in summary
     for name in TARGETS:
         assert f"| {name} |" in summary, name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -125,3 +141,56 @@ def test_micro_benchmarks_run(capsys: Any) -> None:
         "audit to always",
     ]
     assert all("µs CPU per call" in line for line in lines)
+
+
+async def _overlaps(drivers: list[Any], name: str, sessions: list[Any]) -> tuple[int, int, int]:
+    """Worker i cycles through one recipe lock with drivers[i] and a short hold: (most holders at
+    once, most holders at once while a writer held, cycles done)."""
+    holders: set[int] = set()
+    writing: set[int] = set()
+    most = [0, 0, 0]
+
+    async def worker(i: int, session: Any) -> None:
+        driver = drivers[i]
+        for _ in range(8):
+            _token, handle = await driver.acquire(session, name, 30.0)
+            holders.add(i)
+            if not driver.shared:
+                writing.add(i)
+            most[0] = max(most[0], len(holders))
+            if writing:
+                most[1] = max(most[1], len(holders))
+            await asyncio.sleep(0.005)
+            holders.discard(i)
+            writing.discard(i)
+            await driver.release(session, name, handle)
+            most[2] += 1
+
+    await asyncio.gather(*(worker(i, s) for i, s in enumerate(sessions)))
+    return most[0], most[1], most[2]
+
+
+async def test_etcd_recipes_exclude(etcd: Any, key_root: str) -> None:
+    """The issue 17 peers are real locks: the semaphore recipe never has more than N holders, and
+    the RWMutex recipe never lets a writer hold with anyone else (so the ratios compare like with
+    like). One event loop drives every worker, so "at once" is exact."""
+    job = {"etcd": etcd.endpoint.removeprefix("http://"), "limit": 2}
+    sem, reader, writer = EtcdSemaphoreDriver(), EtcdRWMutexDriver(), EtcdRWMutexDriver()
+    await sem.open(job)
+    await reader.open({**job, "shared": True})
+    await writer.open(job)
+    try:
+        sessions = [await sem.session() for _ in range(6)]  # leases: any driver on this etcd can use them
+        most, _, done = await _overlaps([sem] * 6, f"{key_root}/sem", sessions)
+        assert done == 6 * 8
+        assert 1 <= most <= 2, most
+        # Two writers and four readers.
+        most, with_writer, done = await _overlaps([writer] * 2 + [reader] * 4, f"{key_root}/rw", sessions)
+        assert done == 6 * 8
+        assert with_writer == 1, with_writer  # a writer holds alone
+        assert most >= 1
+        for s in sessions:
+            await sem.end_session(s)
+    finally:
+        for d in (sem, reader, writer):
+            await d.close()
