@@ -150,3 +150,58 @@ async def test_the_answer_waits_for_the_request_record_not_the_completion_record
     assert completed["stage"] == "ResponseComplete"
     assert completed["requestAuditId"] == received["auditId"]
     assert (completed["fencingToken"], completed["outcome"]["code"]) == ("42", "OK")
+
+
+async def test_completion_records_do_not_take_an_fsync_of_their_own(
+    api_key: tuple[str, IdentityInterceptor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequential calls, staged, on the real file sink: each call's ResponseComplete record is
+    written without an fsync (`write_lazily`), so the next call's RequestReceived fsync is the
+    only one it waits for and covers it; the last one is synced by the timed lazy sync."""
+    key, identity = api_key
+    syncs: list[int] = []
+    real = _sinks._datasync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(_sinks, "_datasync", counted)
+    monkeypatch.setattr(FileSink, "LAZY_SYNC_DELAY", 30.0)  # no timed sync inside the calls
+    path = tmp_path / "audit.jsonl"
+    sink = FileSink(path, fsync="always")
+    log = AuditLog([sink])
+    calls = 5
+    async with serving(chain(AuditInterceptor(log), identity, True)) as srv:
+        for _ in range(calls):
+            await _acquire_many(srv.port, key, 1)
+        await until(lambda: len(path.read_bytes().splitlines()) == 2 * calls)
+        # One fsync per RequestReceived record (each call waits for its own), none for completions.
+        assert len(syncs) == calls
+        stages = [line.split(b'"stage":"')[1].split(b'"')[0] for line in path.read_bytes().splitlines()]
+        assert stages == [b"RequestReceived", b"ResponseComplete"] * calls
+        # The last completion record is written and waits for the timed sync.
+        assert sink._dirty and sink._lazy_sync is not None
+        sink._lazy_sync.cancel()
+        sink._sync_lazily()
+        await until(lambda: not sink._dirty)
+        assert len(syncs) == calls + 1
+    await log.close()
+
+
+async def test_a_batch_with_a_waited_for_record_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lazy records queued with a record someone waits for share its (synced) write."""
+    syncs: list[int] = []
+    monkeypatch.setattr(_sinks, "_datasync", syncs.append)
+    sink = FileSink(tmp_path / "a.jsonl", fsync="always")
+    log = AuditLog([sink])
+    _, lazy1 = log.submit({"n": 1}, lazy=True)
+    _, waited = log.submit({"n": 2})
+    _, lazy2 = log.submit({"n": 3}, lazy=True)
+    await asyncio.gather(lazy1, waited, lazy2)
+    assert len(syncs) == 1 and not sink._dirty
+    _, lazy3 = log.submit({"n": 4}, lazy=True)
+    await lazy3
+    assert len(syncs) == 1 and sink._dirty  # written, not yet synced
+    await log.close()  # close syncs what is dirty
+    assert len(syncs) == 2

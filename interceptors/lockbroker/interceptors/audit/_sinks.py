@@ -69,6 +69,10 @@ class FileSink:
     One writer per file: two brokers must not share one.
     """
 
+    # How long a record written with `write_lazily` may wait for a sync when no other write
+    # comes: it bounds what a power failure can take of ResponseComplete records.
+    LAZY_SYNC_DELAY = 0.1
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -94,6 +98,8 @@ class FileSink:
         self._last_sync = time.monotonic()
         self._failed_at: float | None = None
         self._syncer: asyncio.Task[None] | None = None
+        self._lazy_sync: asyncio.TimerHandle | None = None
+        self._lazy_tasks: set[asyncio.Task[None]] = set()
 
     def _open_locked(self) -> int:
         if self._fd is None:
@@ -108,7 +114,7 @@ class FileSink:
                     os.close(dfd)
         return self._fd
 
-    def _write_sync(self, data: bytes) -> None:
+    def _write_sync(self, data: bytes, lazily: bool = False) -> None:
         with self._lock:
             fd = self._open_locked()
             whole = os.fstat(fd).st_size
@@ -116,7 +122,7 @@ class FileSink:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if self.fsync == "always" or (
+                if (self.fsync == "always" and not lazily) or (
                     self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval
                 ):
                     _datasync(fd)
@@ -156,6 +162,35 @@ class FileSink:
         if self.fsync == "interval" and self._syncer is None:
             self._syncer = asyncio.get_running_loop().create_task(self._sync_periodically())
 
+    async def write_lazily(self, lines: Sequence[bytes]) -> None:
+        """Write lines nobody waits on (ResponseComplete records): with fsync "always", no fsync of
+        their own; the next `write` (the next call's RequestReceived record) syncs them, and if
+        none comes within LAZY_SYNC_DELAY a timed sync does."""
+        if self.fsync != "always":
+            return await self.write(lines)
+        try:
+            await asyncio.to_thread(self._write_sync, b"".join(lines), True)
+        except OSError:
+            self._failed_at = time.monotonic()
+            raise
+        self._failed_at = None
+        if self._lazy_sync is None:
+            self._lazy_sync = asyncio.get_running_loop().call_later(self.LAZY_SYNC_DELAY, self._sync_lazily)
+
+    def _sync_lazily(self) -> None:
+        self._lazy_sync = None
+        if self._dirty:  # read without the lock: a stale True costs one fsync call that finds nothing
+            task = asyncio.get_running_loop().create_task(self._sync_dirty())
+            self._lazy_tasks.add(task)
+            task.add_done_callback(self._lazy_tasks.discard)
+
+    async def _sync_dirty(self) -> None:
+        try:
+            await asyncio.to_thread(self._sync_sync)
+        except OSError:
+            log.exception("audit file %s: fsync failed", self.path)
+            self._failed_at = time.monotonic()
+
     def _probe_sync(self) -> bool:
         try:
             with self._lock:
@@ -183,6 +218,12 @@ class FileSink:
                     self._fd = None
 
     async def close(self) -> None:
+        if self._lazy_sync is not None:
+            self._lazy_sync.cancel()  # _close_sync syncs what is dirty
+            self._lazy_sync = None
+        for task in list(self._lazy_tasks):
+            with contextlib.suppress(Exception):
+                await task
         if self._syncer is not None:
             self._syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
