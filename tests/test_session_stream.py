@@ -474,3 +474,15 @@ async def test_a_negative_timeout_is_invalid_argument(stream: Stream) -> None:
     assert bad is not None and [v.field for v in bad.field_violations] == ["timeout"]
     # The refused request ran nothing: another session's try-lock of its lock succeeds.
     assert (await stream.ask(acquire(4, "n", b))).HasField("acquire")
+
+
+async def test_a_zero_timeout_means_the_default_budget(stream: Stream) -> None:
+    # Zero reads the same as unset on the wire: the default budget, not "already expired".
+    a, b = await open_session(stream, 1), await open_session(stream, 2)
+    await stream.ask(acquire(3, "z", a))
+    req = acquire(4, "z", b, wait=0.3)
+    req.timeout.CopyFrom(duration_pb2.Duration())
+    answer = await stream.ask(req, timeout=5)
+    # The wait ran out (WAIT_EXPIRED), not the message's deadline.
+    assert answer.error.code == grpc.StatusCode.ABORTED.value[0], answer
+    assert detail(answer.error, error_details_pb2.ErrorInfo).reason == "WAIT_EXPIRED"

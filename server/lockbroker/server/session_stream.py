@@ -222,8 +222,9 @@ class SessionStreams:
     def deadline(self, kind: _Kind, req: lock_pb2.SessionRequest, request: Any, context: Context) -> float:
         """When a message's work must be answered: its own `timeout` (a unary call's deadline),
         else the default budget; never past the stream's deadline."""
-        if req.HasField("timeout"):
-            budget = _dur(req.timeout)
+        timeout = req.timeout  # unset reads as zero: the default, as the proto says
+        if timeout.seconds or timeout.nanos:
+            budget = _dur(timeout)
         else:
             budget = self.message_timeout
             if kind is ACQUIRE and request.HasField("wait_timeout"):
