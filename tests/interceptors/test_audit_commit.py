@@ -7,13 +7,14 @@ The sink doubles here count writes: the file sink does one write and one fdatasy
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from grpc import aio
 
-from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, _sinks
+from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, AuditWriteError, FileSink, _sinks
 from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.v1 import lock_pb2
@@ -156,8 +157,8 @@ async def test_completion_records_do_not_take_an_fsync_of_their_own(
     api_key: tuple[str, IdentityInterceptor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sequential calls, staged, on the real file sink: each call's ResponseComplete record is
-    written without an fsync (`write_lazily`), so the next call's RequestReceived fsync is the
-    only one it waits for and covers it; the last one is synced by the timed lazy sync."""
+    held (`write_lazily`) and written with the next call's RequestReceived record, under its
+    fsync, the only one that call waits for; the last one goes with the timed write."""
     key, identity = api_key
     syncs: list[int] = []
     real = _sinks._datasync
@@ -175,17 +176,19 @@ async def test_completion_records_do_not_take_an_fsync_of_their_own(
     async with serving(chain(AuditInterceptor(log), identity, True)) as srv:
         for _ in range(calls):
             await _acquire_many(srv.port, key, 1)
-        await until(lambda: len(path.read_bytes().splitlines()) == 2 * calls)
-        # One fsync per RequestReceived record (each call waits for its own), none for completions.
+        await until(lambda: len(sink._held) == 1)
+        # One write and fsync per RequestReceived record (each call waits for its own), carrying
+        # the previous call's completion record; none of their own for completions.
         assert len(syncs) == calls
-        stages = [line.split(b'"stage":"')[1].split(b'"')[0] for line in path.read_bytes().splitlines()]
-        assert stages == [b"RequestReceived", b"ResponseComplete"] * calls
-        # The last completion record is written and waits for the timed sync.
-        assert sink._dirty and sink._lazy_sync is not None
+        assert len(path.read_bytes().splitlines()) == 2 * calls - 1
+        # The last completion record waits for the timed write.
+        assert sink._lazy_sync is not None
         sink._lazy_sync.cancel()
         sink._sync_lazily()
-        await until(lambda: not sink._dirty)
-        assert len(syncs) == calls + 1
+        await until(lambda: len(path.read_bytes().splitlines()) == 2 * calls)
+        assert len(syncs) == calls + 1 and not sink._held
+        stages = [line.split(b'"stage":"')[1].split(b'"')[0] for line in path.read_bytes().splitlines()]
+        assert stages == [b"RequestReceived", b"ResponseComplete"] * calls
     await log.close()
 
 
@@ -202,6 +205,29 @@ async def test_a_batch_with_a_waited_for_record_is_synced(tmp_path: Path, monkey
     assert len(syncs) == 1 and not sink._dirty
     _, lazy3 = log.submit({"n": 4}, lazy=True)
     await lazy3
-    assert len(syncs) == 1 and sink._dirty  # written, not yet synced
-    await log.close()  # close syncs what is dirty
-    assert len(syncs) == 2
+    assert len(syncs) == 1 and sink._held  # held for the next write
+    await log.close()  # close writes and syncs what is held (and syncs once more, as always)
+    assert len(syncs) == 3 and not sink._held
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == [1, 2, 3, 4]
+
+
+async def test_held_records_that_cannot_be_written_are_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held completion record whose write fails goes to the process log, as any record nobody waits for."""
+    sink = FileSink(tmp_path / "b.jsonl", fsync="always")
+    log = AuditLog([sink])
+    _, lazy = log.submit({"n": "held-one"}, lazy=True)
+    await lazy
+
+    def broken(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sink, "_write_sync", broken)
+    _, waited = log.submit({"n": "waited"})
+    with pytest.raises(AuditWriteError):
+        await waited
+    assert "held-one" in caplog.text and not sink._held
+    monkeypatch.undo()
+    await log.close()
