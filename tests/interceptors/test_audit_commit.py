@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -231,3 +232,26 @@ async def test_held_records_that_cannot_be_written_are_logged(
     assert "held-one" in caplog.text and not sink._held
     monkeypatch.undo()
     await log.close()
+
+
+async def test_a_timed_write_of_held_records_keeps_their_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A synced write that comes while the timed write of held records is on its way waits for it:
+    the file keeps the order in which records were handed over, as every other sink does."""
+    path = tmp_path / "c.jsonl"
+    sink = FileSink(path, fsync="always")
+    real = sink._write_sync
+
+    def slow_first(data: bytes) -> None:
+        if b"held" in data:
+            time.sleep(0.3)  # the timed write is slow to get the file's lock
+        real(data)
+
+    monkeypatch.setattr(sink, "_write_sync", slow_first)
+    await sink.write_lazily([b'{"n":"held"}\n'])
+    assert sink._lazy_sync is not None
+    sink._lazy_sync.cancel()
+    sink._sync_lazily()  # the timer fires
+    await asyncio.sleep(0.05)  # the timed write is in its thread
+    await sink.write([b'{"n":"next"}\n'])
+    await sink.close()
+    assert [json.loads(line)["n"] for line in path.read_bytes().splitlines()] == ["held", "next"]

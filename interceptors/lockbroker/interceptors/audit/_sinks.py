@@ -163,6 +163,10 @@ class FileSink:
             log.error("audit record not written (%r; the caller was answered): %s", exc, line.decode().rstrip("\n"))
 
     async def write(self, lines: Sequence[bytes]) -> None:
+        for task in list(self._lazy_tasks):
+            # A timed write of held records in flight goes first: the file keeps the order in
+            # which records were handed over (every sink gets the same order).
+            await task
         held = self._take_held()  # lazily written records go first, in the order they came
         try:
             await asyncio.to_thread(self._write_sync, b"".join([*held, *lines]) if held else b"".join(lines))
