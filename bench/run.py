@@ -26,7 +26,7 @@ from bench import profile_run, report
 from bench.env import log
 from bench.procs import REPO
 from bench.runner import Bench, estimate
-from bench.targets import TARGETS, Sizes, plan, quick_sizes
+from bench.targets import OPT_IN, TARGETS, Sizes, plan, quick_sizes
 
 WORKLOADS = (
     "uncontended",
@@ -108,7 +108,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
 async def amain(args: argparse.Namespace) -> int:
     sizes = sizes_from(args)
     out: Path = args.out or REPO / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
-    wanted = [t.strip() for t in args.targets.split(",")] if args.targets else list(TARGETS)
+    wanted = [t.strip() for t in args.targets.split(",")] if args.targets else [t for t in TARGETS if t not in OPT_IN]
     unknown = [t for t in wanted if t not in TARGETS]
     workloads = [w.strip() for w in args.workloads.split(",")] if args.workloads else list(WORKLOADS)
     bad = [w for w in workloads if w not in WORKLOADS]

@@ -69,6 +69,17 @@ TARGETS: dict[str, TargetSpec] = {
             workers=2,
             connections=4,
         ),
+        # Diagnostic variants of the stream path, run only when named in --targets (OPT_IN).
+        TargetSpec(
+            "broker-stream-noaudit", "broker-stream", "broker over the Session stream: no audit", "broker", audit=False
+        ),
+        TargetSpec(
+            "broker-stream-nobatch",
+            "broker-stream",
+            "broker over the Session stream without group commit",
+            "broker",
+            group_commit=False,
+        ),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
         TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),
@@ -97,6 +108,8 @@ TARGETS: dict[str, TargetSpec] = {
 
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
 BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
+# Not in a run unless named in --targets; then in every uncontended point.
+OPT_IN = ("broker-stream-noaudit", "broker-stream-nobatch")
 SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 
@@ -171,7 +184,7 @@ def plan(
         for c in sizes.cs:
             variants = BROKER_VARIANTS if c in sizes.variant_cs else ()
             scale = SCALE if c in sizes.scale_cs else ()
-            points.append(Point("uncontended", c, only("broker", "broker-stream", *variants, *scale, *PEERS)))
+            points.append(Point("uncontended", c, only("broker", "broker-stream", *OPT_IN, *variants, *scale, *PEERS)))
     if "contended" in workloads:
         for c in sizes.contended_cs:
             scale = SCALE if c in sizes.scale_cs and not quick else ()

@@ -417,3 +417,72 @@ async def test_draining_ends_the_stream_with_shutting_down(etcd: Any, key_root: 
     finally:
         if not stopped:
             await b.stop(grace=0.5)
+
+
+async def test_a_message_timeout_bounds_a_waiting_acquire(stream: Stream, stub: Any, probe: EtcdProbe) -> None:
+    # A request's `timeout` is its unary deadline: the wait ends by it, DEADLINE_EXCEEDED, and the
+    # waiter's entry goes, although wait_timeout (30 s) and the default budget are far longer.
+    a, b = await open_session(stream, 1), await open_session(stream, 2)
+    await stream.ask(acquire(3, "t", a))
+    holder_keys = await lock_keys(probe, "t")
+    req = acquire(4, "t", b, wait=30)
+    req.timeout.CopyFrom(dur(0.5))
+    answer = await stream.ask(req, timeout=5)
+    assert answer.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], answer
+
+    async def only_holder() -> bool:
+        return await lock_keys(probe, "t") == holder_keys
+
+    await eventually(only_holder, 3.0, "the expired request's waiter key is removed")
+    assert (await stream.ask(acquire(5, "u", b))).HasField("acquire")
+
+
+async def test_past_its_timeout_a_stuck_message_is_cancelled_and_answered(broker: Any, stub: Any) -> None:
+    # Whatever a message's layers do, past its timeout the broker cancels it and answers
+    # DEADLINE_EXCEEDED (grpc does this for a unary call); the stream goes on.
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stuck(request: Any, context: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    broker.service.Refresh = stuck
+    s = Stream(stub)
+    try:
+        req = lock_pb2.SessionRequest(id=1, keepalive=lock_pb2.RefreshRequest(session_id="x"), timeout=dur(0.3))
+        answer = await s.ask(req, timeout=5)
+        assert started.is_set() and cancelled.is_set()
+        assert answer.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], answer
+        assert detail(answer.error, error_details_pb2.ErrorInfo).reason == "DEADLINE_EXCEEDED"
+        assert (await s.ask(lock_pb2.SessionRequest(id=2))).error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    finally:
+        s.cancel()
+
+
+async def test_a_negative_timeout_is_invalid_argument(stream: Stream) -> None:
+    a, b = await open_session(stream, 1), await open_session(stream, 2)
+    req = acquire(3, "n", a)
+    req.timeout.CopyFrom(duration_pb2.Duration(seconds=-1))
+    resp = await stream.ask(req)
+    assert resp.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], resp
+    bad = detail(resp.error, error_details_pb2.BadRequest)
+    assert bad is not None and [v.field for v in bad.field_violations] == ["timeout"]
+    # The refused request ran nothing: another session's try-lock of its lock succeeds.
+    assert (await stream.ask(acquire(4, "n", b))).HasField("acquire")
+
+
+async def test_a_zero_timeout_means_the_default_budget(stream: Stream) -> None:
+    # Zero reads the same as unset on the wire: the default budget, not "already expired".
+    a, b = await open_session(stream, 1), await open_session(stream, 2)
+    await stream.ask(acquire(3, "z", a))
+    req = acquire(4, "z", b, wait=0.3)
+    req.timeout.CopyFrom(duration_pb2.Duration())
+    answer = await stream.ask(req, timeout=5)
+    # The wait ran out (WAIT_EXPIRED), not the message's deadline.
+    assert answer.error.code == grpc.StatusCode.ABORTED.value[0], answer
+    assert detail(answer.error, error_details_pb2.ErrorInfo).reason == "WAIT_EXPIRED"

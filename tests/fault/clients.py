@@ -98,13 +98,11 @@ class LockClient:
         self.cid = cid
         self.history = history
         self.targets = list(targets)
-        # Unary calls: the checker's invariant 8 (during a quorum loss every call ends with the
-        # broker's own status by its deadline) needs the call's deadline on the wire. A Session
-        # stream message carries none yet, so its timeout is only the client's timer (a bare
-        # DEADLINE_EXCEEDED); a per-message deadline is an open item of issue 14.
+        # The client's default transport (the Session stream): the checker's invariant 8 (during
+        # a quorum loss every call ends with the broker's own status by its deadline) holds because
+        # each message carries its deadline (SessionRequest.timeout), as a unary call's does.
         self.clients = [
-            Client(t, default_timeout=call_timeout, backoff=NO_RETRY, options=CHANNEL_OPTIONS, transport="unary")
-            for t in targets
+            Client(t, default_timeout=call_timeout, backoff=NO_RETRY, options=CHANNEL_OPTIONS) for t in targets
         ]
         self.ttl = ttl
         self.call_timeout = call_timeout

@@ -7,13 +7,15 @@ The sink doubles here count writes: the file sink does one write and one fdatasy
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from grpc import aio
 
-from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, _sinks
+from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, AuditWriteError, FileSink, _sinks
 from lockbroker.interceptors.audit.testing import MemorySink
 from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.v1 import lock_pb2
@@ -150,3 +152,106 @@ async def test_the_answer_waits_for_the_request_record_not_the_completion_record
     assert completed["stage"] == "ResponseComplete"
     assert completed["requestAuditId"] == received["auditId"]
     assert (completed["fencingToken"], completed["outcome"]["code"]) == ("42", "OK")
+
+
+async def test_completion_records_do_not_take_an_fsync_of_their_own(
+    api_key: tuple[str, IdentityInterceptor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequential calls, staged, on the real file sink: each call's ResponseComplete record is
+    held (`write_lazily`) and written with the next call's RequestReceived record, under its
+    fsync, the only one that call waits for; the last one goes with the timed write."""
+    key, identity = api_key
+    syncs: list[int] = []
+    real = _sinks._datasync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(_sinks, "_datasync", counted)
+    monkeypatch.setattr(FileSink, "LAZY_SYNC_DELAY", 30.0)  # no timed sync inside the calls
+    path = tmp_path / "audit.jsonl"
+    sink = FileSink(path, fsync="always")
+    log = AuditLog([sink])
+    calls = 5
+    async with serving(chain(AuditInterceptor(log), identity, True)) as srv:
+        for _ in range(calls):
+            await _acquire_many(srv.port, key, 1)
+        await until(lambda: len(sink._held) == 1)
+        # One write and fsync per RequestReceived record (each call waits for its own), carrying
+        # the previous call's completion record; none of their own for completions.
+        assert len(syncs) == calls
+        assert len(path.read_bytes().splitlines()) == 2 * calls - 1
+        # The last completion record waits for the timed write.
+        assert sink._lazy_sync is not None
+        sink._lazy_sync.cancel()
+        sink._sync_lazily()
+        await until(lambda: len(path.read_bytes().splitlines()) == 2 * calls)
+        assert len(syncs) == calls + 1 and not sink._held
+        stages = [line.split(b'"stage":"')[1].split(b'"')[0] for line in path.read_bytes().splitlines()]
+        assert stages == [b"RequestReceived", b"ResponseComplete"] * calls
+    await log.close()
+
+
+async def test_a_batch_with_a_waited_for_record_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lazy records queued with a record someone waits for share its (synced) write."""
+    syncs: list[int] = []
+    monkeypatch.setattr(_sinks, "_datasync", syncs.append)
+    sink = FileSink(tmp_path / "a.jsonl", fsync="always")
+    log = AuditLog([sink])
+    _, lazy1 = log.submit({"n": 1}, lazy=True)
+    _, waited = log.submit({"n": 2})
+    _, lazy2 = log.submit({"n": 3}, lazy=True)
+    await asyncio.gather(lazy1, waited, lazy2)
+    assert len(syncs) == 1 and not sink._dirty
+    _, lazy3 = log.submit({"n": 4}, lazy=True)
+    await lazy3
+    assert len(syncs) == 1 and sink._held  # held for the next write
+    await log.close()  # close writes and syncs what is held (and syncs once more, as always)
+    assert len(syncs) == 3 and not sink._held
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == [1, 2, 3, 4]
+
+
+async def test_held_records_that_cannot_be_written_are_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held completion record whose write fails goes to the process log, as any record nobody waits for."""
+    sink = FileSink(tmp_path / "b.jsonl", fsync="always")
+    log = AuditLog([sink])
+    _, lazy = log.submit({"n": "held-one"}, lazy=True)
+    await lazy
+
+    def broken(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sink, "_write_sync", broken)
+    _, waited = log.submit({"n": "waited"})
+    with pytest.raises(AuditWriteError):
+        await waited
+    assert "held-one" in caplog.text and not sink._held
+    monkeypatch.undo()
+    await log.close()
+
+
+async def test_a_timed_write_of_held_records_keeps_their_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A synced write that comes while the timed write of held records is on its way waits for it:
+    the file keeps the order in which records were handed over, as every other sink does."""
+    path = tmp_path / "c.jsonl"
+    sink = FileSink(path, fsync="always")
+    real = sink._write_sync
+
+    def slow_first(data: bytes) -> None:
+        if b"held" in data:
+            time.sleep(0.3)  # the timed write is slow to get the file's lock
+        real(data)
+
+    monkeypatch.setattr(sink, "_write_sync", slow_first)
+    await sink.write_lazily([b'{"n":"held"}\n'])
+    assert sink._lazy_sync is not None
+    sink._lazy_sync.cancel()
+    sink._sync_lazily()  # the timer fires
+    await asyncio.sleep(0.05)  # the timed write is in its thread
+    await sink.write([b'{"n":"next"}\n'])
+    await sink.close()
+    assert [json.loads(line)["n"] for line in path.read_bytes().splitlines()] == ["held", "next"]

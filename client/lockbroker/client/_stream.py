@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 
 from lockbroker.client._keepalive import KeepAliveMux
@@ -45,6 +46,27 @@ class StreamUnsupported(Exception):
 def _error(code: grpc.StatusCode, message: str, status: bytes | None = None) -> aio.AioRpcError:
     trailing = aio.Metadata((DETAILS_KEY, status)) if status else aio.Metadata()
     return aio.AioRpcError(code, aio.Metadata(), trailing, message)
+
+
+# How long after a request's timeout the client stops waiting for the broker's answer: the
+# broker's answer (sent by the timeout, counted from when it read the request) gets this long to
+# arrive, so the caller learns the broker's reason (UNAVAILABLE during a quorum loss) rather than
+# a bare DEADLINE_EXCEEDED from a timer racing it.
+DEADLINE_GRACE = 0.2
+
+
+class _Expired(Exception):
+    """Our timer on a request fired before its answer came."""
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
+def _duration(seconds: float) -> Duration:
+    nanos = max(0, int(seconds * 1e9))
+    return Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
 def _code(value: int) -> grpc.StatusCode:
@@ -90,8 +112,9 @@ class SessionStream:
         if self.unsupported:
             raise StreamUnsupported
         rid = next(self._ids)
-        req = lock_pb2.SessionRequest(id=rid, **{kind: message})
-        fut: asyncio.Future[lock_pb2.SessionResponse] = asyncio.get_running_loop().create_future()
+        req = lock_pb2.SessionRequest(id=rid, timeout=_duration(timeout), **{kind: message})
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[lock_pb2.SessionResponse] = loop.create_future()
         async with self._write_lock:
             call = self._open()
             call.pending[rid] = fut
@@ -109,9 +132,13 @@ class SessionStream:
                 if fut.done() and fut.exception() is not None:
                     fut.result()
                 raise _error(grpc.StatusCode.UNAVAILABLE, f"session stream failed: {exc}") from exc
+        # The broker answers by `timeout` (the request carries it): UNAVAILABLE when etcd did not
+        # answer in time, DEADLINE_EXCEEDED otherwise, as for a unary call. Our own timer, a little
+        # later, only covers a broker or connection that went silent.
+        timer = loop.call_later(timeout + DEADLINE_GRACE, _expire, fut)
         try:
-            resp = await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+            resp = await fut
+        except (_Expired, asyncio.CancelledError) as exc:
             # As a unary call's deadline or cancellation would: the broker stops the work (a
             # waiting acquire leaves the queue) and answers it CANCELLED, which nobody reads.
             call.pending.pop(rid, None)
@@ -119,6 +146,8 @@ class SessionStream:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        finally:
+            timer.cancel()
         if resp.HasField("error"):
             e = resp.error
             raise _error(_code(e.code), e.message, e.SerializeToString())

@@ -1450,13 +1450,14 @@ class SessionRequest(_message.Message):
     KEEPALIVE_FIELD_NUMBER: _builtins.int
     CLOSE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Correlation id chosen by the client, echoed in the answer. Non-zero;
     unique among this stream's requests still waiting for an answer
-    (a duplicate is answered INVALID_ARGUMENT and not run). Requests have no
-    deadline of their own on the wire: each runs at most 30 s (plus an
-    acquire's wait_timeout) and never past the stream's deadline; cancel
-    one to stop it sooner.
+    (a duplicate is answered INVALID_ARGUMENT and not run). A request runs
+    for at most its `timeout` (without one: 30 s plus an acquire's
+    wait_timeout) and never past the stream's deadline; cancel one to stop
+    it sooner.
     """
     cancel: _builtins.int
     """Cancel the request in flight with this id, as cancelling its unary
@@ -1493,6 +1494,15 @@ class SessionRequest(_message.Message):
     def close(self) -> Global___CloseSessionRequest:
         """Close a session, as the CloseSession RPC. Answered with `close`."""
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """This request's deadline, counted from when the broker reads it: what a
+        unary call's grpc-timeout is to that call. The broker bounds the
+        request's waits and etcd calls by it and answers DEADLINE_EXCEEDED (or
+        UNAVAILABLE, when etcd did not answer in time) by then. Must not be
+        negative (INVALID_ARGUMENT); zero or unset: the default above.
+        """
+
     def __init__(
         self,
         *,
@@ -1503,10 +1513,11 @@ class SessionRequest(_message.Message):
         keepalive: Global___RefreshRequest | None = ...,
         close: Global___CloseSessionRequest | None = ...,
         cancel: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "cancel"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -22,6 +22,7 @@ across a reconnect within its lease.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -39,7 +40,14 @@ from opentelemetry import trace
 from lockbroker.interceptors.base import CallContext, CallInfo, CallState, Context, scoped, state_of
 from lockbroker.interceptors.rpcstatus import DETAILS_KEY
 from lockbroker.server import status
-from lockbroker.server.core.errors import FieldViolation, InvalidArgument, LockBrokerError, QuotaExceeded, ShuttingDown
+from lockbroker.server.core.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidArgument,
+    LockBrokerError,
+    QuotaExceeded,
+    ShuttingDown,
+)
 from lockbroker.v1 import lock_pb2
 from lockbroker.v1.reasons import ErrorReason
 
@@ -58,6 +66,7 @@ MESSAGE_TIMEOUT = 30.0
 _GONE = frozenset({ErrorReason.SESSION_NOT_FOUND, ErrorReason.SESSION_LOST})
 
 Behavior = Callable[[Any, Context], Awaitable[Any]]
+_NO_SPAN = contextlib.nullcontext()
 
 
 class MessageAborted(aio.AbortError):
@@ -210,10 +219,16 @@ class SessionStreams:
             raise InvalidArgument([FieldViolation("open", "must set one of create or resume")])
         raise InvalidArgument([FieldViolation("kind", "must set one of open, acquire, release, keepalive or close")])
 
-    def deadline(self, kind: _Kind, request: Any, context: Context) -> float:
-        budget = self.message_timeout
-        if kind is ACQUIRE and request.HasField("wait_timeout"):
-            budget += max(0.0, _dur(request.wait_timeout))
+    def deadline(self, kind: _Kind, req: lock_pb2.SessionRequest, request: Any, context: Context) -> float:
+        """When a message's work must be answered: its own `timeout` (a unary call's deadline),
+        else the default budget; never past the stream's deadline."""
+        timeout = req.timeout  # unset reads as zero: the default, as the proto says
+        if timeout.seconds or timeout.nanos:
+            budget = _dur(timeout)
+        else:
+            budget = self.message_timeout
+            if kind is ACQUIRE and request.HasField("wait_timeout"):
+                budget += max(0.0, _dur(request.wait_timeout))
         left = context.time_remaining()
         if left is not None:
             budget = min(budget, left)
@@ -266,9 +281,16 @@ class _Stream:
         self.span = trace.get_current_span().get_span_context()
         self.facts = StreamFacts(context)
         self.cancelled: set[int] = set()  # ids the client cancelled, still running
+        self.expired: set[int] = set()  # ids whose deadline passed, still running
         self.reader: asyncio.Task[None] | None = None
 
-    def _settle(self, rid: int, task: asyncio.Task[None]) -> None:
+    def _expire(self, rid: int, task: asyncio.Task[None]) -> None:
+        if not task.done() and self.tasks.get(rid) is task:
+            self.expired.add(rid)
+            task.cancel()
+
+    def _settle(self, rid: int, timer: asyncio.TimerHandle, task: asyncio.Task[None]) -> None:
+        timer.cancel()
         if self.tasks.get(rid) is task:
             del self.tasks[rid]
         if self.reader is not None and self.reader.done() and not self.tasks:
@@ -280,6 +302,8 @@ class _Stream:
             raise InvalidArgument([FieldViolation("id", "must be a non-zero correlation id")])
         if rid in self.tasks:
             raise InvalidArgument([FieldViolation("id", f"{rid} is already in flight on this stream")])
+        if req.HasField("timeout") and (req.timeout.seconds < 0 or req.timeout.nanos < 0):
+            raise InvalidArgument([FieldViolation("timeout", "must not be negative")])
         route = self.streams.route(req)
         limit = self.streams.max_in_flight
         if len(self.tasks) >= limit:
@@ -302,6 +326,7 @@ class _Stream:
         # task and a wait per message, as much as a third of a message's whole cost here.
         closing = self.streams.service.core.closing
         closing.add_done_callback(self._drain)
+        loop = asyncio.get_running_loop()
         try:
             async for req in requests:
                 if req.WhichOneof("kind") == "cancel":
@@ -317,9 +342,16 @@ class _Stream:
                     # so no audit record (a bad operation inside a good envelope gets one).
                     self.out.put_nowait(lock_pb2.SessionResponse(id=req.id, error=error_status(exc)))
                     continue
-                task = asyncio.create_task(self._one(req.id, kind, behavior, request))
-                self.tasks[req.id] = task
-                task.add_done_callback(functools.partial(self._settle, req.id))
+                rid = req.id
+                deadline = self.streams.deadline(kind, req, request, self.context)
+                task = asyncio.create_task(self._one(rid, kind, behavior, request, deadline))
+                self.tasks[rid] = task
+                # The message's deadline, as grpc enforces a unary call's: past it the work is
+                # cancelled (a waiting acquire leaves the queue) and answered DEADLINE_EXCEEDED.
+                # The layers below answer before it when they can (waits and etcd calls end
+                # ANSWER_MARGIN earlier); this only catches what did not.
+                timer = loop.call_at(deadline, self._expire, rid, task)
+                task.add_done_callback(functools.partial(self._settle, rid, timer))
         except DecodeError as e:
             # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
             bad = InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")])
@@ -333,10 +365,9 @@ class _Stream:
         if not self.tasks:
             self.out.put_nowait(None)
 
-    async def _one(self, rid: int, kind: _Kind, behavior: Behavior, request: Any) -> None:
+    async def _one(self, rid: int, kind: _Kind, behavior: Behavior, request: Any, deadline: float) -> None:
         """Serve one request as a call of its own and queue its answer (and any event)."""
         info = kind.info
-        deadline = self.streams.deadline(kind, request, self.context)
         mctx = MessageContext(self.facts, CallState(info, principal=self.state.principal), deadline)
         wrap = self.state.messages
         run = wrap(behavior, info) if wrap is not None else behavior
@@ -351,20 +382,30 @@ class _Stream:
                 links=[trace.Link(self.span)] if self.span.is_valid else None,
                 attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": f"Session/{info.name}"},
             )
+            current: contextlib.AbstractContextManager[Any] = trace.use_span(
+                span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+            )
         else:
-            span = trace.INVALID_SPAN
-        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            # Tracing off: no span to make current (attaching and detaching an invalid one cost a
+            # context switch of OTel's per message for nothing; the stream's own span is not recording).
+            span, current = trace.INVALID_SPAN, _NO_SPAN
+        with current:
             try:
                 response = await run(request, cast(Context, mctx))
                 answer = lock_pb2.SessionResponse(id=rid, **{kind.answer: response})
             except MessageAborted as a:
                 answer = lock_pb2.SessionResponse(id=rid, error=a.answer)
             except asyncio.CancelledError:
-                if rid not in self.cancelled:
+                if rid in self.cancelled:
+                    self.cancelled.discard(rid)
+                    self.expired.discard(rid)
+                    ended = lock_pb2.Status(code=grpc.StatusCode.CANCELLED.value[0], message="cancelled by the client")
+                elif rid in self.expired:
+                    self.expired.discard(rid)
+                    ended = error_status(DeadlineExceeded("Deadline Exceeded"))
+                else:
                     raise  # the stream is ending
-                self.cancelled.discard(rid)
-                cancelled = lock_pb2.Status(code=grpc.StatusCode.CANCELLED.value[0], message="cancelled by the client")
-                answer = lock_pb2.SessionResponse(id=rid, error=cancelled)
+                answer = lock_pb2.SessionResponse(id=rid, error=ended)
             except Exception:
                 # A layer failed outside the edge's mapping: a bug; the stream and its other
                 # requests go on.

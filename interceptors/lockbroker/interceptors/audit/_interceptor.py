@@ -424,7 +424,7 @@ class AuditInterceptor(WrappingInterceptor):
 
     def _send(self, record: Record, consequence: str) -> None:
         """Queue `record` without waiting for it; a failure goes to the process log."""
-        line, done = self.log.submit(record)
+        line, done = self.log.submit(record, lazy=True)
 
         def check(done: asyncio.Future[None]) -> None:
             if not done.cancelled() and (exc := done.exception()) is not None:

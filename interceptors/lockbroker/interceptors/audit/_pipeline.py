@@ -197,7 +197,7 @@ class AuditLog:
         self.processors = tuple(processors)
         self.write_timeout = write_timeout
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[None]] | None] | None = None
+        self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[None], bool] | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         # Every record not yet answered, oldest first, with the time it must be answered by. One
         # timer for the oldest replaces a timeout per record (wait_for + shield cost the loop more
@@ -224,13 +224,19 @@ class AuditLog:
         assert line is not None  # the future failed if rendering did
         return line
 
-    def submit(self, record: Record) -> tuple[bytes | None, asyncio.Future[None]]:
+    def submit(self, record: Record, *, lazy: bool = False) -> tuple[bytes | None, asyncio.Future[None]]:
         """Process and render `record` and queue it for the writer, without waiting.
 
         Returns the line (None if the processors failed) and a future that is done when every
         sink has it (as durable as each promises), or fails with AuditWriteError (carrying the
         line). The caller may await the future later, e.g. after work that runs while the
         record's fsync is in flight, or never: a failure nobody awaits is still retrieved.
+
+        `lazy`: nobody waits for this record's durability (a ResponseComplete record, sent after
+        the answer). A batch of only lazy records goes to a sink's `write_lazily` when it has one
+        (the file sink: written now, synced by the next batch's fsync or within a short delay),
+        so it does not hold an fsync slot the next call's RequestReceived record waits behind.
+        The future is then done once the lines are written.
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -242,7 +248,7 @@ class AuditLog:
         if self._queue is None or self._writer is None or self._writer.done():
             self._queue = asyncio.Queue()
             self._writer = loop.create_task(self._write_loop(self._queue))
-        self._queue.put_nowait((line, done))
+        self._queue.put_nowait((line, done, lazy))
         deadline = loop.time() + self.write_timeout
         self._unanswered.append((deadline, done))
         if self._watchdog is None:
@@ -266,7 +272,7 @@ class AuditLog:
                 done.exception()  # retrieved here: a cancelled caller never looks
             pending.popleft()
 
-    async def _write_loop(self, queue: asyncio.Queue[tuple[bytes, asyncio.Future[None]] | None]) -> None:
+    async def _write_loop(self, queue: asyncio.Queue[tuple[bytes, asyncio.Future[None], bool] | None]) -> None:
         while True:
             item = await queue.get()
             if item is None:
@@ -278,15 +284,17 @@ class AuditLog:
                     queue.put_nowait(None)  # finish this batch, then stop
                     break
                 batch.append(nxt)
-            lines = [line for line, _ in batch]
+            lines = [line for line, _, _ in batch]
+            lazy = all(lazy for _, _, lazy in batch)
             failure: AuditWriteError | None = None
             for sink in self.sinks:
                 try:
-                    await sink.write(lines)
+                    write = getattr(sink, "write_lazily", None) if lazy else None
+                    await (write or sink.write)(lines)
                 except Exception as exc:
                     log.error("audit sink %s failed: %r", sink.name, exc)
                     failure = failure or AuditWriteError(f"audit sink {sink.name} failed: {exc!r}")
-            for _, done in batch:
+            for _, done, _ in batch:
                 if done.done():
                     continue
                 if failure is None:

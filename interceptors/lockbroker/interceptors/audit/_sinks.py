@@ -69,6 +69,10 @@ class FileSink:
     One writer per file: two brokers must not share one.
     """
 
+    # How long a record given to `write_lazily` may wait for the next write when none comes: it
+    # bounds what a crash can take of ResponseComplete records.
+    LAZY_SYNC_DELAY = 0.1
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -94,6 +98,9 @@ class FileSink:
         self._last_sync = time.monotonic()
         self._failed_at: float | None = None
         self._syncer: asyncio.Task[None] | None = None
+        self._lazy_sync: asyncio.TimerHandle | None = None
+        self._held: list[bytes] = []  # lines of write_lazily, not yet written
+        self._lazy_tasks: set[asyncio.Task[None]] = set()
 
     def _open_locked(self) -> int:
         if self._fd is None:
@@ -146,15 +153,60 @@ class FileSink:
                 log.exception("audit file %s: fsync failed", self.path)
                 self._failed_at = time.monotonic()
 
+    def _take_held(self) -> list[bytes]:
+        held, self._held = self._held, []
+        return held
+
+    def _lost_held(self, held: Sequence[bytes], exc: BaseException) -> None:
+        # Their callers were answered long ago: the process log is the last place they can go.
+        for line in held:
+            log.error("audit record not written (%r; the caller was answered): %s", exc, line.decode().rstrip("\n"))
+
     async def write(self, lines: Sequence[bytes]) -> None:
+        for task in list(self._lazy_tasks):
+            # A timed write of held records in flight goes first: the file keeps the order in
+            # which records were handed over (every sink gets the same order).
+            await task
+        held = self._take_held()  # lazily written records go first, in the order they came
         try:
-            await asyncio.to_thread(self._write_sync, b"".join(lines))
-        except OSError:
+            await asyncio.to_thread(self._write_sync, b"".join([*held, *lines]) if held else b"".join(lines))
+        except OSError as exc:
             self._failed_at = time.monotonic()
+            self._lost_held(held, exc)
             raise
         self._failed_at = None
         if self.fsync == "interval" and self._syncer is None:
             self._syncer = asyncio.get_running_loop().create_task(self._sync_periodically())
+
+    async def write_lazily(self, lines: Sequence[bytes]) -> None:
+        """Take lines nobody waits on (ResponseComplete records, their callers already answered):
+        with fsync "always" they are held here and written with the next `write` (the next call's
+        RequestReceived record, whose fsync covers them), or by a timed write within
+        LAZY_SYNC_DELAY if none comes. A write and a thread hand-off of their own per call would
+        cost as much CPU as the record itself, and an fsync of their own would delay the next
+        call. A failed write logs them (`lockbroker.audit`), as any record nobody waits for."""
+        if self.fsync != "always":
+            return await self.write(lines)
+        self._held.extend(lines)
+        if self._lazy_sync is None:
+            self._lazy_sync = asyncio.get_running_loop().call_later(self.LAZY_SYNC_DELAY, self._sync_lazily)
+
+    def _sync_lazily(self) -> None:
+        self._lazy_sync = None
+        if self._held:
+            task = asyncio.get_running_loop().create_task(self._write_held())
+            self._lazy_tasks.add(task)
+            task.add_done_callback(self._lazy_tasks.discard)
+
+    async def _write_held(self) -> None:
+        held = self._take_held()
+        if not held:
+            return
+        try:
+            await asyncio.to_thread(self._write_sync, b"".join(held))
+        except OSError as exc:
+            self._failed_at = time.monotonic()
+            self._lost_held(held, exc)
 
     def _probe_sync(self) -> bool:
         try:
@@ -183,6 +235,13 @@ class FileSink:
                     self._fd = None
 
     async def close(self) -> None:
+        if self._lazy_sync is not None:
+            self._lazy_sync.cancel()
+            self._lazy_sync = None
+        for task in list(self._lazy_tasks):
+            with contextlib.suppress(Exception):
+                await task
+        await self._write_held()
         if self._syncer is not None:
             self._syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
