@@ -120,3 +120,29 @@ async def test_retry_helper_stops_on_other_errors_and_at_max_attempts() -> None:
             backoff=Backoff(base=0.001, max_attempts=4),
         )
     assert len(calls) == 4 and calls == sorted(calls, reverse=True)  # each attempt gets what is left
+
+
+async def test_a_shared_grant_whose_answer_was_lost_is_released_though_another_reader_holds_first(
+    broker: Any, probe: EtcdProbe
+) -> None:
+    """The acquire gives up (every answer lost) after the broker granted a shared claim behind an
+    earlier reader: the clean-up must find its grant among all the holders, not only the first."""
+    async with Client(f"127.0.0.1:{broker.port}", default_timeout=5) as direct:
+        first = await direct.create_session(ttl=10)
+        reader = await direct.acquire("retry/shared", session_id=first.session_id, shared=True)
+        async with (
+            RunningProxy(broker.port) as proxy,
+            Client(f"127.0.0.1:{proxy.port}", default_timeout=1.5) as c,
+            c.session(ttl=10) as s,
+        ):
+            proxy.servicer.lose_acquire_answers = 1_000  # granted every time; never told
+            with pytest.raises((Unavailable, LockBrokerError, TimeoutError)):
+                async with c.lock("retry/shared", session=s, shared=True):
+                    pass
+            assert proxy.servicer.acquires, "the acquire went through the proxy"
+            state = await direct.describe("retry/shared")
+            assert [h.session_id for h in state.holders] == [first.session_id]
+            assert state.holders[0].fencing_token == reader.fencing_token
+        assert await direct.release("retry/shared", reader.fencing_token, session_id=first.session_id)
+        await direct.close_session(first.session_id)
+    assert await probe.keys() == []

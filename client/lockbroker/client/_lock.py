@@ -236,19 +236,18 @@ class LockContext:
 
     async def _release_if_ours(self, keeper: SessionKeeper) -> None:
         state = await self._client.describe(self._name, timeout=self._cleanup_timeout)
-        holder = state.holder
-        # A broker older than claims does not report request ids; it has one claim per session.
-        if (
-            holder is not None
-            and holder.session_id == keeper.session_id
-            and holder.request_id in ("", self._request_id)
-        ):
-            await self._client.release(
-                self._name,
-                holder.fencing_token,
-                session_id=keeper.session_id,
-                timeout=self._cleanup_timeout,
-            )
+        # A shared lock or a semaphore has several holders, ours not necessarily the first; a
+        # broker older than shared locks reports only `holder`.
+        for holder in state.holders or ((state.holder,) if state.holder is not None else ()):
+            # A broker older than claims does not report request ids; it has one claim per session.
+            if holder.session_id == keeper.session_id and holder.request_id in ("", self._request_id):
+                await self._client.release(
+                    self._name,
+                    holder.fencing_token,
+                    session_id=keeper.session_id,
+                    timeout=self._cleanup_timeout,
+                )
+                return
 
     async def _cleanup(self) -> LockBrokerError | None:
         held, keeper = self.held, self._keeper
