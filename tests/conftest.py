@@ -22,6 +22,50 @@ from lockbroker.v1 import lock_pb2_grpc
 from tests.etcdutil import EtcdProbe
 from tests.lockutil import Tracker
 
+# -- parallel runs (pytest-xdist, `--dist loadgroup`; scripts/test.sh) -------------------------------
+#
+# Every test file is safe to run beside any other: each worker starts its own etcd (session fixture,
+# free ports, its own basetemp), every test has its own key root, and what tests write goes to
+# tmp_path. A group below keeps a file's tests on one worker, one after another, where running
+# them apart would cost more than it gains: a module-scoped fixture that starts a cluster or broker
+# processes would start once per worker instead of once. The fault suite is one group also because
+# its scenarios check timing-sensitive invariants (TTLs, elections) and share one rig.
+XDIST_GROUPS: dict[str, str] = {
+    "tests/fault/": "fault",  # the rig: 3 etcd members in network namespaces and 2 broker processes
+    "tests/test_stream_faults.py": "stream_faults",  # a 3-member cluster per module
+    "tests/test_overload.py": "overload",  # a broker process per module, loaded on purpose
+}
+
+
+# Tests that need the machine to themselves: scripts/test.sh runs them (`-m serial`) after the
+# parallel run (`-m "not serial"`), alone. The bench smoke test runs a quick benchmark: brokers,
+# load agents and etcd in a dozen processes that keep both cores busy; beside 4 workers it ran
+# past its 280 s limit where alone it takes about 2 minutes.
+SERIAL: tuple[str, ...] = ("tests/test_bench_smoke.py",)
+
+
+def xdist_group_of(nodeid: str) -> str | None:
+    for prefix, group in XDIST_GROUPS.items():
+        if nodeid.startswith(prefix):
+            return group
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist registers it too; registered here so --strict-markers holds without the plugin.
+    config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
+    config.addinivalue_line("markers", "serial: needs the machine to itself (scripts/test.sh runs it alone)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the mark into the node id
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = xdist_group_of(item.nodeid)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        if item.nodeid.startswith(SERIAL):
+            item.add_marker(pytest.mark.serial)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _etcd_binary() -> str:

@@ -36,6 +36,11 @@ from tests.lockutil import LOCKS, SESSIONS, lease_of
 from tests.procutil import clean_env, is_gone, lockbroker_command, stop_process, wait_until
 
 CALL_TIMEOUT = 60.0
+KEEPER_TTL = 15  # seconds: a `session keepalive` process must start (import grpc, connect) within it
+# seconds: a lock that `acquire` takes on its own session, which nothing refreshes after it exits,
+# must outlive the test that holds it. Each CLI call is a Python process start; on a loaded 2-core
+# machine with parallel test workers a test of a dozen calls took over 40 s.
+HELD_TTL = "300"
 
 
 @pytest.fixture(params=["stream", "unary"], autouse=True)
@@ -169,8 +174,8 @@ async def wait_ready(d: Path, proc: asyncio.subprocess.Process) -> dict[str, str
 async def test_acquire_describe_list_release(broker: Broker, probe: EtcdProbe) -> None:
     t = target_of(broker)
     r1, r2 = await asyncio.gather(
-        cli(t, "acquire", "orders/1", "--ttl", "30", "--owner", "alice", "-o", "json"),
-        cli(t, "acquire", "orders/2", "--ttl", "30"),
+        cli(t, "acquire", "orders/1", "--ttl", HELD_TTL, "--owner", "alice", "-o", "json"),
+        cli(t, "acquire", "orders/2", "--ttl", HELD_TTL),
     )
     assert r1.code == 0, r1
     g = r1.json
@@ -246,7 +251,7 @@ async def test_any_utf8_name_and_a_non_utf8_argument(broker: Broker, probe: Etcd
     # reaches Python as lone surrogates, which the client refuses before sending.
     t = target_of(broker)
     name = "été/锁 #1 $x"
-    got = await cli(t, "acquire", name, "--ttl", "30", "-o", "json")
+    got = await cli(t, "acquire", name, "--ttl", HELD_TTL, "-o", "json")
     assert got.code == 0, got
     assert got.json["name"] == name
     token = got.json["fencing_token"]
@@ -332,10 +337,12 @@ async def test_broker_refusals_and_unavailable(broker: Broker) -> None:
 
 async def test_session_create_keepalive_acquire_close(broker: Broker, probe: EtcdProbe) -> None:
     t = target_of(broker)
-    r = await cli(t, "session", "create", "--ttl", "6", "--owner", "script", "-o", "json")
+    # The TTL must outlast the keepalive process's start (a Python process importing grpc): on a
+    # loaded 2-core machine with parallel test workers that took over 6 s. It refreshes every ttl/3.
+    r = await cli(t, "session", "create", "--ttl", str(KEEPER_TTL), "--owner", "script", "-o", "json")
     assert r.code == 0, r
     sid = r.json["session_id"]
-    assert r.json["ttl"] == 6 and r.json["owner"] == "script"
+    assert r.json["ttl"] == KEEPER_TTL and r.json["owner"] == "script"
 
     keeper = await spawn(t, "session", "keepalive", sid, "-o", "json")
     try:
@@ -368,7 +375,7 @@ async def test_session_create_keepalive_acquire_close(broker: Broker, probe: Etc
     finally:
         await stop_process(keeper)
     assert k.code == 0, k
-    assert k.json == {"session_id": sid, "ttl": 6, "stopped": "signal", "signal": "SIGTERM"}
+    assert k.json == {"session_id": sid, "ttl": KEEPER_TTL, "stopped": "signal", "signal": "SIGTERM"}
     assert "stopped keeping session" in k.err
 
     # Stopping keepalive does not close the session: the lock lives on until the TTL runs out.
@@ -393,7 +400,8 @@ async def test_session_create_keepalive_acquire_close(broker: Broker, probe: Etc
 
 async def test_keepalive_exits_3_when_the_session_is_lost(broker: Broker, probe: EtcdProbe) -> None:
     t = target_of(broker)
-    r = await cli(t, "session", "create", "--ttl", "3", "-o", "json")
+    # Lost by a revoke, not by expiry: the TTL only has to outlast the keepalive process's start.
+    r = await cli(t, "session", "create", "--ttl", str(KEEPER_TTL), "-o", "json")
     sid = r.json["session_id"]
     keeper = await spawn(t, "session", "keepalive", sid, "-o", "json")
     try:
@@ -478,7 +486,7 @@ async def test_run_lost_lock_terms_then_kills_the_command(broker: Broker, probe:
 
 async def test_not_acquired_and_interrupted_waits(broker: Broker, probe: EtcdProbe, tmp_path: Path) -> None:
     t = target_of(broker)
-    r = await cli(t, "acquire", "jobs/busy", "--ttl", "30", "--owner", "holder", "-o", "json")
+    r = await cli(t, "acquire", "jobs/busy", "--ttl", HELD_TTL, "--owner", "holder", "-o", "json")
     token = r.json["fencing_token"]
     marker = tmp_path / "ran"
     touch = ["--", "touch", str(marker)]
@@ -547,7 +555,9 @@ async def secured(etcd: EmbeddedEtcd, key_root: str, tmp_path: Path) -> AsyncIte
 async def test_tls_and_api_key(secured: tuple[Broker, str, str]) -> None:
     broker, ca_file, api_key = secured
     t = target_of(broker)
-    r = await cli(t, "acquire", "tls/a", "--ttl", "30", "--ca-file", ca_file, "-o", "json", LOCKBROKER_API_KEY=api_key)
+    r = await cli(
+        t, "acquire", "tls/a", "--ttl", HELD_TTL, "--ca-file", ca_file, "-o", "json", LOCKBROKER_API_KEY=api_key
+    )
     assert r.code == 0, r
     token = r.json["fencing_token"]
     wrong = api_key[:-4] + ("AAAA" if not api_key.endswith("AAAA") else "BBBB")

@@ -152,12 +152,14 @@ async def test_standalone_client_wheel(broker: Broker, probe: EtcdProbe, tmp_pat
 
     # The venv's own `lockbroker` command: the client CLI, with `serve` explained, not crashed.
     lockbroker = str(venv / "bin" / "lockbroker")
+    # Nothing refreshes the lock once `acquire` exits: its TTL must outlast the start of the next
+    # process (`release`), which on a loaded 2-core machine with parallel test workers took over 10 s.
     code, out, err = await _run(
         lockbroker,
         "acquire",
         "standalone/b",
         "--ttl",
-        "10",
+        "120",
         "-o",
         "json",
         cwd=tmp_path,
