@@ -114,7 +114,10 @@ def test_quick_run_writes_every_output(tmp_path):
     assert meta["machine"]["nproc"] >= 1 and meta["machine"]["grpcio"]
     assert meta["unavailable"] == {}
     spans = meta["spans_exported"]
-    assert spans and all(n is not None and n > 0 for n in spans.values()), spans  # tracing really was on
+    assert spans and all(n is not None for n in spans.values()), spans
+    # Tracing really was on where it samples everything; at 1% a short run may sample no trace at all.
+    always = {k: n for k, n in spans.items() if "1pct" not in k}
+    assert always and all(n > 0 for n in always.values()), spans
 
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary
