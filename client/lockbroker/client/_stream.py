@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,10 @@ from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 log = logging.getLogger("lockbroker.client")
 
 DETAILS_KEY = "grpc-status-details-bin"
+# The status grpc.aio gives a call whose message write failed in grpc's core (the stream ended).
+CORE_WRITE_FAILED = "Internal error from Core"
+# How long session operations go as unary calls after a stream ended that way before answering.
+UNSUPPORTED_RETRY = 30.0
 
 
 class StreamUnsupported(Exception):
@@ -76,12 +81,13 @@ def _code(value: int) -> grpc.StatusCode:
 class _Call:
     """One open Session stream and the requests waiting for its answers."""
 
-    __slots__ = ("call", "pending", "reader")
+    __slots__ = ("answered", "call", "pending", "reader")
 
     def __init__(self, call: Any) -> None:
         self.call = call
         self.pending: dict[int, asyncio.Future[lock_pb2.SessionResponse]] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.answered = False  # any message read: the broker serves the Session RPC
 
 
 class SessionStream:
@@ -100,7 +106,13 @@ class SessionStream:
         self._current: _Call | None = None
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time per call
         self._closed = False
-        self.unsupported = False
+        self._unsupported = False  # the broker answered UNIMPLEMENTED: unary calls from now on
+        self._unsupported_until = 0.0  # monotonic; unary calls until then (see _read)
+
+    @property
+    def unsupported(self) -> bool:
+        """Whether session operations go as unary calls (the broker has no Session RPC)."""
+        return self._unsupported or time.monotonic() < self._unsupported_until
 
     async def request(self, kind: str, message: Any, timeout: float) -> lock_pb2.SessionResponse:
         """Send one request (`kind` is the SessionRequest field) and return its answer.
@@ -191,6 +203,7 @@ class SessionStream:
         failure: BaseException = _error(grpc.StatusCode.UNAVAILABLE, "session stream ended")
         try:
             async for resp in call.call:
+                call.answered = True
                 if resp.id == 0:
                     if resp.HasField("event") and self._on_expired is not None:
                         self._on_expired(resp.event.session_id)
@@ -200,11 +213,22 @@ class SessionStream:
                     fut.set_result(resp)
         except aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self.unsupported = True
+                self._unsupported = True
                 failure = StreamUnsupported()
             elif exc.code() == grpc.StatusCode.CANCELLED and not self._closed:
                 # reset() cancelled it: its requests are retried on a new stream
                 failure = _error(grpc.StatusCode.UNAVAILABLE, "session stream reset")
+            elif exc.code() == grpc.StatusCode.INTERNAL and exc.details() == CORE_WRITE_FAILED:
+                # Not the broker's answer: our write raced the stream's end and grpc.aio put this
+                # over the broker's status (grpc/grpc#36066), about half the time when the broker
+                # has no Session RPC (UNIMPLEMENTED). A stream that never answered is taken for
+                # that, for a while: the requests go as unary calls (always correct), and the
+                # stream is tried again later. One that answered before just broke: retried.
+                if call.answered:
+                    failure = _error(grpc.StatusCode.UNAVAILABLE, "session stream broke during a write")
+                else:
+                    self._unsupported_until = time.monotonic() + UNSUPPORTED_RETRY
+                    failure = StreamUnsupported()
             else:
                 failure = exc
         except asyncio.CancelledError:
