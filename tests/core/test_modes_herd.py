@@ -64,10 +64,12 @@ async def test_a_release_wakes_one_permit_waiter_not_every_one(env: Env) -> None
 
 
 async def test_wait_deleted_counts_deletions_up_to_need(env: Env) -> None:
-    """The backend seam itself: `need` distinct deletions end the wait; one is not enough; the
-    waiter's own entry ending ends it at once; deletions since the caller's read count."""
+    """The backend seam itself: `need` distinct deletions end the wait, whether a release here or
+    a session's end deleted them; one is not enough; the waiter's own entry ending ends it at
+    once; deletions since the caller's read count."""
     name = "sem/count"
-    grants = [await env.acquire(name, await env.session(), limit=1 + 3) for _ in range(4)]
+    leases = [await env.session() for _ in range(4)]
+    grants = [await env.acquire(name, lease, limit=4) for lease in leases]
     prefix = _prefix(env, name)
     revision, queue = await env.backend.queue_at(prefix)
     ahead, mine = queue[:3], queue[3]
@@ -77,7 +79,8 @@ async def test_wait_deleted_counts_deletions_up_to_need(env: Env) -> None:
     assert await env.release(name, grants[0].fencing_token)
     await asyncio.sleep(0.3)
     assert not wait.done(), "one deletion ended a wait that needs two"
-    assert await env.release(name, grants[1].fencing_token)
+    # The second by the session ending (a watch event; the first was this replica's own release).
+    await env._revoke(leases[1])
     assert await asyncio.wait_for(wait, 5.0) is None
     # Both deletions happened after `revision`: a new wait from it needs no event.
     assert await asyncio.wait_for(env.backend.wait_deleted(prefix, keys, revision, mine, 2), 5.0) is None
