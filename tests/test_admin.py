@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from lockbroker.client import Client, PermissionDenied
+from lockbroker.server.admin_service import FORCE_RELEASED_METHOD
 from lockbroker.server.app import Broker
 from lockbroker.server.auth import tenants
 from lockbroker.server.config import AuditConfig, AuthConfig, Config
@@ -313,3 +314,51 @@ async def test_grpcurl_calls_every_admin_rpc(env: Env) -> None:
     body = json.dumps({"session_id": s, "tenant": "acme", "reason": "INC-9"})
     revoked = json.loads(await grpcurl(*admin, "-d", body, target, "lockbroker.v1.AdminService/RevokeSession"))
     assert revoked == {"revoked": True}
+
+
+async def test_force_release_of_a_semaphore_revokes_every_permit_and_audits_each(env: Env) -> None:
+    """Every permit holder holds: ForceRelease takes them all, each client sees REVOKED, and each
+    grant taken has its own audit record (the RPC's record names only the oldest)."""
+    ttl, name = 3, "adm/sem"
+    target = f"127.0.0.1:{env.broker.port}"
+    async with (
+        Client(target, api_key=env.keys["acme"]) as c1,
+        Client(target, api_key=env.keys["acme"]) as c2,
+        Client(target, api_key=env.keys["ops"]) as ops,
+        c1.lock(name, ttl=ttl, wait=1, limit=2) as h1,
+        c2.lock(name, ttl=ttl, wait=1, limit=2) as h2,
+    ):
+        waiter_session = await env.session("acme", ttl=10)
+        req = lock_pb2.AcquireRequest(name=name, session_id=waiter_session, limit=2)
+        req.wait_timeout.FromSeconds(20)
+        waiting = asyncio.ensure_future(env.lock.Acquire(req, metadata=env.md("acme")))
+        await wait_waiters(_Tenant(env.lock, env.md("acme")), name, 1)
+        out = await ops.admin.force_release(name, reason="stuck workers, INC-7", tenant="acme")
+        assert out.released and (out.fencing_token, out.session_id) == (h1.fencing_token, h1.session_id)
+        for held in (h1, h2):
+            await asyncio.wait_for(held.lost.wait(), timeout=ttl / 3 + 2)
+            assert held.lost_cause == ErrorReason.REVOKED and "stuck workers, INC-7" in (held.lost_reason or "")
+            assert not (await c1.check_fence(name, held.fencing_token)).current
+        nxt = (await asyncio.wait_for(waiting, 10)).grant
+        assert nxt.fencing_token > h2.fencing_token
+        d = await env.lock.Describe(lock_pb2.DescribeRequest(name=name), metadata=env.md("acme"))
+        assert [h.fencing_token for h in d.holders] == [nxt.fencing_token]
+
+    def taken() -> list[dict[str, Any]]:
+        lines = env.audit.read_text().splitlines() if env.audit.exists() else []
+        return [r for r in map(json.loads, lines) if r["method"] == FORCE_RELEASED_METHOD]
+
+    for _ in range(50):  # written in the background, after the answer
+        if len(taken()) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    recs = sorted(taken(), key=lambda r: int(r["fencingToken"]))
+    assert [(r["fencingToken"], r["session"]) for r in recs] == [
+        (str(h1.fencing_token), h1.session_id),
+        (str(h2.fencing_token), h2.session_id),
+    ]
+    for r in recs:
+        assert r["tenant"] == "acme" and r["lock"] == name and r["adminReason"] == "stuck workers, INC-7"
+        assert r["principal"]["kind"] == "api-key" and r["outcome"]["reason"] == ErrorReason.REVOKED
+    [rpc] = [r for r in env.records("ForceRelease") if r["outcome"]["code"] == "OK"]
+    assert rpc["tenant"] == "ops" and rpc["lock"] == name

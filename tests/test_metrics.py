@@ -263,3 +263,28 @@ async def test_a_rate_limit_refusal_is_counted_under_acquire_rate(etcd: Embedded
         assert m.get("lockbroker_quota_refusals_total", limit="max_locks") == 0
     finally:
         await b.stop(grace=1.0)
+
+
+async def test_acquire_many_counts_each_of_its_grants(mbroker: Broker, mstub: Any) -> None:
+    """Every lock of an AcquireMany is a grant (counted, its wait observed) whose Release is then
+    measured as a hold, like an Acquire's (the interceptor counted only Acquire)."""
+    port = port_of(mbroker)
+    session = (await mstub.CreateSession(lock_pb2.CreateSessionRequest(ttl=secs(10)))).session_id
+    names = [f"{LOCK_NAME}-many-a", f"{LOCK_NAME}-many-b"]
+    before = await scrape(port)
+    req = lock_pb2.AcquireManyRequest(session_id=session, locks=[lock_pb2.LockClaim(name=n) for n in names])
+    got = await mstub.AcquireMany(req)
+    assert [g.name for g in got.grants] == names
+    mid = await scrape(port)
+
+    def delta(now: Scrape, name: str) -> float:
+        return now.get(name, tenant="default") - before.get(name, tenant="default")
+
+    assert delta(mid, "lockbroker_grants_total") == 2
+    assert delta(mid, "lockbroker_lock_wait_seconds_count") == 2
+    for g in got.grants:
+        rel = lock_pb2.ReleaseRequest(name=g.name, fencing_token=g.fencing_token, session_id=session)
+        assert (await mstub.Release(rel)).released
+    end = await scrape(port)
+    assert delta(end, "lockbroker_releases_total") == 2
+    assert delta(end, "lockbroker_lock_hold_seconds_count") == 2

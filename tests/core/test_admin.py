@@ -8,6 +8,7 @@ acted on only by its own session and principal.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -81,8 +82,8 @@ async def test_force_release_removes_the_holder_and_tells_its_session(env: Env) 
     a, b = await env.session(), await env.session()
     g = await env.acquire("force/x", a)
     assert (await env.core.refresh(TENANT, a)).revoked == ()
-    gone = await env.core.force_release(TENANT, "force/x", "wedged, INC-1", "api-key:ops")
-    assert gone is not None and gone.create_revision == g.fencing_token and gone.lease == a
+    [gone] = await env.core.force_release(TENANT, "force/x", "wedged, INC-1", "api-key:ops")
+    assert gone.create_revision == g.fencing_token and gone.lease == a
     [r] = (await env.core.refresh(TENANT, a)).revoked
     assert (r.name, r.fencing_token, r.reason, r.message, r.admin) == (
         "force/x",
@@ -96,7 +97,7 @@ async def test_force_release_removes_the_holder_and_tells_its_session(env: Env) 
     nxt = await env.acquire("force/x", b)
     assert nxt.fencing_token > g.fencing_token
     assert not (await env.core.check_fence(TENANT, "force/x", g.fencing_token)).current
-    assert await env.core.force_release(TENANT, "force/free", "nothing there", "api-key:ops") is None
+    assert await env.core.force_release(TENANT, "force/free", "nothing there", "api-key:ops") == []
 
 
 async def test_force_release_hands_the_lock_to_the_next_waiter(env: Env) -> None:
@@ -107,6 +108,33 @@ async def test_force_release_hands_the_lock_to_the_next_waiter(env: Env) -> None
     await env.core.force_release(TENANT, "force/q", "next please", "api-key:ops")
     got = await asyncio.wait_for(waiting, 10)
     assert got.session_id == session_id_of(b) and got.fencing_token > g.fencing_token
+
+
+@pytest.mark.parametrize("kind", ["shared", "semaphore"])
+async def test_force_release_removes_every_holder_of_a_shared_lock_or_semaphore(env: Env, kind: str) -> None:
+    """Readers of a shared lock and permits of a semaphore all hold: ForceRelease takes every one
+    (each session told REVOKED), not only the oldest; the waiters behind them then get their turn."""
+    name = f"force/{kind}"
+    claim: dict[str, Any] = {"shared": True} if kind == "shared" else {"limit": 3}
+    leases = [await env.session() for _ in range(3)]
+    grants = [await env.acquire(name, lease, **claim) for lease in leases]
+    # A writer behind the readers; a fourth permit behind the three.
+    waiting = asyncio.create_task(
+        env.acquire(name, await env.session(), wait=10, **({} if kind == "shared" else claim))
+    )
+    await env.wait_waiters(name, 1)
+    gone = await env.core.force_release(TENANT, name, "all out", "api-key:ops")
+    assert [(e.create_revision, e.lease) for e in gone] == [
+        (g.fencing_token, lease) for g, lease in zip(grants, leases, strict=True)
+    ]
+    for g, lease in zip(grants, leases, strict=True):
+        [r] = (await env.core.refresh(TENANT, lease)).revoked
+        assert (r.name, r.fencing_token, r.reason, r.message) == (name, g.fencing_token, ErrorReason.REVOKED, "all out")
+        assert not (await env.core.check_fence(TENANT, name, g.fencing_token)).current
+    nxt = await asyncio.wait_for(waiting, 10)
+    assert nxt.fencing_token > max(g.fencing_token for g in grants)
+    d = await env.describe(name)
+    assert [h.create_revision for h in d.holders] == [nxt.fencing_token] and d.waiters == []
 
 
 async def test_revoked_session_refresh_says_revoked(env: Env) -> None:

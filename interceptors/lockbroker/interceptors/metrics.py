@@ -10,7 +10,9 @@ dashboards and alerts written for Go services work unchanged:
 
 `LockMetricsInterceptor` goes right after identity (it needs the tenant) and reads lock outcomes
 from the answers the handlers give: grants and their wait, releases and (when this replica made
-the grant) how long the lock was held, quota refusals by limit, and sessions found expired.
+the grant) how long the lock was held, quota refusals by limit, and sessions found expired. A
+grant is a lock granted by Acquire or one of the locks of an AcquireMany; an election won by
+Campaign is not one (the lock metrics have a tenant label only, nothing to tell it apart).
 
 Labels are bounded by construction: method names come from the registered services (unknown
 methods are not wrapped), codes from grpc.StatusCode, tenants from the tenants file, limits from
@@ -189,7 +191,7 @@ class LockMetrics:
         )
         self.wait = Histogram(
             "lockbroker_lock_wait_seconds",
-            "Time from an Acquire's arrival to its grant (the response's `waited`), by tenant.",
+            "Time from an Acquire's (or AcquireMany's) arrival to its grant (the response's `waited`), by tenant.",
             ("tenant",),
             buckets=WAIT_BUCKETS,
             registry=registry,
@@ -233,13 +235,24 @@ class LockMetricsInterceptor(WrappingInterceptor):
             if limit is not None:
                 self.m.refusals.labels(tenant, limit).inc()
 
+    def _granted_now(self, tenant: str, waited: Any, tokens: list[int]) -> None:
+        now = self._clock()
+        wait = waited.ToTimedelta().total_seconds()
+        for token in tokens:
+            self.m.grants.labels(tenant).inc()
+            self.m.wait.labels(tenant).observe(wait)
+            self._granted[(tenant, token)] = now
+        while len(self._granted) > self.MAX_TRACKED:
+            self._granted.popitem(last=False)
+
     def _observe(self, method: str, tenant: str, request: Any, response: Any) -> None:
         if method == "Acquire" and response.HasField("grant"):
-            self.m.grants.labels(tenant).inc()
-            self.m.wait.labels(tenant).observe(response.waited.ToTimedelta().total_seconds())
-            self._granted[(tenant, response.grant.fencing_token)] = self._clock()
-            while len(self._granted) > self.MAX_TRACKED:
-                self._granted.popitem(last=False)
+            self._granted_now(tenant, response.waited, [response.grant.fencing_token])
+        elif method == "AcquireMany":
+            # Each lock of the call is a grant of its own (released one by one by its token); the
+            # call's `waited` (until its last grant) is each one's wait. ElectionService.Campaign
+            # is not counted: the metrics carry no label to tell an election from a lock.
+            self._granted_now(tenant, response.waited, [g.fencing_token for g in response.grants])
         elif method == "Release" and response.released:
             self.m.releases.labels(tenant).inc()
             since = self._granted.pop((tenant, request.fencing_token), None)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from lockbroker.interceptors.audit import SCHEMA, AuditLog, AuditWriteError
+from lockbroker.interceptors.base import state_of
 from lockbroker.interceptors.identity import require_admin
 from lockbroker.server import convert, validation
 from lockbroker.server.core.holds import OnRevoked
@@ -31,21 +32,43 @@ ADMIN_SERVICE = lock_pb2.DESCRIPTOR.services_by_name["AdminService"]
 MAX_HOLD_METHOD = "lockbroker.internal/MaxHoldExceeded"
 
 
+# The `method` of the audit record of each grant a ForceRelease removed (one per holder: a shared
+# lock or a semaphore has several), next to the record of the RPC itself.
+FORCE_RELEASED_METHOD = "lockbroker.internal/GrantForceReleased"
+
+
 class AdminService(lock_pb2_grpc.AdminServiceServicer):
-    def __init__(self, core: LockCore, retry: RetryPolicy = NO_RETRY) -> None:
+    def __init__(self, core: LockCore, retry: RetryPolicy = NO_RETRY, audit_log: AuditLog | None = None) -> None:
         self.core = core
         self.retry = retry
         self.draining = False
+        self.audit_log = audit_log
+        self._audits: set[asyncio.Task[Any]] = set()
 
     @rpc(ADMIN_SERVICE)
     async def ForceRelease(self, request: lock_pb2.ForceReleaseRequest, context: Ctx) -> lock_pb2.ForceReleaseResponse:
         await require_admin(context)
         tenant, name, reason = validation.force_release(request, tenant_of(context))
-        gone = await self.core.force_release(tenant, name, reason, principal_of(context))
-        if gone is None:
+        admin = principal_of(context)
+        gone = await self.core.force_release(tenant, name, reason, admin)
+        if not gone:
             return lock_pb2.ForceReleaseResponse(released=False)
+        if self.audit_log is not None:
+            who = state_of(context).principal
+            principal = {"kind": who.kind, "id": who.id} if who is not None else None
+            for grant in gone:
+                rec = _revocation_record(tenant, name, grant.create_revision, session_id_of(grant.lease), principal)
+                rec["method"] = FORCE_RELEASED_METHOD
+                rec["adminReason"] = reason
+                rec["outcome"] = {"code": "OK", "reason": ErrorReason.REVOKED, "message": "force-released by an admin"}
+                task = asyncio.get_running_loop().create_task(_write(self.audit_log, rec))
+                self._audits.add(task)
+                task.add_done_callback(self._audits.discard)
+        # The oldest grant removed (a lock's only holder); the others of a shared lock or a
+        # semaphore are in the audit log, one record each.
+        first = gone[0]
         return lock_pb2.ForceReleaseResponse(
-            released=True, fencing_token=gone.create_revision, session_id=session_id_of(gone.lease)
+            released=True, fencing_token=first.create_revision, session_id=session_id_of(first.lease)
         )
 
     @rpc(ADMIN_SERVICE)
@@ -87,25 +110,7 @@ def revocation_auditor(log: AuditLog | None) -> OnRevoked:
     def record(tenant: str, name: str, token: int, session: str) -> None:
         if log is None:
             return
-        now = datetime.now(UTC)
-        rec = {
-            "schema": SCHEMA,
-            "time": now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "auditId": str(uuid.uuid4()),
-            "stage": "ResponseComplete",
-            "requestAuditId": None,
-            "tenant": tenant,
-            "principal": {"kind": "broker", "id": "max-hold"},
-            "method": MAX_HOLD_METHOD,
-            "lock": name,
-            "session": session,
-            "fencingToken": str(token),
-            "outcome": {
-                "code": "OK",
-                "reason": ErrorReason.MAX_HOLD_EXCEEDED,
-                "message": "held longer than its maximum hold time; revoked",
-            },
-        }
+        rec = _revocation_record(tenant, name, token, session, {"kind": "broker", "id": "max-hold"})
         task = asyncio.get_running_loop().create_task(_write(log, rec))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -113,8 +118,32 @@ def revocation_auditor(log: AuditLog | None) -> OnRevoked:
     return record
 
 
+def _revocation_record(
+    tenant: str, name: str, token: int, session: str, principal: dict[str, str] | None
+) -> dict[str, Any]:
+    """An audit record of one grant the broker took away (max hold, or an admin's ForceRelease)."""
+    return {
+        "schema": SCHEMA,
+        "time": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "auditId": str(uuid.uuid4()),
+        "stage": "ResponseComplete",
+        "requestAuditId": None,
+        "tenant": tenant,
+        "principal": principal,
+        "method": MAX_HOLD_METHOD,
+        "lock": name,
+        "session": session,
+        "fencingToken": str(token),
+        "outcome": {
+            "code": "OK",
+            "reason": ErrorReason.MAX_HOLD_EXCEEDED,
+            "message": "held longer than its maximum hold time; revoked",
+        },
+    }
+
+
 async def _write(log: AuditLog, rec: dict[str, Any]) -> None:
     try:
         await log.write(rec)
     except AuditWriteError as e:
-        logging.getLogger("lockbroker.audit").error("audit record of a max-hold revocation not written: %s", e)
+        logging.getLogger("lockbroker.audit").error("audit record of a revocation not written: %s", e)

@@ -246,7 +246,7 @@ class Broker:
         options = [*server_options(self.shared_port), *connection_options(cfg.limits, raise_open_files_limit())]
         server = aio.server(interceptors=self._interceptors(), options=options)
         add_to_server(service, server)
-        self.admin_service = AdminService(self.core, service.retry)
+        self.admin_service = AdminService(self.core, service.retry, self.audit_log)
         add_to_server(self.admin_service, server, ADMIN_SERVICE)
         assert self.backend is not None
         core = self.core

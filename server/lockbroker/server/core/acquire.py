@@ -362,8 +362,8 @@ class Acquirer:
         # holder (etcd's Jepsen fix).
         return pos
 
-    async def _until_deleted(
-        self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float, mine: Entry
+    async def _until_deleted(  # noqa: PLR0917 - the one watch of every kind of waiter
+        self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float, mine: Entry, need: int = 1
     ) -> Position | None:
         """Return when any of `keys` is deleted after `revision` (or the watch asks for a re-read):
         the predecessor (our turn may have come) or our own entry (our session ended: tell the
@@ -371,7 +371,7 @@ class Acquirer:
         closing = self._closing()
         if closing.done():
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision, mine))
+        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision, mine, need))
         try:
             waits: set[asyncio.Future[Any]] = {watch, closing}
             done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -1,7 +1,8 @@
 """The operators' plane and the fence check: CheckFence, ForceRelease, RevokeSession, ListSessions.
 
-A forced release deletes the holder's entry and, in the same transaction, puts a revocation marker
-bound to the holder's lease (names.py: r/<lease>/<token>). The holder learns of it on its next
+A forced release deletes each holder's entry (every holder of a shared lock or a semaphore) and, in
+the same transaction, puts a revocation marker bound to that holder's lease (names.py:
+r/<lease>/<token>). The holder learns of it on its next
 keepalive or refresh (Sessions.refresh lists the markers), so its client fires the loss signal
 with reason REVOKED within one keepalive interval; the marker goes when the session ends. The next
 grant's fencing token is greater because tokens are etcd create revisions.
@@ -64,20 +65,33 @@ class Admin:
             return Fence(any(e.create_revision == token for e in holders(entries)), held)
         return Fence(held == token, held)
 
-    async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> Entry | None:
-        """Remove the lock's current grant and tell its session; the grant removed, or None if free."""
+    async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> list[Entry]:
+        """Remove every current grant of the lock and tell each one's session; the grants removed,
+        oldest first ([] if the lock was free).
+
+        Every grant that holds at the read goes: the holder of a lock, and every reader of a shared
+        lock or permit holder of a semaphore (all of them hold, so none is "the" holder to pick).
+        Waiters are left in place; those the removal lets in are granted as after any release."""
         ks = self._keyspace(tenant)
         prefix = ks.lock_prefix(name)
-        for _ in range(3):  # the holder can change under us: a release, an expiry
-            holder = await self._backend.holder(prefix)
-            if holder is None:
-                return None
-            note = Revocation(name, holder.create_revision, ErrorReason.REVOKED, reason, admin)
-            marker = ks.revocation(holder.lease, holder.create_revision)
-            if await self._backend.revoke_entry(holder, ks.mark(holder.lease), marker, note.encode()):
-                await lock_delay.start_now(self._backend, ks, name, holder.create_revision)
-                return holder
-        return None
+        for _ in range(3):  # the holders can change under us: a release, an expiry
+            head = await self._backend.holder(prefix)
+            if head is None:
+                return []
+            held = [head]
+            if head.value.shared or head.value.limit:  # more than one may hold (core.modes)
+                _, entries = await self._backend.queue_at(prefix)
+                held = holders(entries)
+            removed: list[Entry] = []
+            for holder in held:
+                note = Revocation(name, holder.create_revision, ErrorReason.REVOKED, reason, admin)
+                marker = ks.revocation(holder.lease, holder.create_revision)
+                if await self._backend.revoke_entry(holder, ks.mark(holder.lease), marker, note.encode()):
+                    await lock_delay.start_now(self._backend, ks, name, holder.create_revision)
+                    removed.append(holder)
+            if removed:
+                return removed
+        return []
 
     async def revoke_session(self, tenant: str, lease_id: int, reason: str, admin: str) -> bool:
         ks = self._keyspace(tenant)

@@ -143,11 +143,15 @@ class LockBackend(Protocol):
         ...
 
     async def wait_deleted(
-        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None, need: int = 1
     ) -> Position | None:
-        """Return None once one of `keys` (entries under the lock prefix `prefix`) is deleted at a
-        revision > after_revision. It may return early; WatchInterrupted: the watch broke. Either
-        way the caller reads the queue again.
+        """Return None once `need` distinct keys of `keys` (entries under the lock prefix `prefix`)
+        are deleted at revisions > after_revision, or at once when `mine`'s key is. It may return
+        early; WatchInterrupted: the watch broke. Either way the caller reads the queue again.
+
+        need > 1: a semaphore permit waits for `need` of the entries ahead of it to go; the
+        deletions are counted from the watch's events, so the waiters of a semaphore are not all
+        woken (each to read the queue) by every release, only the one that may now hold.
 
         Direct handoff: with `mine` (the caller's own entry, one of `keys`), when a `delete_entry`
         through this backend (this replica) leaves `mine` at the head of the queue, the call

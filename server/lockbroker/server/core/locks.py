@@ -144,7 +144,7 @@ class LockCore:
     async def check_fence(self, tenant: str, name: str, fencing_token: int) -> Fence:
         return await self.admin.check_fence(tenant, name, fencing_token)
 
-    async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> Entry | None:
+    async def force_release(self, tenant: str, name: str, reason: str, admin: str) -> list[Entry]:
         return await self.admin.force_release(tenant, name, reason, admin)
 
     async def revoke_session(self, tenant: str, lease_id: int, reason: str, admin: str) -> bool:

@@ -31,7 +31,7 @@ from lockbroker.server.core.backend import (
     WatchInterrupted,
 )
 from lockbroker.server.core.errors import Unavailable
-from lockbroker.server.core.memory_store import HISTORY, ManualClock, MemoryStore, _end, _Lease, _LeaseGone
+from lockbroker.server.core.memory_store import HISTORY, ManualClock, MemoryStore, _end, _Lease, _LeaseGone, _Waiter
 from lockbroker.server.core.model import Enqueued, Entry, EntryValue, LeaseGrant, Position, ReleaseMark, mark_key
 
 _T = TypeVar("_T")
@@ -70,7 +70,7 @@ class MemoryLockBackend(MemoryStore):
     @property
     def watches(self) -> int:
         """Calls waiting in wait_deleted (read by tests)."""
-        return len({f for fs in self._waits.values() for f in fs})
+        return len({w for ws in self._waits.values() for w in ws})
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -255,20 +255,27 @@ class MemoryLockBackend(MemoryStore):
         return await self._call("position", lambda: self._position(prefix, key, create_revision))
 
     async def wait_deleted(
-        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None, need: int = 1
     ) -> Position | None:
         self._expire()
         if after_revision < self._forgotten:
             raise WatchInterrupted(f"revision {after_revision} has been compacted")
-        if any(rev > after_revision and key in keys for rev, key in reversed(self._deleted)):
+        done: asyncio.Future[Position | None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(done, need, mine.key if mine is not None else None)
+        # Deletions since the caller's read count as well (as the etcd adapter's watch history).
+        for rev, key in reversed(self._deleted):
+            if rev <= after_revision:
+                break
+            if key in keys:
+                waiter.note(key)
+        if done.done():
             return None
-        waiter: asyncio.Future[Position | None] = asyncio.get_running_loop().create_future()
         for key in keys:
             self._waits.setdefault(key, set()).add(waiter)
         if mine is not None:
-            self._heads.setdefault(mine.key, {})[waiter] = mine.create_revision
+            self._heads.setdefault(mine.key, {})[done] = mine.create_revision
         try:
-            return await waiter
+            return await done
         finally:
             for key in keys:
                 waiters = self._waits.get(key)
@@ -279,7 +286,7 @@ class MemoryLockBackend(MemoryStore):
             if mine is not None:
                 heads = self._heads.get(mine.key)
                 if heads is not None:
-                    heads.pop(waiter, None)
+                    heads.pop(done, None)
                     if not heads:
                         del self._heads[mine.key]
 

@@ -71,6 +71,24 @@ class _Lease:
     keys: set[bytes] = field(default_factory=set)
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A wait for deletions: done once `need` distinct keys it watches are deleted, or `own` is
+    (the waiter's own entry: its session ended, no count to reach)."""
+
+    done: asyncio.Future[Position | None]
+    need: int = 1
+    own: bytes | None = None
+    gone: set[bytes] = field(default_factory=set)
+
+    def note(self, key: bytes) -> None:
+        if self.done.done():
+            return
+        self.gone.add(key)
+        if key == self.own or len(self.gone) >= self.need:
+            self.done.set_result(None)
+
+
 class MemoryStore:
     """etcd's keyspace, revisions, leases and deletion events in memory (see the module docstring)."""
 
@@ -83,7 +101,7 @@ class MemoryStore:
         self._rev = 1  # etcd's first revision; the first write makes 2
         self._deleted: deque[tuple[int, bytes]] = deque()
         self._forgotten = 0  # deletion events at or below this revision are no longer kept
-        self._waits: dict[bytes, set[asyncio.Future[Position | None]]] = {}
+        self._waits: dict[bytes, set[_Waiter]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._manual = isinstance(clock, ManualClock)
@@ -149,8 +167,7 @@ class MemoryStore:
         if len(self._deleted) > HISTORY:
             self._forgotten = self._deleted.popleft()[0]
         for waiter in self._waits.pop(key, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+            waiter.note(key)
 
     def _expire(self) -> None:
         """Revoke every lease whose deadline has passed, each in its own transaction (as etcd's

@@ -9,10 +9,12 @@ whatever mode. Who holds is a function of the queue alone, so every replica agre
 A writer is granted after every reader ahead of it has gone, and its create revision is greater
 than theirs: the fencing-token order of the plain lock holds across modes.
 
-A waiter watches only the entries whose deletion can grant it (no herd where the mode allows):
-the nearest exclusive entry ahead of a reader, every entry ahead of a permit (any one of them
-leaving frees a place). A release on this replica hands the lock straight to a waiter at the
-head of the queue (LockBackend.wait_deleted); every other waiter woken re-reads the queue.
+A waiter is woken only by the deletions that can grant it (no thundering herd): a reader watches
+the nearest exclusive entry ahead of it; a permit at index i of a semaphore of limit N watches
+every entry ahead of it but is woken only once i - N + 1 of them are gone, counted from the
+watch's events (etcd's semaphore recipe), so a release wakes one permit waiter, not all of them.
+A release on this replica hands the lock straight to a waiter at the head of the queue
+(LockBackend.wait_deleted); a waiter woken otherwise reads the queue once to confirm.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class Waiting(Protocol):
         self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position, started: float
     ) -> Awaitable[LockHeld | WaitExpired]: ...
 
-    def _until_deleted(
-        self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float, mine: Entry
+    def _until_deleted(  # noqa: PLR0917 - Acquirer's signature
+        self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float, mine: Entry, need: int = 1
     ) -> Awaitable[Position | None]: ...
 
 
@@ -118,8 +120,12 @@ async def wait_turn(  # noqa: PLR0917 - the waiting half of Acquirer.acquire for
             if until < wait_until:
                 raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
             raise await not_acquired(WaitExpired, name, pos, started)
+        # A permit at index `at` holds once `at - limit + 1` of the entries ahead have gone (new
+        # entries join behind it): the watch counts their deletions, and only the waiter whose
+        # count is reached reads the queue (once, to confirm), not every waiter at every release.
+        need = at - mine.value.limit + 1 if mine.value.limit else 1
         try:
-            handed = await until_deleted(prefix, (*(e.key for e in block), mine.key), revision, left, mine)
+            handed = await until_deleted(prefix, (*(e.key for e in block), mine.key), revision, left, mine, need)
         except WatchInterrupted:
             await asyncio.sleep(0.05)
             continue

@@ -310,9 +310,9 @@ class EtcdLockBackend:
         return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, ahead)
 
     async def wait_deleted(
-        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None, need: int = 1
     ) -> Position | None:
-        return await self.watches.wait_deleted(prefix, keys, after_revision, mine)
+        return await self.watches.wait_deleted(prefix, keys, after_revision, mine, need)
 
     async def delete_entry(
         self,

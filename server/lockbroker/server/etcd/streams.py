@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from grpc import aio
 
@@ -36,9 +36,20 @@ from lockbroker.server.etcd.shared_stream import STALL_AFTER, SharedStream
 class _Wait:
     keys: tuple[bytes, ...]
     after: int  # the revision the caller read; only deletions after it count
-    # None: a deletion of one of `keys`; a Position: a release here made `mine` the head (handoff)
+    # None: `need` of `keys` deleted (or mine); a Position: a release here made `mine` the head (handoff)
     done: asyncio.Future[Position | None]
     mine: Entry | None = None  # the caller's own entry, which a handoff names
+    need: int = 1  # distinct keys of `keys` whose deletion ends the wait (a semaphore permit's count)
+    gone: set[bytes] = field(default_factory=set)
+
+    def note(self, key: bytes, revision: int) -> None:
+        """`key` was deleted at `revision`: count it, and end the wait once the count is reached
+        (at once for the caller's own entry: its session ended)."""
+        if revision <= self.after or self.done.done():
+            return
+        self.gone.add(key)
+        if len(self.gone) >= self.need or (self.mine is not None and key == self.mine.key):
+            self.done.set_result(None)
 
 
 class _PrefixWatch:
@@ -62,13 +73,13 @@ class _PrefixWatch:
         """Whether every deletion after revision `after` has been or will be seen here."""
         return after + 1 >= self.start and after >= self.forgotten
 
-    def seen(self, keys: tuple[bytes, ...], after: int) -> bool:
+    def seen(self, wait: _Wait) -> None:
+        """Count for `wait` the deletions of its keys this watch saw after the wait's revision."""
         for revision, key in reversed(self.recent):
-            if revision <= after:
+            if revision <= wait.after:
                 break
-            if key in keys:
-                return True
-        return False
+            if key in wait.keys:
+                wait.note(key, revision)
 
     def add(self, wait: _Wait) -> None:
         for key in wait.keys:
@@ -90,9 +101,8 @@ class _PrefixWatch:
         self.recent.append((revision, key))
         if not wake:
             return
-        for wait in self.waits.get(key, ()):
-            if revision > wait.after and not wait.done.done():
-                wait.done.set_result(None)
+        for wait in list(self.waits.get(key, ())):
+            wait.note(key, revision)
 
     def interrupt(self, error: Callable[[], Exception]) -> None:
         """Fail every wait, each with its own exception instance (they are raised in different tasks)."""
@@ -148,9 +158,10 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         return len(self._by_id)
 
     async def wait_deleted(
-        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None
+        self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None, need: int = 1
     ) -> Position | None:
-        """Return None once one of `keys` (under `prefix`) is deleted at a revision > after_revision.
+        """Return None once `need` distinct keys of `keys` (under `prefix`) are deleted at revisions
+        > after_revision, or `mine`'s key is (see LockBackend.wait_deleted).
 
         May also return early when the shared watch cannot vouch for the revisions since
         `after_revision` (it started later, or forgot them): the caller reads the queue again,
@@ -159,9 +170,13 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         With `mine` (the caller's entry, one of `keys`): if a release on this replica makes it
         the head of the queue first, returns what that release read (see `handoff`) instead."""
         watch = self._by_prefix.get(prefix)
-        if watch is not None and (not watch.covers(after_revision) or watch.seen(keys, after_revision)):
+        if watch is not None and not watch.covers(after_revision):
             return None
-        wait = _Wait(keys, after_revision, asyncio.get_running_loop().create_future(), mine)
+        wait = _Wait(keys, after_revision, asyncio.get_running_loop().create_future(), mine, need)
+        if watch is not None:
+            watch.seen(wait)
+            if wait.done.done():
+                return None
         created = watch is None
         if watch is None:
             # Starting at the revision read + 1 puts the watcher in etcd's synced group, served as
@@ -200,8 +215,9 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
     def released(self, prefix: bytes, key: bytes, head: Entry | None, revision: int, count: int) -> None:
         """The release Txn deleting `key` ended. head: the first entry its transaction read after
         the deletion, at `revision` (None: the Txn failed, was refused, or the queue is empty).
-        The head, if it waits here, is handed the lock; every other wait on `key` is woken to
-        read the queue again (as the watch event would have), whatever became of the Txn."""
+        The head, if it waits here, is handed the lock; every other wait on `key` counts the
+        deletion (as the watch event would have). A Txn that failed or whose outcome is unknown
+        wakes them all to read the queue again: `key` may or may not be gone."""
         left = self._releasing.get(key, 0) - 1
         if left > 0:
             self._releasing[key] = left
@@ -211,8 +227,10 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             self.handoff(prefix, head, revision, count)
         watch = self._by_prefix.get(prefix)
         if watch is not None:
-            for wait in watch.waits.get(key, ()):
-                if not wait.done.done():
+            for wait in list(watch.waits.get(key, ())):
+                if revision:
+                    wait.note(key, revision)
+                elif not wait.done.done():
                     wait.done.set_result(None)
 
     def handoff(self, prefix: bytes, head: Entry, revision: int, count: int) -> bool:
