@@ -53,7 +53,8 @@ class AdminClient:
     async def force_release(
         self, name: str, *, reason: str, tenant: str = "", timeout: float | None = None
     ) -> ForceReleased:
-        """Take `name` away from its holder (whose client sees the loss with cause REVOKED).
+        """Take `name` away from its holder, or from every holder of a shared lock or semaphore
+        (each client sees the loss with cause REVOKED); the answer names the oldest grant taken.
 
         Not retried after a lost answer: a second forced release would take the next grant too."""
         req = lock_pb2.ForceReleaseRequest(name=name, reason=reason, tenant=tenant)

@@ -705,9 +705,11 @@ class AdminServiceServicer:
     """
 
     def ForceRelease(self, request, context):
-        """ForceRelease deletes the current grant of a lock. The next grant's
-        fencing token is strictly greater (tokens are etcd create revisions). The
-        old holder's session is told on its next keepalive (KeepAliveResponse and
+        """ForceRelease deletes every current grant of a lock (the holder; every
+        holder of a shared lock or semaphore, each audited; the response names the
+        oldest). Waiters keep their places. The next grant's fencing token is
+        strictly greater (tokens are etcd create revisions). Each old holder's
+        session is told on its next keepalive (KeepAliveResponse and
         RefreshResponse list the grant under `revoked`, reason REVOKED). A free
         lock answers released = false.
         """

@@ -494,9 +494,11 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     ForceRelease: _grpc.UnaryUnaryMultiCallable[_lock_pb2.ForceReleaseRequest, _lock_pb2.ForceReleaseResponse]
-    """ForceRelease deletes the current grant of a lock. The next grant's
-    fencing token is strictly greater (tokens are etcd create revisions). The
-    old holder's session is told on its next keepalive (KeepAliveResponse and
+    """ForceRelease deletes every current grant of a lock (the holder; every
+    holder of a shared lock or semaphore, each audited; the response names the
+    oldest). Waiters keep their places. The next grant's fencing token is
+    strictly greater (tokens are etcd create revisions). Each old holder's
+    session is told on its next keepalive (KeepAliveResponse and
     RefreshResponse list the grant under `revoked`, reason REVOKED). A free
     lock answers released = false.
     """
@@ -522,9 +524,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ForceRelease: _aio.UnaryUnaryMultiCallable[_lock_pb2.ForceReleaseRequest, _lock_pb2.ForceReleaseResponse]  # type: ignore[assignment]
-    """ForceRelease deletes the current grant of a lock. The next grant's
-    fencing token is strictly greater (tokens are etcd create revisions). The
-    old holder's session is told on its next keepalive (KeepAliveResponse and
+    """ForceRelease deletes every current grant of a lock (the holder; every
+    holder of a shared lock or semaphore, each audited; the response names the
+    oldest). Waiters keep their places. The next grant's fencing token is
+    strictly greater (tokens are etcd create revisions). Each old holder's
+    session is told on its next keepalive (KeepAliveResponse and
     RefreshResponse list the grant under `revoked`, reason REVOKED). A free
     lock answers released = false.
     """
@@ -553,9 +557,11 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lock_pb2.ForceReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lock_pb2.ForceReleaseResponse, _abc.Awaitable[_lock_pb2.ForceReleaseResponse]]:
-        """ForceRelease deletes the current grant of a lock. The next grant's
-        fencing token is strictly greater (tokens are etcd create revisions). The
-        old holder's session is told on its next keepalive (KeepAliveResponse and
+        """ForceRelease deletes every current grant of a lock (the holder; every
+        holder of a shared lock or semaphore, each audited; the response names the
+        oldest). Waiters keep their places. The next grant's fencing token is
+        strictly greater (tokens are etcd create revisions). Each old holder's
+        session is told on its next keepalive (KeepAliveResponse and
         RefreshResponse list the grant under `revoked`, reason REVOKED). A free
         lock answers released = false.
         """
