@@ -166,3 +166,28 @@ async def test_an_outage_longer_than_an_election_ends_the_wait_unavailable(
 
     await eventually(removed, 10.0, "the cut-off waiter's entry removed once etcd answers")
     assert await env.release(name, held.fencing_token)
+
+
+async def test_the_first_waiter_finds_its_turn_when_the_watch_misses_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deletion of the holder that never reaches this replica's watch costs the first waiter
+    HEAD_RECHECK, not the rest of its wait (tests/fault: a waiter granted at the end of its wait)."""
+    monkeypatch.setattr(acquire, "HEAD_RECHECK", 0.2)
+    name = "expiry/missed-event"
+    h = await env.session()
+    held = await env.acquire(name, h)
+    w = await env.session()
+
+    async def deaf(*args: Any) -> Any:
+        await asyncio.sleep(3600)  # a watch that hears nothing
+
+    monkeypatch.setattr(env.backend, "wait_deleted", deaf)
+    waiting = asyncio.ensure_future(env.acquire(name, w, wait=30, request_id="expiry-missed"))
+    try:
+        token = (await env.wait_waiters(name, 1)).waiters[0].create_revision
+        assert await env.release(name, held.fencing_token)
+        got = await asyncio.wait_for(waiting, 10)  # not the 30 s wait
+    finally:
+        waiting.cancel()
+    assert got.session_id == sid(w) and got.fencing_token == token
