@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lockbroker.server.core import acquire
+from lockbroker.server.core import turn
 from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable, WaitExpired
 from tests.core.conftest import Env, eventually, sid
@@ -138,9 +138,9 @@ async def test_a_wait_outlives_a_short_outage_and_keeps_its_place(env: Env, monk
 async def test_an_outage_longer_than_an_election_ends_the_wait_unavailable(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Riding out an outage is bounded (acquire.OUTAGE_RIDE_OUT): past it the waiter is answered
+    """Riding out an outage is bounded (turn.OUTAGE_RIDE_OUT): past it the waiter is answered
     UNAVAILABLE well before its wait ends, and its entry is removed once etcd answers again."""
-    monkeypatch.setattr(acquire, "OUTAGE_RIDE_OUT", 0.3)
+    monkeypatch.setattr(turn, "OUTAGE_RIDE_OUT", 0.3)
     name = "expiry/long-outage"
     h = await env.session()
     held = await env.acquire(name, h)
@@ -173,7 +173,7 @@ async def test_the_first_waiter_finds_its_turn_when_the_watch_misses_it(
 ) -> None:
     """A deletion of the holder that never reaches this replica's watch costs the first waiter
     HEAD_RECHECK, not the rest of its wait (tests/fault: a waiter granted at the end of its wait)."""
-    monkeypatch.setattr(acquire, "HEAD_RECHECK", 0.2)
+    monkeypatch.setattr(turn, "HEAD_RECHECK", 0.2)
     name = "expiry/missed-event"
     h = await env.session()
     held = await env.acquire(name, h)

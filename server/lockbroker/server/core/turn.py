@@ -1,0 +1,170 @@
+"""The waiting half of Acquire: a waiter's turn in its lock's queue (Acquirer inherits it).
+
+A waiter watches only the entry just ahead of it (no herd), from the revision it read + 1; the
+first waiter also re-reads the queue now and then, so a watch event that never came costs
+HEAD_RECHECK; an etcd outage is ridden out for OUTAGE_RIDE_OUT, keeping the waiter's place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lockbroker.server.core.backend import ANSWER_MARGIN, LockBackend, WatchInterrupted, call_deadline
+from lockbroker.server.core.errors import (
+    DeadlineExceeded,
+    LockHeld,
+    NotAcquiredInfo,
+    SessionLost,
+    ShuttingDown,
+    Unavailable,
+    WaitExpired,
+)
+from lockbroker.server.core.model import Entry, Position
+from lockbroker.server.core.names import session_id_of
+
+if TYPE_CHECKING:
+    from lockbroker.server.core.acquire import AcquireParams
+
+log = logging.getLogger("lockbroker.core")
+
+# How long a waiter keeps its place through an etcd outage (its watch broken, its reads failing)
+# before it is answered UNAVAILABLE: longer than an etcd leader election under load (about 1-3 s
+# with the default 1 s election timeout), far shorter than a dead etcd.
+OUTAGE_RIDE_OUT = 5.0
+
+# How often the first waiter of a lock re-reads the queue besides watching the holder (see
+# Acquirer._wait_turn): the bound on a missed watch event, at one read per contended lock.
+HEAD_RECHECK = 2.0
+
+
+class QueueWaits:
+    """A waiter's turn; the class keeps the backend and the broker's closing future."""
+
+    _backend: LockBackend
+    _closing: Callable[[], asyncio.Future[None]]
+
+    async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position, started: float) -> Position:
+        """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
+        wait_until = started + p.wait
+        rpc_deadline = call_deadline.get()
+        away: float | None = None  # since when etcd has been away, in this wait
+        while pos.predecessor is not None:
+            if p.wait <= 0:
+                raise await self._not_acquired(LockHeld, p.name, pos, started)
+            until = wait_until if rpc_deadline is None else min(wait_until, rpc_deadline - ANSWER_MARGIN)
+            left = until - time.monotonic()
+            if left <= 0:
+                if until < wait_until:
+                    raise DeadlineExceeded("the RPC deadline passed while waiting for the lock")
+                # Read the queue before answering: a watch cut off (etcd partitioned away) may have
+                # missed our turn, and an entry that is already the holder is granted, not dropped.
+                latest = pos
+                with contextlib.suppress(Unavailable):
+                    latest = await self._backend.position(prefix, mine.key, mine.create_revision)
+                if latest.mine is None:
+                    raise SessionLost(f"session {session_id_of(mine.lease)} ended while waiting for {p.name!r}")
+                if latest.predecessor is None:
+                    return latest
+                raise await self._not_acquired(WaitExpired, p.name, latest, started)
+            handed: Position | None = None
+            # The first waiter also re-reads the queue every HEAD_RECHECK: a deletion of the holder
+            # that never reached this replica's watch costs that long, not the rest of the wait.
+            # Only the first waiter, so the reads grow with contended locks, not with waiters.
+            head = pos.holder is not None and pos.predecessor.key == pos.holder.key
+            capped = head and left > HEAD_RECHECK
+            try:
+                try:
+                    handed = await self._until_deleted(
+                        prefix, (pos.predecessor.key, mine.key), pos.revision, HEAD_RECHECK if capped else left, mine
+                    )
+                except WatchInterrupted as e:
+                    log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                    await asyncio.sleep(0.05)
+                # Handed over by a release on this replica: its transaction read our entry at the
+                # head of the queue at its revision, which is the read we would make now.
+                pos = handed or await self._backend.position(prefix, mine.key, mine.create_revision)
+            except TimeoutError:
+                if capped:
+                    pos = await self._recheck(p.name, prefix, mine, pos)
+                continue
+            except ShuttingDown:
+                raise
+            except Unavailable as e:
+                # etcd briefly away (an election): wait on, keeping the place. Failing here deleted
+                # the entry under the client's retry, and sent waiters to the back at every election.
+                # An outage longer than an election is answered UNAVAILABLE (the entry removed in
+                # the background): the caller learns etcd is gone instead of waiting on blind.
+                now = time.monotonic()
+                if away is None:  # logged once per wait: an outage fails every waiter's reads
+                    log.info("etcd unavailable while waiting for %r (%s); waiting on", p.name, e)
+                    away = now
+                elif now - away > OUTAGE_RIDE_OUT:
+                    raise
+                await asyncio.sleep(min(0.25, max(0.0, until - now)))
+                continue
+            if pos.mine is None:
+                raise SessionLost(
+                    f"the claim of session {session_id_of(mine.lease)} on {p.name!r} was removed while waiting "
+                    "(the session ended, or the claim was released by its fencing token)"
+                )
+        # The read that found no predecessor (ours, or the releasing transaction's) also found our
+        # own key, and a key lives only as long as its lease: the session was alive when we became
+        # holder (etcd's Jepsen fix).
+        return pos
+
+    async def _recheck(self, name: str, prefix: bytes, mine: Entry, pos: Position) -> Position:
+        """The first waiter's periodic read of the queue (HEAD_RECHECK); `pos` if etcd is away."""
+        try:
+            latest = await self._backend.position(prefix, mine.key, mine.create_revision)
+        except Unavailable:
+            return pos
+        ahead = pos.predecessor.key if pos.predecessor is not None else None
+        if latest.predecessor is None or latest.predecessor.key != ahead:
+            # Usually a watch event still in flight; else a watch that lost one (worth knowing).
+            log.info("the holder of %r left unseen by the watch; a periodic read found it", name)
+        return latest
+
+    async def _until_deleted(  # noqa: PLR0917 - the one watch of every kind of waiter
+        self, prefix: bytes, keys: tuple[bytes, ...], revision: int, timeout: float, mine: Entry, need: int = 1
+    ) -> Position | None:
+        """Return when any of `keys` is deleted after `revision` (or the watch asks for a re-read):
+        the predecessor (our turn may have come) or our own entry (our session ended: tell the
+        caller now, not at the timeout). A Position: a release here handed us the lock."""
+        closing = self._closing()
+        if closing.done():
+            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
+        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision, mine, need))
+        try:
+            waits: set[asyncio.Future[Any]] = {watch, closing}
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not watch.done():
+                watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if watch in done:
+            return watch.result()  # or raises WatchInterrupted
+        if closing in done:
+            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
+        raise TimeoutError
+
+    async def _not_acquired(
+        self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position, started: float
+    ) -> LockHeld | WaitExpired:
+        holder = pos.holder if pos.holder is not None and pos.holder != pos.mine else None
+        expires: float | None = None
+        if holder is not None:
+            with contextlib.suppress(Unavailable):
+                left = await self._backend.lease_ttl(holder.lease)
+                expires = time.time() + left if left >= 0 else None
+        waiters = max(0, pos.count - 1 - (1 if pos.mine is not None else 0))
+        info = NotAcquiredInfo(name, holder, expires, waiters, time.monotonic() - started)
+        if kind is LockHeld:
+            return LockHeld(
+                f"lock {name!r} is held" + (f" by {holder.owner!r}" if holder and holder.owner else ""), info
+            )
+        return WaitExpired(f"gave up waiting for lock {name!r} after {info.waited:.3f}s", info)
