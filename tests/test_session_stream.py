@@ -222,6 +222,7 @@ async def test_in_flight_bound_is_resource_exhausted(broker: Any, stub: Any) -> 
     try:
         a, b = await open_session(s, 1), await open_session(s, 2)
         await s.ask(acquire(3, "f", a))
+        await s.ask(acquire(8, "h", a))  # held, so w3 below waits (on a free lock it could be granted first)
         w1 = await s.send(acquire(4, "f", b, wait=10))
         w2 = await s.send(acquire(5, "g", b, wait=0.0))
         await w2
