@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from lockbroker.client import Client, SyncClient
-from lockbroker.client.aio import InsecureApiKeyWarning, is_loopback_target
+from lockbroker.client._clear import InsecureApiKeyWarning, is_loopback_target
 from lockbroker.server.embedded import free_port
 from tests.procutil import clean_env, lockbroker_command, stop_process
 

@@ -17,7 +17,8 @@ from typing import Any, TextIO
 
 import grpc
 
-from lockbroker.client.aio import Client, InsecureApiKeyWarning
+from lockbroker.client._clear import InsecureApiKeyWarning
+from lockbroker.client.aio import Client
 from lockbroker.client.cli._common import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
