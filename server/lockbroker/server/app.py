@@ -82,6 +82,11 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # client retries. Let them queue instead: the quota's max_waiters bounds how many can wait.
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # A call the loop has not picked up within this time is cancelled, again with a bare CANCELLED
+    # (grpc's default is 30 s). On a loaded machine a burst of 3,500 calls took longer than that to
+    # drain. Each call's own deadline still bounds its wait; this only stops grpc from giving up
+    # on calls that have none, or a longer one.
+    ("grpc.server_max_unrequested_time_in_server", 600),
 ]
 
 
