@@ -1,6 +1,7 @@
 """CPU per lock cycle on the Session stream path, broker and load in one process, on a real etcd.
 
     uv run python -m bench.micro_stream [--c 64] [--seconds 5] [--audit never|always|off] [--repeat 3]
+        [--loop asyncio|uvloop]
 
 The full benchmark's figures swing by a third on the shared 2-core machine, which hides a change
 worth 5% of a cycle. CPU seconds per cycle of one process (the broker and a stream load generator
@@ -99,4 +100,12 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--audit", choices=("off", "never", "always"), default="never")
     parser.add_argument("--repeat", type=int, default=3)
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main(args))

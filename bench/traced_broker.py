@@ -9,7 +9,6 @@ $BENCH_SPAN_COUNT_FILE, so the benchmark can check tracing really was on.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from lockbroker.server import config, logs
+from lockbroker.server import config, logs, loops
 from lockbroker.server.app import Broker
 from lockbroker.server.cli import build_parser
 from lockbroker.server.telemetry import configure_tracing
@@ -44,7 +43,8 @@ def main(argv: Sequence[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")}
     tracing = configure_tracing(env, span_processors=[BatchSpanProcessor(exporter)])
     try:
-        asyncio.run(Broker(cfg, tracing=tracing).run_until_signal())
+        # The same loop `lockbroker serve` picks, so the traced targets differ only by tracing.
+        loops.run(Broker(cfg, tracing=tracing).run_until_signal, cfg.server.event_loop)
     finally:
         tracing.shutdown()  # flushes the batch still queued
         if path := os.environ.get("BENCH_SPAN_COUNT_FILE"):

@@ -74,7 +74,9 @@ async def test_stderr_is_json_lines_and_health_checks_make_no_spans(
     for line in err_lines:
         doc = json.loads(line)  # every stderr line is one JSON object
         assert isinstance(doc, dict) and "msg" in doc, line
-    assert any(json.loads(line)["msg"] == "lockbroker serving" for line in err_lines)
+    started = [doc for doc in map(json.loads, err_lines) if doc["msg"] == "lockbroker serving"]
+    assert len(started) == 1, err_lines
+    assert started[0]["event_loop"] == "uvloop"  # the default (auto), uvloop being a dependency
 
     spans = [json.loads(line) for line in out_path.read_text().splitlines()]  # one span per line
     names = [s["name"] for s in spans]

@@ -25,7 +25,7 @@ from lockbroker.interceptors.identity import IdentityInterceptor
 from lockbroker.interceptors.metrics import GrpcMetricsInterceptor, LockMetricsInterceptor
 from lockbroker.interceptors.quota import PeerLimitInterceptor, Rate, RateLimitInterceptor
 from lockbroker.interceptors.tracing import LockSpanInterceptor
-from lockbroker.server import auth, lifecycle, logs
+from lockbroker.server import auth, lifecycle, logs, loops
 from lockbroker.server.admin_service import ADMIN_SERVICE, AdminService, revocation_auditor
 from lockbroker.server.auth import tenants
 from lockbroker.server.auth.tenants import TenantRegistry, TenantsFileError
@@ -241,7 +241,12 @@ class Broker:
             self._supervisor = asyncio.create_task(supervisor.run())
         log.info(
             "lockbroker serving",
-            extra={"listen": cfg.server.listen, "port": self.port, "etcd": ",".join(etcd_cfg.endpoints)},
+            extra={
+                "listen": cfg.server.listen,
+                "port": self.port,
+                "etcd": ",".join(etcd_cfg.endpoints),
+                "event_loop": loops.name(asyncio.get_running_loop()),
+            },
         )
 
     def _services(self, service: LockService) -> aio.Server:

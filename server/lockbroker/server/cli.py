@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import os
 import sys
@@ -34,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         if worker is None and cfg.server.workers > 1:
             # The parent: it never imports the broker, its workers do (each its own process).
             return run_parent(getattr(args, "argv", sys.argv[1:]), cfg, reload=lambda: _reload(args))
-        from lockbroker.server import lifecycle  # noqa: PLC0415
+        from lockbroker.server import lifecycle, loops  # noqa: PLC0415
         from lockbroker.server.app import Broker  # noqa: PLC0415
 
         if worker is not None:
@@ -42,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
             cfg = worker.apply(cfg)
         broker = Broker(cfg, shared_port=worker is not None)
         reload = (lambda: _reload(args)) if worker is None else (lambda: worker.apply(_reload(args)))
-        asyncio.run(lifecycle.run_until_signal(broker, reload, on_ready=worker.ready if worker else None))
+        on_ready = worker.ready if worker else None
+        loops.run(lambda: lifecycle.run_until_signal(broker, reload, on_ready=on_ready), cfg.server.event_loop)
     except config.ConfigError as e:
         print(f"lockbroker: {e}", file=sys.stderr)
         return EXIT_USAGE

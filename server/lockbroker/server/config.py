@@ -127,6 +127,16 @@ class ServerConfig:
             "each one core's worth of gRPC (needs the etcd backend)",
         },
     )
+    # auto: uvloop where it is installed (a dependency on Linux and macOS), else asyncio's own.
+    # bench/README.md ("Event loop") has what it saves; asyncio stays one flag away if a
+    # platform's uvloop misbehaves.
+    event_loop: str = field(
+        default="auto",
+        metadata={
+            "help": "the event loop the broker runs on: auto (uvloop if installed), uvloop or asyncio",
+            "check": _choice("auto", "uvloop", "asyncio"),
+        },
+    )
     backend: str = field(
         default="etcd",
         metadata={
