@@ -171,6 +171,7 @@ class BrokerProcess:
     group_commit: bool = True
     sampler: tuple[str, str] | None = None  # OTEL_TRACES_SAMPLER and its ARG, for a traced broker
     workers: int = 1
+    event_loop: str = "auto"
     proc: asyncio.subprocess.Process | None = None
     port: int = 0
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -218,6 +219,8 @@ class BrokerProcess:
             "warning" if self.workers == 1 else "info",
             "--workers",
             str(self.workers),
+            "--event-loop",
+            self.event_loop,
             # The default quota guards a shared cluster against a runaway client; the benchmark is one
             # tenant that means it: 100,000 held locks and one more, 10,000 sessions waiting at once,
             # and acquires faster than the default per-replica rate on a bigger machine.

@@ -28,6 +28,7 @@ class Target:
                     audit_fsync=spec.audit_fsync,
                     traced=spec.traced,
                     group_commit=spec.group_commit,
+                    event_loop=spec.event_loop,
                     sampler=spec.sampler,
                     workers=spec.workers,
                 )
