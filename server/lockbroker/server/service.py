@@ -3,41 +3,30 @@
 The edge owns a failed call: `rpc` retries an idempotent call whose backend failed transiently
 (`Unavailable`, but not `ShuttingDown`), records the attempts on the call's state, and maps the
 final exception to a status once. The interceptors around it see one call, so audit and tracing
-show one call with N attempts and identity and quota are charged once.
+show one call with N attempts and identity and quota are charged once. Which calls may be retried,
+and how, is edge_retry.py's (`Idempotency`, `RetryPolicy`, re-exported here for their importers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import enum
 import functools
 import logging
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc import aio
-from opentelemetry import trace
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_random_exponential,
-)
 
-from lockbroker.interceptors.base import CallInfo, CallState, scoped, state_of
+from lockbroker.interceptors.base import CallInfo, scoped, state_of
 from lockbroker.server import convert, status, validation
-from lockbroker.server.core.backend import ANSWER_MARGIN, call_deadline
+from lockbroker.server.core.backend import call_deadline
 from lockbroker.server.core.errors import (
     FieldViolation,
     InvalidArgument,
@@ -52,6 +41,7 @@ from lockbroker.server.core.errors import (
 from lockbroker.server.core.names import parse_session_id, session_id_of
 from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
 from lockbroker.server.core.slots import QUOTA_RETRY_AFTER
+from lockbroker.server.edge_retry import NO_RETRY, Idempotency, RetryPolicy, _retried, _transient
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.session_stream import SessionStreams
 from lockbroker.server.watch import key_range, watch
@@ -157,108 +147,6 @@ def add_to_server(service: object, server: aio.Server, desc: ServiceDescriptor =
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
     server.add_registered_method_handlers(desc.full_name, handlers)
-
-
-class Idempotency(enum.Enum):
-    """Whether repeating a call with the same request cannot change its outcome."""
-
-    NEVER = "never"
-    ALWAYS = "always"  # Refresh, Describe, List, CloseSession
-    # Acquire, Release, CreateSession: the broker remembers the request_id; without one a repeat
-    # could take a second lock entry or a second session.
-    WITH_REQUEST_ID = "with_request_id"
-
-    def holds_for(self, request: object) -> bool:
-        if self is Idempotency.ALWAYS:
-            return True
-        return self is Idempotency.WITH_REQUEST_ID and bool(getattr(request, "request_id", ""))
-
-    @staticmethod
-    def of(method: str, service: ServiceDescriptor = _SERVICE_DESC) -> Idempotency:
-        """What lock.proto declares for `method`: its `idempotency_level` (NO_SIDE_EFFECTS or
-        IDEMPOTENT: always), else a unary request with a `request_id` field (only with one), else
-        never. Read from the descriptor so the proto stays the one place that says it."""
-        desc = service.methods_by_name[method]
-        if desc.GetOptions().idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN:
-            return Idempotency.ALWAYS
-        if not desc.client_streaming and "request_id" in desc.input_type.fields_by_name:
-            return Idempotency.WITH_REQUEST_ID
-        return Idempotency.NEVER
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """The edge's retry of transient backend failures: full-jitter backoff, at most `max_attempts`
-    attempts, never past the RPC's deadline minus `min_attempt` (the time an attempt needs to be
-    worth starting), and `max_elapsed` seconds after the first failure when the caller set no
-    deadline."""
-
-    max_attempts: int = 3
-    multiplier: float = 0.05
-    max_backoff: float = 0.5
-    max_elapsed: float = 2.0
-    min_attempt: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
-
-
-def _transient(exc: BaseException) -> bool:
-    # Only "the backend did not answer": SHUTTING_DOWN is Unavailable too but means "go to another
-    # replica", which a retry on this one cannot achieve.
-    return isinstance(exc, Unavailable) and not isinstance(exc, ShuttingDown)
-
-
-async def _retried(
-    attempt: Callable[[], Awaitable[Resp]], first: Unavailable, policy: RetryPolicy, state: CallState, context: Ctx
-) -> Resp:
-    """Attempts after a first one failed with `first`; the last failure is raised as it is."""
-    left = context.time_remaining()
-    # An attempt needs min_attempt of etcd time, and etcd calls end ANSWER_MARGIN before the
-    # deadline: without the margin here, a last attempt began inside it, failed at once, and the
-    # answer went out after the caller's deadline under load (invariant 8 in the fault suite).
-    budget = policy.max_elapsed if left is None else left - ANSWER_MARGIN - policy.min_attempt
-    if budget <= 0:
-        raise first
-    started = time.monotonic()
-    async for retry in AsyncRetrying(
-        retry=retry_if_exception(_transient),
-        wait=wait_random_exponential(multiplier=policy.multiplier, max=policy.max_backoff),
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(budget - (time.monotonic() - started)),
-        before_sleep=functools.partial(_before_sleep, state),
-        reraise=True,
-    ):
-        with retry:
-            number = retry.retry_state.attempt_number
-            if number == 1:
-                raise first  # the attempt already made: tenacity counts it and backs off from it
-            state.attempts = number - 1
-            return await attempt()
-    raise AssertionError("unreachable: AsyncRetrying either returns or raises")
-
-
-def _before_sleep(state: CallState, retry: RetryCallState) -> None:
-    exc = retry.outcome.exception() if retry.outcome is not None else None
-    reason = exc.reason if isinstance(exc, LockBrokerError) else ""
-    sleep = retry.upcoming_sleep
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(
-            "lockbroker.retry",
-            {"attempt": retry.attempt_number, "reason": reason, "sleep_ms": round(sleep * 1000, 3)},
-        )
-    log.info(
-        "retrying %s after %s (attempt %d, sleeping %.3fs)",
-        state.info.name,
-        reason,
-        retry.attempt_number,
-        sleep,
-        extra={"method": state.info.method, "attempt": retry.attempt_number},
-    )
 
 
 Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
@@ -574,3 +462,20 @@ class LockService(lock_pb2_grpc.LockServiceServicer):
             await responses.aclose()
             if opened:
                 self._close_stream(tenant)
+
+
+# NO_RETRY, Idempotency and RetryPolicy are edge_retry.py's, re-exported: admin_service, election_service,
+# app, tests and bench/micro.py import them from here.
+__all__ = [
+    "NO_RETRY",
+    "SERVICE",
+    "Ctx",
+    "Idempotency",
+    "LockService",
+    "Malformed",
+    "RetryPolicy",
+    "add_to_server",
+    "principal_of",
+    "rpc",
+    "tenant_of",
+]

@@ -17,8 +17,9 @@ attempts and its outcome are read from the call's `CallState` when it ends (iden
 service edge write them there), so nothing has to sit between the other layers to hand them over.
 
 The package: `_pipeline` (constants, processors, `render_json`, `AuditLog`), `_sinks` (`StreamSink`,
-`FileSink`, `audit_log`), `_interceptor` (`AuditInterceptor`), and `testing` (`MemorySink`, for
-users' tests of their own processors and setups). Import from `lockbroker.interceptors.audit`.
+`FileSink`, `audit_log`), `_records` (what a record says), `_interceptor` (`AuditInterceptor`: when
+records are written), and `testing` (`MemorySink`, for users' tests of their own processors and
+setups). Import from `lockbroker.interceptors.audit`.
 """
 
 from lockbroker.interceptors.audit._interceptor import AuditInterceptor, audit_unavailable

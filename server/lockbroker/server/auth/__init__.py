@@ -1,7 +1,8 @@
 """Who may call the broker, and over what: the tenants file, TLS, and the setup rules joining them.
 
-`tenants` is the tenants file (format, scrypt key hashes, the writers behind `lockbroker tenants`)
-and the registry the identity interceptor checks credentials against; `tls` loads certificates.
+`tenants` is the tenants file (its format, and the writers behind `lockbroker tenants`); `registry`
+the registry the identity interceptor checks credentials against; `credentials` the API key format,
+its scrypt hashes and mTLS identity forms (`tenants` re-exports both); `tls` loads certificates.
 `security(config)` is what the broker builds from them, refusing setups that would expose locks or
 keys.
 """

@@ -12,15 +12,10 @@
 The quota table is kept as numbers here and checked by the server (which knows the limits);
 writers keep it as it is.
 
-An API key reads `lbk_<id>_<secret>`. The id is a lookup handle, not a secret (it is what logs and audit
-records name); the 256-bit secret carries all the strength. Only a salted scrypt hash of the whole key is
-stored, so a key is shown exactly once, by `add_tenant`/`add_key`, and is unrecoverable from the file.
-
-Why scrypt (n=2^14, r=8, p=1, the scrypt paper's interactive-login setting, about 40 ms and 16 MiB here):
-it is memory-hard, in hashlib, and its parameters travel inside each hash string, so they can be changed
-for new keys without touching old ones. With 256-bit random secrets no work factor is what stops brute
-force; the cost is paid on every uncached verification, so checks are cached, bounded and
-scheduled by `keycheck.KeyChecker` (see `TenantRegistry.authenticate_key`).
+This module is the file: reading it into a `TenantRegistry` and rewriting it. The credentials
+themselves (the API key format, scrypt hashes, mTLS identity forms) are credentials.py's, the
+registry that maps them to tenants is registry.py's; this module re-exports their names, which tests,
+the CLI and the docs import from here.
 
 The writers take an exclusive lock on the file's directory, rewrite the whole file in canonical form
 (comments other than the header are not kept) into a 0600 temporary file, and `os.replace` it.
@@ -28,296 +23,37 @@ The writers take an exclusive lock on the file's directory, rewrite the whole fi
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import os
 import re
-import secrets
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lockbroker.interceptors.principal import Principal, tenant_problem
-from lockbroker.server.auth.keycheck import KeyChecker
-
-KEY_PREFIX = "lbk_"
-_KEY_ID = re.compile(r"[a-z0-9]{4,32}")
-_KEY_SECRET = re.compile(r"[A-Za-z0-9_\-]{32,128}")
-_MAX_KEY_LEN = len(KEY_PREFIX) + 32 + 1 + 128
-_B64URL = re.compile(r"[A-Za-z0-9_\-]+")
-_SPIFFE = re.compile(r"spiffe://[a-z0-9.\-_]+(/[A-Za-z0-9.\-_]+)*")
-
-# Default scrypt cost for new keys; old keys keep whatever their hash string says.
-SCRYPT_LOG2_N = 14
-SCRYPT_R = 8
-SCRYPT_P = 1
-# Bounds for parameters read from the file: a typo such as ln=24 would otherwise make every
-# verification take seconds and a gigabyte.
-_MAX_SCRYPT_MEMORY = 64 * 1024 * 1024
-_SALT_BYTES = 16
-_DIGEST_BYTES = 32
+from lockbroker.interceptors.principal import tenant_problem
+from lockbroker.server.auth.credentials import (
+    KEY_PREFIX,
+    SCRYPT_LOG2_N,
+    SCRYPT_P,
+    SCRYPT_R,
+    ScryptHash,
+    hash_key,
+    mtls_identity_problem,
+    new_key,
+    parse_key,
+    verify_hash,
+)
+from lockbroker.server.auth.registry import ApiKeyRecord, Tenant, TenantRegistry, TenantsFileError
 
 HEADER = (
     "# lockbroker tenants file. API keys are stored only as salted scrypt hashes.\n"
     "# Rewritten by `lockbroker tenants ...`: comments other than this header are not kept.\n"
 )
-
-
-class TenantsFileError(ValueError):
-    """The tenants file cannot be read, parsed or changed; the message names the file and the place."""
-
-    def __init__(self, message: str, *, tenant: str | None = None, value: str | None = None) -> None:
-        super().__init__(message)
-        # What the message is about, so `parse` can point at the line that holds it.
-        self.tenant = tenant
-        self.value = value
-
-
-# --- hashing -------------------------------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    # The stdlib decoder skips characters outside the alphabet; a hash with any is corrupt, not short.
-    if not _B64URL.fullmatch(text):
-        raise ValueError(text)
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-@dataclass(frozen=True, slots=True)
-class ScryptHash:
-    log2_n: int
-    r: int
-    p: int
-    salt: bytes
-    digest: bytes
-
-    @staticmethod
-    def parse(text: str) -> ScryptHash:
-        """Raises ValueError (with a message fit for the file's error) when `text` is not a usable hash."""
-        parts = text.split("$")
-        if len(parts) != 4 or parts[0] != "scrypt":
-            raise ValueError('is not of the form "scrypt$ln=N,r=N,p=N$<salt>$<digest>"')
-        try:
-            params = dict(kv.split("=", 1) for kv in parts[1].split(","))
-            log2_n, r, p = int(params.pop("ln")), int(params.pop("r")), int(params.pop("p"))
-        except (KeyError, ValueError):
-            raise ValueError('has parameters other than "ln=N,r=N,p=N"') from None
-        if params:
-            raise ValueError(f"has unknown scrypt parameter(s) {sorted(params)}")
-        if not (1 <= log2_n <= 20 and 1 <= r <= 32 and 1 <= p <= 4) or 128 * r * (2**log2_n) > _MAX_SCRYPT_MEMORY:
-            raise ValueError(f"has scrypt parameters outside the supported range (at most {_MAX_SCRYPT_MEMORY} bytes)")
-        try:
-            salt, digest = _unb64(parts[2]), _unb64(parts[3])
-        except ValueError:
-            raise ValueError("has a salt or digest that is not base64url") from None
-        if len(salt) < _SALT_BYTES or len(digest) < _DIGEST_BYTES:
-            raise ValueError(f"needs a salt of at least {_SALT_BYTES} and a digest of at least {_DIGEST_BYTES} bytes")
-        return ScryptHash(log2_n, r, p, salt, digest)
-
-    def __str__(self) -> str:
-        return f"scrypt$ln={self.log2_n},r={self.r},p={self.p}${_b64(self.salt)}${_b64(self.digest)}"
-
-    def _derive(self, secret: bytes, length: int) -> bytes:
-        n = 2**self.log2_n
-        # OpenSSL needs 128*r*(n+2) bytes for V plus 128*r*p for B; a little slack for its bookkeeping.
-        maxmem = 128 * self.r * (n + 2 + self.p) + 65536
-        return hashlib.scrypt(secret, salt=self.salt, n=n, r=self.r, p=self.p, maxmem=maxmem, dklen=length)
-
-    def matches(self, secret: bytes) -> bool:
-        return hmac.compare_digest(self._derive(secret, len(self.digest)), self.digest)
-
-
-def hash_key(key: str, *, log2_n: int = SCRYPT_LOG2_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
-    """The storable hash of `key`, under a fresh random salt."""
-    h = ScryptHash(log2_n, r, p, os.urandom(_SALT_BYTES), b"")
-    return str(replace(h, digest=h._derive(key.encode("ascii"), _DIGEST_BYTES)))
-
-
-def verify_hash(key: str, stored: str) -> bool:
-    try:
-        return ScryptHash.parse(stored).matches(key.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
-        return False
-
-
-def parse_key(key: str) -> tuple[str, str] | None:
-    """(id, secret) of a well-formed `lbk_<id>_<secret>`, else None. Cheap: runs before any hashing."""
-    if len(key) > _MAX_KEY_LEN or not key.startswith(KEY_PREFIX):
-        return None
-    key_id, sep, secret = key[len(KEY_PREFIX) :].partition("_")
-    if not sep or not _KEY_ID.fullmatch(key_id) or not _KEY_SECRET.fullmatch(secret):
-        return None
-    return key_id, secret
-
-
-def new_key(key_id: str | None = None) -> tuple[str, str]:
-    """(id, plaintext key) for a fresh key; 48-bit ids, 256-bit secrets."""
-    key_id = key_id or secrets.token_hex(6)
-    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-
-
-def mtls_identity_problem(identity: str) -> str | None:
-    if identity.startswith("spiffe://"):
-        if not _SPIFFE.fullmatch(identity):
-            return "is not a SPIFFE ID (spiffe://<lowercase trust domain>/<path>)"
-        return None
-    if identity.startswith("CN="):
-        cn = identity[3:]
-        if not cn or cn != cn.strip() or any(not ch.isprintable() for ch in cn):
-            return "has an empty, padded or non-printable common name"
-        return None
-    return 'must be "spiffe://..." (a SPIFFE ID in the URI SAN) or "CN=<subject common name>"'
-
-
-# --- the model -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyRecord:
-    id: str
-    hash: str
-    created: str  # RFC 3339, UTC
-
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    name: str
-    admin: bool = False
-    api_keys: tuple[ApiKeyRecord, ...] = ()
-    mtls_identities: tuple[str, ...] = ()
-    quota: tuple[tuple[str, int | float], ...] = ()  # overrides of the server's default quota
-
-
-@dataclass(frozen=True, slots=True)
-class _IndexedKey:
-    principal: Principal
-    hash: ScryptHash
-
-
-class TenantRegistry:
-    """An immutable snapshot of the tenants file, indexed for per-call authentication.
-
-    Reloading the file means building a new registry (and a new interceptor): its cache starts empty,
-    so a removed key stops working at the reload whatever the cache TTL.
-    """
-
-    def __init__(
-        self,
-        tenants: Iterable[Tenant] = (),
-        *,
-        cache_ttl: float = 30.0,
-        cache_size: int = 1024,
-        max_concurrent_verifications: int = 4,
-        per_key_id_verifications: int = 2,
-        max_queued_verifications: int = 32,
-        failed_cache_ttl: float = 60.0,
-        failed_cache_size: int = 4096,
-    ) -> None:
-        self._keys: dict[str, _IndexedKey] = {}
-        self._identities: dict[str, Principal] = {}
-        tenants_by_name: dict[str, Tenant] = {}
-        for t in tenants:
-            if problem := tenant_problem(t.name):
-                raise TenantsFileError(f"tenant {t.name!r}: name {problem}", tenant=t.name)
-            if t.name in tenants_by_name:
-                raise TenantsFileError(f"tenant {t.name!r} is defined twice", tenant=t.name)
-            tenants_by_name[t.name] = t
-            for k in t.api_keys:
-                if not _KEY_ID.fullmatch(k.id):
-                    raise TenantsFileError(
-                        f"tenant {t.name!r}: api key id {k.id!r} must be 4-32 of a-z 0-9", tenant=t.name, value=k.id
-                    )
-                if (other := self._keys.get(k.id)) is not None:
-                    raise TenantsFileError(
-                        f"tenant {t.name!r}: api key id {k.id!r} is already used by tenant {other.principal.tenant!r}",
-                        tenant=t.name,
-                        value=k.id,
-                    )
-                try:
-                    parsed = ScryptHash.parse(k.hash)
-                except ValueError as e:
-                    raise TenantsFileError(
-                        f"tenant {t.name!r}: api key {k.id!r}: hash {e}", tenant=t.name, value=k.id
-                    ) from None
-                self._keys[k.id] = _IndexedKey(Principal(t.name, "api-key", k.id, t.admin), parsed)
-            for ident in t.mtls_identities:
-                if problem := mtls_identity_problem(ident):
-                    raise TenantsFileError(
-                        f"tenant {t.name!r}: mTLS identity {ident!r} {problem}", tenant=t.name, value=ident
-                    )
-                if (holder := self._identities.get(ident)) is not None:
-                    raise TenantsFileError(
-                        f"tenant {t.name!r}: mTLS identity {ident!r} is already mapped to tenant {holder.tenant!r}",
-                        tenant=t.name,
-                        value=ident,
-                    )
-                self._identities[ident] = Principal(t.name, "mtls", ident, t.admin)
-        self.tenants = tenants_by_name
-        # Checked against for well-formed keys whose id is unknown, so that they cost what a wrong
-        # secret costs (a random digest: nothing matches it).
-        self._dummy = ScryptHash(SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, os.urandom(_SALT_BYTES), os.urandom(_DIGEST_BYTES))
-        # Bounds the scrypts (16 MiB and a thread each) that wrong keys can make us spend.
-        self.checks = KeyChecker(
-            self.verify_key,
-            cache_ttl=cache_ttl,
-            cache_size=cache_size,
-            failed_ttl=failed_cache_ttl,
-            failed_size=failed_cache_size,
-            concurrency=max_concurrent_verifications,
-            per_key_id=per_key_id_verifications,
-            max_queued=max_queued_verifications,
-        )
-
-    def __len__(self) -> int:
-        return len(self.tenants)
-
-    def __iter__(self) -> Iterator[Tenant]:
-        return iter(self.tenants.values())
-
-    def key_id(self, key: str) -> str:
-        """The public id of an API key, for logs (the key itself is never logged)."""
-        parsed = parse_key(key)
-        return parsed[0] if parsed else "(malformed)"
-
-    def for_identity(self, identity: str) -> Principal | None:
-        """The principal of an mTLS identity ("spiffe://..." or "CN=...") if the file maps it."""
-        return self._identities.get(identity)
-
-    def verify_key(self, key: str) -> Principal | None:
-        """Uncached and blocking: one scrypt for every well-formed key, whether or not its id is
-        known (against a dummy hash if not), so the time taken does not tell which ids exist.
-        `authenticate_key` is the per-call path."""
-        parsed = parse_key(key)
-        if parsed is None:
-            return None
-        entry = self._keys.get(parsed[0])
-        matched = (entry.hash if entry is not None else self._dummy).matches(key.encode("ascii"))
-        return entry.principal if entry is not None and matched else None
-
-    async def authenticate_key(self, key: str, alive: Callable[[], bool] | None = None) -> Principal | None:
-        """The principal of an API key, or None. Never blocks the event loop on scrypt.
-
-        A malformed key costs nothing (the format is public). A well-formed one, known id or not,
-        costs one scrypt in a worker thread unless the same key passed or failed recently;
-        concurrent calls with one key share it. `keycheck` bounds the rest: it raises
-        `CredentialCheckBusy` rather than queue past its limits, and CancelledError when `alive()`
-        says the caller left before its key was checked.
-        """
-        parsed = parse_key(key)
-        if parsed is None:
-            return None
-        return await self.checks.check(key, parsed[0], alive)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -591,3 +327,29 @@ def add_mtls_identity(path: str | os.PathLike[str], name: str, identity: str) ->
             tenants[name] = replace(tenants[name], mtls_identities=(*tenants[name].mtls_identities, identity))
 
     _update(path, change)
+
+
+__all__ = [
+    "HEADER",
+    "KEY_PREFIX",
+    "SCRYPT_LOG2_N",
+    "SCRYPT_P",
+    "SCRYPT_R",
+    "ApiKeyRecord",
+    "ScryptHash",
+    "Tenant",
+    "TenantRegistry",
+    "TenantsFileError",
+    "add_key",
+    "add_mtls_identity",
+    "add_tenant",
+    "hash_key",
+    "load",
+    "mtls_identity_problem",
+    "new_key",
+    "parse",
+    "parse_key",
+    "remove_key",
+    "render",
+    "verify_hash",
+]
