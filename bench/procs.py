@@ -171,7 +171,7 @@ class BrokerProcess:
     group_commit: bool = True
     sampler: tuple[str, str] | None = None  # OTEL_TRACES_SAMPLER and its ARG, for a traced broker
     workers: int = 1
-    event_loop: str = "auto"
+    event_loop: str = "asyncio"
     proc: asyncio.subprocess.Process | None = None
     port: int = 0
     _log: IO[bytes] | None = field(default=None, repr=False)

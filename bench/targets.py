@@ -22,7 +22,7 @@ class TargetSpec:
     connections: int = 1  # connections per agent to each broker (several reach several workers)
     interpreter: str = "main"  # "aetcd": the agent runs in aetcd's own venv
     group_commit: bool = True  # the broker's etcd.group_commit
-    event_loop: str = "auto"  # the broker's --event-loop (auto: uvloop, as deployed)
+    event_loop: str = "asyncio"  # the broker's --event-loop (asyncio: the default, as deployed)
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -82,19 +82,13 @@ TARGETS: dict[str, TargetSpec] = {
             group_commit=False,
         ),
         TargetSpec(
-            "broker-stream-asyncio",
+            "broker-stream-uvloop",
             "broker-stream",
-            "broker over the Session stream on asyncio's own loop (--event-loop asyncio)",
+            "broker over the Session stream on uvloop (--event-loop uvloop)",
             "broker",
-            event_loop="asyncio",
+            event_loop="uvloop",
         ),
-        TargetSpec(
-            "broker-asyncio",
-            "broker",
-            "broker on asyncio's own loop (--event-loop asyncio)",
-            "broker",
-            event_loop="asyncio",
-        ),
+        TargetSpec("broker-uvloop", "broker", "broker on uvloop (--event-loop uvloop)", "broker", event_loop="uvloop"),
         TargetSpec("etcd-lock", "etcd-lock", "etcd's Lock service (v3lockpb, lease per worker)", "none"),
         TargetSpec("etcd-txn", "etcd-txn", "least etcd work: Txn put-if-absent + DeleteRange", "none"),
         TargetSpec("aetcd", "aetcd", "aetcd's client-side Lock recipe (no broker hop)", "none", interpreter="aetcd"),
@@ -124,7 +118,7 @@ TARGETS: dict[str, TargetSpec] = {
 PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
 BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
 # Not in a run unless named in --targets; then in every uncontended point.
-OPT_IN = ("broker-stream-noaudit", "broker-stream-nobatch", "broker-stream-asyncio", "broker-asyncio")
+OPT_IN = ("broker-stream-noaudit", "broker-stream-nobatch", "broker-stream-uvloop", "broker-uvloop")
 SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
 
 

@@ -163,7 +163,7 @@ _CHOICES = {
     ("server", "backend"): ("memory", '"memory"', "memory"),
     ("server", "listen"): ("127.0.0.1:7", '"127.0.0.1:7"', "127.0.0.1:7"),
     ("server", "log_level"): ("debug", '"debug"', "debug"),
-    ("server", "event_loop"): ("asyncio", '"asyncio"', "asyncio"),
+    ("server", "event_loop"): ("uvloop", '"uvloop"', "uvloop"),
     ("server", "health_listen"): ("0.0.0.0:8081", '"0.0.0.0:8081"', "0.0.0.0:8081"),
     ("server", "metrics_listen"): ("127.0.0.1:9464", '"127.0.0.1:9464"', "127.0.0.1:9464"),
 }

@@ -13,7 +13,8 @@ from lockbroker.server.config import ConfigError
 
 
 def test_auto_picks_uvloop_when_it_is_installed() -> None:
-    assert importlib.util.find_spec("uvloop") is not None  # a dependency of the package on Linux
+    assert importlib.util.find_spec("uvloop") is not None  # in the dev group; an extra for users
+    assert config.load(build_parser().parse_args(["serve"]), {}).server.event_loop == "asyncio"  # the default
     assert loops.resolve("auto") == "uvloop"
     assert loops.resolve("asyncio") == "asyncio"
     assert loops.factory("asyncio") is None

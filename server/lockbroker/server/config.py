@@ -127,13 +127,14 @@ class ServerConfig:
             "each one core's worth of gRPC (needs the etcd backend)",
         },
     )
-    # auto: uvloop where it is installed (a dependency on Linux and macOS), else asyncio's own.
-    # bench/README.md ("Event loop") has what it saves; asyncio stays one flag away if a
-    # platform's uvloop misbehaves.
+    # asyncio by default: uvloop (the optional extra lockbroker[uvloop]) saved the broker no
+    # measurable CPU in the full benchmark, where grpc's own poller thread does the I/O
+    # (bench/README.md, "Event loop"). auto: uvloop if it is installed.
     event_loop: str = field(
-        default="auto",
+        default="asyncio",
         metadata={
-            "help": "the event loop the broker runs on: auto (uvloop if installed), uvloop or asyncio",
+            "help": "the event loop the broker runs on: asyncio, uvloop (pip install 'lockbroker[uvloop]') "
+            "or auto (uvloop if installed)",
             "check": _choice("auto", "uvloop", "asyncio"),
         },
     )

@@ -1,8 +1,10 @@
 """Which asyncio event loop a broker process runs on (`--event-loop`).
 
-uvloop runs the same asyncio code with less CPU per callback, and a broker's time is mostly
-callbacks: grpc's completion events, etcd answers, timers. grpc.aio drives any asyncio loop through
-its own poller thread, so nothing else changes.
+uvloop runs the same asyncio code with less CPU per callback; grpc.aio drives any asyncio loop
+through its own poller thread, so nothing else changes. It is optional and off by default: in a
+process that is both broker and load generator it saved ~10% of CPU per lock cycle
+(bench/micro_stream.py), but a broker alone measured the same on either loop in the full
+benchmark (bench/README.md, "Event loop"). The flag lets an operator measure it on their own load.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def resolve(choice: str) -> str:
     if choice == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError(
             "--event-loop / LOCKBROKER_EVENT_LOOP / [server] event_loop: uvloop is not installed "
-            "(pip install uvloop), or choose asyncio"
+            "(pip install 'lockbroker[uvloop]'), or choose asyncio"
         )
     return choice
 
