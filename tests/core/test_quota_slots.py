@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import pytest
 
+from lockbroker.server.core.backend import LockBackend
 from lockbroker.server.core.errors import QuotaExceeded
+from lockbroker.server.core.model import Entry, EntryValue
 from lockbroker.server.core.quota import TenantQuota
+from lockbroker.server.core.slots import SlotClaimer
 from tests.core.conftest import TENANT, Env, eventually
 
 
@@ -83,3 +87,19 @@ async def test_a_taken_hashed_slot_is_traded_for_a_free_one(env: Env) -> None:
     assert await env.release("slot/a", first.fencing_token, s)
     assert await env.release(other, second.fencing_token, s)
     assert await env.keys(f"/t/{TENANT}/q/e/") == []
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [(), (b"/t/x/q/l/7",), (b"/t/x/q/l/7", b"/t/x/q/w/lock\nwith-newline/0", b""), (b"k" * 70_000,)],
+)
+def test_remembered_slots_come_back_exactly_for_their_entry_only(slots: tuple[bytes, ...]) -> None:
+    """SlotClaimer packs what it remembers (memory per held lock); what a release takes back must
+    be the entry's slots byte for byte, and only for the entry's own create revision."""
+    claimer = SlotClaimer(cast(LockBackend, None))  # remember/take never reach the backend
+    entry = Entry(b"/t/x/l/a#00000000000000ab", 2**40 + 5, 0xAB, EntryValue("o", "r", 0.0, slots=slots))
+    claimer.remember(entry)
+    assert claimer.take(entry.key, entry.create_revision + 1) is None  # another claim's token
+    assert claimer.take(b"/t/x/l/b#00000000000000ab", entry.create_revision) is None
+    assert claimer.take(entry.key, entry.create_revision) == slots
+    assert claimer.take(entry.key, entry.create_revision) is None  # forgotten once taken
