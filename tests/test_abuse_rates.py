@@ -29,9 +29,12 @@ def test_every_lockservice_method_spends_from_a_bucket() -> None:
     # ElectionService's methods too: a Campaign is charged as an Acquire.
     election = election_pb2.DESCRIPTOR.services_by_name["ElectionService"]
     methods |= {f"/{election.full_name}/{m.name}" for m in election.methods}
-    # Plus the Session stream's Acquire messages, charged to the acquire bucket like the unary call.
-    assert methods | {f"/{service.full_name}/Session/Acquire"} == set(BUCKETS)
+    # Plus the Session stream's Acquire and AcquireMany messages, charged to the acquire bucket like
+    # the unary calls.
+    messages = {f"/{service.full_name}/Session/Acquire", f"/{service.full_name}/Session/AcquireMany"}
+    assert methods | messages == set(BUCKETS)
     assert BUCKETS[f"/{service.full_name}/Session/Acquire"] == "acquire"
+    assert BUCKETS[f"/{service.full_name}/Session/AcquireMany"] == "acquire"
     assert BUCKETS[f"/{election.full_name}/Campaign"] == "acquire"
 
 

@@ -1,5 +1,6 @@
-"""AcquireMany (issue 17 item 4) through the Python client, over a real broker and etcd: all or
-none, no deadlock between callers naming the same locks in opposite orders, nothing left behind."""
+"""AcquireMany (issue 17 item 4) through the Python client, on both client transports (an
+`acquire_many` message on the Session stream, and the unary RPC), over a real broker and etcd: all
+or none, no deadlock between callers naming the same locks in opposite orders, nothing left behind."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from lockbroker.client import Client, SyncClient, WaitExpired
+from lockbroker.client.aio import TRANSPORT_ENV
 from lockbroker.client.types import Grant
 from tests.client.conftest import target_of
 from tests.etcdutil import EtcdProbe
@@ -19,7 +21,15 @@ from tests.etcdutil import EtcdProbe
 LOCKS = "/t/default/l/"
 
 
-async def test_opposite_orders_never_deadlock_nor_overlap(broker: Any) -> None:
+@pytest.fixture(params=["stream", "unary"], autouse=True)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    # Every Client made in a test reads it, the SyncClient's too.
+    value: str = request.param
+    monkeypatch.setenv(TRANSPORT_ENV, value)
+    return value
+
+
+async def test_opposite_orders_never_deadlock_nor_overlap(broker: Any, transport: str) -> None:
     """2 clients take {a,b} and {b,a} in a loop for 10 s: every round ends, holds never overlap,
     tokens grow per lock in grant order."""
     holding: dict[str, int | None] = {"a": None, "b": None}
@@ -29,6 +39,7 @@ async def test_opposite_orders_never_deadlock_nor_overlap(broker: Any) -> None:
 
     async def worker(i: int, order: list[str]) -> None:
         async with Client(target_of(broker), default_timeout=5.0) as c, c.session(ttl=30) as s:
+            assert c.transport == transport
             for _ in range(100_000):  # bounded; the clock ends it long before
                 if time.monotonic() >= end:
                     return

@@ -43,7 +43,7 @@ def spy(client: Client) -> list[str]:
 
 
 def no_unary(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CreateSession", "Acquire", "Release", "Refresh", "CloseSession"):
+    for name in ("CreateSession", "Acquire", "AcquireMany", "Release", "Refresh", "CloseSession"):
 
         def refuse(*args: Any, name: str = name, **kwargs: Any) -> Any:
             raise AssertionError(f"unary {name} called on the stream transport")
@@ -70,6 +70,8 @@ async def test_a_broker_without_the_stream_is_served_by_unary_calls(broker: Any)
         assert c.transport == "stream"
         async with c.session(ttl=10) as s, c.lock("fallback", session=s) as held:
             assert held.fencing_token > 0
+            grants = await c.acquire_many(["fallback/many"], session_id=s.session_id)
+            assert grants[0].fencing_token > 0
         assert c._stream is not None and c._stream.unsupported
         assert [a.name for a in proxy.servicer.acquires] == ["fallback"]
 
@@ -104,3 +106,82 @@ async def test_a_broken_stream_is_retried_with_the_same_request_id(client: Clien
         assert state.holder is not None and state.holder.fencing_token == grant.fencing_token
         assert state.waiters == ()
     assert kinds.count("acquire") == 3  # first, the waiting one, and its retry
+
+
+async def test_many_locks_go_over_the_stream(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    kinds = spy(client)
+    no_unary(client, monkeypatch)
+    async with client.session(ttl=10) as s:
+        async with client.lock_many(["many/b", ("many/a", True)], session=s) as grants:
+            assert [(g.name, g.shared) for g in grants] == [("many/b", False), ("many/a", True)]
+        more = await client.acquire_many(["many/c"], session_id=s.session_id, wait=1)
+        assert more[0].fencing_token > 0 and more[0].session_id == s.session_id
+    assert kinds == ["open", "acquire_many", "release", "release", "acquire_many", "close"]
+
+
+async def test_a_broker_whose_stream_lacks_acquire_many_is_served_by_the_unary_call(
+    broker: Any, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An older broker: its stream has no acquire_many, so it parses one as a request of no kind.
+    sessions = broker.service.sessions
+    route = sessions.route
+    seen: list[str] = []
+
+    def old_route(req: lock_pb2.SessionRequest) -> Any:
+        if req.HasField("acquire_many"):
+            seen.append("acquire_many")
+            old = lock_pb2.SessionRequest()
+            old.CopyFrom(req)
+            old.ClearField("acquire_many")
+            req = old
+        return route(req)
+
+    monkeypatch.setattr(sessions, "route", old_route)
+    unary: list[lock_pb2.AcquireManyRequest] = []
+    real = client._stub.AcquireMany
+
+    def counted(request: lock_pb2.AcquireManyRequest, **kwargs: Any) -> Any:
+        unary.append(request)
+        return real(request, **kwargs)
+
+    monkeypatch.setattr(client._stub, "AcquireMany", counted)
+    kinds = spy(client)
+    async with client.session(ttl=10) as s:
+        first = await client.acquire_many(["old/b", "old/a"], session_id=s.session_id)
+        assert [g.name for g in first] == ["old/b", "old/a"]
+        second = await client.acquire_many(["old/c"], session_id=s.session_id)
+        assert second[0].fencing_token > 0
+        # The stream still carries everything else.
+        assert (await client.acquire("old/d", session_id=s.session_id)).fencing_token > 0
+    assert seen == ["acquire_many"]  # refused once on this stream, then not sent on it again
+    assert [[c.name for c in r.locks] for r in unary] == [["old/b", "old/a"], ["old/c"]]
+    assert kinds == ["open", "acquire_many", "acquire_many", "acquire", "close"]
+    assert client._stream is not None and not client._stream.unsupported
+
+
+async def test_a_broken_stream_under_acquire_many_is_retried_with_the_same_request_id(client: Client) -> None:
+    kinds = spy(client)
+    async with client.session(ttl=10) as a, client.session(ttl=10) as b:
+        first = await client.acquire("broken/2", session_id=a.session_id)
+        waiting = asyncio.create_task(
+            client.acquire_many(
+                ["broken/1", "broken/2"], session_id=b.session_id, wait=10, request_id="many-b", timeout=15
+            )
+        )
+        for _ in range(100):
+            if (await client.describe("broken/2")).waiters:
+                break
+            await asyncio.sleep(0.05)
+        assert client._stream is not None
+        old = client._stream._current
+        client._stream.reset()  # the stream breaks under the waiting acquire_many
+        assert await client.release("broken/2", first.fencing_token, session_id=a.session_id)
+        grants = await asyncio.wait_for(waiting, 15)
+        assert [g.name for g in grants] == ["broken/1", "broken/2"]
+        assert all(g.session_id == b.session_id for g in grants)
+        assert client._stream._current is not old  # a new stream carried the retry
+        for g in grants:
+            state = await client.describe(g.name)
+            assert state.holder is not None and state.holder.fencing_token == g.fencing_token
+            assert state.waiters == ()
+    assert kinds.count("acquire_many") == 2  # the waiting one and its retry

@@ -189,7 +189,8 @@ class Connection:
 
     async def _via(self, kind: str, message: Message, unary: Callable[[float], Awaitable[_Resp]], left: float) -> _Resp:
         """One attempt of a session operation: a message on the Session stream (answer field
-        `kind`), or the unary call when the transport is unary or the broker has no stream."""
+        `kind`), or the unary call when the transport is unary, the broker has no stream, or its
+        stream does not know this kind of message (an older broker)."""
         stream = self._stream
         if stream is not None and not stream.unsupported:
             try:

@@ -61,7 +61,11 @@ async def acquire_many(
         if wait > 0:
             # A retry finds the claims already made; it should not restart the wait.
             req.wait_timeout.CopyFrom(duration(max(wait - (time.monotonic() - started), 0.001)))
-        return await client._stub.AcquireMany(req, timeout=left, metadata=client._metadata)
+        # An `acquire_many` message on the Client's Session stream (the default transport), else
+        # the unary AcquireMany: the same answer and errors either way, so the same retry.
+        return await client._via(
+            "acquire_many", req, lambda t: client._stub.AcquireMany(req, timeout=t, metadata=client._metadata), left
+        )
 
     resp = await call_with_retry(attempt, deadline=started + total, backoff=client._backoff)
     return [grant_of(lock_pb2.AcquireResponse(grant=g)) for g in resp.grants]

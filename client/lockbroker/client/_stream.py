@@ -15,7 +15,10 @@ stream breaks, every request in flight fails UNAVAILABLE and its retry opens a n
 sessions live on in the broker (until their TTL) and need nothing but their ids there.
 
 A broker without the Session RPC answers UNIMPLEMENTED: `StreamUnsupported` tells the Client
-to use the unary RPCs from then on.
+to use the unary RPCs from then on. An older broker's stream that does not know a kind of message
+(acquire_many came later than the rest) reads it as a request of no kind and refuses it
+INVALID_ARGUMENT on field "kind" without running anything: that kind then goes as unary calls
+for as long as that stream lives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from lockbroker.client._keepalive import KeepAliveMux
@@ -78,16 +82,29 @@ def _code(value: int) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
+def _unknown_kind(status: lock_pb2.Status) -> bool:
+    """Whether the broker refused a request for setting no kind: one it does not know (an older
+    broker drops an unknown oneof field when it parses the message), and so did not run."""
+    if status.code != grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+        return False
+    bad = error_details_pb2.BadRequest()
+    for detail in status.details:
+        if detail.Unpack(bad):  # False (and bad untouched) when the type does not match
+            return any(v.field == "kind" for v in bad.field_violations)
+    return False
+
+
 class _Call:
     """One open Session stream and the requests waiting for its answers."""
 
-    __slots__ = ("answered", "call", "pending", "reader")
+    __slots__ = ("answered", "call", "pending", "reader", "unknown")
 
     def __init__(self, call: Any) -> None:
         self.call = call
         self.pending: dict[int, asyncio.Future[lock_pb2.SessionResponse]] = {}
         self.reader: asyncio.Task[None] | None = None
         self.answered = False  # any message read: the broker serves the Session RPC
+        self.unknown: set[str] = set()  # kinds of request this stream's broker does not know
 
 
 class SessionStream:
@@ -119,7 +136,7 @@ class SessionStream:
 
         Raises the unary call's `aio.AioRpcError` for an error answer, a broken stream
         (UNAVAILABLE) or `timeout` (DEADLINE_EXCEEDED, after asking the broker to cancel it);
-        `StreamUnsupported` when the broker has no Session RPC.
+        `StreamUnsupported` when the broker has no Session RPC, or its stream does not know `kind`.
         """
         if self.unsupported:
             raise StreamUnsupported
@@ -129,6 +146,8 @@ class SessionStream:
         fut: asyncio.Future[lock_pb2.SessionResponse] = loop.create_future()
         async with self._write_lock:
             call = self._open()
+            if kind in call.unknown:
+                raise StreamUnsupported
             call.pending[rid] = fut
             try:
                 await call.call.write(req)
@@ -162,6 +181,9 @@ class SessionStream:
             timer.cancel()
         if resp.HasField("error"):
             e = resp.error
+            if _unknown_kind(e):
+                call.unknown.add(kind)
+                raise StreamUnsupported
             raise _error(_code(e.code), e.message, e.SerializeToString())
         return resp
 

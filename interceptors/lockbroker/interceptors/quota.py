@@ -68,8 +68,10 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "Release": "session",
     _SERVICE + "KeepAlive": "session",  # one token per stream opened, not per message
     _SERVICE + "Session": "session",  # likewise; its messages are charged as the unary calls are
-    # Acquire messages on a Session stream are charged like the unary call (server/session_stream.py).
+    # Acquire and AcquireMany messages on a Session stream are charged like the unary calls
+    # (server/session_stream.py).
     _SERVICE + "Session/Acquire": "acquire",
+    _SERVICE + "Session/AcquireMany": "acquire",
     # ElectionService (server/election_service.py): a campaign is an Acquire, reads are reads, and
     # Proclaim and Resign are charged as Release is.
     _ELECTION + "Campaign": "acquire",

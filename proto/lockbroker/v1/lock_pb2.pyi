@@ -1450,14 +1450,15 @@ class SessionRequest(_message.Message):
     KEEPALIVE_FIELD_NUMBER: _builtins.int
     CLOSE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    ACQUIRE_MANY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Correlation id chosen by the client, echoed in the answer. Non-zero;
     unique among this stream's requests still waiting for an answer
     (a duplicate is answered INVALID_ARGUMENT and not run). A request runs
-    for at most its `timeout` (without one: 30 s plus an acquire's
-    wait_timeout) and never past the stream's deadline; cancel one to stop
-    it sooner.
+    for at most its `timeout` (without one: 30 s plus an acquire's or an
+    acquire_many's wait_timeout) and never past the stream's deadline;
+    cancel one to stop it sooner.
     """
     cancel: _builtins.int
     """Cancel the request in flight with this id, as cancelling its unary
@@ -1495,6 +1496,13 @@ class SessionRequest(_message.Message):
         """Close a session, as the CloseSession RPC. Answered with `close`."""
 
     @_builtins.property
+    def acquire_many(self) -> Global___AcquireManyRequest:
+        """Take several locks for one session, all or none, as the AcquireMany
+        RPC. wait_timeout bounds this message only. Answered with
+        `acquire_many`.
+        """
+
+    @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """This request's deadline, counted from when the broker reads it: what a
         unary call's grpc-timeout is to that call. The broker bounds the
@@ -1513,13 +1521,14 @@ class SessionRequest(_message.Message):
         keepalive: Global___RefreshRequest | None = ...,
         close: Global___CloseSessionRequest | None = ...,
         cancel: _builtins.int = ...,
+        acquire_many: Global___AcquireManyRequest | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "cancel", "acquire_many"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1574,6 +1583,7 @@ class SessionResponse(_message.Message):
     CLOSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    ACQUIRE_MANY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The id of the request answered; 0 for an event."""
     @_builtins.property
@@ -1604,6 +1614,10 @@ class SessionResponse(_message.Message):
     def event(self) -> Global___SessionEvent:
         """Something happened to a session used on this stream (id is 0)."""
 
+    @_builtins.property
+    def acquire_many(self) -> Global___AcquireManyResponse:
+        """Answers `acquire_many`: one grant per lock."""
+
     def __init__(
         self,
         *,
@@ -1615,12 +1629,13 @@ class SessionResponse(_message.Message):
         close: Global___CloseSessionResponse | None = ...,
         error: Global___Status | None = ...,
         event: Global___SessionEvent | None = ...,
+        acquire_many: Global___AcquireManyResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "close", b"close", "error", b"error", "event", b"event", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "close", b"close", "error", b"error", "event", b"event", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "close", b"close", "error", b"error", "event", b"event", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "close", b"close", "error", b"error", "event", b"event", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "error", "event"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "error", "event", "acquire_many"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -173,6 +173,7 @@ def _kind(message: str, unary: str, answer: str) -> _Kind:
 
 OPEN = _kind("Open", "CreateSession", "open")
 ACQUIRE = _kind("Acquire", "Acquire", "acquire")
+ACQUIRE_MANY = _kind("AcquireMany", "AcquireMany", "acquire_many")
 RELEASE = _kind("Release", "Release", "release")
 KEEPALIVE = _kind("KeepAlive", "Refresh", "keepalive")
 CLOSE = _kind("Close", "CloseSession", "close")
@@ -204,6 +205,8 @@ class SessionStreams:
         which = req.WhichOneof("kind")
         if which == "acquire":
             return ACQUIRE, s.Acquire, req.acquire
+        if which == "acquire_many":
+            return ACQUIRE_MANY, s.AcquireMany, req.acquire_many
         if which == "release":
             return RELEASE, s.Release, req.release
         if which == "keepalive":
@@ -217,7 +220,9 @@ class SessionStreams:
             if how == "resume":
                 return OPEN, self._resume, lock_pb2.RefreshRequest(session_id=req.open.resume)
             raise InvalidArgument([FieldViolation("open", "must set one of create or resume")])
-        raise InvalidArgument([FieldViolation("kind", "must set one of open, acquire, release, keepalive or close")])
+        raise InvalidArgument(
+            [FieldViolation("kind", "must set one of open, acquire, acquire_many, release, keepalive or close")]
+        )
 
     def deadline(self, kind: _Kind, req: lock_pb2.SessionRequest, request: Any, context: Context) -> float:
         """When a message's work must be answered: its own `timeout` (a unary call's deadline),
@@ -227,7 +232,7 @@ class SessionStreams:
             budget = _dur(timeout)
         else:
             budget = self.message_timeout
-            if kind is ACQUIRE and request.HasField("wait_timeout"):
+            if (kind is ACQUIRE or kind is ACQUIRE_MANY) and request.HasField("wait_timeout"):
                 budget += max(0.0, _dur(request.wait_timeout))
         left = context.time_remaining()
         if left is not None:
@@ -427,6 +432,8 @@ class _Stream:
             sessions.add(answer.open.session_id)
         elif answer.HasField("acquire"):
             sessions.add(answer.acquire.grant.session_id)
+        elif answer.HasField("acquire_many"):
+            sessions.add(request.session_id)
         elif answer.HasField("close"):
             sessions.discard(request.session_id)
         elif state.reason in _GONE:

@@ -40,6 +40,7 @@ MUTATING_METHODS: Final = (
             "Session",
             "Session/Open",
             "Session/Acquire",
+            "Session/AcquireMany",
             "Session/Release",
             "Session/KeepAlive",
             "Session/Close",
