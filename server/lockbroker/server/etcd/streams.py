@@ -228,10 +228,16 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         watch = self._by_prefix.get(prefix)
         if watch is not None:
             for wait in list(watch.waits.get(key, ())):
-                if revision:
-                    wait.note(key, revision)
-                elif not wait.done.done():
-                    wait.done.set_result(None)
+                if not revision:
+                    if not wait.done.done():
+                        wait.done.set_result(None)
+                    continue
+                wait.note(key, revision)
+                # `key` is "<lock>#<session>": the session's next entry on this lock reuses it. A
+                # wait that read after `revision` waits on such a newer entry, and that entry's
+                # deletion, if heard while this release was in flight, was muted too: it is in the
+                # watch's memory, and counts now (tests/test_watch_races.py).
+                watch.seen(wait)
 
     def handoff(self, prefix: bytes, head: Entry, revision: int, count: int) -> bool:
         """A release on this replica committed at `revision`, and its transaction read `head` as
