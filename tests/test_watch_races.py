@@ -1,8 +1,9 @@
 """Races of the shared Watch stream (WatchHub) that could leave a waiter unwoken or wrongly woken.
 
-Each test builds its interleaving by hand on a real etcd, so it fails the same way every time
-without the fix; one that goes through the core turns the first waiter's periodic re-read
-(core/turn.py HEAD_RECHECK) off, so that guard cannot hide what it checks.
+Each test builds its interleaving by hand (a real etcd where the race is between etcd's answers and
+this replica's own bookkeeping; a scripted stream where it is between two streams' reader tasks), so
+it fails the same way every time without the fix. None goes through the core, so the first waiter's
+periodic re-read (core/turn.py HEAD_RECHECK) cannot hide what they check.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pytest
 
 from lockbroker.server.config import EtcdConfig
 from lockbroker.server.core import turn
+from lockbroker.server.core.backend import WatchInterrupted
+from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import AcquireParams, LockCore
 from lockbroker.server.core.model import Grant
 from lockbroker.server.embedded import EmbeddedEtcd
@@ -132,6 +135,100 @@ async def test_a_release_still_wakes_only_for_deletions_after_the_waiters_read(
     assert await asyncio.wait_for(waiting, 2) is None
     early.cancel()
     await asyncio.gather(early, return_exceptions=True)
+
+
+# -- 2. an answer of a lost stream handled after a new stream took over ----------------------------
+
+
+_END = pb.WatchResponse()
+
+
+class _ScriptedCall:
+    """One Watch stream whose answers the test sends. With `hold` cleared, an answer that has
+    arrived waits in the reader (whose task has not run yet: a loaded loop) until `hold` is set,
+    whatever happened to the stream meanwhile."""
+
+    def __init__(self) -> None:
+        self.sent: list[pb.WatchRequest] = []
+        self.inbox: asyncio.Queue[pb.WatchResponse] = asyncio.Queue()
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.cancelled = False
+
+    async def write(self, request: pb.WatchRequest) -> None:
+        if self.cancelled:
+            raise asyncio.InvalidStateError("RPC already finished")
+        self.sent.append(request)
+
+    async def read(self) -> pb.WatchResponse:
+        resp = await self.inbox.get()
+        if resp is _END:
+            raise asyncio.CancelledError  # as grpc.aio reads a call cancelled locally
+        await self.hold.wait()
+        return resp
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self.inbox.put_nowait(_END)
+        return True
+
+
+class _ScriptedHub(WatchHub):
+    def __init__(self, client: EtcdClient) -> None:
+        super().__init__(client, stall_after=3600.0)  # no watchdog in the way
+        self.calls: list[Any] = []  # _ScriptedCall, standing in for grpc.aio calls
+
+    def _open(self) -> Any:
+        call = _ScriptedCall()
+        self.calls.append(call)
+        return call
+
+
+def _created(wid: int) -> pb.WatchResponse:
+    return pb.WatchResponse(watch_id=wid, created=True)
+
+
+def _deleted(wid: int, key: bytes, revision: int) -> pb.WatchResponse:
+    kv = pb.KeyValue(key=key, mod_revision=revision)
+    return pb.WatchResponse(watch_id=wid, events=[pb.Event(type=pb.Event.DELETE, kv=kv)])
+
+
+async def test_an_answer_of_a_lost_stream_read_late_does_not_refuse_a_watch_of_the_new_stream() -> None:
+    """A lost stream fails what was pending on it, and waiters make new watches on the next stream.
+    An answer the old stream had already received, but whose reader task ran only after that (a
+    busy loop), was handled as if it came on the new stream: its "created" was matched to the new
+    stream's oldest pending create (etcd answers creates in order), which then looked refused.
+    That waiter was woken for nothing, and the etcd watch really created for it on the new stream
+    was never cancelled. An answer is handled only while its stream is the current one."""
+    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
+    watches = _ScriptedHub(client)
+    try:
+        a, b = b"/l/a#", b"/l/b#"
+        first = asyncio.ensure_future(watches.wait_deleted(a, (a + b"1",), 10))
+        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+        old = watches.calls[0]
+        old.hold.clear()
+        old.inbox.put_nowait(_created(old.sent[0].create_request.watch_id))  # arrived; its reader runs late
+        await asyncio.sleep(0.05)
+        current: Any = watches._call
+        assert current is old and watches._creating
+        watches._lose(current, Unavailable("etcd is unavailable; retry", retry_after=0.5))
+        with pytest.raises(WatchInterrupted):
+            await first
+        second = asyncio.ensure_future(watches.wait_deleted(b, (b + b"1",), 20))
+        await until(lambda: len(watches.calls) == 2 and len(watches.calls[1].sent) == 1)
+        new = watches.calls[1]
+        wid = new.sent[0].create_request.watch_id
+        old.hold.set()  # the old stream's reader finally runs
+        await asyncio.sleep(0.05)
+        assert not second.done(), f"woken by the old stream's answer: {second}"
+        new.inbox.put_nowait(_created(wid))
+        new.inbox.put_nowait(_deleted(wid, b + b"1", 21))
+        assert await asyncio.wait_for(second, 2) is None
+        assert watches.watches == 0
+    finally:
+        await watches.close()
+        await client.close()
 
 
 # -- 1 again, through the core: the session queues again through another replica ------------------
