@@ -137,6 +137,52 @@ async def test_a_release_still_wakes_only_for_deletions_after_the_waiters_read(
     await asyncio.gather(early, return_exceptions=True)
 
 
+# -- what was verified and found sound: pinned -----------------------------------------------------
+
+
+async def test_after_a_lost_stream_a_waiter_watching_again_from_its_old_read_hears_what_went_meanwhile(
+    hub: tuple[EtcdClient, WatchHub], key_root: str
+) -> None:
+    """The hub never re-creates a watch on its own after a stream is lost (which could only start
+    it from a newer revision): it fails the waits, and each waiter watches again from the revision
+    it read, its old one while etcd cannot be read (the core rides out an election that way)."""
+    client, watches = hub
+    prefix = f"{key_root}/l/lost#".encode()
+    key = prefix + b"1"
+    read = await put(client, key)
+    first = asyncio.ensure_future(watches.wait_deleted(prefix, (key,), read))
+    await until(lambda: watches.watches == 1 and not watches._creating)
+    current: Any = watches._call
+    watches._lose(current, Unavailable("etcd is unavailable; retry", retry_after=0.5))
+    with pytest.raises(WatchInterrupted):
+        await first
+    assert watches.watches == 0
+    await delete(client, key)  # goes while nothing watches
+    await put(client, prefix + b"2")  # and etcd moves on
+    assert await asyncio.wait_for(watches.wait_deleted(prefix, (key,), read), 2) is None
+
+
+async def test_a_waiter_joining_as_the_last_one_leaves_watches_from_its_own_read(
+    hub: tuple[EtcdClient, WatchHub], key_root: str
+) -> None:
+    """The last waiter's leaving forgets the lock's watch at once and cancels it in the background;
+    a waiter joining right then gets a new watch from its own read, never the cancelled one."""
+    client, watches = hub
+    prefix = f"{key_root}/l/rejoin#".encode()
+    k1, k2 = prefix + b"1", prefix + b"2"
+    await put(client, k1)
+    read = await put(client, k2)
+    leaving = asyncio.ensure_future(watches.wait_deleted(prefix, (k1,), read))
+    await until(lambda: watches.watches == 1 and not watches._creating)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert watches.watches == 0  # forgotten at once; its cancel is sent in the background
+    await delete(client, k2)  # between the leaving and the joining
+    joining = asyncio.ensure_future(watches.wait_deleted(prefix, (k2,), read))
+    assert await asyncio.wait_for(joining, 2) is None
+    assert watches.watches == 0 and watches.active == 0
+
+
 # -- 2. an answer of a lost stream handled after a new stream took over ----------------------------
 
 
