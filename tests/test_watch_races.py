@@ -220,8 +220,8 @@ class _ScriptedCall:
 
 
 class _ScriptedHub(WatchHub):
-    def __init__(self, client: EtcdClient) -> None:
-        super().__init__(client, stall_after=3600.0)  # no watchdog in the way
+    def __init__(self, client: EtcdClient, stall_after: float = 3600.0) -> None:
+        super().__init__(client, stall_after=stall_after)  # by default no watchdog in the way
         self.calls: list[Any] = []  # _ScriptedCall, standing in for grpc.aio calls
 
     def _open(self) -> Any:
@@ -273,6 +273,46 @@ async def test_an_answer_of_a_lost_stream_read_late_does_not_refuse_a_watch_of_t
         assert await asyncio.wait_for(second, 2) is None
         assert watches.watches == 0
     finally:
+        await watches.close()
+        await client.close()
+
+
+# -- 3. a create left unanswered on a stream kept busy by other locks --------------------------------
+
+
+async def test_a_create_left_unanswered_while_other_watches_keep_the_stream_busy_counts_as_stuck() -> None:
+    """The watchdog dropped a stream that owed an answer and had received nothing for stall_after.
+    Every answer restarted that clock, so on a stream busy with other locks' events a create that
+    was never answered never counted as stuck, and its waiter slept until its own timeout: the
+    shape of the fault-suite run (background load on other locks) that granted a waiter 17 s after
+    its holder died. An unanswered create now counts from when it was sent."""
+    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
+    watches = _ScriptedHub(client, stall_after=0.4)
+    feeding: asyncio.Task[None] | None = None
+    try:
+        busy, quiet = b"/l/busy#", b"/l/quiet#"
+        other = asyncio.ensure_future(watches.wait_deleted(busy, (busy + b"1",), 10))
+        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+        stream = watches.calls[0]
+        busy_id = stream.sent[0].create_request.watch_id
+        stream.inbox.put_nowait(_created(busy_id))
+
+        async def feed() -> None:  # another lock's queue keeps moving: deletions of keys nobody here waits on
+            for revision in range(11, 200):
+                stream.inbox.put_nowait(_deleted(busy_id, busy + b"x%d" % revision, revision))
+                await asyncio.sleep(0.05)
+
+        feeding = asyncio.ensure_future(feed())
+        waiting = asyncio.ensure_future(watches.wait_deleted(quiet, (quiet + b"1",), 10))
+        await until(lambda: len(stream.sent) == 2)  # its create is sent, and never answered
+        with pytest.raises(WatchInterrupted):  # dropped as stuck: the waiter reads the queue again
+            await asyncio.wait_for(waiting, 3)
+        assert watches.reopened == 1
+        with pytest.raises(WatchInterrupted):
+            await other
+    finally:
+        if feeding is not None:
+            feeding.cancel()
         await watches.close()
         await client.close()
 

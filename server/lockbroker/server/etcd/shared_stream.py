@@ -77,6 +77,11 @@ class SharedStream(Generic[Req, Resp]):
         """Whether answers are still due after the one just handled."""
         return False
 
+    def _owed_from(self, heard: float) -> float | None:
+        """After an answer read at `heard`: since when what is still due counts as owed (None:
+        nothing is). By default from `heard`: any answer shows the member alive."""
+        return heard if self._owes() else None
+
     def _open(self) -> aio.StreamStreamCall[Req, Resp]:
         raise NotImplementedError
 
@@ -147,9 +152,8 @@ class SharedStream(Generic[Req, Resp]):
                     break
                 self._on_response(resp)  # type: ignore[arg-type]
                 if self._call is call:  # (the answer may have ended it: a refused token)
-                    # Progress: whatever is still owed is owed from now.
                     self._heard = asyncio.get_running_loop().time()
-                    self._owed_since = self._heard if self._owes() else None
+                    self._owed_since = self._owed_from(self._heard)
         except aio.AioRpcError as e:
             if self._client.is_stale_token(e):
                 self._client.forget_token()
