@@ -287,7 +287,7 @@ async def test_a_create_left_unanswered_while_other_watches_keep_the_stream_busy
     shape of the fault-suite run (background load on other locks) that granted a waiter 17 s after
     its holder died. An unanswered create now counts from when it was sent."""
     client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
-    watches = _ScriptedHub(client, stall_after=0.4)
+    watches = _ScriptedHub(client, stall_after=1.0)
     feeding: asyncio.Task[None] | None = None
     try:
         busy, quiet = b"/l/busy#", b"/l/quiet#"
@@ -306,7 +306,7 @@ async def test_a_create_left_unanswered_while_other_watches_keep_the_stream_busy
         waiting = asyncio.ensure_future(watches.wait_deleted(quiet, (quiet + b"1",), 10))
         await until(lambda: len(stream.sent) == 2)  # its create is sent, and never answered
         with pytest.raises(WatchInterrupted):  # dropped as stuck: the waiter reads the queue again
-            await asyncio.wait_for(waiting, 3)
+            await asyncio.wait_for(waiting, 5)
         assert watches.reopened == 1
         with pytest.raises(WatchInterrupted):
             await other
