@@ -38,7 +38,16 @@ log = logging.getLogger("lockbroker.core")
 OUTAGE_RIDE_OUT = 5.0
 
 # How often the first waiter of a lock re-reads the queue besides watching the holder (see
-# Acquirer._wait_turn): the bound on a missed watch event, at one read per contended lock.
+# _wait_turn), at one read per contended lock: a backstop, not how a turn is found. What the hub
+# could get wrong by itself is fixed (a release's answer that hid a newer entry's deletion under
+# the same key; an old stream's answer taken for the new stream's; a create left unanswered on a
+# stream kept busy by other locks, never taken for stuck: tests/test_watch_races.py). It still
+# bounds what this replica cannot see: a member that keeps the stream open and answers progress
+# requests but applies nothing (cut off from its leader, until etcd ends its streams after about
+# three election timeouts or a failed read moves the broker off it), an event etcd never sends,
+# and whatever else made a fault-suite run (steady cluster, killed holder) grant a waiter 17 s
+# after its holder died: `_recheck` logs each turn the watch did not report, which tells a watch
+# miss from a lease etcd revoked late.
 HEAD_RECHECK = 2.0
 
 

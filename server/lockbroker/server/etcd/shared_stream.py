@@ -77,6 +77,11 @@ class SharedStream(Generic[Req, Resp]):
         """Whether answers are still due after the one just handled."""
         return False
 
+    def _owed_from(self, heard: float) -> float | None:
+        """After an answer read at `heard`: since when what is still due counts as owed (None:
+        nothing is). By default from `heard`: any answer shows the member alive."""
+        return heard if self._owes() else None
+
     def _open(self) -> aio.StreamStreamCall[Req, Resp]:
         raise NotImplementedError
 
@@ -139,17 +144,21 @@ class SharedStream(Generic[Req, Resp]):
         try:
             while True:
                 resp = await call.read()
-                if resp is aio.EOF:
+                if resp is aio.EOF or self._call is not call:
+                    # Not the current stream any more (lost, dropped as stuck, or left): what was
+                    # pending on it has been failed, and the state it answered about is gone. An
+                    # answer read anyway (it had arrived; this task ran late) would be taken as the
+                    # new stream's: a "created" matched to the new stream's first pending create.
                     break
                 self._on_response(resp)  # type: ignore[arg-type]
-                if self._call is call:
-                    # Progress: whatever is still owed is owed from now.
+                if self._call is call:  # (the answer may have ended it: a refused token)
                     self._heard = asyncio.get_running_loop().time()
-                    self._owed_since = self._heard if self._owes() else None
+                    self._owed_since = self._owed_from(self._heard)
         except aio.AioRpcError as e:
             if self._client.is_stale_token(e):
                 self._client.forget_token()
-            self._client.report_stream_error(e, self._endpoint)
+            if self._call is call:  # an old stream's end says nothing of the endpoint in use now
+                self._client.report_stream_error(e, self._endpoint)
             if e.code() != grpc.StatusCode.CANCELLED or self._call is call:
                 log.warning("etcd %s stream to %s lost: %s", self.kind, self._target(), _detail(e))
         except asyncio.CancelledError:

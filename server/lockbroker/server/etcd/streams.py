@@ -8,7 +8,9 @@ lost stream fails whatever was pending on it (waiters then re-read state and wat
 
 A frozen member (SIGSTOP, a stalled VM) ends nothing and answers nothing. So a watchdog drops a
 stream that owes an answer for `stall_after` seconds having received nothing; its next use opens
-it where the unary calls go (moved off the stuck member). The Watch stream, quiet for long, sends
+it where the unary calls go (moved off the stuck member). A create on the Watch stream counts as
+owed from when it was sent, whatever else the stream delivers meanwhile (other locks' events must
+not hide a watch that was never made). The Watch stream, quiet for long, sends
 etcd's progress request when it has watches and has heard nothing. Refreshes caught on a lost
 stream are sent again (a keepalive is idempotent); waiters get WatchInterrupted and re-read.
 """
@@ -68,6 +70,7 @@ class _PrefixWatch:
         self.count = 0
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=self.MEMORY)
         self.forgotten = start - 1  # deletions at or below this revision are not in `recent`
+        self.sent_at = 0.0  # when its create was written (loop time)
 
     def covers(self, after: int) -> bool:
         """Whether every deletion after revision `after` has been or will be seen here."""
@@ -138,6 +141,14 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
 
     def _owes(self) -> bool:
         return bool(self._creating)
+
+    def _owed_from(self, heard: float) -> float | None:
+        # From when the oldest unanswered create was sent, not from the last answer: etcd answers
+        # creates in order within milliseconds on a stream that answers anything, and a create
+        # left unanswered while other locks' events keep the stream busy would otherwise never
+        # count as stuck (the watchdog saw only a silent stream): its waiters would sleep through
+        # their turn with nothing to wake them but their timeout.
+        return self._creating[0].sent_at if self._creating else None
 
     def _probe(self) -> pb.WatchRequest | None:
         # Only with watches: etcd 3.5 answers a progress request through one of the stream's
@@ -228,10 +239,16 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         watch = self._by_prefix.get(prefix)
         if watch is not None:
             for wait in list(watch.waits.get(key, ())):
-                if revision:
-                    wait.note(key, revision)
-                elif not wait.done.done():
-                    wait.done.set_result(None)
+                if not revision:
+                    if not wait.done.done():
+                        wait.done.set_result(None)
+                    continue
+                wait.note(key, revision)
+                # `key` is "<lock>#<session>": the session's next entry on this lock reuses it. A
+                # wait that read after `revision` waits on such a newer entry, and that entry's
+                # deletion, if heard while this release was in flight, was muted too: it is in the
+                # watch's memory, and counts now (tests/test_watch_races.py).
+                watch.seen(wait)
 
     def handoff(self, prefix: bytes, head: Entry, revision: int, count: int) -> bool:
         """A release on this replica committed at `revision`, and its transaction read `head` as
@@ -279,7 +296,7 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             await self.write(
                 request,
                 wanted=lambda: self._by_id.get(watch.wid) is watch,
-                sending=lambda: self._creating.append(watch),
+                sending=lambda: self._sending(watch),
             )
         except Unavailable as e:
             lost, delay = str(e), e.retry_after
@@ -289,6 +306,10 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             broke = str(e)
             self._forget(watch)
             watch.interrupt(lambda: WatchInterrupted(broke))
+
+    def _sending(self, watch: _PrefixWatch) -> None:
+        watch.sent_at = asyncio.get_running_loop().time()
+        self._creating.append(watch)
 
     def _refused(self, watch: _PrefixWatch, reason: str) -> None:
         self._forget(watch)
