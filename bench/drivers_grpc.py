@@ -162,35 +162,60 @@ class _SessionMux:
         await asyncio.gather(self.reader, return_exceptions=True)
 
 
+class _MuxPool:
+    """The Session streams of one channel: a request goes on the first with room, and another
+    stream opens when all are full. The broker refuses more than MAX_IN_FLIGHT (1,024) requests
+    in flight on one stream; any stream may carry any of the tenant's sessions. The uncontended
+    and contended workloads never fill one, so they run on one stream per channel as before."""
+
+    ROOM = 1_000  # below the broker's session_stream.MAX_IN_FLIGHT
+
+    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub) -> None:
+        self.stub = stub
+        self.muxes = [_SessionMux(stub)]
+
+    async def ask(self, **kind: Any) -> lock_pb2.SessionResponse:
+        mux = next((m for m in self.muxes if len(m.pending) < self.ROOM), None)
+        if mux is None:
+            mux = _SessionMux(self.stub)
+            self.muxes.append(mux)
+        return await mux.ask(**kind)
+
+    async def close(self) -> None:
+        for mux in self.muxes:
+            await mux.close()
+
+
 class BrokerStreamDriver(BrokerDriver):
     """lockbroker.v1 over the Session stream: one stream per channel carrying every worker's
-    session, acquire and release as messages (the Python client's default transport)."""
+    session, acquire and release as messages (the Python client's default transport), and more
+    streams only when one would pass the broker's cap of requests in flight (_MuxPool)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.muxes: list[_SessionMux] = []
+        self.muxes: list[_MuxPool] = []
 
     async def open(self, job: dict[str, Any]) -> None:
         await super().open(job)
-        self.muxes = [_SessionMux(stub) for stub in self.stubs]
+        self.muxes = [_MuxPool(stub) for stub in self.stubs]
 
     async def close(self) -> None:
         for mux in self.muxes:
             await mux.close()
         await super().close()
 
-    async def session(self) -> tuple[_SessionMux, str]:  # type: ignore[override]
+    async def session(self) -> tuple[_MuxPool, str]:  # type: ignore[override]
         mux = self.muxes[self._next % len(self.muxes)]
         self._next += 1
         create = lock_pb2.CreateSessionRequest(ttl=_duration(SESSION_TTL), owner="bench")
         resp = await mux.ask(open=lock_pb2.OpenSession(create=create))
         return mux, resp.open.session_id
 
-    async def end_session(self, session: tuple[_SessionMux, str]) -> None:  # type: ignore[override]
+    async def end_session(self, session: tuple[_MuxPool, str]) -> None:  # type: ignore[override]
         mux, session_id = session
         await mux.ask(close=lock_pb2.CloseSessionRequest(session_id=session_id))
 
-    async def acquire(self, session: tuple[_SessionMux, str], name: str, wait: float) -> tuple[int, int]:  # type: ignore[override]
+    async def acquire(self, session: tuple[_MuxPool, str], name: str, wait: float) -> tuple[int, int]:  # type: ignore[override]
         mux, session_id = session
         req = lock_pb2.AcquireRequest(
             name=name, session_id=session_id, wait_timeout=_duration(wait), owner="bench", request_id=uuid.uuid4().hex
@@ -198,7 +223,7 @@ class BrokerStreamDriver(BrokerDriver):
         token = (await mux.ask(acquire=req)).acquire.grant.fencing_token
         return token, token
 
-    async def release(self, session: tuple[_SessionMux, str], name: str, handle: int) -> None:  # type: ignore[override]
+    async def release(self, session: tuple[_MuxPool, str], name: str, handle: int) -> None:  # type: ignore[override]
         mux, session_id = session
         resp = await mux.ask(release=lock_pb2.ReleaseRequest(name=name, fencing_token=handle, session_id=session_id))
         if not resp.release.released:

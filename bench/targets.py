@@ -204,7 +204,8 @@ def plan(
     if "held" in workloads:
         points.append(Point("held", sizes.held, only("broker", *big_peers)))
     if "waiters" in workloads:
-        points.append(Point("waiters", sizes.waiters, only("broker", *big_peers)))
+        # broker-stream when named: there a waiter is a message on a stream, not a call of its own.
+        points.append(Point("waiters", sizes.waiters, only("broker", "broker-stream", *big_peers)))
     # The ways of one process to take locks (bench/measure.py run_shared) all run inside each run
     # of the broker target: each worker on its own lock, or all on one lock.
     for shared in ("shared-session", "shared-session-contended"):

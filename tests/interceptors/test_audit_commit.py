@@ -255,3 +255,23 @@ async def test_a_timed_write_of_held_records_keeps_their_place(tmp_path: Path, m
     await sink.write([b'{"n":"next"}\n'])
     await sink.close()
     assert [json.loads(line)["n"] for line in path.read_bytes().splitlines()] == ["held", "next"]
+
+
+def test_a_rendered_line_holds_only_its_own_bytes() -> None:
+    """Every blocked Acquire holds its RequestReceived line until it is answered: a line must not
+    carry orjson's 4 KB write buffer with it (it did: 4,098 bytes allocated for a 526-byte line,
+    ~8 KB per waiting call)."""
+    import tracemalloc  # noqa: PLC0415 - this test only
+
+    from lockbroker.interceptors.audit._pipeline import render_json  # noqa: PLC0415
+
+    record = {"schema": "lockbroker.audit/v1", "lock": "orders/42", "outcome": {"code": "OK"}, "pad": "x" * 400}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        lines = [render_json(record) for _ in range(200)]
+        per_line = (tracemalloc.get_traced_memory()[0] - before) / len(lines)
+    finally:
+        tracemalloc.stop()
+    assert lines[0].endswith(b"\n") and json.loads(lines[0]) == record
+    assert per_line < 2 * len(lines[0]), f"{per_line:.0f} bytes allocated per {len(lines[0])}-byte line"
