@@ -190,3 +190,36 @@ def _json_documents(text: str) -> list[Any]:
         doc, i = decoder.raw_decode(text, i)
         docs.append(doc)
     return docs
+
+
+async def test_grpcurl_observes_an_election_as_docs_election_md_shows(broker: Broker) -> None:
+    """docs/election.md's two Observe commands: the current state first, then, from an
+    after_revision, only what came after it. Observe streams until stopped: -max-time ends it,
+    and grpcurl then exits DeadlineExceeded (64 + 4) after printing what it received."""
+    target = f"127.0.0.1:{broker.port}"
+    elections = "lockbroker.v1.ElectionService"
+    session = json.loads(await grpcurl("-plaintext", "-d", '{"ttl":"30s"}', target, f"{SERVICE}/CreateSession"))
+    sid = field(session, "session_id")
+    campaign = {"name": "scheduler", "session_id": sid, "value": "aG9zdC1h", "owner": "me"}  # "host-a"
+    grant = json.loads(await grpcurl("-plaintext", "-d", json.dumps(campaign), target, f"{elections}/Campaign"))
+    token = field(grant["grant"], "fencing_token") if "grant" in grant else field(grant, "fencing_token")
+    led = json.loads(await grpcurl("-plaintext", "-d", '{"name": "scheduler"}', target, f"{elections}/Leader"))
+    proclaim = {"name": "scheduler", "session_id": sid, "fencing_token": token, "value": "aG9zdC1iOjgwODA="}
+    proclaimed = json.loads(await grpcurl("-plaintext", "-d", json.dumps(proclaim), target, f"{elections}/Proclaim"))
+    assert int(proclaimed["revision"]) > int(led["revision"])
+
+    now = _json_documents(
+        await grpcurl(
+            "-plaintext", "-max-time", "2", "-d", '{"name": "scheduler"}', target, f"{elections}/Observe", expect_rc=68
+        )
+    )
+    assert len(now) == 1, now  # the current state, then nothing until something changes
+    assert now[0]["leader"]["value"] == "aG9zdC1iOjgwODA=" and now[0]["revision"] == proclaimed["revision"]
+    assert field(now[0]["leader"], "session_id") == sid
+
+    after = json.dumps({"name": "scheduler", "after_revision": led["revision"]})
+    since = _json_documents(
+        await grpcurl("-plaintext", "-max-time", "2", "-d", after, target, f"{elections}/Observe", expect_rc=68)
+    )
+    assert [d["revision"] for d in since] == [proclaimed["revision"]], since  # only what came after
+    await grpcurl("-plaintext", "-d", json.dumps({"session_id": sid}), target, f"{SERVICE}/CloseSession")
