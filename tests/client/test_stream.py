@@ -1,4 +1,4 @@
-"""What only the stream transport has: one Session stream per Client, its fallback and its retry.
+"""What only the stream transport has: a Client's Session stream, its fallback and its retry.
 
 The client's semantic tests run on both transports (conftest.py's `transport`); these pin that
 the stream is really used, that a broker without it is served by unary calls, and that a stream
@@ -62,7 +62,7 @@ async def test_session_and_its_locks_go_over_one_stream(client: Client, monkeypa
     async with client.lock("stream/own", ttl=5):  # a session of its own: open, acquire, close
         pass
     assert kinds == ["open", "acquire", "release", "acquire", "release", "close", "open", "acquire", "close"]
-    assert client._stream is not None and client._stream._current is not None  # one stream, still open
+    assert client._stream is not None and len(client._stream.streams) == 1  # one stream, still open
 
 
 async def test_a_broker_without_the_stream_is_served_by_unary_calls(broker: Any) -> None:
@@ -96,12 +96,12 @@ async def test_a_broken_stream_is_retried_with_the_same_request_id(client: Clien
                 break
             await asyncio.sleep(0.05)
         assert client._stream is not None
-        old = client._stream._current
+        (old,) = client._stream.streams
         client._stream.reset()  # the stream breaks under the waiting acquire
         assert await client.release("broken", first.fencing_token, session_id=a.session_id)
         grant = await asyncio.wait_for(waiting, 15)
         assert grant.session_id == b.session_id and grant.request_id == "wait-b"
-        assert client._stream._current is not old  # a new stream carried the retry
+        assert old not in client._stream.streams and client._stream.streams  # a new stream carried the retry
         state = await client.describe("broken")
         assert state.holder is not None and state.holder.fencing_token == grant.fencing_token
         assert state.waiters == ()
@@ -173,13 +173,13 @@ async def test_a_broken_stream_under_acquire_many_is_retried_with_the_same_reque
                 break
             await asyncio.sleep(0.05)
         assert client._stream is not None
-        old = client._stream._current
+        (old,) = client._stream.streams
         client._stream.reset()  # the stream breaks under the waiting acquire_many
         assert await client.release("broken/2", first.fencing_token, session_id=a.session_id)
         grants = await asyncio.wait_for(waiting, 15)
         assert [g.name for g in grants] == ["broken/1", "broken/2"]
         assert all(g.session_id == b.session_id for g in grants)
-        assert client._stream._current is not old  # a new stream carried the retry
+        assert old not in client._stream.streams and client._stream.streams  # a new stream carried the retry
         for g in grants:
             state = await client.describe(g.name)
             assert state.holder is not None and state.holder.fencing_token == g.fencing_token

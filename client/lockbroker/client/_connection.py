@@ -1,5 +1,5 @@
 """A Client's connection: its channel and API key, each call's deadline and retry, and the
-transport its session operations take (messages on one Session stream, or a unary RPC each).
+transport its session operations take (messages on a few Session streams, or a unary RPC each).
 
 `Connection` is the base of `aio.Client`, kept apart so that aio.py reads as the API (one method per
 RPC, sessions and locks as context managers) while how each of those calls reaches the broker is
@@ -24,7 +24,7 @@ from lockbroker.client._clear import warn_if_key_in_clear
 from lockbroker.client._keepalive import KEEPALIVE_STREAM_LIFETIME, KeepAliveMux
 from lockbroker.client._retry import Backoff, call_with_retry
 from lockbroker.client._session import ClientSupport
-from lockbroker.client._stream import SessionStream, StreamKeepAlive, StreamUnsupported
+from lockbroker.client._stream import GoUnary, SessionStream, StreamKeepAlive
 from lockbroker.client.admin import AdminClient
 from lockbroker.client.types import Session, duration, seconds, timestamp
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
@@ -188,14 +188,15 @@ class Connection:
                 keeper._mark_lost("the broker reports the session expired")
 
     async def _via(self, kind: str, message: Message, unary: Callable[[float], Awaitable[_Resp]], left: float) -> _Resp:
-        """One attempt of a session operation: a message on the Session stream (answer field
-        `kind`), or the unary call when the transport is unary, the broker has no stream, or its
-        stream does not know this kind of message (an older broker)."""
+        """One attempt of a session operation: a message on a Session stream (answer field
+        `kind`), or the unary call when the transport is unary, the broker has no stream, its
+        stream does not know this kind of message (an older broker), or every stream the client
+        may open is full (the broker's in-flight bound per stream: see _stream.STREAM_IN_FLIGHT)."""
         stream = self._stream
         if stream is not None and not stream.unsupported:
             try:
                 answer = await stream.request(kind, message, left)
-            except StreamUnsupported:
+            except GoUnary:
                 pass
             else:
                 resp: _Resp = getattr(answer, kind)
