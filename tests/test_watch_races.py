@@ -28,35 +28,11 @@ from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
 from lockbroker.server.etcd.streams import WatchHub
 from tests.etcdutil import EtcdProbe
+from tests.test_watch_hub import delete, hub, put, until
+
+__all__ = ["hub"]  # the hub fixture, shared with test_watch_hub: pytest finds it by its name here
 
 TENANT = "default"
-
-
-@pytest.fixture
-async def hub(etcd: EmbeddedEtcd) -> AsyncIterator[tuple[EtcdClient, WatchHub]]:
-    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,)))
-    watches = WatchHub(client)
-    try:
-        yield client, watches
-    finally:
-        await watches.close()
-        await client.close()
-
-
-async def put(client: EtcdClient, key: bytes) -> int:
-    return (await client.put(pb.PutRequest(key=key, value=b"x"))).header.revision
-
-
-async def delete(client: EtcdClient, key: bytes) -> int:
-    resp = await client.txn(pb.TxnRequest(success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key))]))
-    return resp.header.revision
-
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    end = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def deletions_heard(watches: WatchHub) -> list[tuple[int, bytes]]:
