@@ -308,3 +308,29 @@ def test_entry_values_without_data_encode_as_before() -> None:
     assert b'"v"' not in plain.encode() and EntryValue.decode(plain.encode()) == plain
     with_data = plain.with_data(b"\x00\xffvalue")
     assert EntryValue.decode(with_data.encode()).data == b"\x00\xffvalue"
+
+
+_ELECTIONS = election_pb2.DESCRIPTOR.services_by_name["ElectionService"]
+_STRING_FIELDS = [
+    (m, f) for m in _ELECTIONS.methods for f in m.input_type.fields if f.type == f.TYPE_STRING and f.name != "value"
+]
+
+
+@pytest.mark.parametrize(("method", "fd"), _STRING_FIELDS, ids=[f"{m.name}.{f.name}" for m, f in _STRING_FIELDS])
+async def test_invalid_utf8_in_any_election_request_is_invalid_argument(
+    channel: aio.Channel, probe: EtcdProbe, method: Any, fd: Any
+) -> None:
+    """protobuf refuses to parse a string field that is not UTF-8, before any handler runs; grpcio
+    would then answer UNKNOWN without details (Observe did). Every method answers INVALID_ARGUMENT
+    naming the request, as LockService's do (tests/test_properties.py), and writes nothing."""
+    raw = bytes([(fd.number << 3) | 2, 3]) + b"a\xffb"  # one length-delimited field: tag, length, bytes
+    path = f"/{_ELECTIONS.full_name}/{method.name}"
+    before = await probe.keys()
+    if method.server_streaming:
+        call: Any = channel.unary_stream(path, request_serializer=bytes, response_deserializer=bytes)(raw, timeout=10)
+        result = call.read()
+    else:
+        result = channel.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)(raw, timeout=10)
+    r = await expect_error(result, grpc.StatusCode.INVALID_ARGUMENT, ErrorReason.INVALID_ARGUMENT)
+    assert r.fields == ["request"], str(r)
+    assert await probe.keys() == before

@@ -35,7 +35,7 @@ from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.locks import LockCore
 from lockbroker.server.core.memory import MemoryLockBackend
 from lockbroker.server.core.quota import Quotas, TenantQuota
-from lockbroker.server.election_service import ELECTION_SERVICE, ElectionService, add_election_service
+from lockbroker.server.election_service import ELECTION_SERVICE, ElectionService
 from lockbroker.server.embedded import EmbeddedEtcd, EmbeddedEtcdConfig
 from lockbroker.server.etcd.backend import EtcdLockBackend
 from lockbroker.server.etcd.client import EtcdClient
@@ -271,7 +271,7 @@ class Broker:
         self.election_service = ElectionService(
             elections, cfg.limits, locks=service, etcd=self.client, retry=service.retry, quotas=self.quotas
         )
-        add_election_service(self.election_service, server)
+        add_to_server(self.election_service, server, ELECTION_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(

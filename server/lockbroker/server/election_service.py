@@ -18,11 +18,11 @@ from grpc import aio
 from lockbroker.interceptors.base import CallInfo, scoped
 from lockbroker.server import convert
 from lockbroker.server.core.election import FOREVER, MAX_VALUE_BYTES, Campaign, ElectionCore
-from lockbroker.server.core.errors import ShuttingDown
+from lockbroker.server.core.errors import FieldViolation, InvalidArgument, ShuttingDown
 from lockbroker.server.core.model import Entry
 from lockbroker.server.core.names import owner_problem, request_id_problem, session_id_of
 from lockbroker.server.core.quota import UNLIMITED, QuotaLookup
-from lockbroker.server.service import NO_RETRY, Ctx, RetryPolicy, _fail, _tolerant, principal_of, rpc, tenant_of
+from lockbroker.server.service import NO_RETRY, Ctx, Malformed, RetryPolicy, _fail, principal_of, rpc, tenant_of
 from lockbroker.server.validation import _Checker
 from lockbroker.v1 import election_pb2, election_pb2_grpc
 
@@ -144,6 +144,8 @@ class ElectionService(election_pb2_grpc.ElectionServiceServicer):
         try:
             if self.draining:
                 raise ShuttingDown("the broker is shutting down; retry on another replica", retry_after=0.5)
+            if isinstance(request, Malformed):
+                raise InvalidArgument([FieldViolation("request", f"is not a valid request message: {request.error}")])
             c = _Checker()
             c.name("name", request.name, self.limits)
             if request.after_revision < 0:
@@ -197,26 +199,3 @@ class ElectionService(election_pb2_grpc.ElectionServiceServicer):
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-def add_election_service(service: ElectionService, server: aio.Server) -> None:
-    """Register `service` like service.add_to_server (unary requests parsed by `_tolerant`), with
-    Observe as a server stream."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for m in ELECTION_SERVICE.methods:
-        request: Any = getattr(election_pb2, m.input_type.name)
-        response: Any = getattr(election_pb2, m.output_type.name)
-        behavior = getattr(service, m.name)
-        if m.server_streaming:
-            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
-            )
-        else:
-            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                behavior,
-                request_deserializer=_tolerant(request.FromString),
-                response_serializer=response.SerializeToString,
-            )
-    name = ELECTION_SERVICE.full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 from grpc import aio
 
 from lockbroker.interceptors.base import CallInfo, scoped, state_of
@@ -122,12 +123,13 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def add_to_server(service: object, server: aio.Server, desc: ServiceDescriptor = _SERVICE_DESC) -> None:
-    """Register `service` like the generated add_<Service>Servicer_to_server, with unary requests
-    deserialized by `_tolerant` (streams read their messages in the handler: see `_until_draining`)."""
+    """Register `service` (LockService, AdminService, ElectionService: any of our services) like the
+    generated add_<Service>Servicer_to_server, with single requests deserialized by `_tolerant`
+    (client streams read their messages in the handler: see `_until_draining`)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for m in desc.methods:
-        request: Any = getattr(lock_pb2, m.input_type.name)
-        response: Any = getattr(lock_pb2, m.output_type.name)
+        request: Any = GetMessageClass(m.input_type)
+        response: Any = GetMessageClass(m.output_type)
         behavior = getattr(service, m.name)
         if m.client_streaming:
             handlers[m.name] = grpc.stream_stream_rpc_method_handler(
