@@ -39,8 +39,8 @@ from lockbroker.client.errors import (
     WaitExpired,
     from_rpc_error,
 )
-from lockbroker.client.types import Grant, duration, seconds, timestamp
-from lockbroker.v1 import election_pb2, election_pb2_grpc
+from lockbroker.client.types import Grant, duration, grant_of
+from lockbroker.v1 import election_pb2, election_pb2_grpc, lock_pb2
 
 if TYPE_CHECKING:
     from lockbroker.client.aio import Client
@@ -134,17 +134,8 @@ class Election:
             return await self._stub.Campaign(req, timeout=left, metadata=md)
 
         resp = await call_with_retry(attempt, deadline=started + total, backoff=self.client._backoff)
-        g = resp.grant
-        return Grant(
-            name=g.name,
-            fencing_token=g.fencing_token,
-            session_id=g.session_id,
-            expires_at=timestamp(g.expires_at) if g.HasField("expires_at") else None,
-            owner=g.owner,
-            request_id=g.request_id,
-            queued_at=timestamp(g.queued_at) if g.HasField("queued_at") else None,
-            waited=seconds(resp.waited),
-        )
+        # A leadership is a lock grant (lock_pb2.Grant): read by the one function that reads grants.
+        return grant_of(lock_pb2.AcquireResponse(grant=resp.grant, waited=resp.waited))
 
     async def proclaim(self, session_id: str, fencing_token: int, value: bytes, *, timeout: float | None = None) -> int:
         req = election_pb2.ProclaimRequest(
