@@ -177,9 +177,15 @@ async def test_a_release_of_another_claim_does_not_refuse_an_enqueue_in_flight()
     mem, core, s = await _held_core()
     ks = core.keyspace(TENANT)
     name = "marks/other"
-    mine, other = ks.entry_key(name, s, "cmine"), ks.entry_key(name, s, "cother")
+    mine = ks.entry_key(name, s, "cmine")
+    # The session id is random and a mark is one of 256 buckets of the key: pick the other claim's
+    # name so that its mark differs (fixed names collided once in 256 runs).
+    claim = next(
+        c for c in (f"cother{i}" for i in range(64)) if ks.mark(s).of(ks.entry_key(name, s, c)) != ks.mark(s).of(mine)
+    )
+    other = ks.entry_key(name, s, claim)
     assert ks.mark(s).of(mine) != ks.mark(s).of(other)
-    held = await _enqueue(mem, core, name, s, claim="cother", request_id="other")
+    held = await _enqueue(mem, core, name, s, claim=claim, request_id="other")
     assert held.position.mine is not None
     gate = asyncio.Event()
     mem.fail("enqueue", applied=True, gate=gate)
