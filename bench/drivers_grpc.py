@@ -17,6 +17,7 @@ from grpc import aio
 
 from bench import v3lock_pb2 as v3lock_pb
 from bench import v3lock_pb2_grpc as v3lock_grpc
+from lockbroker.client._writer import BATCH_METADATA, StreamWriter, granted
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as etcd_pb
 from lockbroker.server.etcd import rpc_pb2_grpc as etcd_grpc
@@ -124,23 +125,40 @@ class _SessionMux:
     """One Session stream per channel, shared by the job's workers, answers matched by id: what
     the Python client does by default (client/lockbroker/client/_stream.py), without its retry."""
 
-    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub) -> None:
-        self.call: Any = stub.Session()
+    def __init__(self, stub: lock_pb2_grpc.LockServiceAsyncStub, *, batches: bool = True) -> None:
+        self.call: Any = stub.Session(metadata=(BATCH_METADATA,) if batches else ())
         self.pending: dict[int, asyncio.Future[lock_pb2.SessionResponse]] = {}
         self.ids = itertools.count(1)
-        self.write_lock = asyncio.Lock()  # one write at a time per grpc.aio call
+        # The client's writer: one write at a time, in order, batched once the broker grants it.
+        self.writer = StreamWriter(self.call, self._write_failed)
         self.reader = asyncio.create_task(self._read())
+
+    async def _write_failed(self, requests: list[lock_pb2.SessionRequest], exc: BaseException) -> None:
+        for r in requests:
+            fut = self.pending.pop(r.id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()
+
+    def _answer(self, resp: lock_pb2.SessionResponse) -> None:
+        fut = self.pending.pop(resp.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(resp)
 
     async def _read(self) -> None:
         failure: BaseException = ConnectionError("session stream ended")
         try:
+            self.writer.batches = granted(await self.call.initial_metadata())
             async for resp in self.call:
-                fut = self.pending.pop(resp.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
+                if resp.WhichOneof("kind") == "batch":
+                    for one in resp.batch.responses:
+                        self._answer(one)
+                else:
+                    self._answer(resp)
         except grpc.RpcError as exc:
             failure = exc
         finally:
+            self.writer.cancel()
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(failure)
@@ -150,8 +168,7 @@ class _SessionMux:
         rid = next(self.ids)
         fut: asyncio.Future[lock_pb2.SessionResponse] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        async with self.write_lock:
-            await self.call.write(lock_pb2.SessionRequest(id=rid, **kind))
+        self.writer.send(lock_pb2.SessionRequest(id=rid, **kind))
         resp = await fut
         if resp.HasField("error"):
             raise StreamError(resp.error)
@@ -160,6 +177,7 @@ class _SessionMux:
     async def close(self) -> None:
         self.call.cancel()
         await asyncio.gather(self.reader, return_exceptions=True)
+        await self.writer.wait()
 
 
 class _MuxPool:

@@ -68,6 +68,9 @@ class _Call:
             return
         self.held[req.id] = req
 
+    async def initial_metadata(self) -> aio.Metadata:
+        return aio.Metadata()  # a broker that does not take batches
+
     async def done_writing(self) -> None:
         self.half_closed = True
         if not self.held:

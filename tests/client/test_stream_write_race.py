@@ -34,6 +34,9 @@ class _Call:
     def cancel(self) -> bool:
         return True
 
+    async def initial_metadata(self) -> aio.Metadata:
+        return aio.Metadata()
+
     def __aiter__(self) -> AsyncIterator[lock_pb2.SessionResponse]:
         return self._responses()
 

@@ -36,6 +36,7 @@ for as long as that stream lives.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -48,6 +49,7 @@ from google.rpc import error_details_pb2
 from grpc import aio
 
 from lockbroker.client._keepalive import KeepAliveMux
+from lockbroker.client._writer import BATCH_METADATA, StreamBroken, StreamWriter, granted
 from lockbroker.client.errors import SessionRevoked, from_rpc_error
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from lockbroker.v1.reasons import ErrorReason
@@ -158,7 +160,7 @@ def _session_gone(status: lock_pb2.Status) -> bool:
 class _Call:
     """One open Session stream and the requests waiting for its answers."""
 
-    __slots__ = ("abandoned", "answered", "call", "cap", "pending", "reader", "retired", "unknown", "writing")
+    __slots__ = ("abandoned", "answered", "call", "cap", "pending", "reader", "retired", "unknown", "writer")
 
     def __init__(self, call: Any, cap: int) -> None:
         self.call = call
@@ -171,7 +173,7 @@ class _Call:
         self.answered = False  # any message read: the broker serves the Session RPC
         self.unknown: set[str] = set()  # kinds of request this stream's broker does not know
         self.retired = False  # takes no new request: half-closed, reset or closed
-        self.writing = asyncio.Lock()  # grpc.aio allows one write at a time per call
+        self.writer: StreamWriter | None = None  # every write, in order (batched when granted)
 
     @property
     def in_flight(self) -> int:
@@ -244,7 +246,8 @@ class SessionStream:
             raise StreamFull
         # No deadline on the stream itself: each message has its own (the broker's per-message
         # deadline, our `timeout`), and grpc's keepalive pings notice a dead connection.
-        call = _Call(self._stub.Session(metadata=self._metadata), self._in_flight)
+        call = _Call(self._stub.Session(metadata=(*self._metadata, BATCH_METADATA)), self._in_flight)
+        call.writer = StreamWriter(call.call, functools.partial(self._write_failed, call))
         call.reader = asyncio.create_task(self._read(call), name="lockbroker-session-stream")
         self._calls.append(call)
         return call
@@ -257,18 +260,14 @@ class SessionStream:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[lock_pb2.SessionResponse] = loop.create_future()
         call.pending[rid] = fut  # counted from now: requests waiting to write fill the stream too
+        assert call.writer is not None
         try:
-            async with call.writing:
-                if not fut.done():  # done: the stream ended meanwhile, and its reader said why
-                    await call.call.write(req)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                call.pending.pop(rid, None)
-                self._settled(call)
-                raise
+            call.writer.send(req)  # written by the stream's writer, after what was sent before
+        except StreamBroken as exc:
+            # The writer stops when a write fails, which it does when the stream already ended:
+            # the reader, which fails every pending request with the stream's status
+            # (UNIMPLEMENTED...), knows why.
             if not fut.done():
-                # The write fails when the stream already ended: the reader, which fails every
-                # pending request with the stream's status (UNIMPLEMENTED...), knows why.
                 await asyncio.wait({fut}, timeout=1.0)
             call.pending.pop(rid, None)
             self._settled(call)
@@ -314,13 +313,28 @@ class SessionStream:
         return resp
 
     async def _cancel(self, call: _Call, rid: int) -> None:
-        if call.retired:  # reset or closed: the stream and its requests are gone
+        if call.retired or call.writer is None:  # reset or closed: the stream and its requests are gone
             return
         try:
-            async with call.writing:
-                await call.call.write(lock_pb2.SessionRequest(cancel=rid))
-        except Exception as exc:  # the stream is gone: so is the request
+            # After the request itself, however far its write got: the writer keeps the order.
+            call.writer.send(lock_pb2.SessionRequest(cancel=rid))
+        except StreamBroken as exc:  # the stream is gone: so is the request
             log.debug("could not cancel request %d: %s", rid, exc)
+
+    async def _write_failed(self, call: _Call, requests: list[lock_pb2.SessionRequest], exc: BaseException) -> None:
+        """The writer's report of a failed write: `requests` never reached the broker whole. The
+        write fails when the stream already ended, and the reader, which fails every pending
+        request with the stream's status (UNIMPLEMENTED...), knows why; what it has not answered
+        within a second fails UNAVAILABLE."""
+        futs = [f for r in requests if (f := call.pending.get(r.id)) is not None and not f.done()]
+        if futs:
+            await asyncio.wait(futs, timeout=1.0)
+        failure = _error(grpc.StatusCode.UNAVAILABLE, f"session stream failed: {exc}")
+        for r in requests:
+            fut = call.pending.pop(r.id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(failure)
+        self._settled(call)
 
     def _settled(self, call: _Call) -> None:
         """After an answer: half-close a stream opened for overflow once nothing is in flight on
@@ -335,10 +349,9 @@ class SessionStream:
     async def _half_close(self, call: _Call) -> None:
         # The broker ends the stream once it has answered everything; the reader reads to the end
         # (an event may follow the last answer) and lets the stream go.
-        try:
-            async with call.writing:
-                await call.call.done_writing()
-        except Exception:
+        if call.writer is not None and not call.writer.stopped:
+            call.writer.close()  # after what is queued
+        else:
             call.call.cancel()
 
     def reset(self) -> None:
@@ -356,22 +369,34 @@ class SessionStream:
             call.call.cancel()
         readers = [c.reader for c in calls if c.reader is not None]
         await asyncio.gather(*readers, *self._closers, return_exceptions=True)
+        await asyncio.gather(*(c.writer.wait() for c in calls if c.writer is not None))
+
+    def _answered(self, call: _Call, resp: lock_pb2.SessionResponse) -> None:
+        if resp.id == 0:
+            if resp.HasField("event") and self._on_expired is not None:
+                self._on_expired(resp.event.session_id)
+            return
+        fut = call.pending.pop(resp.id, None)
+        if fut is None:
+            call.abandoned.discard(resp.id)
+        elif not fut.done():
+            fut.set_result(resp)
+        self._settled(call)
 
     async def _read(self, call: _Call) -> None:
         failure: BaseException = _error(grpc.StatusCode.UNAVAILABLE, "session stream ended")
         try:
+            # Sent before any answer by a broker that takes batches (with the first answer, or
+            # the stream's end, by one that does not).
+            if granted(await call.call.initial_metadata()) and call.writer is not None:
+                call.writer.batches = True
             async for resp in call.call:
                 call.answered = True
-                if resp.id == 0:
-                    if resp.HasField("event") and self._on_expired is not None:
-                        self._on_expired(resp.event.session_id)
-                    continue
-                fut = call.pending.pop(resp.id, None)
-                if fut is None:
-                    call.abandoned.discard(resp.id)
-                elif not fut.done():
-                    fut.set_result(resp)
-                self._settled(call)
+                if resp.WhichOneof("kind") == "batch":
+                    for one in resp.batch.responses:
+                        self._answered(call, one)
+                else:
+                    self._answered(call, resp)
         except aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.UNIMPLEMENTED:
@@ -407,6 +432,8 @@ class SessionStream:
                 raise
         finally:
             call.retired = True
+            if call.writer is not None:
+                call.writer.cancel()  # the stream is over: nothing more to write
             if call in self._calls:
                 self._calls.remove(call)
             pending = list(call.pending.values())

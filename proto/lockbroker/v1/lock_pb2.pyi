@@ -1451,6 +1451,7 @@ class SessionRequest(_message.Message):
     CLOSE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     ACQUIRE_MANY_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Correlation id chosen by the client, echoed in the answer. Non-zero;
@@ -1503,6 +1504,16 @@ class SessionRequest(_message.Message):
         """
 
     @_builtins.property
+    def batch(self) -> Global___SessionRequests:
+        """Several requests in one message (see `rpc Session`, "Batches"), each
+        handled in order exactly as if it came alone, with its own id and
+        timeout. This message's own id and timeout are ignored and it gets no
+        answer of its own. A batch inside a batch is answered
+        INVALID_ARGUMENT (with its id); at most 1024 requests per batch (more:
+        the whole batch is refused INVALID_ARGUMENT with this message's id).
+        """
+
+    @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """This request's deadline, counted from when the broker reads it: what a
         unary call's grpc-timeout is to that call. The broker bounds the
@@ -1522,13 +1533,14 @@ class SessionRequest(_message.Message):
         close: Global___CloseSessionRequest | None = ...,
         cancel: _builtins.int = ...,
         acquire_many: Global___AcquireManyRequest | None = ...,
+        batch: Global___SessionRequests | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "batch", b"batch", "cancel", b"cancel", "close", b"close", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "batch", b"batch", "cancel", b"cancel", "close", b"close", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "cancel", "acquire_many"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "cancel", "acquire_many", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1584,6 +1596,7 @@ class SessionResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     ACQUIRE_MANY_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The id of the request answered; 0 for an event."""
     @_builtins.property
@@ -1618,6 +1631,13 @@ class SessionResponse(_message.Message):
     def acquire_many(self) -> Global___AcquireManyResponse:
         """Answers `acquire_many`: one grant per lock."""
 
+    @_builtins.property
+    def batch(self) -> Global___SessionResponses:
+        """Several answers and events in one message (id is 0), each exactly as
+        it would be sent alone, in the order they were ready. Sent only on a
+        stream whose call asked for batches (see `rpc Session`, "Batches").
+        """
+
     def __init__(
         self,
         *,
@@ -1630,16 +1650,65 @@ class SessionResponse(_message.Message):
         error: Global___Status | None = ...,
         event: Global___SessionEvent | None = ...,
         acquire_many: Global___AcquireManyResponse | None = ...,
+        batch: Global___SessionResponses | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "close", b"close", "error", b"error", "event", b"event", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "batch", b"batch", "close", b"close", "error", b"error", "event", b"event", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "close", b"close", "error", b"error", "event", b"event", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "acquire_many", b"acquire_many", "batch", b"batch", "close", b"close", "error", b"error", "event", b"event", "id", b"id", "keepalive", b"keepalive", "kind", b"kind", "open", b"open", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "error", "event", "acquire_many"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "acquire", "release", "keepalive", "close", "error", "event", "acquire_many", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
+class SessionRequests(_message.Message):
+    """SessionRequests is a batch of requests in one SessionRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionRequest]:
+        """The requests, none of them a batch."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SessionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRequests: _TypeAlias = SessionRequests  # noqa: Y015
+
+@_typing.final
+class SessionResponses(_message.Message):
+    """SessionResponses is a batch of answers and events in one SessionResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
+        """The answers and events, none of them a batch."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___SessionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionResponses: _TypeAlias = SessionResponses  # noqa: Y015
 
 @_typing.final
 class Status(_message.Message):

@@ -145,6 +145,16 @@ class LockServiceStub:
     At most a bounded number of requests (default 1024) may be in flight
     on one stream; the one over it is answered RESOURCE_EXHAUSTED
     (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
+
+    Batches: most of a message's cost is the message, not its content, so a
+    busy client may send several requests in one message
+    (SessionRequest.batch) and take several answers in one
+    (SessionResponse.batch). Ask with the call metadata
+    "lockbroker-batch: 1"; a broker that takes batches answers with the
+    initial metadata "lockbroker-batch: 1" before anything else, and only
+    then sends batched answers. Send batched requests only after that
+    metadata came (an older broker refuses them). Each request and answer
+    in a batch means exactly what it means alone.
     """
     CheckFence: _grpc.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]
     """CheckFence tells a resource whether a fencing token still holds its lock:
@@ -267,6 +277,16 @@ class LockServiceAsyncStub(LockServiceStub):
     At most a bounded number of requests (default 1024) may be in flight
     on one stream; the one over it is answered RESOURCE_EXHAUSTED
     (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
+
+    Batches: most of a message's cost is the message, not its content, so a
+    busy client may send several requests in one message
+    (SessionRequest.batch) and take several answers in one
+    (SessionResponse.batch). Ask with the call metadata
+    "lockbroker-batch: 1"; a broker that takes batches answers with the
+    initial metadata "lockbroker-batch: 1" before anything else, and only
+    then sends batched answers. Send batched requests only after that
+    metadata came (an older broker refuses them). Each request and answer
+    in a batch means exactly what it means alone.
     """
     CheckFence: _aio.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]  # type: ignore[assignment]
     """CheckFence tells a resource whether a fencing token still holds its lock:
@@ -446,6 +466,16 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         At most a bounded number of requests (default 1024) may be in flight
         on one stream; the one over it is answered RESOURCE_EXHAUSTED
         (QUOTA_EXCEEDED, limit "stream_in_flight") and the stream stays open.
+
+        Batches: most of a message's cost is the message, not its content, so a
+        busy client may send several requests in one message
+        (SessionRequest.batch) and take several answers in one
+        (SessionResponse.batch). Ask with the call metadata
+        "lockbroker-batch: 1"; a broker that takes batches answers with the
+        initial metadata "lockbroker-batch: 1" before anything else, and only
+        then sends batched answers. Send batched requests only after that
+        metadata came (an older broker refuses them). Each request and answer
+        in a batch means exactly what it means alone.
         """
 
     @_abc_1.abstractmethod

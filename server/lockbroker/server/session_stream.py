@@ -64,6 +64,13 @@ MAX_IN_FLIGHT = 1024
 # Python client gives a unary call by default (Client.default_timeout).
 MESSAGE_TIMEOUT = 30.0
 _GONE = frozenset({ErrorReason.SESSION_NOT_FOUND, ErrorReason.SESSION_LOST})
+# Batches (lock.proto, `rpc Session`): the call metadata a client asks for batched answers with,
+# and the initial metadata that says this broker takes batched requests.
+BATCH_METADATA = ("lockbroker-batch", "1")
+# Requests in one batched request, and answers in one batched answer. An answer batch also stops
+# near BATCH_BYTES, well under grpc's default 4 MiB message limit of the client's side.
+MAX_BATCH = 1024
+BATCH_BYTES = 1 << 20
 
 Behavior = Callable[[Any, Context], Awaitable[Any]]
 _NO_SPAN = contextlib.nullcontext()
@@ -244,12 +251,25 @@ class SessionStreams:
     ) -> AsyncGenerator[lock_pb2.SessionResponse, None]:
         """The stream's answers and events; raises (for the edge to map) what ends the stream."""
         stream = _Stream(self, scoped(context, SESSION_INFO))
+        batches = BATCH_METADATA in (context.invocation_metadata() or ())
+        if batches:
+            # Before any answer, so the client knows it may send batches from its next write on.
+            await context.send_initial_metadata((BATCH_METADATA,))
         reader = asyncio.create_task(stream.read(requests))
         reader.add_done_callback(_retrieve)
         stream.reader = reader
+        out = stream.out
+        held: _Out | _Nothing = _NOTHING  # taken from the queue, not yet sent
         try:
             while True:
-                item = await stream.out.get()
+                if held is _NOTHING:
+                    item = await out.get()
+                else:
+                    item, held = cast(_Out, held), _NOTHING
+                if batches and not out.empty() and isinstance(item, lock_pb2.SessionResponse):
+                    # What was answered while the last write was in flight goes out as one
+                    # message: the message costs both sides far more than its answers do.
+                    item, held = _answers(item, out)
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -334,29 +354,22 @@ class _Stream:
         loop = asyncio.get_running_loop()
         try:
             async for req in requests:
-                if req.WhichOneof("kind") == "cancel":
-                    task = self.tasks.get(req.cancel)
-                    if task is not None and not task.done():
-                        self.cancelled.add(req.cancel)
-                        task.cancel()
+                if req.WhichOneof("kind") != "batch":
+                    self._take(req, loop)
                     continue
-                try:
-                    kind, behavior, request = self._admit(req)
-                except LockBrokerError as exc:
-                    # A bad envelope is answered and the stream goes on; it is no lock operation,
-                    # so no audit record (a bad operation inside a good envelope gets one).
-                    self.out.put_nowait(lock_pb2.SessionResponse(id=req.id, error=error_status(exc)))
+                batch = req.batch.requests
+                if len(batch) > MAX_BATCH:
+                    bad = InvalidArgument(
+                        [FieldViolation("batch", f"holds {len(batch)} requests, more than {MAX_BATCH}")]
+                    )
+                    self.out.put_nowait(lock_pb2.SessionResponse(id=req.id, error=error_status(bad)))
                     continue
-                rid = req.id
-                deadline = self.streams.deadline(kind, req, request, self.context)
-                task = asyncio.create_task(self._one(rid, kind, behavior, request, deadline))
-                self.tasks[rid] = task
-                # The message's deadline, as grpc enforces a unary call's: past it the work is
-                # cancelled (a waiting acquire leaves the queue) and answered DEADLINE_EXCEEDED.
-                # The layers below answer before it when they can (waits and etcd calls end
-                # ANSWER_MARGIN earlier); this only catches what did not.
-                timer = loop.call_at(deadline, self._expire, rid, task)
-                task.add_done_callback(functools.partial(self._settle, rid, timer))
+                for member in batch:
+                    if member.WhichOneof("kind") == "batch":
+                        bad = InvalidArgument([FieldViolation("batch", "a batch must not hold a batch")])
+                        self.out.put_nowait(lock_pb2.SessionResponse(id=member.id, error=error_status(bad)))
+                    else:
+                        self._take(member, loop)
         except DecodeError as e:
             # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
             bad = InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")])
@@ -369,6 +382,34 @@ class _Stream:
             closing.remove_done_callback(self._drain)
         if not self.tasks:
             self.out.put_nowait(None)
+
+    def _take(self, req: lock_pb2.SessionRequest, loop: asyncio.AbstractEventLoop) -> None:
+        """Start serving one request (or cancel the one it names)."""
+        if req.WhichOneof("kind") == "cancel":
+            task = self.tasks.get(req.cancel)
+            if task is not None and not task.done():
+                self.cancelled.add(req.cancel)
+                # After the task's first step: one cancelled before it ran (its request came in the
+                # same batch) would end without running `_one`, so without an answer.
+                loop.call_soon(task.cancel)
+            return
+        try:
+            kind, behavior, request = self._admit(req)
+        except LockBrokerError as exc:
+            # A bad envelope is answered and the stream goes on; it is no lock operation,
+            # so no audit record (a bad operation inside a good envelope gets one).
+            self.out.put_nowait(lock_pb2.SessionResponse(id=req.id, error=error_status(exc)))
+            return
+        rid = req.id
+        deadline = self.streams.deadline(kind, req, request, self.context)
+        task = asyncio.create_task(self._one(rid, kind, behavior, request, deadline))
+        self.tasks[rid] = task
+        # The message's deadline, as grpc enforces a unary call's: past it the work is
+        # cancelled (a waiting acquire leaves the queue) and answered DEADLINE_EXCEEDED.
+        # The layers below answer before it when they can (waits and etcd calls end
+        # ANSWER_MARGIN earlier); this only catches what did not.
+        timer = loop.call_at(deadline, self._expire, rid, task)
+        task.add_done_callback(functools.partial(self._settle, rid, timer))
 
     async def _one(self, rid: int, kind: _Kind, behavior: Behavior, request: Any, deadline: float) -> None:
         """Serve one request as a call of its own and queue its answer (and any event)."""
@@ -444,9 +485,41 @@ class _Stream:
                 self.out.put_nowait(lock_pb2.SessionResponse(id=0, event=event))
 
 
+class _Nothing:
+    """Nothing held back (None is the stream's end)."""
+
+
+_NOTHING = _Nothing()
+_Out = lock_pb2.SessionResponse | BaseException | None
+
+
+def _answers(
+    first: lock_pb2.SessionResponse, out: asyncio.Queue[_Out]
+) -> tuple[lock_pb2.SessionResponse, _Out | _Nothing]:
+    """`first` and the answers queued behind it as one message (a batch when there are several),
+    and the item taken that did not go in: the stream's end or failure (None or an exception, for
+    after this message), or an answer past the batch's bounds; `_NOTHING` when the queue ran dry."""
+    answers = [first]
+    size = first.ByteSize()
+    held: _Out | _Nothing = _NOTHING
+    while not out.empty():
+        item = out.get_nowait()
+        if not isinstance(item, lock_pb2.SessionResponse):
+            held = item
+            break
+        size += item.ByteSize()
+        if len(answers) >= MAX_BATCH or size > BATCH_BYTES:
+            held = item
+            break
+        answers.append(item)
+    if len(answers) == 1:
+        return first, held
+    return lock_pb2.SessionResponse(batch=lock_pb2.SessionResponses(responses=answers)), held
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
 
-__all__ = ["MAX_IN_FLIGHT", "MessageAborted", "MessageContext", "SessionStreams"]
+__all__ = ["BATCH_METADATA", "MAX_BATCH", "MAX_IN_FLIGHT", "MessageAborted", "MessageContext", "SessionStreams"]
