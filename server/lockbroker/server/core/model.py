@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import zlib
 from dataclasses import dataclass, field, replace
+
+import orjson
 
 # A session's release marks (see LockBackend.enqueue) are spread over this many keys by a hash of
 # the entry key they guard. A release moves only its own entry's mark, so an enqueue conflicts
@@ -81,12 +82,14 @@ class EntryValue:
             doc["n"] = self.limit
         if self.data:
             doc["v"] = base64.b64encode(self.data).decode()
-        return json.dumps(doc, separators=(",", ":")).encode()
+        # orjson: the same compact JSON as json.dumps(separators=(",", ":")), non-ASCII as UTF-8
+        # rather than \u escapes (both read back the same); a third of the CPU on every enqueue.
+        return orjson.dumps(doc)
 
     @staticmethod
     def decode(raw: bytes) -> EntryValue:
         try:
-            doc = json.loads(raw)
+            doc = orjson.loads(raw)
             return EntryValue(
                 str(doc.get("o", "")),
                 str(doc.get("r", "")),
@@ -204,12 +207,12 @@ class Revocation:
 
     def encode(self) -> bytes:
         doc = {"n": self.name, "f": self.fencing_token, "r": self.reason, "m": self.message, "a": self.admin}
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return orjson.dumps(doc)  # as EntryValue.encode
 
     @staticmethod
     def decode(raw: bytes) -> Revocation | None:
         try:
-            doc = json.loads(raw)
+            doc = orjson.loads(raw)
             return Revocation(str(doc["n"]), int(doc["f"]), str(doc["r"]), str(doc["m"]), str(doc.get("a", "")))
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
