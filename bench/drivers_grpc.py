@@ -17,7 +17,7 @@ from grpc import aio
 
 from bench import v3lock_pb2 as v3lock_pb
 from bench import v3lock_pb2_grpc as v3lock_grpc
-from lockbroker.client._writer import BATCH_METADATA, StreamWriter, granted
+from lockbroker.client._writer import BATCH_METADATA, StreamBroken, StreamWriter, granted
 from lockbroker.server.core.names import prefix_end
 from lockbroker.server.etcd import rpc_pb2 as etcd_pb
 from lockbroker.server.etcd import rpc_pb2_grpc as etcd_grpc
@@ -168,7 +168,11 @@ class _SessionMux:
         rid = next(self.ids)
         fut: asyncio.Future[lock_pb2.SessionResponse] = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
-        self.writer.send(lock_pb2.SessionRequest(id=rid, **kind))
+        try:
+            self.writer.send(lock_pb2.SessionRequest(id=rid, **kind))
+        except StreamBroken as exc:
+            del self.pending[rid]
+            raise ConnectionError("session stream ended") from exc
         resp = await fut
         if resp.HasField("error"):
             raise StreamError(resp.error)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from lockbroker.client._stream import SessionStream
 from lockbroker.server.session_stream import BATCH_METADATA, MAX_BATCH, _answers, _Nothing
 from lockbroker.v1 import lock_pb2, lock_pb2_grpc
 from tests.etcdutil import EtcdProbe
@@ -140,11 +141,12 @@ async def test_bad_batches_are_refused_and_run_nothing(batching: BatchStream, pr
     # Too many requests: the whole batch is refused, with the batch's own id.
     too_many = [acquire(1000 + i, f"b/big/{i}", sid) for i in range(MAX_BATCH + 1)]
     await batching.call.write(lock_pb2.SessionRequest(id=7, batch=lock_pb2.SessionRequests(requests=too_many)))
-    got = await batching.wait_for({7})
-    assert got[7].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    bad = detail(got[7].error, error_details_pb2.BadRequest)
-    assert [v.field for v in bad.field_violations] == ["batch"]
-    assert not any(1000 + i in batching.answers for i in range(MAX_BATCH + 1))
+    # Every request is refused under its own id (and the batch under its own), none runs.
+    got = await batching.wait_for({7} | {1000 + i for i in range(MAX_BATCH + 1)})
+    for answer in got.values():
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer
+        bad = detail(answer.error, error_details_pb2.BadRequest)
+        assert [v.field for v in bad.field_violations] == ["batch"]
     # A batch in a batch: refused with its id; the requests around it run.
     inner = lock_pb2.SessionRequest(id=21, batch=lock_pb2.SessionRequests(requests=[acquire(22, "b/inner", sid)]))
     keep = lock_pb2.SessionRequest(id=23, keepalive=lock_pb2.RefreshRequest(session_id=sid))
@@ -173,3 +175,29 @@ def test_queued_answers_become_one_message_and_the_end_waits_its_turn() -> None:
     single, rest = _answers(out.get_nowait(), out)
     assert single.id == 9 and single.WhichOneof("kind") is None
     assert isinstance(rest, _Nothing)
+
+
+async def test_the_python_client_keeps_a_batch_of_long_names_under_the_brokers_limit(
+    stub: lock_pb2_grpc.LockServiceAsyncStub,
+) -> None:
+    """990 acquires with names near the longest allowed (1,020 bytes) queue at once: about 1 MiB,
+    the broker's message limit. The client's writer splits them; all are granted, none is lost."""
+    sid = (await stub.CreateSession(lock_pb2.CreateSessionRequest())).session_id
+    stream = SessionStream(stub, ())
+    try:
+        await stream.request("keepalive", lock_pb2.RefreshRequest(session_id=sid), 10)
+        (call,) = stream.streams
+        assert call.writer is not None and call.writer.batches
+        before = call.writer.messages
+        names = [f"b/long/{i:04d}/" + "x" * 1008 for i in range(990)]
+        answers = await asyncio.gather(
+            *(
+                stream.request("acquire", lock_pb2.AcquireRequest(name=n, session_id=sid, request_id=f"long-{i}"), 30)
+                for i, n in enumerate(names)
+            )
+        )
+        assert sorted(a.acquire.grant.name for a in answers) == sorted(names)
+        assert 4 <= call.writer.messages - before < 990  # split into batches under 256 KiB
+    finally:
+        await stream.close()
+        await stub.CloseSession(lock_pb2.CloseSessionRequest(session_id=sid))

@@ -4,8 +4,10 @@ during a write as one batched message once the broker granted batches."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 
 from lockbroker.client import _writer
@@ -164,3 +166,26 @@ async def test_an_older_broker_gets_single_messages(stub: lock_pb2_grpc.LockServ
     finally:
         await stream.close()
         await stub.CloseSession(lock_pb2.CloseSessionRequest(session_id=sid))
+
+
+async def test_a_request_that_waited_to_be_written_goes_with_what_is_left_of_its_timeout() -> None:
+    call = _Call()
+    w = StreamWriter(call, _nothing_failed)
+    call.gate = asyncio.Event()
+    w.send(_req(1))
+    await _settle()
+    now = time.monotonic()
+    waited = lock_pb2.SessionRequest(id=2, timeout=Duration(seconds=5), keepalive=lock_pb2.RefreshRequest())
+    fresh = lock_pb2.SessionRequest(id=3, timeout=Duration(seconds=5), keepalive=lock_pb2.RefreshRequest())
+    w.send(waited, now + 5.0 - 1.0)  # as if queued a second ago with 5 s
+    w.send(fresh, now + 5.0)
+    call.gate.set()
+    await _settle()
+    first, second = call.written[1:]
+    left = first.timeout.seconds + first.timeout.nanos / 1e9
+    assert 3.5 < left < 4.01  # restamped: the broker counts from when it reads it
+    assert (second.timeout.seconds, second.timeout.nanos) == (5, 0)  # no wait worth a rewrite
+    w.cancel()
+    await w.wait()
+    with pytest.raises(StreamBroken):  # a cancelled writer takes nothing more
+        w.send(_req(4))

@@ -262,7 +262,9 @@ class SessionStream:
         call.pending[rid] = fut  # counted from now: requests waiting to write fill the stream too
         assert call.writer is not None
         try:
-            call.writer.send(req)  # written by the stream's writer, after what was sent before
+            # Written by the stream's writer, after what was sent before, with what is left of
+            # `timeout` then.
+            call.writer.send(req, time.monotonic() + timeout)
         except StreamBroken as exc:
             # The writer stops when a write fails, which it does when the stream already ended:
             # the reader, which fails every pending request with the stream's status
@@ -390,6 +392,7 @@ class SessionStream:
             # the stream's end, by one that does not).
             if granted(await call.call.initial_metadata()) and call.writer is not None:
                 call.writer.batches = True
+                call.answered = True  # the broker serves the Session RPC: a later failure is no refusal of it
             async for resp in call.call:
                 call.answered = True
                 if resp.WhichOneof("kind") == "batch":

@@ -15,15 +15,18 @@ is being written) does not cut a write short: the request goes out whole and its
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from lockbroker.v1 import lock_pb2
 
 # Bounds of one batched message: the broker refuses a batch of more than 1,024 requests
-# (session_stream.MAX_BATCH), and grpc a message over 4 MiB (its default receive limit).
+# (session_stream.MAX_BATCH), and grpc a message over its receive limit, which the broker sets
+# to 1 MiB (lock.proto, `rpc Session`). A quarter of that leaves room for the framing and for a
+# broker configured lower, and costs nothing: a batch that large holds hundreds of requests.
 MAX_BATCH = 1024
-BATCH_BYTES = 1 << 20
+BATCH_BYTES = 256 * 1024
 # The metadata that asks for batches, and the broker's initial metadata that grants them.
 BATCH_METADATA = ("lockbroker-batch", "1")
 
@@ -47,7 +50,8 @@ class StreamWriter:
     def __init__(self, call: Any, failed: Failed, *, name: str = "lockbroker-session-writer") -> None:
         self._call = call
         self._failed = failed
-        self._queue: list[lock_pb2.SessionRequest] = []
+        # Each request with its deadline (monotonic; 0: none), to restamp its `timeout` when written.
+        self._queue: list[tuple[lock_pb2.SessionRequest, float]] = []
         self._wake: asyncio.Future[None] | None = None
         self._closing = False
         self.batches = False
@@ -58,11 +62,16 @@ class StreamWriter:
     def stopped(self) -> bool:
         return self._task.done()
 
-    def send(self, request: lock_pb2.SessionRequest) -> None:
-        """Queue `request`; it is written after every request queued before it."""
+    def send(self, request: lock_pb2.SessionRequest, deadline: float = 0.0) -> None:
+        """Queue `request`; it is written after every request queued before it.
+
+        `deadline` (monotonic): when the caller stops waiting. The broker counts a request's
+        `timeout` from when it reads it, so a request that waited here goes with what is left of
+        it: the broker's answer (its reason: UNAVAILABLE, DEADLINE_EXCEEDED) still comes before
+        the caller's own timer."""
         if self._task.done() or self._closing:
             raise StreamBroken("the Session stream's writer has stopped")
-        self._queue.append(request)
+        self._queue.append((request, deadline))
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
@@ -75,7 +84,8 @@ class StreamWriter:
             wake.set_result(None)
 
     def cancel(self) -> None:
-        """Stop at once (the stream is being cancelled): nothing more is written."""
+        """Stop at once (the stream is being cancelled): nothing more is written, or taken."""
+        self._closing = True
         self._task.cancel()
 
     async def wait(self) -> None:
@@ -97,31 +107,58 @@ class StreamWriter:
                 self._wake = None
                 continue
             queue, self._queue = self._queue, []
+            sent = 0  # requests of `queue` written
             try:
-                for message in self._messages(queue):
+                for message, count in self._messages(queue):
                     await call.write(message)
                     self.messages += 1
+                    sent += count
             except Exception as exc:
-                # The stream is gone with everything not yet sent: the owner says why to each.
-                failed, self._queue = queue + self._queue, []
+                # A write fails when the stream ended, or cannot go on: end it (a stream that
+                # looked alive would take requests nobody writes), and the owner says why to
+                # each request not written.
+                failed = [r for r, _ in queue[sent:] + self._queue]
+                self._queue = []
                 self._closing = True
+                call.cancel()
                 await self._failed(failed, exc)
                 return
 
-    def _messages(self, queue: list[lock_pb2.SessionRequest]) -> Iterator[lock_pb2.SessionRequest]:
+    def _messages(
+        self, queue: list[tuple[lock_pb2.SessionRequest, float]]
+    ) -> Iterator[tuple[lock_pb2.SessionRequest, int]]:
+        """The messages that carry `queue`, each with how many of its requests it carries."""
         if len(queue) == 1 or not self.batches:
-            yield from queue
+            for request, deadline in queue:
+                yield _stamped(request, deadline), 1
             return
         batch: list[lock_pb2.SessionRequest] = []
         size = 0
-        for request in queue:
-            n = request.ByteSize()
+        for queued, deadline in queue:
+            request = _stamped(queued, deadline)
+            n = request.ByteSize() + 8  # and its field's tag and length
             if batch and (len(batch) >= MAX_BATCH or size + n > BATCH_BYTES):
-                yield _batch(batch)
+                yield _batch(batch), len(batch)
                 batch, size = [], 0
             batch.append(request)
             size += n
-        yield _batch(batch)
+        yield _batch(batch), len(batch)
+
+
+# A request that waited less than this to be written keeps its timeout as it was (the broker's
+# answer margin is larger); a rewrite costs a little on every request of a busy stream.
+RESTAMP_AFTER = 0.002
+
+
+def _stamped(request: lock_pb2.SessionRequest, deadline: float) -> lock_pb2.SessionRequest:
+    """`request` with `timeout` cut to what is left until `deadline`, if it waited long enough
+    for that to matter (never zero: zero means the default, far longer)."""
+    if deadline and request.HasField("timeout"):
+        left = deadline - time.monotonic()
+        t = request.timeout
+        if t.seconds + t.nanos / 1e9 - left > RESTAMP_AFTER:
+            t.FromNanoseconds(max(1, int(left * 1e9)))
+    return request
 
 
 def _batch(requests: list[lock_pb2.SessionRequest]) -> lock_pb2.SessionRequest:

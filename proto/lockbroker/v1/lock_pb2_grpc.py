@@ -242,7 +242,9 @@ class LockServiceServicer:
         initial metadata "lockbroker-batch: 1" before anything else, and only
         then sends batched answers. Send batched requests only after that
         metadata came (an older broker refuses them). Each request and answer
-        in a batch means exactly what it means alone.
+        in a batch means exactly what it means alone. The broker reads messages
+        of at most 1 MiB: keep a batch well under it (the Python client stops
+        at 256 KiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

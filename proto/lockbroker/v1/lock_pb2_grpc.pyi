@@ -154,7 +154,9 @@ class LockServiceStub:
     initial metadata "lockbroker-batch: 1" before anything else, and only
     then sends batched answers. Send batched requests only after that
     metadata came (an older broker refuses them). Each request and answer
-    in a batch means exactly what it means alone.
+    in a batch means exactly what it means alone. The broker reads messages
+    of at most 1 MiB: keep a batch well under it (the Python client stops
+    at 256 KiB).
     """
     CheckFence: _grpc.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]
     """CheckFence tells a resource whether a fencing token still holds its lock:
@@ -286,7 +288,9 @@ class LockServiceAsyncStub(LockServiceStub):
     initial metadata "lockbroker-batch: 1" before anything else, and only
     then sends batched answers. Send batched requests only after that
     metadata came (an older broker refuses them). Each request and answer
-    in a batch means exactly what it means alone.
+    in a batch means exactly what it means alone. The broker reads messages
+    of at most 1 MiB: keep a batch well under it (the Python client stops
+    at 256 KiB).
     """
     CheckFence: _aio.UnaryUnaryMultiCallable[_lock_pb2.CheckFenceRequest, _lock_pb2.CheckFenceResponse]  # type: ignore[assignment]
     """CheckFence tells a resource whether a fencing token still holds its lock:
@@ -475,7 +479,9 @@ class LockServiceServicer(metaclass=_abc_1.ABCMeta):
         initial metadata "lockbroker-batch: 1" before anything else, and only
         then sends batched answers. Send batched requests only after that
         metadata came (an older broker refuses them). Each request and answer
-        in a batch means exactly what it means alone.
+        in a batch means exactly what it means alone. The broker reads messages
+        of at most 1 MiB: keep a batch well under it (the Python client stops
+        at 256 KiB).
         """
 
     @_abc_1.abstractmethod

@@ -318,6 +318,10 @@ class _Stream:
         timer.cancel()
         if self.tasks.get(rid) is task:
             del self.tasks[rid]
+            # A cancel or deadline that came too late to stop it: forget it, so a later request
+            # with the same id is not taken for cancelled.
+            self.cancelled.discard(rid)
+            self.expired.discard(rid)
         if self.reader is not None and self.reader.done() and not self.tasks:
             self.out.put_nowait(None)
 
@@ -355,21 +359,24 @@ class _Stream:
         try:
             async for req in requests:
                 if req.WhichOneof("kind") != "batch":
-                    self._take(req, loop)
+                    self._take(req, loop, None)
                     continue
                 batch = req.batch.requests
                 if len(batch) > MAX_BATCH:
-                    bad = InvalidArgument(
-                        [FieldViolation("batch", f"holds {len(batch)} requests, more than {MAX_BATCH}")]
-                    )
-                    self.out.put_nowait(lock_pb2.SessionResponse(id=req.id, error=error_status(bad)))
+                    # Each request is refused under its own id (the batch's own is usually 0,
+                    # which is no answer's): none runs, and every caller hears why.
+                    too_many = f"holds {len(batch)} requests, more than {MAX_BATCH}"
+                    refused = error_status(InvalidArgument([FieldViolation("batch", too_many)]))
+                    for rid in {*(m.id for m in batch), req.id} - {0}:
+                        self.out.put_nowait(lock_pb2.SessionResponse(id=rid, error=refused))
                     continue
+                fresh: set[int] = set()  # this batch's requests: a cancel of one waits its first step
                 for member in batch:
                     if member.WhichOneof("kind") == "batch":
                         bad = InvalidArgument([FieldViolation("batch", "a batch must not hold a batch")])
                         self.out.put_nowait(lock_pb2.SessionResponse(id=member.id, error=error_status(bad)))
                     else:
-                        self._take(member, loop)
+                        self._take(member, loop, fresh)
         except DecodeError as e:
             # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
             bad = InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")])
@@ -383,15 +390,19 @@ class _Stream:
         if not self.tasks:
             self.out.put_nowait(None)
 
-    def _take(self, req: lock_pb2.SessionRequest, loop: asyncio.AbstractEventLoop) -> None:
-        """Start serving one request (or cancel the one it names)."""
+    def _take(self, req: lock_pb2.SessionRequest, loop: asyncio.AbstractEventLoop, fresh: set[int] | None) -> None:
+        """Start serving one request (or cancel the one it names). `fresh`: the ids started from
+        the batch this request came in (None: it came alone)."""
         if req.WhichOneof("kind") == "cancel":
             task = self.tasks.get(req.cancel)
             if task is not None and not task.done():
                 self.cancelled.add(req.cancel)
-                # After the task's first step: one cancelled before it ran (its request came in the
-                # same batch) would end without running `_one`, so without an answer.
-                loop.call_soon(task.cancel)
+                if fresh is not None and req.cancel in fresh:
+                    # Its request came in this batch and has not run yet: a task cancelled before
+                    # its first step ends without running `_one`, so without an answer.
+                    loop.call_soon(task.cancel)
+                else:
+                    task.cancel()
             return
         try:
             kind, behavior, request = self._admit(req)
@@ -404,6 +415,8 @@ class _Stream:
         deadline = self.streams.deadline(kind, req, request, self.context)
         task = asyncio.create_task(self._one(rid, kind, behavior, request, deadline))
         self.tasks[rid] = task
+        if fresh is not None:
+            fresh.add(rid)
         # The message's deadline, as grpc enforces a unary call's: past it the work is
         # cancelled (a waiting acquire leaves the queue) and answered DEADLINE_EXCEEDED.
         # The layers below answer before it when they can (waits and etcd calls end
