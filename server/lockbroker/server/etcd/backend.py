@@ -8,6 +8,7 @@ and a write that decides anything carries its condition in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lockbroker.server.core.backend import (
     EntryConflict,
@@ -97,6 +98,20 @@ def _created(key: bytes, result: int, rev: int, range_end: bytes = b"") -> pb.Co
 
 def _modified_before(key: bytes, rev: int) -> pb.Compare:
     return pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.LESS, mod_revision=rev)
+
+
+def _queued_at(resp: pb.TxnResponse, mine: Entry) -> Position:
+    """The position of `mine`, just queued by the successful enqueue Txn `resp`."""
+    holder_r = resp.responses[-2].response_range
+    tail = resp.responses[-1].response_range.kvs
+    # As stored (queued_at rounded as encode rounds it), so a retry that reads it back sees the
+    # same; without decoding what was just encoded.
+    mine = replace(mine, value=replace(mine.value, queued_at=round(mine.value.queued_at, 6)))
+    pred = _entry(tail[1]) if len(tail) > 1 else None
+    # An uncontended lock's holder is this very entry: no second decode of it.
+    head = holder_r.kvs[0] if holder_r.kvs else None
+    holder = mine if head is None or head.key == mine.key else _entry(head)
+    return Position(mine.create_revision, mine, pred, holder, holder_r.count, holder_r.count - 1)
 
 
 class EtcdLockBackend:
@@ -239,14 +254,7 @@ class EtcdLockBackend:
             raise Unavailable("the session's locks kept changing while queueing; try again", retry_after=0.1)
         rev = resp.header.revision
         if resp.succeeded:
-            holder_r = resp.responses[-2].response_range
-            tail = resp.responses[-1].response_range.kvs
-            # Decoded from what was stored (queued_at rounded), so a retry that reads it back sees the same.
-            mine = Entry(key, rev, lease_id, EntryValue.decode(raw), rev)
-            pred = _entry(tail[1]) if len(tail) > 1 else None
-            return Enqueued(
-                True, Position(rev, mine, pred, _first(holder_r) or mine, holder_r.count, holder_r.count - 1)
-            )
+            return Enqueued(True, _queued_at(resp, Entry(key, rev, lease_id, value, rev)))
         existing = _first(resp.responses[0].response_range)
         if existing is not None:
             if existing.request_id != value.request_id:
