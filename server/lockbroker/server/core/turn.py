@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from lockbroker.server.core.errors import (
     Unavailable,
     WaitExpired,
 )
-from lockbroker.server.core.model import Entry, Position
+from lockbroker.server.core.model import Entry, EntryValue, Position
 from lockbroker.server.core.names import session_id_of
 
 if TYPE_CHECKING:
@@ -51,11 +52,58 @@ OUTAGE_RIDE_OUT = 5.0
 HEAD_RECHECK = 2.0
 
 
+class _Wake:
+    """What ends a wait other than its watch: its timer, or the broker's closing."""
+
+    __slots__ = ("task", "why")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.why: type[Exception] | None = None  # TimeoutError or ShuttingDown, once fired
+
+    def expire(self) -> None:
+        self._fire(TimeoutError)
+
+    def shut(self) -> None:
+        self._fire(ShuttingDown)
+
+    def _fire(self, why: type[Exception]) -> None:
+        if self.why is None:
+            self.why = why
+            self.task.cancel()
+
+
+# The value of a predecessor a waiter keeps (see _kept): only its key is read.
+_UNREAD = EntryValue("", "", 0.0)
+
+
+def _kept(pos: Position) -> Position:
+    """What a waiter keeps of a read of its queue through its wait: the predecessor only for its
+    key (or as the holder's entry, when it is the holder), not a second decoded value; the holder
+    whole, for the details of a not-acquired answer."""
+    pred, holder = pos.predecessor, pos.holder
+    if pred is None or pred.value is _UNREAD:
+        return pos
+    if holder is not None and pred.key == holder.key and pred.create_revision == holder.create_revision:
+        kept = holder
+    else:
+        kept = Entry(pred.key, pred.create_revision, pred.lease, _UNREAD, pred.mod_revision)
+    return Position(pos.revision, pos.mine, kept, holder, pos.count, pos.ahead)
+
+
+def _shut(wakes: set[_Wake], _closing: asyncio.Future[None]) -> None:
+    for wake in list(wakes):
+        wake.shut()
+
+
 class QueueWaits:
     """A waiter's turn; the class keeps the backend and the broker's closing future."""
 
     _backend: LockBackend
     _closing: Callable[[], asyncio.Future[None]]
+    # The waits in progress, and the closing future whose one callback ends them all (_wakes_for).
+    _wakes: set[_Wake]
+    _wakes_of: asyncio.Future[None] | None
 
     async def _wait_turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position, started: float) -> Position:
         """Wait until no entry is ahead of `mine`, watching only the one just ahead (no herd)."""
@@ -86,13 +134,15 @@ class QueueWaits:
             # Only the first waiter, so the reads grow with contended locks, not with waiters.
             head = pos.holder is not None and pos.predecessor.key == pos.holder.key
             capped = head and left > HEAD_RECHECK
+            keys = (pos.predecessor.key, mine.key)
+            pos = _kept(pos)
             try:
                 try:
                     handed = await self._until_deleted(
-                        prefix, (pos.predecessor.key, mine.key), pos.revision, HEAD_RECHECK if capped else left, mine
+                        prefix, keys, pos.revision, HEAD_RECHECK if capped else left, mine
                     )
                 except WatchInterrupted as e:
-                    log.info("watch on %r interrupted (%s); reading the queue again", pos.predecessor.key, e)
+                    log.info("watch on %r interrupted (%s); reading the queue again", keys[0], e)
                     await asyncio.sleep(0.05)
                 # Handed over by a release on this replica: its transaction read our entry at the
                 # head of the queue at its revision, which is the read we would make now.
@@ -143,23 +193,44 @@ class QueueWaits:
     ) -> Position | None:
         """Return when any of `keys` is deleted after `revision` (or the watch asks for a re-read):
         the predecessor (our turn may have come) or our own entry (our session ended: tell the
-        caller now, not at the timeout). A Position: a release here handed us the lock."""
+        caller now, not at the timeout). A Position: a release here handed us the lock.
+        TimeoutError after `timeout`; ShuttingDown once the broker closes.
+
+        The watch is awaited in the caller's own task, which a timer or the broker's closing
+        cancels (as asyncio.timeout does), instead of in a task of its own raced against both in
+        asyncio.wait: a waiter keeps one future and one timer alive while it waits, not a second
+        task, its frames, asyncio.wait's futures and a callback on the closing future each."""
         closing = self._closing()
         if closing.done():
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        watch = asyncio.ensure_future(self._backend.wait_deleted(prefix, keys, revision, mine, need))
+        task = asyncio.current_task()
+        assert task is not None
+        wake = _Wake(task)
+        wakes = self._wakes_for(closing)
+        wakes.add(wake)
+        timer = task.get_loop().call_later(timeout, wake.expire)
         try:
-            waits: set[asyncio.Future[Any]] = {watch, closing}
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return await self._backend.wait_deleted(prefix, keys, revision, mine, need)  # or WatchInterrupted
+        except asyncio.CancelledError:
+            # Ours only if nothing else asked to cancel the caller meanwhile (its client going
+            # away, the stream ending): that cancellation goes on up.
+            if wake.why is None or task.uncancel() > 0:
+                raise
+            if wake.why is ShuttingDown:
+                raise ShuttingDown("the broker is shutting down", retry_after=0.5) from None
+            raise TimeoutError from None
         finally:
-            if not watch.done():
-                watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
-        if watch in done:
-            return watch.result()  # or raises WatchInterrupted
-        if closing in done:
-            raise ShuttingDown("the broker is shutting down", retry_after=0.5)
-        raise TimeoutError
+            timer.cancel()
+            wakes.discard(wake)
+
+    def _wakes_for(self, closing: asyncio.Future[None]) -> set[_Wake]:
+        """The waits in progress, which the broker's closing ends: one callback on the closing
+        future for all of them (a callback each was added and removed at every wait, the removal a
+        scan of every other waiter's)."""
+        if self._wakes_of is not closing:
+            self._wakes, self._wakes_of = set(), closing
+            closing.add_done_callback(functools.partial(_shut, self._wakes))
+        return self._wakes
 
     async def _not_acquired(
         self, kind: type[LockHeld] | type[WaitExpired], name: str, pos: Position, started: float
