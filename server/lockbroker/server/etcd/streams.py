@@ -68,6 +68,11 @@ class _Wait:
         self.done.set_result(None)
 
 
+# Waits on one key kept in a tuple up to this many (a set beyond: a semaphore's waiters each
+# watch every entry ahead of them, shared readers all watch the same writer).
+_FEW = 8
+
+
 class _PrefixWatch:
     """One etcd watch on the entries of one lock, shared by every waiter of that lock here.
 
@@ -80,10 +85,10 @@ class _PrefixWatch:
         self.wid = wid
         self.prefix = prefix
         self.start = start
-        # The waits on each key: the one wait itself, or a set of two or more. A lock's queue
-        # makes each key the watched predecessor of one waiter and the own entry of another:
-        # a set of two per waiter, where a wait alone costs nothing more.
-        self.waits: dict[bytes, _Wait | set[_Wait]] = {}
+        # The waits on each key: the one wait itself, a tuple of a few, or a set of more. A lock's
+        # queue makes each key the own entry of one waiter and the watched predecessor of the next:
+        # two waits on most keys, a tuple of 56 bytes where a set is 216 (one per waiter).
+        self.waits: dict[bytes, _Wait | tuple[_Wait, ...] | set[_Wait]] = {}
         self.count = 0
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=self.MEMORY)
         self.forgotten = start - 1  # deletions at or below this revision are not in `recent`
@@ -106,7 +111,9 @@ class _PrefixWatch:
         waits = self.waits.get(key)
         if waits is None:
             return ()
-        return (waits,) if isinstance(waits, _Wait) else list(waits)
+        if isinstance(waits, _Wait):
+            return (waits,)
+        return waits if isinstance(waits, tuple) else list(waits)
 
     def add(self, wait: _Wait) -> None:
         for key in wait.keys:
@@ -114,7 +121,9 @@ class _PrefixWatch:
             if waits is None:
                 self.waits[key] = wait
             elif isinstance(waits, _Wait):
-                self.waits[key] = {waits, wait}
+                self.waits[key] = (waits, wait)
+            elif isinstance(waits, tuple):
+                self.waits[key] = (*waits, wait) if len(waits) < _FEW else {*waits, wait}
             else:
                 waits.add(wait)
         self.count += 1
@@ -124,13 +133,20 @@ class _PrefixWatch:
             waits = self.waits.get(key)
             if waits is wait:
                 del self.waits[key]
-            elif isinstance(waits, set):
+                continue
+            if isinstance(waits, set):
                 waits.discard(wait)
-                if len(waits) <= 1:
-                    if waits:
-                        self.waits[key] = next(iter(waits))
-                    else:
-                        del self.waits[key]
+                if len(waits) > _FEW // 2:
+                    continue
+                left = tuple(waits)
+            elif isinstance(waits, tuple):
+                left = tuple(w for w in waits if w is not wait)
+            else:
+                continue
+            if not left:
+                del self.waits[key]
+            else:
+                self.waits[key] = left[0] if len(left) == 1 else left
         self.count -= 1
 
     def deleted(self, key: bytes, revision: int, *, wake: bool = True) -> None:
@@ -144,8 +160,8 @@ class _PrefixWatch:
 
     def interrupt(self, error: Callable[[], Exception]) -> None:
         """Fail every wait, each with its own exception instance (they are raised in different tasks)."""
-        for waits in self.waits.values():
-            for wait in (waits,) if isinstance(waits, _Wait) else waits:
+        for key in list(self.waits):
+            for wait in self.at(key):
                 if not wait.done.done():
                     wait.done.set_exception(error())
 
