@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import contextvars
 import logging
 import time
 import uuid
@@ -273,6 +273,31 @@ class SessionStreams:
                     continue
 
 
+# The context of a message's timer and done callback: they touch no context variable, and a copy
+# of the reader's context each (asyncio's default) would live as long as the message.
+_BARE = contextvars.Context()
+
+
+class _Running:
+    """A message in flight: its task and deadline timer. The timer calls it (`_Stream._expire`);
+    `settle` is the task's done callback. One small object per message, where a bound method, an
+    argument tuple and a partial each lived as long as the message (a waiting acquire, hours)."""
+
+    __slots__ = ("rid", "stream", "task", "timer")
+
+    def __init__(self, stream: _Stream, rid: int, task: asyncio.Task[None]) -> None:
+        self.stream = stream
+        self.rid = rid
+        self.task = task
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        self.stream._expire(self.rid, self.task)
+
+    def settle(self, _task: asyncio.Future[None]) -> None:
+        self.stream._settle(self.rid, self.timer, self.task)
+
+
 class _Stream:
     """One Session stream's requests in flight, answer queue and sessions."""
 
@@ -294,8 +319,9 @@ class _Stream:
             self.expired.add(rid)
             task.cancel()
 
-    def _settle(self, rid: int, timer: asyncio.TimerHandle, task: asyncio.Task[None]) -> None:
-        timer.cancel()
+    def _settle(self, rid: int, timer: asyncio.TimerHandle | None, task: asyncio.Task[None]) -> None:
+        if timer is not None:
+            timer.cancel()
         if self.tasks.get(rid) is task:
             del self.tasks[rid]
         if self.reader is not None and self.reader.done() and not self.tasks:
@@ -355,8 +381,9 @@ class _Stream:
                 # cancelled (a waiting acquire leaves the queue) and answered DEADLINE_EXCEEDED.
                 # The layers below answer before it when they can (waits and etcd calls end
                 # ANSWER_MARGIN earlier); this only catches what did not.
-                timer = loop.call_at(deadline, self._expire, rid, task)
-                task.add_done_callback(functools.partial(self._settle, rid, timer))
+                running = _Running(self, rid, task)
+                running.timer = loop.call_at(deadline, running, context=_BARE)
+                task.add_done_callback(running.settle, context=_BARE)
         except DecodeError as e:
             # grpc deserializes stream messages as we read them, so a malformed one surfaces here.
             bad = InvalidArgument([FieldViolation("request", f"is not a valid request message: {e}")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -72,6 +73,10 @@ class _Wake:
             self.why = why
             self.task.cancel()
 
+
+# The context a wait's timer runs in: it only cancels a task, and a copy of the caller's context
+# per timer (asyncio's default) would be kept alive with every waiter.
+_BARE = contextvars.Context()
 
 # The value of a predecessor a waiter keeps (see _kept): only its key is read.
 _UNREAD = EntryValue("", "", 0.0)
@@ -208,7 +213,7 @@ class QueueWaits:
         wake = _Wake(task)
         wakes = self._wakes_for(closing)
         wakes.add(wake)
-        timer = task.get_loop().call_later(timeout, wake.expire)
+        timer = task.get_loop().call_later(timeout, wake.expire, context=_BARE)
         try:
             return await self._backend.wait_deleted(prefix, keys, revision, mine, need)  # or WatchInterrupted
         except asyncio.CancelledError:
