@@ -158,6 +158,7 @@ class Acquirer(QueueWaits):
         self._cleanups = cleanups
         self._closing = closing
         self._wakes, self._wakes_of = set(), None  # see QueueWaits._wakes_for
+        self._holders: dict[bytes, Entry] = {}  # see QueueWaits._kept
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
         # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).
         self.resume_window = RESUME_WINDOW
