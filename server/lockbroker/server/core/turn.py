@@ -65,7 +65,11 @@ class _Wake:
         self.why: type[Exception] | None = None  # TimeoutError or ShuttingDown, once fired
         self.wakes = wakes
         wakes.add(self)
-        self.timer = task.get_loop().call_later(timeout, self.expire, context=_BARE)
+        # The wake itself is the timer's callback: no bound method kept with every waiter.
+        self.timer = task.get_loop().call_later(timeout, self, context=_BARE)
+
+    def __call__(self) -> None:  # the timer
+        self.expire()
 
     def expire(self) -> None:
         self._fire(TimeoutError)
