@@ -108,12 +108,8 @@ class _PrefixWatch:
 
     def at(self, key: bytes) -> Collection[_Wait]:
         """The waits on `key`, as a snapshot (waking one may change the others)."""
-        waits = self.waits.get(key)
-        if waits is None:
-            return ()
-        if isinstance(waits, _Wait):
-            return (waits,)
-        return waits if isinstance(waits, tuple) else list(waits)
+        waits = self.waits.get(key, ())
+        return (waits,) if isinstance(waits, _Wait) else waits if isinstance(waits, tuple) else list(waits)
 
     def add(self, wait: _Wait) -> None:
         for key in wait.keys:
