@@ -36,7 +36,7 @@ BELOW_EDGE = (REPO / "server/lockbroker/server/core", REPO / "server/lockbroker/
 # Issue 13 asks for at most 8 frames in all. Before the per-call state there were 16 (8 above the
 # core: audit, identity, principal capture, lock span, rate limit, retry, the edge's two; 8 below
 # it). Now the chain's layers run in one frame and the retry is the edge's (3 above the core); the
-# core's facade calls its acquire path, which calls the backend adapter (3); and the etcd client
+# core's facade hands back its acquire path's coroutine, which calls the backend adapter (2); and the etcd client
 # makes its call, span and metrics observation in one frame, its typed helpers (`txn`) returning
 # that coroutine without a frame of their own (1). The test fails if either part grows.
 MAX_ABOVE_CORE = 3

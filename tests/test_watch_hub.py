@@ -14,7 +14,7 @@ from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import EtcdClient
-from lockbroker.server.etcd.streams import WatchHub
+from lockbroker.server.etcd.streams import _FEW, WatchHub, _PrefixWatch, _Wait
 from lockbroker.v1 import lock_pb2
 from tests.lockutil import Tracker, active_watches, dur
 
@@ -186,3 +186,27 @@ async def test_a_watch_no_waiter_wants_any_more_is_never_created(
     await asyncio.sleep(0.3)
     assert seen == []  # no create was sent, so etcd sends this lock's deletions to nobody
     assert watches.watches == 0 and watches.active == 0
+
+
+def test_a_keys_waits_stay_exact_as_they_grow_past_a_tuple_and_shrink_back() -> None:
+    # The waits on one key are the wait itself, a tuple of a few, or a set of more (a semaphore's
+    # waiters all watch the same entries): whatever the form, `at` names exactly the waits there.
+    loop = asyncio.new_event_loop()
+    try:
+        watch = _PrefixWatch(1, b"p#", 1)
+        waits = [_Wait((b"p#shared", b"p#own%d" % i), 0, loop.create_future()) for i in range(3 * _FEW)]
+        for n, wait in enumerate(waits, start=1):
+            watch.add(wait)
+            assert set(watch.at(b"p#shared")) == set(waits[:n])
+            assert len(watch.at(b"p#shared")) == n
+        left = list(waits)
+        for wait in waits[::2] + waits[1::2]:  # out of the order they came in
+            watch.remove(wait)
+            left.remove(wait)
+            assert set(watch.at(b"p#shared")) == set(left)
+            assert len(watch.at(b"p#shared")) == len(left)
+            assert watch.at(wait.keys[1]) == ()
+        assert watch.waits == {}
+        assert watch.count == 0
+    finally:
+        loop.close()

@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import contextvars
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from lockbroker.interceptors.base import CallContext, CallInfo, CallState, Context, scoped, state_of
-from lockbroker.interceptors.rpcstatus import DETAILS_KEY
+from lockbroker.interceptors.base import CallInfo, CallState, Context, scoped, state_of
 from lockbroker.server import status
 from lockbroker.server.core.errors import (
     DeadlineExceeded,
@@ -48,6 +46,7 @@ from lockbroker.server.core.errors import (
     QuotaExceeded,
     ShuttingDown,
 )
+from lockbroker.server.message_context import MessageAborted, MessageContext, StreamFacts, _answer_status, error_status
 from lockbroker.v1 import lock_pb2
 from lockbroker.v1.reasons import ErrorReason
 
@@ -74,96 +73,6 @@ BATCH_BYTES = 1 << 20
 
 Behavior = Callable[[Any, Context], Awaitable[Any]]
 _NO_SPAN = contextlib.nullcontext()
-
-
-class MessageAborted(aio.AbortError):
-    """A message's call ended with a status: the answer to send instead of ending the stream."""
-
-    def __init__(self, answer: lock_pb2.Status) -> None:
-        super().__init__(answer.message)
-        self.answer = answer
-
-
-def _answer_status(code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, str | bytes]]) -> lock_pb2.Status:
-    # lock_pb2.Status is google.rpc.Status on the wire: the bytes the unary call would have sent
-    # in grpc-status-details-bin parse as they are.
-    for key, value in trailing:
-        if key == DETAILS_KEY and isinstance(value, bytes):
-            return lock_pb2.Status.FromString(value)
-    return lock_pb2.Status(code=code.value[0], message=message)
-
-
-def error_status(exc: LockBrokerError) -> lock_pb2.Status:
-    return _answer_status(*status.to_status(exc))
-
-
-class StreamFacts:
-    """What a message's layers may read of the stream's grpc context, read once when it opens.
-
-    A message's task never touches grpc's context itself. When a client cancels a stream while
-    grpc is writing an answer, grpc leaves the handler's generators to asyncio, which closes them
-    after the call is gone; the messages still in flight are cancelled only then, and their
-    audit records must not read the finished call (reading `peer()` of one crashed cygrpc: see
-    `interceptors.base.PinnedContext`). Copies cannot dangle; anything not here fails loudly.
-    """
-
-    __slots__ = ("_auth", "_metadata", "_peer")
-
-    def __init__(self, context: Context) -> None:
-        self._peer = context.peer()
-        self._metadata = tuple(context.invocation_metadata() or ())
-        self._auth = context.auth_context()
-
-    def peer(self) -> str:
-        return self._peer
-
-    def invocation_metadata(self) -> tuple[Any, ...]:
-        return self._metadata
-
-    def auth_context(self) -> Any:
-        return self._auth
-
-
-class MessageContext(CallContext):
-    """One message's context: its own state, deadline and outcome over the stream's `StreamFacts`.
-
-    `abort` raises `MessageAborted` (an `aio.AbortError`, so the edge and the layers treat it as
-    the abort it stands for) instead of ending the stream.
-    """
-
-    __slots__ = ("_deadline", "_trailing")
-
-    def __init__(self, facts: StreamFacts, state: CallState, deadline: float) -> None:
-        super().__init__(cast(Context, facts), state)
-        self._deadline = deadline
-        self._trailing: Sequence[tuple[str, str | bytes]] = ()
-
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
-    ) -> NoReturn:
-        state = self.state
-        state.code, state.message = code, details or None
-        state.reason = getattr(trailing_metadata, "reason", None)
-        self._trailing = trailing_metadata
-        raise MessageAborted(_answer_status(code, details, trailing_metadata))
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.state.code = code
-
-    def set_details(self, details: str) -> None:
-        self.state.message = details or None
-
-    def code(self) -> grpc.StatusCode | None:
-        return self.state.code
-
-    def details(self) -> str | None:
-        return self.state.message
-
-    def trailing_metadata(self) -> Sequence[tuple[str, str | bytes]]:
-        return self._trailing  # this message's, for layers that read details (the quota metric)
-
-    def time_remaining(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +202,31 @@ class SessionStreams:
                     continue
 
 
+# The context of a message's timer and done callback: they touch no context variable, and a copy
+# of the reader's context each (asyncio's default) would live as long as the message.
+_BARE = contextvars.Context()
+
+
+class _Running:
+    """A message in flight: its task and deadline timer. The timer calls it (`_Stream._expire`);
+    `settle` is the task's done callback. One small object per message, where a bound method, an
+    argument tuple and a partial each lived as long as the message (a waiting acquire, hours)."""
+
+    __slots__ = ("rid", "stream", "task", "timer")
+
+    def __init__(self, stream: _Stream, rid: int, task: asyncio.Task[None]) -> None:
+        self.stream = stream
+        self.rid = rid
+        self.task = task
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        self.stream._expire(self.rid, self.task)
+
+    def settle(self, _task: asyncio.Future[None]) -> None:
+        self.stream._settle(self.rid, self.timer, self.task)
+
+
 class _Stream:
     """One Session stream's requests in flight, answer queue and sessions."""
 
@@ -314,8 +248,9 @@ class _Stream:
             self.expired.add(rid)
             task.cancel()
 
-    def _settle(self, rid: int, timer: asyncio.TimerHandle, task: asyncio.Task[None]) -> None:
-        timer.cancel()
+    def _settle(self, rid: int, timer: asyncio.TimerHandle | None, task: asyncio.Task[None]) -> None:
+        if timer is not None:
+            timer.cancel()
         if self.tasks.get(rid) is task:
             del self.tasks[rid]
             # A cancel or deadline that came too late to stop it: forget it, so a later request
@@ -421,8 +356,9 @@ class _Stream:
         # cancelled (a waiting acquire leaves the queue) and answered DEADLINE_EXCEEDED.
         # The layers below answer before it when they can (waits and etcd calls end
         # ANSWER_MARGIN earlier); this only catches what did not.
-        timer = loop.call_at(deadline, self._expire, rid, task)
-        task.add_done_callback(functools.partial(self._settle, rid, timer))
+        running = _Running(self, rid, task)
+        running.timer = loop.call_at(deadline, running, context=_BARE)
+        task.add_done_callback(running.settle, context=_BARE)
 
     async def _one(self, rid: int, kind: _Kind, behavior: Behavior, request: Any, deadline: float) -> None:
         """Serve one request as a call of its own and queue its answer (and any event)."""

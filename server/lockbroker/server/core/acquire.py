@@ -17,12 +17,11 @@ call (tests/core/test_frames.py counts it); only a slot collision or a wait goes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from lockbroker.server.core import delay as lock_delay
@@ -48,7 +47,7 @@ from lockbroker.server.core.errors import (
     Unavailable,
     WaitExpired,
 )
-from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, ReleaseMark
+from lockbroker.server.core.model import Enqueued, Entry, EntryValue, Grant, Position, ReleaseMark
 from lockbroker.server.core.modes import wait_turn as modes_wait
 from lockbroker.server.core.names import Keyspace, derived_lease_id, session_id_of
 from lockbroker.server.core.owners import SessionOwners
@@ -114,6 +113,31 @@ def _refusal(e: BackendError, p: AcquireParams, lease_id: int, request_id: str) 
     )
 
 
+class _Admitted:
+    """A blocking Acquire counted against its tenant's max_waiters while it runs (tenant None:
+    not counted). A class, not a generator context manager: it lives as long as the wait."""
+
+    __slots__ = ("_tenant", "_waiting")
+
+    def __init__(self, waiting: Counter[str], tenant: str | None) -> None:
+        self._waiting = waiting
+        self._tenant = tenant
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        tenant = self._tenant
+        if tenant is not None:
+            self._waiting[tenant] -= 1
+            if not self._waiting[tenant]:
+                del self._waiting[tenant]
+
+
+async def _held() -> None:
+    """The wait of an entry that holds at once."""
+
+
 class Acquirer(QueueWaits):
     def __init__(
         self,
@@ -133,13 +157,14 @@ class Acquirer(QueueWaits):
         self._claimer = claimer
         self._cleanups = cleanups
         self._closing = closing
+        self._wakes, self._wakes_of = set(), None  # see QueueWaits._wakes_for
+        self._holders: dict[bytes, Entry] = {}  # see QueueWaits._kept
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
         # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).
         self.resume_window = RESUME_WINDOW
         self._claim_keys = ClaimKeys()  # for the release of new_claim claims granted here
 
-    @contextlib.contextmanager
-    def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> Iterator[None]:
+    def _admitted(self, tenant: str, quota: TenantQuota, p: AcquireParams) -> _Admitted:
         """Count a blocking Acquire against the tenant's max_waiters on this replica."""
         if quota.max_wait and p.wait > quota.max_wait:
             raise QuotaExceeded(
@@ -152,8 +177,7 @@ class Acquirer(QueueWaits):
         if p.lock_delay:
             lock_delay.delay_of(tenant, quota, p.lock_delay)  # above the tenant's maximum: refused
         if p.wait <= 0:
-            yield
-            return
+            return _Admitted(self._waiting, None)
         if quota.max_waiters and self._waiting[tenant] >= quota.max_waiters:
             raise QuotaExceeded(
                 tenant,
@@ -163,12 +187,16 @@ class Acquirer(QueueWaits):
                 QUOTA_RETRY_AFTER,
             )
         self._waiting[tenant] += 1
-        try:
-            yield
-        finally:
-            self._waiting[tenant] -= 1
-            if not self._waiting[tenant]:
-                del self._waiting[tenant]
+        return _Admitted(self._waiting, tenant)
+
+    def _turn(self, p: AcquireParams, prefix: bytes, mine: Entry, pos: Position, started: float) -> Awaitable[object]:
+        """The wait for `mine`'s turn, if it has one to wait for (not async: no frame of its own)."""
+        if pos.predecessor is None:
+            return _held()
+        # Shared claims and permits (or a lock asked for where a semaphore is): core.modes.
+        if p.shared or p.limit or (pos.holder is not None and pos.holder.value.limit):
+            return modes_wait(self._backend, p, prefix, mine, started, self)
+        return self._wait_turn(p, prefix, mine, pos, started)
 
     async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
         quota = self._quotas(tenant)
@@ -221,13 +249,12 @@ class Acquirer(QueueWaits):
                 mine = pos.mine
                 if mine.value.slots:
                     self._claimer.remember(mine)
-                if pos.predecessor is not None:
-                    # Shared claims and permits (or a lock asked for where a semaphore is): core.modes.
-                    await (
-                        modes_wait(self._backend, p, ks.lock_prefix(p.name), mine, started, self)
-                        if p.shared or p.limit or (pos.holder is not None and pos.holder.value.limit)
-                        else self._wait_turn(p, ks.lock_prefix(p.name), mine, pos, started)
-                    )
+                # ahead: entries ahead when this call entered the queue (not re-read later).
+                ahead, turn = pos.ahead, self._turn(p, ks.lock_prefix(p.name), mine, pos, started)
+                # What only the enqueue needed is not kept alive through the wait, nor the queue
+                # it read: the wait keeps what it needs of that.
+                del enq, put, claims, slots, pos
+                await turn
                 await lock_delay.before_grant(
                     self._backend, tenant, quota, ks, mine, p.name, p.lock_delay, p.wait, started, self._closing
                 )
@@ -245,7 +272,7 @@ class Acquirer(QueueWaits):
                 mine.value.queued_at,
                 request_id,
                 time.monotonic() - started,
-                pos.ahead,  # entries ahead when this call entered the queue (pos is not re-read here)
+                ahead,
                 mine.value.hold_count,
                 mine.value.shared,
                 mine.value.limit,

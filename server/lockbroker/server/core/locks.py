@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from lockbroker.server.core import delay as lock_delay
 from lockbroker.server.core.acquire import AcquireParams, Acquirer
@@ -93,9 +94,14 @@ class LockCore:
     async def close_session(self, tenant: str, lease_id: int, principal: str = "") -> bool:
         return await self._sessions.close(tenant, lease_id, principal)
 
-    async def acquire(self, tenant: str, p: AcquireParams) -> Grant:
+    def acquire(self, tenant: str, p: AcquireParams) -> Coroutine[Any, Any, Grant]:
+        # Not async: the acquirer's coroutine is the call, with no frame of the facade kept alive
+        # under every queued waiter (nor between the handler and the backend: tests/core/test_frames.py).
         if not (p.max_hold or self._quotas(tenant).max_hold):
-            return await self._acquirer.acquire(tenant, p)
+            return self._acquirer.acquire(tenant, p)
+        return self._acquire_held(tenant, p)
+
+    async def _acquire_held(self, tenant: str, p: AcquireParams) -> Grant:
         # A maximum hold time (core/holds.py): checked before anything is queued, recorded once granted.
         limit = hold_limit(tenant, self._quotas(tenant), p.max_hold)
         g = await self._acquirer.acquire(tenant, p)

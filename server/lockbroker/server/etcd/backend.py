@@ -7,8 +7,9 @@ and a write that decides anything carries its condition in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from lockbroker.server.core.backend import (
     EntryConflict,
@@ -317,10 +318,12 @@ class EtcdLockBackend:
             mine = None  # a newer entry of the same session: ours is gone
         return Position(resp.header.revision, mine, _first(pred_r), _first(holder_r), holder_r.count, ahead)
 
-    async def wait_deleted(
+    def wait_deleted(
         self, prefix: bytes, keys: tuple[bytes, ...], after_revision: int, mine: Entry | None = None, need: int = 1
-    ) -> Position | None:
-        return await self.watches.wait_deleted(prefix, keys, after_revision, mine, need)
+    ) -> Coroutine[Any, Any, Position | None]:
+        # Not async: the hub's coroutine is the wait, with no frame of this adapter kept alive
+        # under every queued waiter.
+        return self.watches.wait_deleted(prefix, keys, after_revision, mine, need)
 
     async def delete_entry(
         self,

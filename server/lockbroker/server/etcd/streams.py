@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Coroutine
 
 from grpc import aio
 
@@ -34,24 +33,44 @@ from lockbroker.server.etcd.client import REQUIRE_LEADER, EtcdClient
 from lockbroker.server.etcd.shared_stream import STALL_AFTER, SharedStream
 
 
-@dataclass(eq=False)
 class _Wait:
-    keys: tuple[bytes, ...]
-    after: int  # the revision the caller read; only deletions after it count
-    # None: `need` of `keys` deleted (or mine); a Position: a release here made `mine` the head (handoff)
-    done: asyncio.Future[Position | None]
-    mine: Entry | None = None  # the caller's own entry, which a handoff names
-    need: int = 1  # distinct keys of `keys` whose deletion ends the wait (a semaphore permit's count)
-    gone: set[bytes] = field(default_factory=set)
+    """One call waiting for deletions (see WatchHub.wait_deleted); slotted: one per queued waiter."""
+
+    __slots__ = ("after", "done", "gone", "keys", "mine", "need")
+
+    def __init__(
+        self,
+        keys: tuple[bytes, ...],
+        after: int,
+        done: asyncio.Future[Position | None],
+        mine: Entry | None = None,
+        need: int = 1,
+    ) -> None:
+        self.keys = keys
+        self.after = after  # the revision the caller read; only deletions after it count
+        # None: `need` of `keys` deleted (or mine); a Position: a release here made `mine` the head (handoff)
+        self.done = done
+        self.mine = mine  # the caller's own entry, which a handoff names
+        self.need = need  # distinct keys of `keys` whose deletion ends the wait (a semaphore permit's count)
+        self.gone: set[bytes] | None = None  # the keys seen deleted, counted only when need > 1
 
     def note(self, key: bytes, revision: int) -> None:
         """`key` was deleted at `revision`: count it, and end the wait once the count is reached
         (at once for the caller's own entry: its session ended)."""
         if revision <= self.after or self.done.done():
             return
-        self.gone.add(key)
-        if len(self.gone) >= self.need or (self.mine is not None and key == self.mine.key):
-            self.done.set_result(None)
+        if self.need > 1 and (self.mine is None or key != self.mine.key):
+            if self.gone is None:
+                self.gone = set()
+            self.gone.add(key)
+            if len(self.gone) < self.need:
+                return
+        self.done.set_result(None)
+
+
+# Waits on one key kept in a tuple up to this many (a set beyond: a semaphore's waiters each
+# watch every entry ahead of them, shared readers all watch the same writer).
+_FEW = 8
 
 
 class _PrefixWatch:
@@ -66,7 +85,10 @@ class _PrefixWatch:
         self.wid = wid
         self.prefix = prefix
         self.start = start
-        self.waits: dict[bytes, set[_Wait]] = {}
+        # The waits on each key: the one wait itself, a tuple of a few, or a set of more. A lock's
+        # queue makes each key the own entry of one waiter and the watched predecessor of the next:
+        # two waits on most keys, a tuple of 56 bytes where a set is 216 (one per waiter).
+        self.waits: dict[bytes, _Wait | tuple[_Wait, ...] | set[_Wait]] = {}
         self.count = 0
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=self.MEMORY)
         self.forgotten = start - 1  # deletions at or below this revision are not in `recent`
@@ -84,18 +106,43 @@ class _PrefixWatch:
             if key in wait.keys:
                 wait.note(key, revision)
 
+    def at(self, key: bytes) -> Collection[_Wait]:
+        """The waits on `key`, as a snapshot (waking one may change the others)."""
+        waits = self.waits.get(key, ())
+        return (waits,) if isinstance(waits, _Wait) else waits if isinstance(waits, tuple) else list(waits)
+
     def add(self, wait: _Wait) -> None:
         for key in wait.keys:
-            self.waits.setdefault(key, set()).add(wait)
+            waits = self.waits.get(key)
+            if waits is None:
+                self.waits[key] = wait
+            elif isinstance(waits, _Wait):
+                self.waits[key] = (waits, wait)
+            elif isinstance(waits, tuple):
+                self.waits[key] = (*waits, wait) if len(waits) < _FEW else {*waits, wait}
+            else:
+                waits.add(wait)
         self.count += 1
 
     def remove(self, wait: _Wait) -> None:
         for key in wait.keys:
             waits = self.waits.get(key)
-            if waits is not None:
+            if waits is wait:
+                del self.waits[key]
+                continue
+            if isinstance(waits, set):
                 waits.discard(wait)
-                if not waits:
-                    del self.waits[key]
+                if len(waits) > _FEW // 2:
+                    continue
+                left = tuple(waits)
+            elif isinstance(waits, tuple):
+                left = tuple(w for w in waits if w is not wait)
+            else:
+                continue
+            if not left:
+                del self.waits[key]
+            else:
+                self.waits[key] = left[0] if len(left) == 1 else left
         self.count -= 1
 
     def deleted(self, key: bytes, revision: int, *, wake: bool = True) -> None:
@@ -104,13 +151,13 @@ class _PrefixWatch:
         self.recent.append((revision, key))
         if not wake:
             return
-        for wait in list(self.waits.get(key, ())):
+        for wait in self.at(key):
             wait.note(key, revision)
 
     def interrupt(self, error: Callable[[], Exception]) -> None:
         """Fail every wait, each with its own exception instance (they are raised in different tasks)."""
-        for waits in self.waits.values():
-            for wait in waits:
+        for key in list(self.waits):
+            for wait in self.at(key):
                 if not wait.done.done():
                     wait.done.set_exception(error())
 
@@ -238,7 +285,7 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
             self.handoff(prefix, head, revision, count)
         watch = self._by_prefix.get(prefix)
         if watch is not None:
-            for wait in list(watch.waits.get(key, ())):
+            for wait in watch.at(key):
                 if not revision:
                     if not wait.done.done():
                         wait.done.set_result(None)
@@ -260,7 +307,7 @@ class WatchHub(SharedStream[pb.WatchRequest, pb.WatchResponse]):
         if watch is None:
             return False
         told = False
-        for wait in watch.waits.get(head.key, ()):
+        for wait in watch.at(head.key):
             mine = wait.mine
             if (
                 mine is not None
