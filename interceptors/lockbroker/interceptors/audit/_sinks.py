@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -20,6 +21,7 @@ from lockbroker.interceptors.audit._pipeline import (
     Sink,
     log,
 )
+from lockbroker.interceptors.audit._worker import SinkWorker
 
 
 class StreamSink:
@@ -29,6 +31,7 @@ class StreamSink:
         self.name = name
         self._stream = stream
         self._failed = False
+        self._worker = SinkWorker(name)
 
     def _target(self) -> IO[bytes]:
         return self._stream if self._stream is not None else sys.stdout.buffer
@@ -41,7 +44,7 @@ class StreamSink:
     async def write(self, lines: Sequence[bytes]) -> None:
         try:
             # A pipe whose reader stalls blocks the writer: never on the event loop.
-            await asyncio.to_thread(self._write_sync, b"".join(lines))
+            await self._worker.run(functools.partial(self._write_sync, b"".join(lines)))
         except (OSError, ValueError):
             self._failed = True
             raise
@@ -52,7 +55,8 @@ class StreamSink:
 
     async def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
-            await asyncio.to_thread(self._target().flush)
+            await self._worker.run(self._target().flush)
+        self._worker.stop()
 
 
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
@@ -93,7 +97,9 @@ class FileSink:
         self.retry_after = retry_after
         self.mode = mode
         self._fd: int | None = None
-        self._lock = threading.Lock()  # writes, timed syncs and close run on worker threads
+        self._lock = threading.Lock()  # writes, timed syncs and close run on the worker's thread
+        # Every blocking call runs on this one thread, in the order it was made.
+        self._worker = SinkWorker(self.name)
         self._dirty = False
         self._last_sync = time.monotonic()
         self._failed_at: float | None = None
@@ -148,7 +154,7 @@ class FileSink:
         while True:
             await asyncio.sleep(self.fsync_interval)
             try:
-                await asyncio.to_thread(self._sync_sync)
+                await self._worker.run(self._sync_sync)
             except OSError:
                 log.exception("audit file %s: fsync failed", self.path)
                 self._failed_at = time.monotonic()
@@ -169,7 +175,8 @@ class FileSink:
             await task
         held = self._take_held()  # lazily written records go first, in the order they came
         try:
-            await asyncio.to_thread(self._write_sync, b"".join([*held, *lines]) if held else b"".join(lines))
+            data = b"".join([*held, *lines]) if held else b"".join(lines)
+            await self._worker.run(functools.partial(self._write_sync, data))
         except OSError as exc:
             self._failed_at = time.monotonic()
             self._lost_held(held, exc)
@@ -203,7 +210,7 @@ class FileSink:
         if not held:
             return
         try:
-            await asyncio.to_thread(self._write_sync, b"".join(held))
+            await self._worker.run(functools.partial(self._write_sync, b"".join(held)))
         except OSError as exc:
             self._failed_at = time.monotonic()
             self._lost_held(held, exc)
@@ -222,7 +229,7 @@ class FileSink:
             return True  # the hot path costs no system call; a failing write is caught after
         if self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_after:
             return False
-        return await asyncio.to_thread(self._probe_sync)
+        return await self._worker.run(self._probe_sync)
 
     def _close_sync(self) -> None:
         with self._lock:
@@ -247,7 +254,10 @@ class FileSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._syncer
             self._syncer = None
-        await asyncio.to_thread(self._close_sync)
+        try:
+            await self._worker.run(self._close_sync)
+        finally:
+            self._worker.stop()
 
 
 def audit_log(
