@@ -29,7 +29,7 @@ from lockbroker.interceptors.audit._pipeline import (
     log,
 )
 from lockbroker.interceptors.audit._records import (
-    _REFS,
+    _REF_KEYS,
     RecordBuilder,
     _add_response_refs,
     _AuditIds,
@@ -254,7 +254,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
             await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
             return
         received = staged.received  # the request's references were read into it already
-        refs = {key: received.get(key) for key, _ in _REFS}
+        refs = dict(zip(_REF_KEYS, map(received.get, _REF_KEYS), strict=True))  # in C: no comprehension frame
         _add_response_refs(refs, response)
         try:
             # The RequestReceived record's write (and fsync) ran while the handler worked; the
