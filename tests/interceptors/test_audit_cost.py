@@ -9,6 +9,7 @@ long-lived thread (`SinkWorker`). Each is checked here against the path it repla
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from lockbroker.interceptors.audit import (
     AuditLog,
     FileSink,
     Record,
+    StreamSink,
     add_fields,
     render_json,
 )
@@ -231,3 +233,26 @@ def test_logging_of_a_lost_record_names_it(caplog: pytest.LogCaptureFixture) -> 
         _lost_lazily({"auditId": "id-2"}, "cancelled", None, OSError("disk"))
     assert '{"n":1}' in caplog.text and "the caller was answered" in caplog.text
     assert "(unprocessable record id-2)" in caplog.text
+
+
+async def test_ready_now_is_true_only_when_ready_surely_is(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "r.jsonl")
+    log = AuditLog([sink])
+    assert not log.ready_now()  # not opened yet: ready() probes the file system
+    assert await log.ready()
+    assert log.ready_now()
+    sink._failed_at = time.monotonic()  # a write failed
+    assert not log.ready_now() and not await log.ready()
+    sink._failed_at = None
+    assert not AuditLog([sink, MemorySink()]).ready_now()  # a sink without the check: ask ready()
+    stream = io.BytesIO()
+    assert AuditLog([StreamSink(stream)]).ready_now()
+    stream.close()
+    assert not AuditLog([StreamSink(stream)]).ready_now()
+
+    class Broken(StreamSink):
+        def _ready_now(self) -> bool:
+            raise ValueError("no")
+
+    assert not AuditLog([Broken(io.BytesIO())]).ready_now()
+    await log.close()

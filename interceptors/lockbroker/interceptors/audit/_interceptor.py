@@ -175,7 +175,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
 
     async def _refuse_early(self, call: CallState, context: Context, refs: Mapping[str, str | None]) -> None:
         """Refuse a mutating call before its handler runs if its record could not be written."""
-        if self.fail_open or call.info.method not in self.mutating or await self.log.ready():
+        if self.fail_open or call.info.method not in self.mutating or self.log.ready_now() or await self.log.ready():
             return
         code, message, trailers = audit_unavailable(self.retry_after)
         await self._write(self._record(call, context, _Outcome(code, AUDIT_UNAVAILABLE, message), refs))
@@ -206,7 +206,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
 
         Only the abort here: `_failed` writes the refusal's record, as it does every other's."""
         call = state_of(context)
-        if self.fail_open or call.info.method not in self.mutating or await self.log.ready():
+        if self.fail_open or call.info.method not in self.mutating or self.log.ready_now() or await self.log.ready():
             return
         await context.abort(*audit_unavailable(self.retry_after))
 
