@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -256,3 +257,41 @@ async def test_ready_now_is_true_only_when_ready_surely_is(tmp_path: Path) -> No
 
     assert not AuditLog([Broken(io.BytesIO())]).ready_now()
     await log.close()
+
+
+@pytest.mark.parametrize("fails", ["write", "datasync"])
+def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    """The file's size is read after a failure, not before every write: what the failed write
+    appended (part of a batch, or all of it when the sync failed) is cut, the rest stays."""
+    from lockbroker.interceptors.audit import _sinks  # noqa: PLC0415 - this test only
+
+    path = tmp_path / "t.jsonl"
+    sink = FileSink(path, fsync="always")
+    sink._write_sync(b'{"n":1}\n')
+    fd = sink._fd
+    real_write = os.write
+    calls = 0
+
+    def torn(target: int, data: Any) -> int:
+        nonlocal calls
+        if target != fd:
+            return real_write(target, data)
+        calls += 1
+        if calls == 1:
+            return real_write(target, bytes(data[:5]))  # a short write, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    def no_sync(target: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    if fails == "write":
+        monkeypatch.setattr(os, "write", torn)  # the sink calls os.write; other fds pass through
+    else:
+        monkeypatch.setattr(_sinks, "_datasync", no_sync)
+    with pytest.raises(OSError):
+        sink._write_sync(b'{"n":2}\n{"n":3}\n')
+    monkeypatch.undo()
+    assert path.read_bytes() == b'{"n":1}\n'
+    sink._write_sync(b'{"n":4}\n')
+    assert path.read_bytes() == b'{"n":1}\n{"n":4}\n'
+    sink._close_sync()

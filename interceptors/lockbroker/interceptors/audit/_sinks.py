@@ -127,9 +127,8 @@ class FileSink:
     def _write_sync(self, data: bytes) -> None:
         with self._lock:
             fd = self._open_locked()
-            whole = os.fstat(fd).st_size
+            view = memoryview(data)
             try:
-                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 if self.fsync == "always" or (
@@ -141,9 +140,11 @@ class FileSink:
                 else:
                     self._dirty = True
             except OSError:
-                # A torn last line would make the whole file unparseable for strict readers.
+                # A torn last line would make the whole file unparseable for strict readers: cut
+                # what this call appended. Its size is known, so the file's is read only now; an
+                # fstat before every write cost the writer thread one more wait for the GIL.
                 with contextlib.suppress(OSError):
-                    os.ftruncate(fd, whole)
+                    os.ftruncate(fd, os.fstat(fd).st_size - (len(data) - len(view)))
                 raise
 
     def _sync_sync(self) -> None:
