@@ -9,7 +9,10 @@ with one `call_soon_threadsafe`, as to_thread's does.
 Jobs run one at a time in the order they were handed over, so a sink's writes reach its file in
 that order without waiting on each other. A job whose caller was cancelled still runs (as with
 to_thread: a write is not abandoned half done); its result is dropped. The thread ends after
-`IDLE` seconds without work, and when the sink closes.
+`IDLE` seconds without work, and when the sink closes. It is a daemon thread: an idle one must
+not hold up the interpreter's exit for `IDLE` seconds. (to_thread's pool threads were joined
+at exit; a process that exits without closing its audit log (the broker closes it as it stops)
+may now end while a write is in flight, as it could end before the write was handed over.)
 """
 
 from __future__ import annotations
