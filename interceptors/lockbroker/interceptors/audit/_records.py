@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 
 from lockbroker.interceptors.audit._pipeline import (
+    MAX_FIELD,
     REQUEST_RECEIVED,
     RESPONSE_COMPLETE,
     SCHEMA,
@@ -64,14 +65,27 @@ def _status_code(raw: object) -> grpc.StatusCode | None:
     return None
 
 
-def _fields(message: object) -> Mapping[str, Any]:
-    return message.DESCRIPTOR.fields_by_name if isinstance(message, Message) else {}
+# Whether a response type has a `grant` and a `session_id` field, looked up once per type.
+_RESPONSE_FIELDS: dict[type, tuple[bool, bool]] = {}
+
+
+def _response_fields(message: object) -> tuple[bool, bool]:
+    found = _RESPONSE_FIELDS.get(type(message))
+    if found is None:
+        fields = message.DESCRIPTOR.fields_by_name if isinstance(message, Message) else {}
+        found = _RESPONSE_FIELDS[type(message)] = ("grant" in fields, "session_id" in fields)
+    return found
 
 
 def _str_or_none(value: object) -> str | None:
     # Cut here, not in a processor: a record never holds more than MAX_FIELD characters of what a
     # caller sent, whatever processors are configured (request fields may be up to 1 MiB).
-    return truncated(str(value)) if value not in (None, "", 0) else None
+    # References are strings and integers (fencing tokens): unset is "" or 0, both falsy; a
+    # truth test costs less than comparing with (None, "", 0) one by one.
+    if not value:
+        return None
+    text = value if type(value) is str else str(value)
+    return text if len(text) <= MAX_FIELD else truncated(text)
 
 
 def _capped(value: str | None) -> str | None:
@@ -150,14 +164,15 @@ def _add_optional(record: Record, refs: Mapping[str, str | None]) -> None:
 
 
 def _add_response_refs(refs: dict[str, str | None], response: object) -> None:
-    fields = _fields(response)
+    has_grant, has_session = _response_fields(response)
     r: Any = response  # fields checked by name: responses differ
-    if "grant" in fields and r.HasField("grant"):
-        refs["fencingToken"] = refs["fencingToken"] or _str_or_none(r.grant.fencing_token)
-        refs["session"] = refs["session"] or _str_or_none(r.grant.session_id)
-        refs["lock"] = refs["lock"] or _str_or_none(r.grant.name)
-        refs["requestId"] = refs["requestId"] or _str_or_none(r.grant.request_id)
-    if "session_id" in fields:
+    if has_grant and r.HasField("grant"):
+        g = r.grant
+        refs["fencingToken"] = refs["fencingToken"] or _str_or_none(g.fencing_token)
+        refs["session"] = refs["session"] or _str_or_none(g.session_id)
+        refs["lock"] = refs["lock"] or _str_or_none(g.name)
+        refs["requestId"] = refs["requestId"] or _str_or_none(g.request_id)
+    if has_session:
         refs["session"] = refs["session"] or _str_or_none(r.session_id)
 
 
