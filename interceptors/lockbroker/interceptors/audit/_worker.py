@@ -3,8 +3,8 @@
 `asyncio.to_thread` per batch cost, on the event loop, a context copy, a ThreadPoolExecutor
 submit (its lock, a work item, a `concurrent.futures.Future` with a Condition of its own, the
 pool's thread-count check) and the chaining of that future to an asyncio one: more than the
-write's own Python work. Here a job is a deque entry and a notify, and its result comes back
-with one `call_soon_threadsafe`, as to_thread's does.
+write's own Python work. Here a job is one SimpleQueue put, and its result comes back with one
+`call_soon_threadsafe`, as to_thread's does.
 
 Jobs run one at a time in the order they were handed over, so a sink's writes reach its file in
 that order without waiting on each other. A job whose caller was cancelled still runs (as with
@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,36 +38,40 @@ class SinkWorker:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._jobs: deque[_Job] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        # A SimpleQueue's put and blocking get run in C: a Condition's notify and wait were
+        # Python code on both threads, per batch.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: stop when idle
+        self._lock = threading.Lock()
         self._running = False  # a thread serves the jobs (set and cleared under the lock)
-        self._stopping = False  # the thread ends once the jobs are done, without waiting IDLE
         _WORKERS.add(self)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` on the worker's thread; its result or exception, once it ran."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        with self._cond:
-            self._jobs.append((fn, done, loop))
-            if self._running:
-                self._cond.notify()
-            else:
-                self._running, self._stopping = True, False
+        # Queued before the check: a thread that is ending looks at the queue under the lock
+        # (see _serve), so either it takes this job or we start another thread.
+        self._jobs.put((fn, done, loop))
+        with self._lock:
+            if not self._running:
+                self._running = True
                 threading.Thread(target=self._serve, name=f"audit {self.name}", daemon=True).start()
         return await done
 
     def _serve(self) -> None:
-        cond, jobs = self._cond, self._jobs
+        jobs = self._jobs
         while True:
-            with cond:
-                if not jobs:
-                    if not self._stopping:
-                        cond.wait(self.IDLE)
-                    if not jobs:
+            try:
+                job = jobs.get(timeout=self.IDLE)
+            except queue.Empty:
+                job = None
+            if job is None:  # idle, or asked to stop
+                with self._lock:
+                    if jobs.empty():
                         self._running = False
                         return
-                fn, done, loop = jobs.popleft()
+                continue
+            fn, done, loop = job
             result: Any = None
             error: BaseException | None = None
             try:
@@ -76,19 +80,17 @@ class SinkWorker:
                 error = exc
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is left to tell
                 loop.call_soon_threadsafe(_settle, done, result, error)
-            del fn, done, result, error  # hold nothing of a finished job while idle
+            del job, fn, done, result, error  # hold nothing of a finished job while idle
 
     def stop(self) -> None:
         """End the thread once the jobs handed over so far are done (a later job starts another)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._jobs.put(None)
 
     def forget(self) -> None:
         """A forked child has no thread: start afresh (the parent's jobs are the parent's)."""
-        self._jobs = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._running = self._stopping = False
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
 
 
 def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
