@@ -7,6 +7,7 @@ says (its fields, the references read from request and response) is _records.py'
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from lockbroker.interceptors.audit._pipeline import (
     log,
 )
 from lockbroker.interceptors.audit._records import (
-    _REFS,
+    _REF_KEYS,
     RecordBuilder,
     _add_response_refs,
     _AuditIds,
@@ -64,6 +65,19 @@ def audit_unavailable(retry_after: float) -> tuple[grpc.StatusCode, str, Trailer
     )
 
 
+_SESSION_ID_FIELD: dict[type, bool] = {}
+
+
+def _has_session_id(message: object) -> bool:
+    """Whether `message` is a protobuf message whose type has a `session_id` field (looked up once per type)."""
+    kind = type(message)
+    known = _SESSION_ID_FIELD.get(kind)
+    if known is None:
+        fields = message.DESCRIPTOR.fields_by_name if isinstance(message, Message) else {}
+        known = _SESSION_ID_FIELD[kind] = "session_id" in fields
+    return known
+
+
 async def _responses(result: Any) -> AsyncIterator[Any]:
     """A stream behavior's responses; none when it wrote them with `context.write` and returned None."""
     if inspect.isawaitable(result):
@@ -78,6 +92,10 @@ def _lost(record: Record, line: bytes | None, exc: BaseException, consequence: s
     # through redaction) may go there; a record the processors choked on is named only.
     text = line.decode().rstrip("\n") if line else f"(unprocessable record {record['auditId']})"
     log.error("audit record not written (%s; %s): %s", exc, consequence, text)
+
+
+def _lost_lazily(record: Record, consequence: str, line: bytes | None, exc: BaseException) -> None:
+    _lost(record, line, exc, consequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +158,9 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
         return self.include_open_services or not call.open
 
     async def _write(self, record: Record, consequence: str = "the caller's status stands") -> bool:
+        log = self.log
         try:
-            await self.log.write(record)
+            await log._write(record, log._render_built)
         except AuditWriteError as exc:
             _lost(record, exc.line, exc, consequence)
             return False
@@ -149,17 +168,14 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
 
     def _send(self, record: Record, consequence: str) -> None:
         """Queue `record` without waiting for it; a failure goes to the process log."""
-        line, done = self.log.submit(record, lazy=True)
-
-        def check(done: asyncio.Future[None]) -> None:
-            if not done.cancelled() and (exc := done.exception()) is not None:
-                _lost(record, line, exc, consequence)
-
-        done.add_done_callback(check)
+        log = self.log
+        # The log calls `lost` itself: a callback on the record's future cost a loop iteration
+        # per record, for a failure that almost never comes.
+        log._submit(record, log._render_built, True, functools.partial(_lost_lazily, record, consequence))
 
     async def _refuse_early(self, call: CallState, context: Context, refs: Mapping[str, str | None]) -> None:
         """Refuse a mutating call before its handler runs if its record could not be written."""
-        if self.fail_open or call.info.method not in self.mutating or await self.log.ready():
+        if self.fail_open or call.info.method not in self.mutating or self.log.ready_now() or await self.log.ready():
             return
         code, message, trailers = audit_unavailable(self.retry_after)
         await self._write(self._record(call, context, _Outcome(code, AUDIT_UNAVAILABLE, message), refs))
@@ -190,7 +206,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
 
         Only the abort here: `_failed` writes the refusal's record, as it does every other's."""
         call = state_of(context)
-        if self.fail_open or call.info.method not in self.mutating or await self.log.ready():
+        if self.fail_open or call.info.method not in self.mutating or self.log.ready_now() or await self.log.ready():
             return
         await context.abort(*audit_unavailable(self.retry_after))
 
@@ -225,7 +241,8 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
         """The request stage (innermost layer): queue the RequestReceived record, don't wait."""
         call = state_of(context)
         received = self._received(call, context, _request_refs(request))
-        line, done = self.log.submit(received)
+        log = self.log
+        line, done = log._submit(received, log._render_built, False, None)
         call.audit = _Staged(received, line, done)
 
     async def _after(self, request: Any, response: Any, context: Context) -> None:
@@ -237,7 +254,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
             await self._confirm(call, context, self._record(call, context, _Outcome.of(call, context), refs))
             return
         received = staged.received  # the request's references were read into it already
-        refs = {key: received.get(key) for key, _ in _REFS}
+        refs = dict(zip(_REF_KEYS, map(received.get, _REF_KEYS), strict=True))  # in C: no comprehension frame
         _add_response_refs(refs, response)
         try:
             # The RequestReceived record's write (and fsync) ran while the handler worked; the
@@ -277,10 +294,13 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
                 nonlocal received
                 async for r in requests:
                     received += 1
-                    sid = getattr(r, "session_id", "") if isinstance(r, Message) else ""
-                    # Bounded in number and size (issue 18, item 10): a session id has 16 characters.
-                    if sid and len(sid) <= 16 and len(sessions) < MAX_STREAM_SESSIONS:
-                        sessions.setdefault(sid)
+                    # A message without the field (the Session stream's envelope) is only counted:
+                    # getattr with a default raised and caught an AttributeError per message.
+                    if _has_session_id(r):
+                        sid = r.session_id
+                        # Bounded in number and size (issue 18, item 10): a session id has 16 characters.
+                        if sid and len(sid) <= 16 and len(sessions) < MAX_STREAM_SESSIONS:
+                            sessions.setdefault(sid)
                     yield r
 
             def record(outcome: _Outcome) -> Record:

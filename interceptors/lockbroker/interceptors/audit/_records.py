@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 
 from lockbroker.interceptors.audit._pipeline import (
+    MAX_FIELD,
     REQUEST_RECEIVED,
     RESPONSE_COMPLETE,
     SCHEMA,
@@ -29,7 +30,7 @@ from lockbroker.interceptors.audit._pipeline import (
     Record,
     truncated,
 )
-from lockbroker.interceptors.base import CallState, Context, metadata_value
+from lockbroker.interceptors.base import CallState, Context
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +65,27 @@ def _status_code(raw: object) -> grpc.StatusCode | None:
     return None
 
 
-def _fields(message: object) -> Mapping[str, Any]:
-    return message.DESCRIPTOR.fields_by_name if isinstance(message, Message) else {}
+# Whether a response type has a `grant` and a `session_id` field, looked up once per type.
+_RESPONSE_FIELDS: dict[type, tuple[bool, bool]] = {}
+
+
+def _response_fields(message: object) -> tuple[bool, bool]:
+    found = _RESPONSE_FIELDS.get(type(message))
+    if found is None:
+        fields = message.DESCRIPTOR.fields_by_name if isinstance(message, Message) else {}
+        found = _RESPONSE_FIELDS[type(message)] = ("grant" in fields, "session_id" in fields)
+    return found
 
 
 def _str_or_none(value: object) -> str | None:
     # Cut here, not in a processor: a record never holds more than MAX_FIELD characters of what a
     # caller sent, whatever processors are configured (request fields may be up to 1 MiB).
-    return truncated(str(value)) if value not in (None, "", 0) else None
+    # References are strings and integers (fencing tokens): unset is "" or 0, both falsy; a
+    # truth test costs less than comparing with (None, "", 0) one by one.
+    if not value:
+        return None
+    text = value if type(value) is str else str(value)
+    return text if len(text) <= MAX_FIELD else truncated(text)
 
 
 def _capped(value: str | None) -> str | None:
@@ -88,38 +102,48 @@ _REFS: Final = (
 )
 
 
-_REF_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}
+_REF_KEYS: Final = tuple(key for key, _ in _REFS)
+
+# What a request's type can carry, looked up once per type rather than per call: its references
+# (key, field) and whether it has the mode, limit and locks fields of shared claims (issue 17).
+_RefPlan = tuple[tuple[tuple[str, str], ...], Any, bool, bool]
+_REF_PLANS: dict[type, _RefPlan] = {}
 
 
-def _ref_fields(message: Message) -> tuple[tuple[str, str], ...]:
-    """The references a request's type can carry (looked up once per type, not per call)."""
-    found = _REF_FIELDS.get(type(message))
+def _ref_plan(message: Message) -> _RefPlan:
+    found = _REF_PLANS.get(type(message))
     if found is None:
         fields = message.DESCRIPTOR.fields_by_name
-        found = _REF_FIELDS[type(message)] = tuple((key, name) for key, name in _REFS if name in fields)
+        mode = fields.get("mode")
+        found = _REF_PLANS[type(message)] = (
+            tuple((key, name) for key, name in _REFS if name in fields),
+            mode.enum_type if mode is not None else None,
+            "limit" in fields,
+            "locks" in fields,
+        )
     return found
 
 
 def _request_refs(request: object) -> dict[str, str | None]:
-    refs: dict[str, str | None] = dict.fromkeys(key for key, _ in _REFS)
+    refs: dict[str, str | None] = dict.fromkeys(_REF_KEYS)
     if isinstance(request, Message):
-        for key, name in _ref_fields(request):
+        names, mode, limit, locks = _ref_plan(request)
+        for key, name in names:
             refs[key] = _str_or_none(getattr(request, name))
-        _add_mode_refs(refs, request)
+        if mode is not None or limit or locks:
+            _add_mode_refs(refs, request, mode, limit, locks)
     return refs
 
 
-def _add_mode_refs(refs: dict[str, str | None], request: Message) -> None:
+def _add_mode_refs(refs: dict[str, str | None], request: Message, mode: Any, limit: bool, locks: bool) -> None:
     """Shared claims, semaphores and AcquireMany (issue 17): the mode by name, the limit, the names."""
-    fields = request.DESCRIPTOR.fields_by_name
     r: Any = request
-    mode = fields.get("mode")
-    if mode is not None and mode.enum_type is not None and r.mode:
-        known = mode.enum_type.values_by_number.get(r.mode)
+    if mode is not None and r.mode:
+        known = mode.values_by_number.get(r.mode)
         refs["lockMode"] = known.name.removeprefix("LOCK_MODE_") if known is not None else str(r.mode)
-    if "limit" in fields and r.limit:
+    if limit and r.limit:
         refs["semaphoreLimit"] = str(r.limit)
-    if "locks" in fields and r.locks:
+    if locks and r.locks:
         refs["lock"] = truncated(",".join(c.name for c in r.locks))
 
 
@@ -128,15 +152,27 @@ def _mode_fields(refs: Mapping[str, str | None]) -> dict[str, str]:
     return {key: value for key in ("lockMode", "semaphoreLimit") if (value := refs.get(key))}
 
 
+def _add_optional(record: Record, refs: Mapping[str, str | None]) -> None:
+    """The keys only some records have, in their place after `traceId`: the admin's reason, then
+    `_mode_fields`. Added in place: spreading a dict per key into the record cost a dict each."""
+    if reason := refs.get("adminReason"):
+        record["adminReason"] = reason
+    if mode := refs.get("lockMode"):
+        record["lockMode"] = mode
+    if limit := refs.get("semaphoreLimit"):
+        record["semaphoreLimit"] = limit
+
+
 def _add_response_refs(refs: dict[str, str | None], response: object) -> None:
-    fields = _fields(response)
+    has_grant, has_session = _response_fields(response)
     r: Any = response  # fields checked by name: responses differ
-    if "grant" in fields and r.HasField("grant"):
-        refs["fencingToken"] = refs["fencingToken"] or _str_or_none(r.grant.fencing_token)
-        refs["session"] = refs["session"] or _str_or_none(r.grant.session_id)
-        refs["lock"] = refs["lock"] or _str_or_none(r.grant.name)
-        refs["requestId"] = refs["requestId"] or _str_or_none(r.grant.request_id)
-    if "session_id" in fields:
+    if has_grant and r.HasField("grant"):
+        g = r.grant
+        refs["fencingToken"] = refs["fencingToken"] or _str_or_none(g.fencing_token)
+        refs["session"] = refs["session"] or _str_or_none(g.session_id)
+        refs["lock"] = refs["lock"] or _str_or_none(g.name)
+        refs["requestId"] = refs["requestId"] or _str_or_none(g.request_id)
+    if has_session:
         refs["session"] = refs["session"] or _str_or_none(r.session_id)
 
 
@@ -152,8 +188,31 @@ def _credential(call: CallState) -> dict[str, str | None] | None:
     return {"apiKeyId": _capped(key_id), "certificate": _capped(certificate)}
 
 
-def _secrets(context: Context) -> list[str]:
-    return [v for key in SECRET_METADATA if (v := metadata_value(context, key))]
+_X_API_KEY, _AUTHORIZATION = SECRET_METADATA
+
+
+def _caller(context: Context) -> tuple[str | None, list[str]]:
+    """The caller's user agent (cut) and the values of its SECRET_METADATA (the first of each
+    key, as `metadata_value` reads it, in that order, empty ones left out), from one pass over
+    the metadata: three passes, each through the context's attribute forwarding, cost more than
+    rendering the record.
+    """
+    agent = api_key = authorization = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "user-agent":
+            if agent is None:
+                agent = value
+        elif key == _X_API_KEY:
+            if api_key is None:
+                api_key = value
+        elif key == _AUTHORIZATION and authorization is None:
+            authorization = value
+    secrets = [_text(v) for v in (api_key, authorization) if v]
+    return (truncated(_text(agent)) if agent is not None else None), secrets
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 def _trace_id() -> str | None:
@@ -239,7 +298,8 @@ class RecordBuilder:
             # Nobody vouches for a stranger's request: record what was tried, not what was asked
             # (issue 18, item 5). Stream counts stay; the request's own fields do not.
             refs = _NO_REFS
-        return {
+        agent, secrets = _caller(context)
+        record: Record = {
             "schema": SCHEMA,
             "time": self._stamp(call.started),
             "auditId": self._ids.next(),
@@ -249,7 +309,7 @@ class RecordBuilder:
             "principal": {"kind": principal.kind, "id": truncated(principal.id)} if principal is not None else None,
             "credential": _credential(call) if principal is None else None,
             "sourceAddress": _capped(context.peer()),
-            "userAgent": _capped(metadata_value(context, "user-agent")),
+            "userAgent": agent,
             "method": truncated(call.info.method),
             "lock": refs.get("lock"),
             "session": refs.get("session"),
@@ -259,17 +319,19 @@ class RecordBuilder:
             "durationMs": round((time.monotonic() - call.started_mono) * 1000, 3),
             "retryAttempts": call.attempts,
             "traceId": _trace_id(),
-            # Only admin calls carry a reason; other records keep their shape.
-            **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
-            **_mode_fields(refs),
-            **extra,
-            "_secrets": _secrets(context),
         }
+        # Only admin calls carry a reason, only shared claims a mode: other records keep their shape.
+        _add_optional(record, refs)
+        if extra:
+            record.update(extra)
+        record["_secrets"] = secrets
+        return record
 
     def _received(self, call: CallState, context: Context, refs: Mapping[str, str | None]) -> Record:
         """The RequestReceived record: who asks what, before the handler acts (no outcome yet)."""
         principal = call.principal
-        return {
+        agent, secrets = _caller(context)
+        record: Record = {
             "schema": SCHEMA,
             "time": self._stamp(call.started),
             "auditId": self._ids.next(),
@@ -280,7 +342,7 @@ class RecordBuilder:
             # The request stage runs after identity admitted the call, so nothing failed to vouch.
             "credential": None,
             "sourceAddress": _capped(context.peer()),
-            "userAgent": _capped(metadata_value(context, "user-agent")),
+            "userAgent": agent,
             "method": truncated(call.info.method),
             "lock": refs.get("lock"),
             "session": refs.get("session"),
@@ -290,10 +352,10 @@ class RecordBuilder:
             "durationMs": None,
             "retryAttempts": None,
             "traceId": _trace_id(),
-            **({"adminReason": refs["adminReason"]} if refs.get("adminReason") else {}),
-            **_mode_fields(refs),
-            "_secrets": _secrets(context),
         }
+        _add_optional(record, refs)
+        record["_secrets"] = secrets
+        return record
 
     def _completed(
         self, call: CallState, received: Record, outcome: _Outcome, refs: Mapping[str, str | None]

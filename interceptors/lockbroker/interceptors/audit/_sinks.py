@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -20,6 +21,7 @@ from lockbroker.interceptors.audit._pipeline import (
     Sink,
     log,
 )
+from lockbroker.interceptors.audit._worker import SinkWorker
 
 
 class StreamSink:
@@ -29,6 +31,7 @@ class StreamSink:
         self.name = name
         self._stream = stream
         self._failed = False
+        self._worker = SinkWorker(name)
 
     def _target(self) -> IO[bytes]:
         return self._stream if self._stream is not None else sys.stdout.buffer
@@ -41,18 +44,22 @@ class StreamSink:
     async def write(self, lines: Sequence[bytes]) -> None:
         try:
             # A pipe whose reader stalls blocks the writer: never on the event loop.
-            await asyncio.to_thread(self._write_sync, b"".join(lines))
+            await self._worker.run(functools.partial(self._write_sync, b"".join(lines)))
         except (OSError, ValueError):
             self._failed = True
             raise
         self._failed = False
 
     async def ready(self) -> bool:
+        return self._ready_now()
+
+    def _ready_now(self) -> bool:
         return not self._failed and not self._target().closed
 
     async def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
-            await asyncio.to_thread(self._target().flush)
+            await self._worker.run(self._target().flush)
+        self._worker.stop()
 
 
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
@@ -93,7 +100,9 @@ class FileSink:
         self.retry_after = retry_after
         self.mode = mode
         self._fd: int | None = None
-        self._lock = threading.Lock()  # writes, timed syncs and close run on worker threads
+        self._lock = threading.Lock()  # writes, timed syncs and close run on the worker's thread
+        # Every blocking call runs on this one thread, in the order it was made.
+        self._worker = SinkWorker(self.name)
         self._dirty = False
         self._last_sync = time.monotonic()
         self._failed_at: float | None = None
@@ -118,9 +127,8 @@ class FileSink:
     def _write_sync(self, data: bytes) -> None:
         with self._lock:
             fd = self._open_locked()
-            whole = os.fstat(fd).st_size
+            view = memoryview(data)
             try:
-                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 if self.fsync == "always" or (
@@ -132,9 +140,11 @@ class FileSink:
                 else:
                     self._dirty = True
             except OSError:
-                # A torn last line would make the whole file unparseable for strict readers.
+                # A torn last line would make the whole file unparseable for strict readers: cut
+                # what this call appended. Its size is known, so the file's is read only now; an
+                # fstat before every write cost the writer thread one more wait for the GIL.
                 with contextlib.suppress(OSError):
-                    os.ftruncate(fd, whole)
+                    os.ftruncate(fd, os.fstat(fd).st_size - (len(data) - len(view)))
                 raise
 
     def _sync_sync(self) -> None:
@@ -148,7 +158,7 @@ class FileSink:
         while True:
             await asyncio.sleep(self.fsync_interval)
             try:
-                await asyncio.to_thread(self._sync_sync)
+                await self._worker.run(self._sync_sync)
             except OSError:
                 log.exception("audit file %s: fsync failed", self.path)
                 self._failed_at = time.monotonic()
@@ -169,7 +179,8 @@ class FileSink:
             await task
         held = self._take_held()  # lazily written records go first, in the order they came
         try:
-            await asyncio.to_thread(self._write_sync, b"".join([*held, *lines]) if held else b"".join(lines))
+            data = b"".join([*held, *lines]) if held else b"".join(lines)
+            await self._worker.run(functools.partial(self._write_sync, data))
         except OSError as exc:
             self._failed_at = time.monotonic()
             self._lost_held(held, exc)
@@ -203,7 +214,7 @@ class FileSink:
         if not held:
             return
         try:
-            await asyncio.to_thread(self._write_sync, b"".join(held))
+            await self._worker.run(functools.partial(self._write_sync, b"".join(held)))
         except OSError as exc:
             self._failed_at = time.monotonic()
             self._lost_held(held, exc)
@@ -217,12 +228,16 @@ class FileSink:
             return False
         return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= self.min_free_bytes
 
+    def _ready_now(self) -> bool:
+        """`ready()` without a coroutine when its answer is a sure True (see AuditLog.ready_now)."""
+        return self._fd is not None and self._failed_at is None
+
     async def ready(self) -> bool:
         if self._fd is not None and self._failed_at is None:
             return True  # the hot path costs no system call; a failing write is caught after
         if self._failed_at is not None and time.monotonic() - self._failed_at < self.retry_after:
             return False
-        return await asyncio.to_thread(self._probe_sync)
+        return await self._worker.run(self._probe_sync)
 
     def _close_sync(self) -> None:
         with self._lock:
@@ -247,7 +262,10 @@ class FileSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._syncer
             self._syncer = None
-        await asyncio.to_thread(self._close_sync)
+        try:
+            await self._worker.run(self._close_sync)
+        finally:
+            self._worker.stop()
 
 
 def audit_log(
