@@ -183,6 +183,38 @@ async def test_grpcurl_drives_a_session_stream(broker: Broker) -> None:
         assert kinds == ["type.googleapis.com/google.rpc.ErrorInfo", "type.googleapis.com/google.rpc.BadRequest"]
 
 
+async def test_grpcurl_sends_a_batch_and_reads_batched_answers(broker: Broker) -> None:
+    """docs/other-languages.md, "Batches": the batch messages are plain JSON to grpcurl, and the
+    metadata that asks for batched answers is a header (`-H`)."""
+    target = f"127.0.0.1:{broker.port}"
+    session = json.loads(await grpcurl("-plaintext", "-d", '{"ttl":"10s"}', target, f"{SERVICE}/CreateSession"))
+    sid = field(session, "session_id")
+    batch = {
+        "batch": {
+            "requests": [
+                {"id": 1, "open": {"resume": sid}},
+                *({"id": 10 + i, "keepalive": {"session_id": sid}} for i in range(20)),
+                {"id": 2, "acquire": {"name": "grpcurl/batch", "session_id": sid, "request_id": "gb-1"}},
+                {"id": 3, "batch": {}},
+            ]
+        }
+    }
+    out = await grpcurl(
+        "-plaintext", "-H", "lockbroker-batch: 1", "-d", "@", target, f"{SERVICE}/Session", stdin=json.dumps(batch)
+    )
+    answers: dict[int, Any] = {}
+    for doc in _json_documents(out):
+        for one in doc["batch"]["responses"] if "batch" in doc else [doc]:
+            assert int(one["id"]) not in answers, out  # each request answered once
+            answers[int(one["id"])] = one
+    assert set(answers) == {1, 2, 3, *range(10, 30)}, out
+    assert field(answers[1]["open"], "session_id") == sid
+    assert int(field(answers[2]["acquire"]["grant"], "fencing_token")) > 0
+    assert all("ttl" in answers[10 + i]["keepalive"] for i in range(20))
+    assert answers[3]["error"]["code"] == 3  # a batch in a batch: INVALID_ARGUMENT
+    await grpcurl("-plaintext", "-d", json.dumps({"session_id": sid}), target, f"{SERVICE}/CloseSession")
+
+
 def _json_documents(text: str) -> list[Any]:
     """grpcurl prints one pretty-printed JSON document per response, back to back."""
     decoder, docs, i = json.JSONDecoder(), [], 0
