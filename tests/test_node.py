@@ -112,6 +112,13 @@ async def test_node_client_session_acquire_describe_refuse_release(broker: Broke
         "LIMIT_MISMATCH",
         {"lock": f"{name}/sem", "limit": "1", "requested": "2"},
     ]
+    # Issue 14: a batch of three requests on the Session stream, granted by metadata; each
+    # request answered once (alone or batched), both grants released with their tokens.
+    stream = summary["stream"]
+    assert stream["granted"] == "1"
+    assert all(int(t) > 0 for t in stream["tokens"]) and len(set(stream["tokens"])) == 2
+    assert stream["keepalive_ttl"] == "10"
+    assert 1 <= stream["messages"] <= 3
     assert summary["closed"] == [True, True]
 
     # Nothing left behind: no lock, queue or session keys under this test's root, and both

@@ -12,7 +12,8 @@
 // NotAcquired detail (both decoded from the grpc-status-details-bin trailer), checks the fencing
 // token with CheckFence (CURRENT while held, STALE after the release), releases, closes both
 // sessions and prints one JSON summary on stdout. On the way it takes a shared lock with both sessions
-// and a semaphore permit (issue 17), checking Describe and the refusals. Any failed check exits 1 with the reason on stderr.
+// and a semaphore permit (issue 17), checking Describe and the refusals, and sends one batch of
+// requests on the Session stream (issue 14). Any failed check exits 1 with the reason on stderr.
 "use strict";
 
 const fs = require("node:fs");
@@ -126,6 +127,36 @@ async function expectError(promise, what) {
 
 const seconds = (s) => ({ seconds: String(s), nanos: 0 });
 
+// The Session stream with batches (lock.proto, `rpc Session`, "Batches"): ask with the metadata,
+// read the grant from the initial metadata, send `requests` as one batch message and collect one
+// answer per request id, whether they come alone or in batches. Half-closes once all are in.
+function sessionBatch(client, requests) {
+  return new Promise((resolve, reject) => {
+    const metadata = callMetadata();
+    metadata.set("lockbroker-batch", "1");
+    const call = client.Session(metadata, { deadline: new Date(Date.now() + DEADLINE_MS) });
+    const answers = {};
+    let granted = null;
+    let messages = 0;
+    call.on("metadata", (m) => {
+      granted = m.get("lockbroker-batch")[0] || null;
+    });
+    call.on("data", (resp) => {
+      messages += 1;
+      for (const one of resp.kind === "batch" ? resp.batch.responses : [resp]) {
+        check(answers[one.id] === undefined, `one answer per request id (${one.id})`);
+        answers[one.id] = one;
+      }
+      if (Object.keys(answers).length === requests.length) {
+        call.end();
+      }
+    });
+    call.on("error", reject);
+    call.on("end", () => resolve({ granted, answers, messages }));
+    call.write({ batch: { requests } });
+  });
+}
+
 async function run(target, name) {
   const LockService = loadService();
   // The published service config: retries UNAVAILABLE, as docs/other-languages.md recommends.
@@ -214,6 +245,23 @@ async function run(target, name) {
     const semState = await unary(client, "Describe", { name: semName });
     await unary(client, "Release", { name: semName, fencing_token: permit.grant.fencing_token });
 
+    // Three requests in one Session stream message: two acquires and a keepalive.
+    const streamNames = [`${name}/stream-1`, `${name}/stream-2`];
+    const streamed = await sessionBatch(client, [
+      { id: "1", acquire: { name: streamNames[0], session_id: a.session_id, request_id: "node-stream-1" } },
+      { id: "2", keepalive: { session_id: a.session_id } },
+      { id: "3", acquire: { name: streamNames[1], session_id: a.session_id, request_id: "node-stream-2" } },
+    ]);
+    const streamTokens = ["1", "3"].map((id) => {
+      const answer = streamed.answers[id];
+      check(answer && answer.kind === "acquire", `stream answer ${id} is a grant: ${JSON.stringify(answer)}`);
+      return answer.acquire.grant.fencing_token;
+    });
+    check(streamed.answers["2"].kind === "keepalive", "stream answer 2 is the keepalive's");
+    for (const [i, token] of streamTokens.entries()) {
+      await unary(client, "Release", { name: streamNames[i], fencing_token: token });
+    }
+
     const closed = [];
     while (sessions.length > 0) {
       closed.push((await unary(client, "CloseSession", { session_id: sessions.shift() })).closed);
@@ -246,6 +294,12 @@ async function run(target, name) {
         other: [grpc.status[other.code], otherDetails.error_info.reason, otherDetails.error_info.metadata],
         described_limit: semState.limit,
         holders: semState.holders.length,
+      },
+      stream: {
+        granted: streamed.granted,
+        tokens: streamTokens,
+        keepalive_ttl: streamed.answers["2"].keepalive.ttl.seconds,
+        messages: streamed.messages,
       },
       closed,
     };
