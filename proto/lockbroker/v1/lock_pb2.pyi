@@ -1508,9 +1508,10 @@ class SessionRequest(_message.Message):
         """Several requests in one message (see `rpc Session`, "Batches"), each
         handled in order exactly as if it came alone, with its own id and
         timeout. This message's own id and timeout are ignored and it gets no
-        answer of its own. A batch inside a batch is answered
-        INVALID_ARGUMENT (with its id); at most 1024 requests per batch (more:
-        the whole batch is refused INVALID_ARGUMENT with this message's id).
+        answer of its own (unless refused whole: then a non-zero id is
+        answered too). A batch inside a batch is answered INVALID_ARGUMENT
+        (with its id); at most 1024 requests per batch (more: each request is
+        answered INVALID_ARGUMENT with its own id, and none runs).
         """
 
     @_builtins.property
