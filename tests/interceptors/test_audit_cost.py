@@ -295,3 +295,45 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: p
     sink._write_sync(b'{"n":4}\n')
     assert path.read_bytes() == b'{"n":1}\n{"n":4}\n'
     sink._close_sync()
+
+
+def test_a_failed_sync_never_cuts_another_workers_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --workers N` append to one file: when a sync fails after another worker appended
+    behind our lines, ours stay (torn or not) rather than the cut taking its records."""
+    from lockbroker.interceptors.audit import _sinks  # noqa: PLC0415 - this test only
+
+    path = tmp_path / "shared.jsonl"
+    sink = FileSink(path, fsync="always")
+    sink._write_sync(b'{"n":1}\n')
+    other = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def another_worker_then_fail(_fd: int) -> None:
+        os.write(other, b'{"worker":2}\n')  # answered by that worker: it must stay
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_sinks, "_datasync", another_worker_then_fail)
+    with pytest.raises(OSError):
+        sink._write_sync(b'{"n":2}\n')
+    monkeypatch.undo()
+    os.close(other)
+    assert path.read_bytes() == b'{"n":1}\n{"n":2}\n{"worker":2}\n'
+    sink._close_sync()
+
+
+async def test_a_worker_whose_thread_cannot_start_fails_the_job_and_starts_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = SinkWorker("starved")
+    real_start = threading.Thread.start
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    ran: list[int] = []
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await worker.run(lambda: ran.append(1))
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert await worker.run(lambda: 7) == 7  # a thread now: the worker is not stuck
+    assert ran == []  # the failed job never runs late
+    worker.stop()

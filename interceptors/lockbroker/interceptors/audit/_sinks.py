@@ -143,8 +143,13 @@ class FileSink:
                 # A torn last line would make the whole file unparseable for strict readers: cut
                 # what this call appended. Its size is known, so the file's is read only now; an
                 # fstat before every write cost the writer thread one more wait for the GIL.
+                # Only while our bytes are the file's last: the workers of `serve --workers N`
+                # append to one file, and another's records after ours (answered, maybe) stay.
+                written = len(data) - len(view)
                 with contextlib.suppress(OSError):
-                    os.ftruncate(fd, os.fstat(fd).st_size - (len(data) - len(view)))
+                    end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where our last write ended
+                    if written and os.fstat(fd).st_size == end:
+                        os.ftruncate(fd, end - written)
                 raise
 
     def _sync_sync(self) -> None:

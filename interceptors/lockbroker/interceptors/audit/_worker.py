@@ -54,9 +54,27 @@ class SinkWorker:
         self._jobs.put((fn, done, loop))
         with self._lock:
             if not self._running:
-                self._running = True
-                threading.Thread(target=self._serve, name=f"audit {self.name}", daemon=True).start()
+                try:
+                    threading.Thread(target=self._serve, name=f"audit {self.name}", daemon=True).start()
+                except RuntimeError as exc:  # no thread to be had (resources): no job can run
+                    self._fail_queued(exc)
+                else:
+                    # Running only once started: after a failed start the next job tries again,
+                    # rather than every later job waiting on a thread that never came.
+                    self._running = True
         return await done
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail every queued job with `exc` (none has run, none will: nothing is written late)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                _fn, done, loop = job
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, done, None, exc)
 
     def _serve(self) -> None:
         jobs = self._jobs
