@@ -5,6 +5,7 @@ unless something else (the client going away) asked to cancel it too: that cance
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -68,3 +69,24 @@ async def test_the_broker_closing_ends_every_wait_with_shutting_down() -> None:
     assert not backend.watches
     with pytest.raises(ShuttingDown):  # and a wait that starts after it is refused at once
         await _wait(core, 60.0)
+
+
+async def test_a_cancel_swallowed_before_the_wait_does_not_turn_its_timer_into_a_cancel() -> None:
+    """As asyncio.timeout counts them: a cancellation the task swallowed earlier (never
+    uncancelled) is not taken for the client's when the wait's own timer fires."""
+    backend = MemoryLockBackend()
+    core = LockCore(backend, "/wake")
+    acquirer = core._acquirer
+
+    async def swallowed_then_wait() -> object:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, and not uncancelled
+            await asyncio.sleep(1)
+        return await acquirer._until_deleted(PREFIX, (AHEAD, MINE.key), 0, 0.01, MINE)
+
+    with pytest.raises(TimeoutError):
+        await asyncio.ensure_future(swallowed_then_wait())
+    assert not acquirer._wakes
+    assert not backend.watches

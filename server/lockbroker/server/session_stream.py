@@ -110,6 +110,10 @@ class SessionStreams:
         self.message_timeout = message_timeout
         # Set (by the Broker) when tracing is on: each message gets a server span of its own.
         self.tracer: trace.Tracer | None = None
+        # The context of a message's timer and done callback: they touch no context variable,
+        # and a copy of the reader's context each (asyncio's default) would live as long as the
+        # message. One per broker, not per process: a context is entered by one thread at a time.
+        self.bare = contextvars.Context()
 
     async def _resume(self, request: lock_pb2.RefreshRequest, context: Context) -> lock_pb2.CreateSessionResponse:
         r = await self.service.Refresh(request, context)
@@ -200,11 +204,6 @@ class SessionStreams:
                     _, pending = await asyncio.wait(pending)
                 except asyncio.CancelledError:
                     continue
-
-
-# The context of a message's timer and done callback: they touch no context variable, and a copy
-# of the reader's context each (asyncio's default) would live as long as the message.
-_BARE = contextvars.Context()
 
 
 class _Running:
@@ -357,8 +356,9 @@ class _Stream:
         # The layers below answer before it when they can (waits and etcd calls end
         # ANSWER_MARGIN earlier); this only catches what did not.
         running = _Running(self, rid, task)
-        running.timer = loop.call_at(deadline, running, context=_BARE)
-        task.add_done_callback(running.settle, context=_BARE)
+        bare = self.streams.bare
+        running.timer = loop.call_at(deadline, running, context=bare)
+        task.add_done_callback(running.settle, context=bare)
 
     async def _one(self, rid: int, kind: _Kind, behavior: Behavior, request: Any, deadline: float) -> None:
         """Serve one request as a call of its own and queue its answer (and any event)."""

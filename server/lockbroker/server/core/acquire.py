@@ -17,6 +17,7 @@ call (tests/core/test_frames.py counts it); only a slot collision or a wait goes
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -158,6 +159,7 @@ class Acquirer(QueueWaits):
         self._cleanups = cleanups
         self._closing = closing
         self._wakes, self._wakes_of = set(), None  # see QueueWaits._wakes_for
+        self._bare = contextvars.Context()  # see QueueWaits._bare
         self._holders: dict[bytes, Entry] = {}  # see QueueWaits._kept
         self._waiting: Counter[str] = Counter()  # blocking Acquire calls in progress, per tenant
         # How long a waiter whose call was cancelled keeps its place for a retry (core.resume).

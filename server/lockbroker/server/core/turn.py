@@ -58,15 +58,18 @@ class _Wake:
     the waiting task (as asyncio.timeout does), and `instead` turns that cancellation back into
     TimeoutError or ShuttingDown."""
 
-    __slots__ = ("task", "timer", "wakes", "why")
+    __slots__ = ("cancelling", "task", "timer", "wakes", "why")
 
-    def __init__(self, task: asyncio.Task[Any], wakes: set[_Wake], timeout: float) -> None:
+    def __init__(self, task: asyncio.Task[Any], wakes: set[_Wake], timeout: float, bare: contextvars.Context) -> None:
         self.task = task
         self.why: type[Exception] | None = None  # TimeoutError or ShuttingDown, once fired
+        # Cancellations asked of the task before this wait (as asyncio.timeout counts them): only
+        # one asked since, ours, is turned into TimeoutError or ShuttingDown.
+        self.cancelling = task.cancelling()
         self.wakes = wakes
         wakes.add(self)
         # The wake itself is the timer's callback: no bound method kept with every waiter.
-        self.timer = task.get_loop().call_later(timeout, self, context=_BARE)
+        self.timer = task.get_loop().call_later(timeout, self, context=bare)
 
     def __call__(self) -> None:  # the timer
         self.expire()
@@ -90,7 +93,7 @@ class _Wake:
         """What to raise for a CancelledError in the wait: TimeoutError or ShuttingDown if this
         wake cancelled the task and nothing else asked to meanwhile; else `cancelled` (the client
         going away, the stream ending: that cancellation goes on up)."""
-        if self.why is None or self.task.uncancel() > 0:
+        if self.why is None or self.task.uncancel() > self.cancelling:
             return cancelled
         if self.why is ShuttingDown:
             return ShuttingDown("the broker is shutting down", retry_after=0.5)
@@ -99,10 +102,6 @@ class _Wake:
 
 # Holders remembered for sharing among waiters (QueueWaits._kept): one per contended lock.
 HOLDERS_KEPT = 1024
-
-# The context a wait's timer runs in: it only cancels a task, and a copy of the caller's context
-# per timer (asyncio's default) would be kept alive with every waiter.
-_BARE = contextvars.Context()
 
 # The value of a predecessor a waiter keeps (see QueueWaits._kept): only its key is read.
 _UNREAD = EntryValue("", "", 0.0)
@@ -121,6 +120,11 @@ class QueueWaits:
     # The waits in progress, and the closing future whose one callback ends them all (_wakes_for).
     _wakes: set[_Wake]
     _wakes_of: asyncio.Future[None] | None
+    # The context a wait's timer runs in: it only cancels a task, and a copy of the caller's
+    # context per timer (asyncio's default) would be kept alive with every waiter. One per
+    # broker, not per process: a context is entered by one thread at a time, and two brokers
+    # may run their loops on two threads.
+    _bare: contextvars.Context
     # The holders waiters here last read, by key: the waiters of a lock keep one entry of its
     # holder between them, not a decoded copy each (see _kept). A cache: cleared when full.
     _holders: dict[bytes, Entry]
@@ -244,7 +248,7 @@ class QueueWaits:
             raise ShuttingDown("the broker is shutting down", retry_after=0.5)
         task = asyncio.current_task()
         assert task is not None
-        return _Wake(task, self._wakes_for(closing), timeout)
+        return _Wake(task, self._wakes_for(closing), timeout, self._bare)
 
     def _kept(self, pos: Position) -> Position:
         """What a waiter keeps of a read of its queue through its wait: the predecessor only for
@@ -274,7 +278,7 @@ class QueueWaits:
         scan of every other waiter's)."""
         if self._wakes_of is not closing:
             self._wakes, self._wakes_of = set(), closing
-            closing.add_done_callback(functools.partial(_shut, self._wakes))
+            closing.add_done_callback(functools.partial(_shut, self._wakes), context=self._bare)
         return self._wakes
 
     async def _not_acquired(
