@@ -203,7 +203,6 @@ class SessionStream:
         self._unsupported = False  # the broker answered UNIMPLEMENTED: unary calls from now on
         self._unsupported_until = 0.0  # monotonic; unary calls until then (see _read)
         self._no_more_until = 0.0  # monotonic; the broker refused a stream: open no other until then
-        self._closers: set[asyncio.Task[None]] = set()  # half-closes under way (kept referenced)
 
     @property
     def unsupported(self) -> bool:
@@ -344,13 +343,9 @@ class SessionStream:
         if call.in_flight or call.retired or call is next((c for c in self._calls if not c.retired), None):
             return
         call.retired = True
-        closer = asyncio.create_task(self._half_close(call), name="lockbroker-session-stream-close")
-        self._closers.add(closer)
-        closer.add_done_callback(self._closers.discard)
-
-    async def _half_close(self, call: _Call) -> None:
         # The broker ends the stream once it has answered everything; the reader reads to the end
-        # (an event may follow the last answer) and lets the stream go.
+        # (an event may follow the last answer) and lets the stream go. The writer half-closes
+        # after what is queued, so no task of its own is needed for that.
         if call.writer is not None and not call.writer.stopped:
             call.writer.close()  # after what is queued
         else:
@@ -370,7 +365,7 @@ class SessionStream:
             call.retired = True
             call.call.cancel()
         readers = [c.reader for c in calls if c.reader is not None]
-        await asyncio.gather(*readers, *self._closers, return_exceptions=True)
+        await asyncio.gather(*readers, return_exceptions=True)
         await asyncio.gather(*(c.writer.wait() for c in calls if c.writer is not None))
 
     def _answered(self, call: _Call, resp: lock_pb2.SessionResponse) -> None:
