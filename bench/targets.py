@@ -70,6 +70,14 @@ TARGETS: dict[str, TargetSpec] = {
             workers=2,
             connections=4,
         ),
+        TargetSpec(
+            "broker-stream-2w",
+            "broker-stream",
+            "broker over the Session stream: --workers 2 sharing one port (audit, no tracing), 4 connections per agent",
+            "broker",
+            workers=2,
+            connections=4,
+        ),
         # Diagnostic variants of the stream path, run only when named in --targets (OPT_IN).
         TargetSpec(
             "broker-stream-noaudit", "broker-stream", "broker over the Session stream: no audit", "broker", audit=False
@@ -119,7 +127,7 @@ PEERS = ("etcd-lock", "etcd-txn", "aetcd", "echo")
 BROKER_VARIANTS = ("broker-traced", "broker-traced-1pct", "broker-noaudit", "broker-auditlazy", "broker-nobatch")
 # Not in a run unless named in --targets; then in every uncontended point.
 OPT_IN = ("broker-stream-noaudit", "broker-stream-nobatch", "broker-stream-uvloop", "broker-uvloop")
-SCALE = ("broker-2rep", "broker-2w")  # more than one broker process
+SCALE = ("broker-2rep", "broker-2w", "broker-stream-2w")  # more than one broker process
 
 
 @dataclass

@@ -11,7 +11,7 @@ from lockbroker.server.core import memory_store
 from lockbroker.server.core.backend import WatchInterrupted
 from lockbroker.server.core.errors import Unavailable
 from lockbroker.server.core.memory import ManualClock, MemoryLockBackend
-from lockbroker.server.core.model import EntryValue, ReleaseMark
+from lockbroker.server.core.model import EntryValue, ReleaseMark, Revocation
 
 
 async def put_entry(b: MemoryLockBackend, name: bytes, lease: int, request_id: str = "r") -> int:
@@ -110,3 +110,21 @@ async def test_fault_hooks() -> None:
     assert b.keys() == [b"s/a"]
     await b.put_session(b"s/b", b"{}", lease)  # one call only
     assert b.keys() == [b"s/a", b"s/b"]
+
+
+def test_encoded_values_hold_only_their_own_bytes() -> None:
+    """A blocked Acquire keeps its encoded entry until it is granted: orjson's result alone keeps
+    the 4 KB buffer it wrote into, which made every queued waiter 4 KB heavier."""
+    import tracemalloc  # noqa: PLC0415 - only this test traces
+
+    values = [EntryValue("owner", f"req-{i}", 1733.5) for i in range(200)]
+    revocation = Revocation("l/x", 7, "REVOKED", "maintenance", "admin")
+    tracemalloc.start()
+    try:
+        encoded = [v.encode() for v in values] + [revocation.encode() for _ in range(200)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert EntryValue.decode(encoded[0]) == values[0]
+    # 400 values of under 100 bytes each, and the list: far below one 4 KB buffer per value.
+    assert held < 400 * 512, f"{held / 400:.0f} bytes per encoded value"
