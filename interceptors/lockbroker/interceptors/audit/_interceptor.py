@@ -100,10 +100,12 @@ def _lost_lazily(record: Record, consequence: str, line: bytes | None, exc: Base
 
 @dataclass(frozen=True, slots=True)
 class _Staged:
-    """A call's RequestReceived record and its write in flight (kept on `CallState.audit`)."""
+    """A call's RequestReceived record and its write in flight (kept on `CallState.audit`).
+
+    Not its rendered line: a blocked Acquire keeps this until it is answered, and the line (0.6-1
+    KB) is only wanted in the process log if the write fails; `_line_of` renders it again then."""
 
     received: Record
-    line: bytes | None
     done: asyncio.Future[None]
 
 
@@ -229,21 +231,28 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
             staged.done.add_done_callback(self._check_received(staged))
             await self._write(self._completed(call, staged.received, outcome, refs))
 
-    @staticmethod
-    def _check_received(staged: _Staged) -> Callable[[asyncio.Future[None]], None]:
+    def _check_received(self, staged: _Staged) -> Callable[[asyncio.Future[None]], None]:
         def check(done: asyncio.Future[None]) -> None:
             if not done.cancelled() and (exc := done.exception()) is not None:
-                _lost(staged.received, staged.line, exc, "the call failed anyway")
+                _lost(staged.received, self._line_of(staged.received), exc, "the call failed anyway")
 
         return check
+
+    def _line_of(self, record: Record) -> bytes | None:
+        """`record` rendered again, as it was for its write: rendering is a pure function of the
+        record; None if it fails (as it then failed the first time)."""
+        try:
+            return self.log._render_built(record)
+        except Exception:
+            return None
 
     async def _receive(self, request: Any, context: Context) -> None:
         """The request stage (innermost layer): queue the RequestReceived record, don't wait."""
         call = state_of(context)
         received = self._received(call, context, _request_refs(request))
         log = self.log
-        line, done = log._submit(received, log._render_built, False, None)
-        call.audit = _Staged(received, line, done)
+        _, done = log._submit(received, log._render_built, False, None)
+        call.audit = _Staged(received, done)
 
     async def _after(self, request: Any, response: Any, context: Context) -> None:
         call = state_of(context)
@@ -266,7 +275,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
         except AuditWriteError as exc:
             refuse = not self.fail_open and call.info.method in self.mutating
             consequence = "caller answered UNAVAILABLE" if refuse else "failing open"
-            _lost(staged.received, staged.line, exc, consequence)
+            _lost(staged.received, self._line_of(staged.received), exc, consequence)
             if refuse:
                 # The handler's effect stands (a grant, a session), as when a single record fails.
                 code, message, trailers = audit_unavailable(self.retry_after)
