@@ -268,24 +268,18 @@ async def held(driver: Driver, job: Job, barrier: Barrier) -> Result:
 async def _until_queued(
     driver: Driver, names: list[str], *, w: int, tasks: Sequence[asyncio.Future[None]], deadline: float, errors: Errors
 ) -> int:
-    """Poll the queues until all `w` waiters are in them (or every waiter has already ended).
-
-    A poll describes every lock, and a Describe reads the lock's whole queue: at 100,000 waiters
-    one poll cost the broker more than a second of CPU, so polling every 0.25 s kept it busy
-    describing queues instead of filling them. The pause grows with what a poll took, so polls
-    use at most a tenth of the time."""
+    """Poll the queues until all `w` waiters are in them (or every waiter has already ended)."""
     queued = 0
     for _ in range(100_000):
         if time.monotonic() >= deadline:
             break
-        began = time.monotonic()
         try:
             queued = await driver.waiting(names)
         except Exception as exc:
             errors.note(exc)
         if queued >= w or all(t.done() for t in tasks):
             break
-        await asyncio.sleep(max(0.25, 9 * (time.monotonic() - began)))
+        await asyncio.sleep(0.25)
     return queued
 
 
