@@ -292,7 +292,7 @@ class Acquirer(QueueWaits):
     ) -> Callable[[Sequence[bytes]], Awaitable[Enqueued]]:
         """The enqueue of this call's entry, given the quota slots to claim with it."""
         implicit = p.lease_id is None
-        queued_at = time.time()
+        queued_at = round(time.time(), 6)  # as EntryValue.encode stores it
         session_value = session_record(p.ttl, p.owner, p.name, p.principal) if implicit else None
         reentrant = (p.reentrant_owner, (request_id,)) if p.reentrant_owner else ("", ())
 

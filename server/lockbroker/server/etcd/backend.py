@@ -106,8 +106,11 @@ def _queued_at(resp: pb.TxnResponse, mine: Entry) -> Position:
     holder_r = resp.responses[-2].response_range
     tail = resp.responses[-1].response_range.kvs
     # As stored (queued_at rounded as encode rounds it), so a retry that reads it back sees the
-    # same; without decoding what was just encoded.
-    mine = replace(mine, value=replace(mine.value, queued_at=round(mine.value.queued_at, 6)))
+    # same; without decoding what was just encoded. The Acquirer rounds it already: then no
+    # dataclasses.replace (which inspects the fields on every call), twice per enqueue.
+    stored = round(mine.value.queued_at, 6)
+    if stored != mine.value.queued_at:
+        mine = replace(mine, value=replace(mine.value, queued_at=stored))
     pred = _entry(tail[1]) if len(tail) > 1 else None
     # An uncontended lock's holder is this very entry: no second decode of it.
     head = holder_r.kvs[0] if holder_r.kvs else None
