@@ -7,16 +7,20 @@ however slow this machine is.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 
 from lockbroker.interceptors.quota import BUCKETS, peer_address
 from lockbroker.server.core.quota import TenantQuota
+from lockbroker.server.session_stream import BATCH_METADATA
 from lockbroker.v1 import election_pb2, lock_pb2
 from tests.abuse_util import outcome, served
+from tests.test_session_stream import detail
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 SLOW = 0.01  # tokens per second: none comes back during a test
@@ -30,9 +34,10 @@ def test_every_lockservice_method_spends_from_a_bucket() -> None:
     election = election_pb2.DESCRIPTOR.services_by_name["ElectionService"]
     methods |= {f"/{election.full_name}/{m.name}" for m in election.methods}
     # Plus the Session stream's Acquire and AcquireMany messages, charged to the acquire bucket like
-    # the unary calls.
-    messages = {f"/{service.full_name}/Session/Acquire", f"/{service.full_name}/Session/AcquireMany"}
+    # the unary calls, and its Open messages, charged to the session bucket as CreateSession is.
+    messages = {f"/{service.full_name}/Session/{m}" for m in ("Acquire", "AcquireMany", "Open")}
     assert methods | messages == set(BUCKETS)
+    assert BUCKETS[f"/{service.full_name}/Session/Open"] == "session"
     assert BUCKETS[f"/{service.full_name}/Session/Acquire"] == "acquire"
     assert BUCKETS[f"/{service.full_name}/Session/AcquireMany"] == "acquire"
     assert BUCKETS[f"/{election.full_name}/Campaign"] == "acquire"
@@ -104,6 +109,49 @@ async def test_session_churn_is_rate_limited_per_tenant(tmp_path: Path) -> None:
             assert r is not None and r.quota_ids == ["session_rate"], r
         else:
             raise AssertionError("a KeepAlive stream over the session rate was not refused")
+        calm = await outcome(s.stub.CreateSession(lock_pb2.CreateSessionRequest(ttl=TTL), metadata=s.md("calm")))
+        assert calm is None
+
+
+async def test_a_batch_of_session_opens_on_the_stream_spends_the_session_rate(tmp_path: Path) -> None:
+    """One Session-stream message may hold 1,024 opens, each an etcd lease: they spend the
+    tenant's session tokens as CreateSession calls do. Those over the rate are refused
+    RATE_LIMITED with RetryInfo under their own ids and create nothing; the stream and the
+    sessions it did open go on, and another tenant is not held back."""
+    # Four tokens: one for opening the stream itself (as a KeepAlive stream), three for opens.
+    async with served(tmp_path, quota=TenantQuota(session_rate=SLOW, session_burst=4)) as s:
+        backend = s.broker.backend
+        assert backend is not None
+        leases_before = backend.lease_ids()  # type: ignore[union-attr]  # the memory backend's
+        call = s.stub.Session(metadata=(*s.md("flood"), BATCH_METADATA))
+        opens = [
+            lock_pb2.SessionRequest(id=i, open=lock_pb2.OpenSession(create=lock_pb2.CreateSessionRequest(ttl=TTL)))
+            for i in range(1, 9)
+        ]
+        await call.write(lock_pb2.SessionRequest(batch=lock_pb2.SessionRequests(requests=opens)))
+        answers: dict[int, lock_pb2.SessionResponse] = {}
+        while len(answers) < len(opens):
+            msg = await asyncio.wait_for(call.read(), 10)
+            assert msg is not grpc.aio.EOF
+            for one in msg.batch.responses if msg.WhichOneof("kind") == "batch" else [msg]:
+                answers[one.id] = one
+        opened = [a.open.session_id for a in answers.values() if a.WhichOneof("kind") == "open"]
+        refused = [a.error for a in answers.values() if a.WhichOneof("kind") == "error"]
+        assert len(opened) == 3 and len(refused) == 5, answers
+        for status in refused:
+            assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], status
+            assert detail(status, error_details_pb2.ErrorInfo).reason == "RATE_LIMITED", status
+            failure = detail(status, error_details_pb2.QuotaFailure)
+            assert [v.quota_id for v in failure.violations] == ["session_rate"], status
+            assert detail(status, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds() > 0
+        # Only the three opened sessions hold a lease: the refused opens made none.
+        assert len(backend.lease_ids() - leases_before) == 3  # type: ignore[union-attr]
+        # The stream still serves: a refused open ends only its own message.
+        await call.write(lock_pb2.SessionRequest(id=20, close=lock_pb2.CloseSessionRequest(session_id=opened[0])))
+        msg = await asyncio.wait_for(call.read(), 10)
+        closed = msg.batch.responses[0] if msg.WhichOneof("kind") == "batch" else msg
+        assert closed.id == 20 and closed.WhichOneof("kind") == "close", closed
+        call.cancel()
         calm = await outcome(s.stub.CreateSession(lock_pb2.CreateSessionRequest(ttl=TTL), metadata=s.md("calm")))
         assert calm is None
 

@@ -69,9 +69,13 @@ BUCKETS: dict[str, str] = {
     _SERVICE + "KeepAlive": "session",  # one token per stream opened, not per message
     _SERVICE + "Session": "session",  # likewise; its messages are charged as the unary calls are
     # Acquire and AcquireMany messages on a Session stream are charged like the unary calls
-    # (server/session_stream.py).
+    # (server/session_stream.py), and so is opening a session on it (create, as CreateSession;
+    # resume, as Refresh): one batch holds up to 1,024 opens, each an etcd lease. Release,
+    # KeepAlive and Close messages are not charged: each follows an Open or Acquire that was, and
+    # charging every Release would cap a stream's lock cycles at session_rate.
     _SERVICE + "Session/Acquire": "acquire",
     _SERVICE + "Session/AcquireMany": "acquire",
+    _SERVICE + "Session/Open": "session",
     # ElectionService (server/election_service.py): a campaign is an Acquire, reads are reads, and
     # Proclaim and Resign are charged as Release is.
     _ELECTION + "Campaign": "acquire",
