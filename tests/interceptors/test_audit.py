@@ -9,6 +9,8 @@ import os
 import random
 import re
 import stat
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -577,3 +579,42 @@ def test_record_times_and_ids_match_the_standard_library() -> None:
     for text in made:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+async def test_a_record_late_only_because_the_loop_was_busy_is_written_not_failed(tmp_path: Path) -> None:
+    """An overloaded broker steps thousands of calls between two looks at the audit writer, so a
+    record can pass write_timeout while the disk keeps up. It failed then (and its call was
+    answered UNAVAILABLE); now it fails only when a sink's own write has hung that long."""
+    log = AuditLog([FileSink(tmp_path / "audit.jsonl", fsync="always")], write_timeout=0.2)
+    try:
+        first = asyncio.ensure_future(log.write({"n": 1}))
+        await asyncio.sleep(0)
+        time.sleep(0.5)  # noqa: ASYNC251 - the loop busy past the record's deadline (the disk is not)
+        await asyncio.wait_for(first, 5)
+        assert [json.loads(x)["n"] for x in (tmp_path / "audit.jsonl").read_bytes().splitlines()] == [1]
+    finally:
+        await log.close()
+
+
+async def test_a_file_sinks_hung_write_still_fails_its_records_after_write_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = FileSink(tmp_path / "audit.jsonl", fsync="always")
+    unblock = threading.Event()
+    write = sink._write_sync
+
+    def hung(data: bytes) -> None:
+        unblock.wait(10)  # a disk that stopped answering
+        write(data)
+
+    monkeypatch.setattr(sink, "_write_sync", hung)
+    log = AuditLog([sink], write_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(AuditWriteError, match=r"did not finish within 0\.3s"):
+            await log.write({"n": 1})
+        assert loop.time() - started < 3.0  # within about write_timeout, not the late limit
+    finally:
+        unblock.set()
+        await log.close()

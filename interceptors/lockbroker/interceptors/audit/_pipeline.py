@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -63,6 +64,9 @@ MAX_MESSAGE: Final = 1024
 # longest valid lock name (bytes), so no valid value is ever cut.
 MAX_FIELD: Final = 256
 MAX_STREAM_SESSIONS: Final = 64
+# A record overdue by LATE_LIMIT x write_timeout fails even while every sink is working (see
+# AuditLog._expire): a bound for a writer that stopped for any reason no sink can see.
+LATE_LIMIT: Final = 12
 
 
 def truncated(value: str, limit: int = MAX_FIELD) -> str:
@@ -173,6 +177,10 @@ def _dumps(public: Record) -> bytes:
 
 
 class Sink(Protocol):
+    """What the log writes to. Optional, found by name: `_ready_now()` (see AuditLog.ready_now)
+    and `_stalled_for(now)`, how long the sink's blocking call in progress has run at `now`
+    (time.monotonic), so a late record is failed for a hung sink only (AuditLog._expire)."""
+
     name: str
 
     async def write(self, lines: Sequence[bytes]) -> None:
@@ -325,23 +333,51 @@ class AuditLog:
 
     def _expire(self) -> None:
         """Fail the records whose sinks did not finish in time (the writer may be stuck on a
-        hung disk or pipe; it keeps its one write, rather than piling up threads behind it)."""
+        hung disk or pipe; it keeps its one write, rather than piling up threads behind it).
+
+        A record can also be late with every sink working: the event loop ran late (an
+        overloaded broker steps thousands of calls between two looks at the writer), or the
+        queue ahead of it is long. Failing it then turned overload into refusals (the broker
+        answers a mutating call UNAVAILABLE when its record fails) while the disk kept up. So
+        an overdue record fails only if a sink says a blocking call of its own has run for
+        write_timeout (`_stalled_for`), or a sink cannot say, or it is LATE_LIMIT x
+        write_timeout overdue; its caller's own deadline bounds its wait meanwhile."""
         self._watchdog = None
         loop = asyncio.get_running_loop()
         now = loop.time()
         pending = self._unanswered
+        progressing: bool | None = None
         while pending:
             deadline, (line, done, _, lost) = pending[0]
             if not done.done():
                 if deadline > now:
                     self._watchdog = loop.call_at(deadline, self._expire)
                     return
+                if now - deadline < self.write_timeout * LATE_LIMIT:
+                    if progressing is None:
+                        progressing = self._sinks_progressing()
+                    if progressing:
+                        self._watchdog = loop.call_at(now + self.write_timeout / 4, self._expire)
+                        return
                 failure = AuditWriteError(f"audit sinks did not finish within {self.write_timeout}s")
                 done.set_exception(failure)
                 done.exception()  # retrieved here: a cancelled caller never looks
                 if lost is not None:
                     lost(line, failure)
             pending.popleft()
+
+    def _sinks_progressing(self) -> bool:
+        """True when every sink can tell how long its blocking call in progress has run, and
+        none has run for write_timeout."""
+        now = time.monotonic()
+        for sink in self.sinks:
+            stalled = getattr(sink, "_stalled_for", None)
+            try:
+                if stalled is None or stalled(now) >= self.write_timeout:
+                    return False
+            except Exception:
+                return False
+        return True
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()

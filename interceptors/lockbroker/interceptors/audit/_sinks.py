@@ -56,6 +56,10 @@ class StreamSink:
     def _ready_now(self) -> bool:
         return not self._failed and not self._target().closed
 
+    def _stalled_for(self, now: float) -> float:
+        """How long its write in progress has blocked (AuditLog's watchdog: a hung pipe)."""
+        return self._worker.busy_for(now)
+
     async def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             await self._worker.run(self._target().flush)
@@ -232,6 +236,10 @@ class FileSink:
         except OSError:
             return False
         return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= self.min_free_bytes
+
+    def _stalled_for(self, now: float) -> float:
+        """How long its write or fsync in progress has blocked (AuditLog's watchdog: a hung disk)."""
+        return self._worker.busy_for(now)
 
     def _ready_now(self) -> bool:
         """`ready()` without a coroutine when its answer is a sure True (see AuditLog.ready_now)."""

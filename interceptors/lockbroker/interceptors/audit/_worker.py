@@ -22,6 +22,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -43,7 +44,16 @@ class SinkWorker:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: stop when idle
         self._lock = threading.Lock()
         self._running = False  # a thread serves the jobs (set and cleared under the lock)
+        # When the job on the thread began (time.monotonic), None between jobs: written by the
+        # thread, read by the loop's watchdog (busy_for). A float or None is one store.
+        self._job_since: float | None = None
         _WORKERS.add(self)
+
+    def busy_for(self, now: float) -> float:
+        """How long the job on the thread has been running at `now` (time.monotonic), 0 if none
+        is. A hung disk or pipe shows here; a busy event loop, or jobs waiting their turn, do not."""
+        since = self._job_since
+        return 0.0 if since is None else max(0.0, now - since)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` on the worker's thread; its result or exception, once it ran."""
@@ -92,10 +102,12 @@ class SinkWorker:
             fn, done, loop = job
             result: Any = None
             error: BaseException | None = None
+            self._job_since = time.monotonic()
             try:
                 result = fn()
             except BaseException as exc:  # handed to the caller, as to_thread would
                 error = exc
+            self._job_since = None
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is left to tell
                 loop.call_soon_threadsafe(_settle, done, result, error)
             del job, fn, done, result, error  # hold nothing of a finished job while idle
