@@ -9,6 +9,7 @@ periodic re-read (core/turn.py HEAD_RECHECK) cannot hide what they check.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -289,6 +290,32 @@ async def test_a_create_left_unanswered_while_other_watches_keep_the_stream_busy
     finally:
         if feeding is not None:
             feeding.cancel()
+        await watches.close()
+        await client.close()
+
+
+async def test_an_answer_held_up_by_a_busy_event_loop_does_not_make_the_stream_stuck() -> None:
+    """The watchdog judged silence on the loop's clock: when an overloaded broker's loop ran
+    later than stall_after, an answer already in grpc's buffers (its reader not yet run) made a
+    healthy stream look stuck, and the drop re-created every watch on it. The loop's own
+    lateness now does not count as the member's silence."""
+    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
+    watches = _ScriptedHub(client, stall_after=1.0)
+    try:
+        a = b"/l/a#"
+        waiting = asyncio.ensure_future(watches.wait_deleted(a, (a + b"1",), 10))
+        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+        stream = watches.calls[0]
+        wid = stream.sent[0].create_request.watch_id
+        stream.hold.clear()  # its answer arrives; the reader gets to it only after the watchdog
+        stream.inbox.put_nowait(_created(wid))
+        time.sleep(1.6)  # noqa: ASYNC251 - the loop busy for longer than stall_after
+        asyncio.get_running_loop().call_later(0.05, stream.hold.set)
+        await asyncio.sleep(0.6)
+        assert watches.reopened == 0
+        stream.inbox.put_nowait(_deleted(wid, a + b"1", 12))
+        assert await asyncio.wait_for(waiting, 2) is None
+    finally:
         await watches.close()
         await client.close()
 

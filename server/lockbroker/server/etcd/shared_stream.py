@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -33,6 +34,10 @@ Resp = TypeVar("Resp")
 # frozen member is answered within about stall_after + 1/4 of it: sessions refreshed every TTL/3
 # (the client's default) need TTL/3 above that, as for TTL >= 4 s (tests/test_stream_faults.py).
 STALL_AFTER = 1.0
+
+# Oversleeps of the watchdog remembered (one at most per quarter of stall_after): enough to cover
+# any silence that could still be judged.
+LATENESS_KEPT = 64
 
 # What callers see when a stream breaks; etcd's endpoint and grpc's details go to the log only.
 STREAM_LOST = "etcd is unavailable; retry"
@@ -169,19 +174,35 @@ class SharedStream(Generic[Req, Resp]):
 
     async def _guard(self, call: aio.StreamStreamCall[Req, Resp]) -> None:
         """Drop `call` once it owes an answer for longer than stall_after with nothing received.
-        Ends when the stream is lost or replaced (checked every quarter of the bound)."""
+        Ends when the stream is lost or replaced (checked every quarter of the bound).
+
+        Silence is counted on the time the event loop was free to read: what this check's own
+        sleep overslept is not etcd's. An overloaded broker's loop can run seconds late, and an
+        answer waiting in grpc's buffers is read only when the loop gets to it: counting that
+        wait dropped healthy streams, and every drop re-created all their watches on a member
+        that was only slow to be heard (at 100k queued acquires, a reopen every few seconds).
+        A frozen member still counts in full, as long as the loop itself keeps time."""
         loop = asyncio.get_running_loop()
+        tick = self.stall_after / 4
+        lateness: deque[tuple[float, float]] = deque(maxlen=LATENESS_KEPT)  # (woke at, overslept)
         while self._call is call:
-            await asyncio.sleep(self.stall_after / 4)
+            asleep = loop.time()
+            await asyncio.sleep(tick)
             if self._call is not call:
                 return
             if self._client.left_since(self._endpoint, self._generation):
                 self._follow(call)
                 return
             now = loop.time()
-            if self._owed_since is not None and now - self._owed_since > self.stall_after:
-                self._stalled(call, now - self._owed_since)
-                return
+            if (late := now - asleep - tick) > tick:
+                lateness.append((now, late))
+            owed = self._owed_since
+            if owed is not None and now - owed > self.stall_after:
+                # Only the part of an oversleep that fell after the answer became owed.
+                busy = sum(min(late, woke - owed) for woke, late in lateness if woke > owed)
+                if now - owed - busy > self.stall_after:
+                    self._stalled(call, now - owed)
+                    return
             if self._owed_since is None and now - self._heard > self.stall_after / 2:
                 probe = self._probe()
                 if probe is not None:
