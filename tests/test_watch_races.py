@@ -320,6 +320,26 @@ async def test_an_answer_held_up_by_a_busy_event_loop_does_not_make_the_stream_s
         await client.close()
 
 
+async def test_a_stream_owing_an_answer_past_the_ceiling_is_dropped_however_late_the_loop_ran() -> None:
+    """The loop's lateness is not the member's silence, up to a point: an overloaded broker must
+    still leave a frozen member, so a stream owing an answer for STALL_CEILING x stall_after is
+    dropped at the watchdog's next look, late loop or not."""
+    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
+    watches = _ScriptedHub(client, stall_after=1.0)
+    try:
+        a = b"/l/a#"
+        waiting = asyncio.ensure_future(watches.wait_deleted(a, (a + b"1",), 10))
+        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+        time.sleep(2.5)  # noqa: ASYNC251 - the loop busy past the ceiling; the create is never answered
+        await asyncio.sleep(0.1)  # the watchdog's timer was due: it looks now, once
+        assert watches.reopened == 1
+        with pytest.raises(WatchInterrupted):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        await watches.close()
+        await client.close()
+
+
 # -- 1 again, through the core: the session queues again through another replica ------------------
 
 

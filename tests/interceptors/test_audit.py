@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -434,6 +435,27 @@ async def test_a_lost_record_goes_to_the_process_log_redacted(
     )
     assert "[REDACTED]" in lost[-1].getMessage()
     assert key not in caplog.text
+
+
+async def test_a_lost_record_is_logged_as_rendered_when_processors_are_not_pure(
+    api_key: tuple[str, IdentityInterceptor], caplog: pytest.LogCaptureFixture
+):
+    """A blocked call keeps its RequestReceived record but not its line, which is rendered again
+    if it is lost: that gives the same line only with the default processors. A processor that
+    stamps a sequence number must see its line logged as it was written, not stamped again."""
+    key, identity = api_key
+    seq = itertools.count(1)
+
+    def stamp(record: Record) -> Record:
+        return {**record, "seq": next(seq)}
+
+    log = AuditLog([MemorySink(fail=True)], [*DEFAULT_PROCESSORS, stamp])
+    async with serving(chain(AuditInterceptor(log), identity, True)) as srv:
+        with pytest.raises(aio.AioRpcError):
+            await _acquire(srv.port, key)
+    lost = [r.getMessage() for r in caplog.records if r.name == "lockbroker.audit" and "not written" in r.getMessage()]
+    logged = {json.loads(m[m.index("{") :])["stage"]: json.loads(m[m.index("{") :])["seq"] for m in lost}
+    assert logged == {"RequestReceived": 1, "ResponseComplete": 2}
 
 
 def test_long_messages_are_cut_after_redaction():

@@ -102,11 +102,13 @@ def _lost_lazily(record: Record, consequence: str, line: bytes | None, exc: Base
 class _Staged:
     """A call's RequestReceived record and its write in flight (kept on `CallState.audit`).
 
-    Not its rendered line: a blocked Acquire keeps this until it is answered, and the line (0.6-1
-    KB) is only wanted in the process log if the write fails; `_line_of` renders it again then."""
+    Its rendered line only when rendering again could give another (custom processors): a
+    blocked Acquire keeps this until it is answered, and the line (0.6-1 KB) is only wanted in
+    the process log if the write fails; `_line_of` renders it again then."""
 
     received: Record
     done: asyncio.Future[None]
+    line: bytes | None = None
 
 
 class _RequestStage(WrappingInterceptor):
@@ -234,15 +236,17 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
     def _check_received(self, staged: _Staged) -> Callable[[asyncio.Future[None]], None]:
         def check(done: asyncio.Future[None]) -> None:
             if not done.cancelled() and (exc := done.exception()) is not None:
-                _lost(staged.received, self._line_of(staged.received), exc, "the call failed anyway")
+                _lost(staged.received, self._line_of(staged), exc, "the call failed anyway")
 
         return check
 
-    def _line_of(self, record: Record) -> bytes | None:
-        """`record` rendered again, as it was for its write: rendering is a pure function of the
-        record; None if it fails (as it then failed the first time)."""
+    def _line_of(self, staged: _Staged) -> bytes | None:
+        """The line `staged`'s record was written as: kept, or rendered again when the log's
+        processors render purely (the defaults); None if rendering fails (it failed then too)."""
+        if staged.line is not None:
+            return staged.line
         try:
-            return self.log._render_built(record)
+            return self.log._render_built(staged.received)
         except Exception:
             return None
 
@@ -251,8 +255,8 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
         call = state_of(context)
         received = self._received(call, context, _request_refs(request))
         log = self.log
-        _, done = log._submit(received, log._render_built, False, None)
-        call.audit = _Staged(received, done)
+        line, done = log._submit(received, log._render_built, False, None)
+        call.audit = _Staged(received, done, None if log.renders_purely else line)
 
     async def _after(self, request: Any, response: Any, context: Context) -> None:
         call = state_of(context)
@@ -275,7 +279,7 @@ class AuditInterceptor(RecordBuilder, WrappingInterceptor):
         except AuditWriteError as exc:
             refuse = not self.fail_open and call.info.method in self.mutating
             consequence = "caller answered UNAVAILABLE" if refuse else "failing open"
-            _lost(staged.received, self._line_of(staged.received), exc, consequence)
+            _lost(staged.received, self._line_of(staged), exc, consequence)
             if refuse:
                 # The handler's effect stands (a grant, a session), as when a single record fails.
                 code, message, trailers = audit_unavailable(self.retry_after)

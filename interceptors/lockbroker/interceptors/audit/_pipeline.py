@@ -242,6 +242,13 @@ class AuditLog:
             record = process(record)
         return render_json(record)
 
+    @property
+    def renders_purely(self) -> bool:
+        """Whether rendering a record again gives the same line: true of the default
+        processors; a custom one may stamp a sequence number or a time."""
+        processors = self.processors
+        return processors is DEFAULT_PROCESSORS or processors == DEFAULT_PROCESSORS
+
     def _render_built(self, record: Record) -> bytes:
         """`render` for a record the interceptor built: its only private key is `_secrets`.
 

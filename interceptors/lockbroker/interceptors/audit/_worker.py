@@ -121,6 +121,7 @@ class SinkWorker:
         self._jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = False
+        self._job_since = None  # a write in flight at the fork is the parent's
 
 
 def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

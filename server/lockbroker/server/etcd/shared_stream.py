@@ -35,6 +35,9 @@ Resp = TypeVar("Resp")
 # (the client's default) need TTL/3 above that, as for TTL >= 4 s (tests/test_stream_faults.py).
 STALL_AFTER = 1.0
 
+# However late the event loop runs, a stream owing an answer this many stall_after is stuck.
+STALL_CEILING = 2.0
+
 # Oversleeps of the watchdog remembered (one at most per quarter of stall_after): enough to cover
 # any silence that could still be judged.
 LATENESS_KEPT = 64
@@ -181,7 +184,9 @@ class SharedStream(Generic[Req, Resp]):
         answer waiting in grpc's buffers is read only when the loop gets to it: counting that
         wait dropped healthy streams, and every drop re-created all their watches on a member
         that was only slow to be heard (at 100k queued acquires, a reopen every few seconds).
-        A frozen member still counts in full, as long as the loop itself keeps time."""
+        A frozen member still counts in full, as long as the loop itself keeps time; and
+        however late the loop runs, a stream that owes an answer for STALL_CEILING x stall_after
+        is dropped (an overloaded broker then finds a frozen member within about 2 s, not 1)."""
         loop = asyncio.get_running_loop()
         tick = self.stall_after / 4
         lateness: deque[tuple[float, float]] = deque(maxlen=LATENESS_KEPT)  # (woke at, overslept)
@@ -200,7 +205,7 @@ class SharedStream(Generic[Req, Resp]):
             if owed is not None and now - owed > self.stall_after:
                 # Only the part of an oversleep that fell after the answer became owed.
                 busy = sum(min(late, woke - owed) for woke, late in lateness if woke > owed)
-                if now - owed - busy > self.stall_after:
+                if now - owed - busy > self.stall_after or now - owed > self.stall_after * STALL_CEILING:
                     self._stalled(call, now - owed)
                     return
             if self._owed_since is None and now - self._heard > self.stall_after / 2:
