@@ -408,9 +408,23 @@ def failures(res: Results, records: list[Record]) -> list[str]:
         for r in res.failed:
             out.append(f"- {r['workload']} {r['param']} {r['target']} run {r['run']}: {r.get('error')}")
         for r in errs:
-            out.append(f"- {r['workload']} {r['param']} {r['target']} run {r['run']}: {r['errors']}")
+            out.append(f"- {r['workload']} {r['param']} {r['target']} run {r['run']}: {_top_errors(r['errors'])}")
         out.append("")
     return out
+
+
+# A collapsed run can fail each of its thousands of sessions with a message of its own: the
+# summary shows the commonest, results.jsonl keeps them all.
+MAX_ERROR_KINDS = 12
+
+
+def _top_errors(errors: dict[str, int]) -> str:
+    ranked = sorted(errors.items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{kind!r}: {n:,}" for kind, n in ranked[:MAX_ERROR_KINDS])
+    rest = ranked[MAX_ERROR_KINDS:]
+    if rest:
+        shown += f", and {len(rest):,} other kinds ({sum(n for _, n in rest):,} errors; all in results.jsonl)"
+    return "{" + shown + "}"
 
 
 def summary(records: list[Record], meta: dict[str, Any]) -> str:

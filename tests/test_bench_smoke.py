@@ -3,6 +3,7 @@ target produces numbers, and the outputs parse. Never a timing: speed is for the
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -11,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from bench import micro
+from bench import micro, micro_queue
 from bench.drivers_prims import EtcdRWMutexDriver, EtcdSemaphoreDriver
+from bench.report import MAX_ERROR_KINDS, _top_errors
 from bench.targets import OPT_IN, TARGETS
 from tests.procutil import REPO, clean_env
 
@@ -200,3 +202,20 @@ async def test_etcd_recipes_exclude(etcd: Any, key_root: str) -> None:
     finally:
         for d in (sem, reader, writer):
             await d.close()
+
+
+def test_micro_queue_runs(capsys: Any) -> None:
+    """`python -m bench.micro_queue`: an enqueue-shaped Txn timed at each queue depth, sorted and
+    unsorted reads, on its own embedded etcd (never judged)."""
+    asyncio.run(micro_queue.main(argparse.Namespace(depths="0,20", txns=2)))
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [int(r[0].replace(",", "")) for r in rows] == [0, 20]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_a_collapsed_runs_errors_are_summarized_not_listed() -> None:
+    errors = {f"NOT_FOUND: session {i:04x} expired": i + 1 for i in range(MAX_ERROR_KINDS + 30)}
+    text = _top_errors(errors)
+    assert text.count("NOT_FOUND") == MAX_ERROR_KINDS
+    assert f"NOT_FOUND: session {MAX_ERROR_KINDS + 29:04x} expired" in text  # the commonest first
+    assert "and 30 other kinds" in text
