@@ -2,6 +2,7 @@
 
     uv run python -m bench.micro retry          # the service edge's `rpc` (retry included) around an Acquire
     uv run python -m bench.micro audit [SINK]   # one call's audit records; SINK: memory, never, always
+    uv run python -m bench.micro tracing        # the server's tracing layers, 1% sampled and always on
 
 They answer "how much of a broker cycle is this layer" when the full benchmark's run-to-run noise
 (about ±15% on the 2-core machine) hides it. The handler behind each wrapper does nothing.
@@ -15,7 +16,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
+
+import grpc
 
 from lockbroker.interceptors.audit import AuditInterceptor, AuditLog, FileSink, FsyncPolicy, Sink
 from lockbroker.interceptors.base import CallInfo, layered
@@ -23,6 +26,11 @@ from lockbroker.server.service import RetryPolicy, rpc
 from lockbroker.v1 import lock_pb2
 
 ACQUIRE = CallInfo("/lockbroker.v1.LockService/Acquire", "lockbroker.v1.LockService", "Acquire", False, False)
+
+
+class _Metadatum(NamedTuple):
+    key: str
+    value: str
 
 
 class Context:
@@ -35,7 +43,8 @@ class Context:
         return "ipv4:127.0.0.1:5555"
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("user-agent", "grpc-python-asyncio/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),)
+        # grpc.aio's entries are (key, value) tuples with .key and .value (OTel reads those).
+        return (_Metadatum("user-agent", "grpc-python-asyncio/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),)
 
     def code(self) -> None:
         return None
@@ -131,13 +140,68 @@ async def audit(sink_kind: str) -> None:
             await log.close()
 
 
+class _Details:
+    """grpc.HandlerCallDetails as grpc.aio hands it to a server interceptor."""
+
+    method = ACQUIRE.method
+    invocation_metadata = (("user-agent", "grpc-python-asyncio/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),)
+
+
+async def tracing() -> None:
+    """What the server's tracing costs one unary call, as the broker chains it: OTel's server
+    interceptor behind PresampledServerInterceptor (a grpc interceptor: the lookup of the handler
+    per call) and the lock-attributes layer, around a handler that does nothing. Not counted:
+    the etcd client's spans (none under an unsampled call) and the export (a BatchSpanProcessor's
+    thread; here spans are dropped)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415 - only this mode
+
+    from bench.traced_broker import CountingExporter  # noqa: PLC0415
+    from lockbroker.interceptors.tracing import LockSpanInterceptor  # noqa: PLC0415
+    from lockbroker.server.telemetry import configure_tracing  # noqa: PLC0415
+
+    response = _response()
+
+    async def handler(request: Any, context: Any) -> Any:
+        return response
+
+    request = lock_pb2.AcquireRequest(name="a", session_id="0123456789abcdef", request_id="r-1")
+    await measure("bare handler", handler, request, workers=64, calls=300)
+    for label, env in (
+        ("tracing, 1% sampled", {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
+        ("tracing, every call", {}),
+    ):
+        setup = configure_tracing(env, set_global=False, span_processors=[BatchSpanProcessor(CountingExporter())])
+        layer = LockSpanInterceptor().layer(ACQUIRE)
+        assert layer is not None and setup.server_interceptor is not None
+        inner = layered([layer], handler, ACQUIRE)
+        rpc_handler: Any = grpc.unary_unary_rpc_method_handler(inner)
+        interceptor = setup.server_interceptor
+
+        async def continuation(details: Any, rpc_handler: Any = rpc_handler) -> Any:
+            return rpc_handler
+
+        async def traced(req: Any, context: Any, interceptor: Any = interceptor) -> Any:
+            # What grpc.aio does per call: the interceptor's handler lookup, then the handler.
+            found = await interceptor.intercept_service(continuation, _Details())
+            return await found.unary_unary(req, context)
+
+        try:
+            await measure(label, traced, request, workers=64, calls=300)
+        finally:
+            setup.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("retry", help="the service edge's cost (retry included) on the success path")
     a = sub.add_parser("audit", help="one audit record's cost")
     a.add_argument("sink", nargs="?", default="always", choices=["memory", "never", "always"])
+    sub.add_parser("tracing", help="the server's tracing layers per call, 1% sampled and always on")
     args = p.parse_args(argv)
+    if args.what == "tracing":
+        asyncio.run(tracing())
+        return
     asyncio.run(retry() if args.what == "retry" else audit(args.sink))
 
 

@@ -137,7 +137,7 @@ def test_quick_run_writes_every_output(tmp_path):
 
 def test_micro_benchmarks_run(capsys: Any) -> None:
     """`python -m bench.micro`: each wrapper runs its loop and reports CPU per call (never judged)."""
-    for argv in (["retry"], ["audit", "memory"], ["audit", "always"]):
+    for argv in (["retry"], ["audit", "memory"], ["audit", "always"], ["tracing"]):
         micro.main(argv)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == [
@@ -147,6 +147,9 @@ def test_micro_benchmarks_run(capsys: Any) -> None:
         "audit to memory",
         "bare handler",
         "audit to always",
+        "bare handler",
+        "tracing, 1% sampled",
+        "tracing, every call",
     ]
     assert all("µs CPU per call" in line for line in lines)
 
