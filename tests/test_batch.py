@@ -26,6 +26,7 @@ from lockbroker.server.core.names import Keyspace
 from lockbroker.server.embedded import EmbeddedEtcd
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.backend import EtcdLockBackend
+from lockbroker.server.etcd.batch import QUEUED_TOO_LONG
 from lockbroker.server.etcd.client import EtcdClient
 from tests.etcdutil import EtcdProbe
 
@@ -440,3 +441,37 @@ async def test_a_batch_starts_no_trace_of_its_own(etcd: EmbeddedEtcd) -> None:
             await backend.revoke_lease(lease)
         await backend.close()
         await client.close()
+
+
+async def test_a_write_that_waited_its_whole_budget_in_the_queue_says_it_was_never_sent(etcd: EmbeddedEtcd) -> None:
+    """Behind a commit in flight a write waits for the next batch. If its budget runs out first,
+    etcd never saw it: the caller hears that (outcome known: nothing applied), not "etcd did not
+    answer in time", which reads as a write that may have landed and sent operators to etcd."""
+    root = f"/lbtest/{uuid.uuid4().hex[:10]}"
+    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=0.5))
+    backend = EtcdLockBackend(client)
+    wire = Wire(client)
+    probe = EtcdProbe(etcd.endpoint, root)
+
+    def put(key: bytes) -> pb.TxnRequest:
+        return pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v"))])
+
+    a, b = f"{root}/a".encode(), f"{root}/b".encode()
+    try:
+        gate = wire.gate = asyncio.Event()  # the first commit is held up before it is sent
+        first = asyncio.ensure_future(backend.batch.txn(put(a), [a]))
+        for _ in range(1000):
+            if wire.sent:
+                break
+            await asyncio.sleep(0.001)
+        with pytest.raises(Unavailable) as err:
+            await backend.batch.txn(put(b), [b])
+        assert str(err.value) == QUEUED_TOO_LONG and not err.value.outcome_unknown
+        assert len(wire.sent) == 1  # it was never sent
+        gate.set()
+        await asyncio.gather(first, return_exceptions=True)
+        assert b not in await probe.keys()
+    finally:
+        await backend.close()
+        await client.close()
+        await probe.close()

@@ -37,6 +37,9 @@ from lockbroker.server.core.errors import BackendNoSpace, Unavailable
 from lockbroker.server.etcd import rpc_pb2 as pb
 from lockbroker.server.etcd.client import EtcdClient, Stubs
 
+# What a write hears when it waited its whole budget behind commits in flight, never sent.
+QUEUED_TOO_LONG = "etcd is backed up: the write waited its whole time behind others and was not sent; retry"
+
 # etcd's --max-txn-ops default. Each member counts as one op of the outer Txn plus every op it
 # carries, which is more than etcd counts (it bounds each level's widest list), so a batch that
 # fits here fits any etcd started with the default.
@@ -137,7 +140,10 @@ class TxnBatcher:
             if member.sent:
                 raise Unavailable("etcd did not answer in time; retry", retry_after=1.0, outcome_unknown=True) from None
             # Never sent: the flush skips a member whose future is done (cancelled by the timeout).
-            raise Unavailable("etcd did not answer in time; retry", retry_after=1.0) from None
+            # etcd was not asked: the broker's own queue of writes was longer than the budget (an
+            # overloaded broker or a slow etcd). Saying so tells the caller nothing was applied,
+            # and an operator where the time went.
+            raise Unavailable(QUEUED_TOO_LONG, retry_after=1.0) from None
         finally:
             if member.done.done() and not member.done.cancelled():
                 member.done.exception()  # retrieved: a caller cancelled after its batch answered
