@@ -475,3 +475,39 @@ async def test_a_write_that_waited_its_whole_budget_in_the_queue_says_it_was_nev
         await backend.close()
         await client.close()
         await probe.close()
+
+
+async def test_a_burst_of_enqueues_waits_its_turn_before_building_anything(etcd: EmbeddedEtcd) -> None:
+    """At most max_enqueues enqueues are in flight; the rest wait for a turn, in arrival order,
+    having built no Txn. Once etcd answers, every one of them is queued and granted as usual."""
+    root = f"/lbtest/{uuid.uuid4().hex[:10]}"
+    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=5.0))
+    backend = EtcdLockBackend(client, max_enqueues=2)
+    wire = Wire(client)
+    probe = EtcdProbe(etcd.endpoint, root)
+    core = LockCore(backend, root)
+    try:
+        sessions = await _sessions(core, 5)
+        wire.sent.clear()
+        gate = wire.gate = asyncio.Event()  # the first enqueue's commit is held up
+        burst = []
+        for i, lease in enumerate(sessions):
+            burst.append(asyncio.ensure_future(_acquire(core, f"burst-{i}", lease, f"b-{i}")))
+            await asyncio.sleep(0.02)  # in this order
+        # One commit in flight, one enqueue queued behind it; three wait for a turn.
+        assert len(wire.sent) == 1
+        assert len(backend.batch._queue) == 1
+        assert backend.admission_waits == 3
+        gate.set()
+        grants = await asyncio.wait_for(asyncio.gather(*burst), 10)
+        assert [g.name for g in grants] == [f"burst-{i}" for i in range(5)]
+        # Admitted in arrival order: the later ones were written after (tokens are revisions).
+        tokens = [g.fencing_token for g in grants]
+        assert tokens[2:] == sorted(tokens[2:]) and min(tokens[2:]) > max(tokens[:2])
+    finally:
+        await core.drain_cleanups(1.0)
+        for lease in await probe.leases():
+            await probe.revoke(lease)
+        await backend.close()
+        await client.close()
+        await probe.close()
