@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -65,11 +66,15 @@ def _is_batch(request: pb.TxnRequest) -> bool:
     return bool(request.success) and all(op.HasField("request_txn") for op in request.success)
 
 
-@pytest.fixture
-async def setup(etcd: EmbeddedEtcd) -> AsyncIterator[tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str]]:
+Stack = tuple[LockCore, EtcdLockBackend, Wire, EtcdProbe, str]
+
+
+@asynccontextmanager
+async def _stack(etcd: EmbeddedEtcd, *, request_timeout: float = 5.0, **backend_options: Any) -> AsyncIterator[Stack]:
+    """A core on an etcd backend whose Txns go through a Wire, under a key root of its own."""
     root = f"/lbtest/{uuid.uuid4().hex[:10]}"
-    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=5.0))
-    backend = EtcdLockBackend(client)
+    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=request_timeout))
+    backend = EtcdLockBackend(client, **backend_options)
     wire = Wire(client)
     probe = EtcdProbe(etcd.endpoint, root)
     core = LockCore(backend, root)
@@ -82,6 +87,12 @@ async def setup(etcd: EmbeddedEtcd) -> AsyncIterator[tuple[LockCore, EtcdLockBac
         await backend.close()
         await client.close()
         await probe.close()
+
+
+@pytest.fixture
+async def setup(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
+    async with _stack(etcd) as stack:
+        yield stack
 
 
 async def _sessions(core: LockCore, n: int) -> list[int]:
@@ -447,17 +458,12 @@ async def test_a_write_that_waited_its_whole_budget_in_the_queue_says_it_was_nev
     """Behind a commit in flight a write waits for the next batch. If its budget runs out first,
     etcd never saw it: the caller hears that (outcome known: nothing applied), not "etcd did not
     answer in time", which reads as a write that may have landed and sent operators to etcd."""
-    root = f"/lbtest/{uuid.uuid4().hex[:10]}"
-    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=0.5))
-    backend = EtcdLockBackend(client)
-    wire = Wire(client)
-    probe = EtcdProbe(etcd.endpoint, root)
 
     def put(key: bytes) -> pb.TxnRequest:
         return pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v"))])
 
-    a, b = f"{root}/a".encode(), f"{root}/b".encode()
-    try:
+    async with _stack(etcd, request_timeout=0.5) as (_, backend, wire, probe, root):
+        a, b = f"{root}/a".encode(), f"{root}/b".encode()
         gate = wire.gate = asyncio.Event()  # the first commit is held up before it is sent
         first = asyncio.ensure_future(backend.batch.txn(put(a), [a]))
         for _ in range(1000):
@@ -471,22 +477,12 @@ async def test_a_write_that_waited_its_whole_budget_in_the_queue_says_it_was_nev
         gate.set()
         await asyncio.gather(first, return_exceptions=True)
         assert b not in await probe.keys()
-    finally:
-        await backend.close()
-        await client.close()
-        await probe.close()
 
 
 async def test_a_burst_of_enqueues_waits_its_turn_before_building_anything(etcd: EmbeddedEtcd) -> None:
     """At most max_enqueues enqueues are in flight; the rest wait for a turn, in arrival order,
     having built no Txn. Once etcd answers, every one of them is queued and granted as usual."""
-    root = f"/lbtest/{uuid.uuid4().hex[:10]}"
-    client = EtcdClient(EtcdConfig(endpoints=(etcd.endpoint,), key_root=root, request_timeout=5.0))
-    backend = EtcdLockBackend(client, max_enqueues=2)
-    wire = Wire(client)
-    probe = EtcdProbe(etcd.endpoint, root)
-    core = LockCore(backend, root)
-    try:
+    async with _stack(etcd, max_enqueues=2) as (core, backend, wire, _, _):
         sessions = await _sessions(core, 5)
         wire.sent.clear()
         gate = wire.gate = asyncio.Event()  # the first enqueue's commit is held up
@@ -504,10 +500,3 @@ async def test_a_burst_of_enqueues_waits_its_turn_before_building_anything(etcd:
         # Admitted in arrival order: the later ones were written after (tokens are revisions).
         tokens = [g.fencing_token for g in grants]
         assert tokens[2:] == sorted(tokens[2:]) and min(tokens[2:]) > max(tokens[:2])
-    finally:
-        await core.drain_cleanups(1.0)
-        for lease in await probe.leases():
-            await probe.revoke(lease)
-        await backend.close()
-        await client.close()
-        await probe.close()
