@@ -453,6 +453,7 @@ async def test_a_lost_record_is_logged_as_rendered_when_processors_are_not_pure(
     async with serving(chain(AuditInterceptor(log), identity, True)) as srv:
         with pytest.raises(aio.AioRpcError):
             await _acquire(srv.port, key)
+    await log.close()  # its idle writer task must not be left for a later test's collector
     lost = [r.getMessage() for r in caplog.records if r.name == "lockbroker.audit" and "not written" in r.getMessage()]
     logged = {json.loads(m[m.index("{") :])["stage"]: json.loads(m[m.index("{") :])["seq"] for m in lost}
     assert logged == {"RequestReceived": 1, "ResponseComplete": 2}
