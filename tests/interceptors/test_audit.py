@@ -126,6 +126,11 @@ async def serving(interceptors: Sequence[aio.ServerInterceptor], key: str = "") 
         yield Server(port, servicer, key)
     finally:
         await server.stop(None)
+        # The chain's audit logs: an unclosed one's idle writer task is collected later, still
+        # pending, in whichever test runs then ("Task was destroyed but it is pending!").
+        for interceptor in interceptors:
+            if isinstance(interceptor, AuditInterceptor):
+                await interceptor.log.close()
 
 
 @pytest.fixture(scope="module")
