@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import random
 import time
 import uuid
 from collections import Counter
@@ -208,7 +209,9 @@ class Acquirer(QueueWaits):
             ks = self._keyspace(tenant)
             started = time.monotonic()
             request_id = p.request_id or uuid.uuid4().hex
-            attempt = uuid.uuid4().hex[:12]
+            # 48 random bits tell this call's entry from another attempt's (a clean-up deletes only
+            # its own); no secret. uuid4 cost a urandom syscall and a UUID object per acquire.
+            attempt = f"{random.getrandbits(48):012x}"
             # The session: the caller's, or one made for this lock (a retry finds the first attempt's).
             lease_id, created_lease, expires_at = p.lease_id, None, None
             if lease_id is None:
