@@ -578,6 +578,7 @@ class EtcdCluster:
             raise ClusterError(f"member {m.name} is not running")
         m.proc.send_signal(signal.SIGSTOP)
         m.paused = True
+        _wait_stopped(m.proc.pid)
 
     def resume(self, index: int) -> None:
         m = self.members[index]
@@ -593,6 +594,22 @@ class EtcdCluster:
 
     async def heal(self, index: int) -> None:
         await self.network.heal(index)
+
+
+def _wait_stopped(pid: int, timeout: float = 2.0) -> None:
+    """Until the kernel shows `pid` stopped: SIGSTOP is delivered asynchronously, and a member
+    that still ran for a moment answered a read the test meant for a frozen one (CI, once)."""
+    deadline = time.monotonic() + timeout
+    stat = Path(f"/proc/{pid}/stat")
+    while time.monotonic() < deadline:
+        try:
+            # The state follows the command name, which is in parentheses and may hold spaces.
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return  # no /proc (or the process is gone): nothing more to wait for
+        if state in ("T", "t"):
+            return
+        time.sleep(0.001)
 
 
 __all__ = ["ELECTION_MS", "HEARTBEAT_MS", "ClusterError", "EtcdCluster", "Member", "MemberStatus", "netns_problem"]
