@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report_prims, report_shared
+from bench.report_failures import failures
 from bench.stats import spread
 from bench.targets import TARGETS
 
@@ -398,33 +399,6 @@ def scale_section(res: Results) -> list[str]:
         "",
         *table(["point", "1 replica /s", "2 replicas /s", "2 ÷ 1", "broker cores 1 / 2", "etcd cores 1 / 2"], rows),
     ]
-
-
-def failures(res: Results, records: list[Record]) -> list[str]:
-    out: list[str] = []
-    errs = [r for r in records if r.get("ok") and r.get("errors")]
-    if res.failed or errs:
-        out += ["## Failed runs and errors", ""]
-        for r in res.failed:
-            out.append(f"- {r['workload']} {r['param']} {r['target']} run {r['run']}: {r.get('error')}")
-        for r in errs:
-            out.append(f"- {r['workload']} {r['param']} {r['target']} run {r['run']}: {_top_errors(r['errors'])}")
-        out.append("")
-    return out
-
-
-# A collapsed run can fail each of its thousands of sessions with a message of its own: the
-# summary shows the commonest, results.jsonl keeps them all.
-MAX_ERROR_KINDS = 12
-
-
-def _top_errors(errors: dict[str, int]) -> str:
-    ranked = sorted(errors.items(), key=lambda kv: -kv[1])
-    shown = ", ".join(f"{kind!r}: {n:,}" for kind, n in ranked[:MAX_ERROR_KINDS])
-    rest = ranked[MAX_ERROR_KINDS:]
-    if rest:
-        shown += f", and {len(rest):,} other kinds ({sum(n for _, n in rest):,} errors; all in results.jsonl)"
-    return "{" + shown + "}"
 
 
 def summary(records: list[Record], meta: dict[str, Any]) -> str:

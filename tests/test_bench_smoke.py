@@ -14,7 +14,7 @@ import pytest
 
 from bench import micro, micro_queue
 from bench.drivers_prims import EtcdRWMutexDriver, EtcdSemaphoreDriver
-from bench.report import MAX_ERROR_KINDS, _top_errors
+from bench.report_failures import MAX_ERROR_KINDS, top_errors
 from bench.targets import OPT_IN, TARGETS
 from tests.procutil import REPO, clean_env
 
@@ -218,7 +218,7 @@ def test_micro_queue_runs(capsys: Any) -> None:
 
 def test_a_collapsed_runs_errors_are_summarized_not_listed() -> None:
     errors = {f"NOT_FOUND: session {i:04x} expired": i + 1 for i in range(MAX_ERROR_KINDS + 30)}
-    text = _top_errors(errors)
+    text = top_errors(errors)
     assert text.count("NOT_FOUND") == MAX_ERROR_KINDS
     assert f"NOT_FOUND: session {MAX_ERROR_KINDS + 29:04x} expired" in text  # the commonest first
     assert "and 30 other kinds" in text
