@@ -8,9 +8,9 @@ and a write that decides anything carries its condition in the same transaction.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 from lockbroker.server.core.backend import (
     EntryConflict,
@@ -28,6 +28,8 @@ from lockbroker.server.etcd.batch import TxnBatcher
 from lockbroker.server.etcd.client import EtcdClient, LeaseNotFound
 from lockbroker.server.etcd.streams import KeepAliveStream, WatchHub
 
+P = ParamSpec("P")
+
 _ASC = pb.RangeRequest.ASCEND
 _DESC = pb.RangeRequest.DESCEND
 _BY_CREATE = pb.RangeRequest.CREATE
@@ -44,6 +46,22 @@ _MARK_TRIES = 4
 # a second here, while each one's etcd budget ran out in the queue. 4,096 keeps about 400 group
 # commits (about 10 enqueues each) waiting for etcd: more only queues longer.
 MAX_ENQUEUES_IN_FLIGHT = 4096
+
+
+def _admitted(
+    enqueue: Callable[Concatenate[EtcdLockBackend, P], Awaitable[Enqueued]],
+) -> Callable[Concatenate[EtcdLockBackend, P], Coroutine[Any, Any, Enqueued]]:
+    """`enqueue` with at most MAX_ENQUEUES_IN_FLIGHT running at once: the rest wait for a turn
+    first, in arrival order and within their call's deadline, having built nothing."""
+
+    async def admitted(self: EtcdLockBackend, /, *args: P.args, **kwargs: P.kwargs) -> Enqueued:
+        admission = self._admission
+        if admission.locked():
+            self.admission_waits += 1
+        async with admission:
+            return await enqueue(self, *args, **kwargs)
+
+    return admitted
 
 
 def _entry(kv: pb.KeyValue) -> Entry:
@@ -193,6 +211,7 @@ class EtcdLockBackend:
 
     # -- queues -----------------------------------------------------------------------------
 
+    @_admitted
     async def enqueue(
         self,
         prefix: bytes,
@@ -205,37 +224,6 @@ class EtcdLockBackend:
         only_if_free: bool,
         slots: Sequence[bytes] = (),
         mark: bytes = b"",
-    ) -> Enqueued:
-        """See LockBackend.enqueue; at most MAX_ENQUEUES_IN_FLIGHT run at once (the rest wait
-        for a turn first, within their call's deadline, having built nothing)."""
-        admission = self._admission
-        if admission.locked():
-            self.admission_waits += 1
-        async with admission:
-            return await self._enqueue(
-                prefix,
-                key,
-                value,
-                lease_id,
-                session_key=session_key,
-                new_session_value=new_session_value,
-                only_if_free=only_if_free,
-                slots=slots,
-                mark=mark,
-            )
-
-    async def _enqueue(
-        self,
-        prefix: bytes,
-        key: bytes,
-        value: EntryValue,
-        lease_id: int,
-        *,
-        session_key: bytes,
-        new_session_value: bytes | None,
-        only_if_free: bool,
-        slots: Sequence[bytes],
-        mark: bytes,
     ) -> Enqueued:
         raw = value.encode()
         compare = [_created(key, pb.Compare.EQUAL, 0), *(_created(s, pb.Compare.EQUAL, 0) for s in slots)]
