@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,17 +295,29 @@ async def test_a_create_left_unanswered_while_other_watches_keep_the_stream_busy
         await client.close()
 
 
+_KEY = b"/l/a#"
+
+
+@asynccontextmanager
+async def _one_watch_created(stall_after: float) -> AsyncIterator[tuple[_ScriptedHub, asyncio.Future[Any]]]:
+    """A scripted hub whose stream has one waiter's create sent and not yet answered."""
+    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
+    watches = _ScriptedHub(client, stall_after=stall_after)
+    try:
+        waiting = asyncio.ensure_future(watches.wait_deleted(_KEY, (_KEY + b"1",), 10))
+        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+        yield watches, waiting
+    finally:
+        await watches.close()
+        await client.close()
+
+
 async def test_an_answer_held_up_by_a_busy_event_loop_does_not_make_the_stream_stuck() -> None:
     """The watchdog judged silence on the loop's clock: when an overloaded broker's loop ran
     later than stall_after, an answer already in grpc's buffers (its reader not yet run) made a
     healthy stream look stuck, and the drop re-created every watch on it. The loop's own
     lateness now does not count as the member's silence."""
-    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
-    watches = _ScriptedHub(client, stall_after=1.0)
-    try:
-        a = b"/l/a#"
-        waiting = asyncio.ensure_future(watches.wait_deleted(a, (a + b"1",), 10))
-        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+    async with _one_watch_created(stall_after=1.0) as (watches, waiting):
         stream = watches.calls[0]
         wid = stream.sent[0].create_request.watch_id
         stream.hold.clear()  # its answer arrives; the reader gets to it only after the watchdog
@@ -313,31 +326,20 @@ async def test_an_answer_held_up_by_a_busy_event_loop_does_not_make_the_stream_s
         asyncio.get_running_loop().call_later(0.05, stream.hold.set)
         await asyncio.sleep(0.6)
         assert watches.reopened == 0
-        stream.inbox.put_nowait(_deleted(wid, a + b"1", 12))
+        stream.inbox.put_nowait(_deleted(wid, _KEY + b"1", 12))
         assert await asyncio.wait_for(waiting, 2) is None
-    finally:
-        await watches.close()
-        await client.close()
 
 
 async def test_a_stream_owing_an_answer_past_the_ceiling_is_dropped_however_late_the_loop_ran() -> None:
     """The loop's lateness is not the member's silence, up to a point: an overloaded broker must
     still leave a frozen member, so a stream owing an answer for STALL_CEILING x stall_after is
     dropped at the watchdog's next look, late loop or not."""
-    client = EtcdClient(EtcdConfig(endpoints=("127.0.0.1:1",)))  # never dialled: the streams are scripted
-    watches = _ScriptedHub(client, stall_after=1.0)
-    try:
-        a = b"/l/a#"
-        waiting = asyncio.ensure_future(watches.wait_deleted(a, (a + b"1",), 10))
-        await until(lambda: len(watches.calls) == 1 and len(watches.calls[0].sent) == 1)
+    async with _one_watch_created(stall_after=1.0) as (watches, waiting):
         time.sleep(2.5)  # noqa: ASYNC251 - the loop busy past the ceiling; the create is never answered
         await asyncio.sleep(0.1)  # the watchdog's timer was due: it looks now, once
         assert watches.reopened == 1
         with pytest.raises(WatchInterrupted):
             await asyncio.wait_for(waiting, 5)
-    finally:
-        await watches.close()
-        await client.close()
 
 
 # -- 1 again, through the core: the session queues again through another replica ------------------
